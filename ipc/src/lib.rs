@@ -1,0 +1,1 @@
+//! Typed framed messages with fd passing.

@@ -1,0 +1,1 @@
+//! The workspace's multi-process integration tests, built as one test binary.
