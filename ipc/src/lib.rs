@@ -1,1 +1,97 @@
-//! Typed framed messages with fd passing.
+//! Typed, framed messages with file-descriptor passing over Unix stream sockets, async on
+//! tokio.
+//!
+//! This is the bottom layer of the workspace: the `child` crate gives a forked program a
+//! [`Channel`] to its parent, and the `cluster` crate runs its protocol and hands accepted
+//! connections to workers over one. It knows nothing about processes.
+//!
+//! # Model
+//!
+//! A [`Channel`] wraps a connected `AF_UNIX` `SOCK_STREAM` socket. Each message is a
+//! `serde` value encoded with `postcard` and sent as one frame, optionally carrying owned
+//! file descriptors. Every frame belongs to one of two [`Lane`]s: [`Lane::User`] for the
+//! application and [`Lane::Control`] for a protocol that a library runs beside it (what
+//! Node does with `NODE_`-prefixed messages), so the two never mix up. A channel splits
+//! into a [`Sender`] and a [`Receiver`] for use from different tasks.
+//!
+//! # Wire format
+//!
+//! ```text
+//!  0               4        5        6                       6 + len
+//!  +---------------+--------+--------+-----------------------+
+//!  |      len      |  lane  |  fds   |        payload        |
+//!  |   u32, BE     |   u8   |   u8   |      (len bytes)      |
+//!  +---------------+--------+--------+-----------------------+
+//! ```
+//!
+//! `len` is the payload length; `lane` is 0 (user) or 1 (control); `fds` counts the
+//! descriptors of the frame. The descriptors travel as one `SCM_RIGHTS` control message on
+//! the `sendmsg` that carries the frame's first byte; the receiver queues received
+//! descriptors in order and gives each frame as many as its header declares. The pure
+//! [`codec`] module implements the byte side and does no I/O.
+//!
+//! # Invariants
+//!
+//! - Bounded everywhere: a frame longer than [`Config::max_frame_len`] is refused before
+//!   anything is allocated for it, on both ends; a message may carry at most
+//!   [`Config::max_fds`] descriptors; a sender buffers at most one write buffer and waits
+//!   for the socket (back-pressure) instead of queueing.
+//! - Received descriptors are close-on-exec (`MSG_CMSG_CLOEXEC`); a truncated control
+//!   message (`MSG_CTRUNC`), a frame declaring descriptors that did not arrive, or
+//!   descriptors no frame claims are errors, never silently dropped.
+//! - Nothing a peer sends can make this crate panic. A payload that does not decode is an
+//!   error for that message only; a broken frame ends the channel with a typed [`Error`].
+//! - A clean end of stream between frames is `Ok(None)`; an end inside a frame is
+//!   [`Error::UnexpectedEof`].
+//!
+//! # Example
+//!
+//! ```
+//! use std::io::{Read, Write};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! #[derive(serde::Serialize, serde::Deserialize, Debug, PartialEq)]
+//! enum Msg {
+//!     Hello { name: String },
+//!     Pipe,
+//! }
+//!
+//! let (mut parent, mut child) = ipc::Channel::pair()?;
+//! parent.send(&Msg::Hello { name: "worker".into() }).await?;
+//!
+//! // Pass the read end of a pipe along with a message.
+//! let (mut read_end, write_end) = std::io::pipe()?;
+//! parent.send_with_fds(&Msg::Pipe, vec![std::os::fd::OwnedFd::from(write_end)]).await?;
+//!
+//! let hello = child.recv().await?.expect("a message");
+//! assert_eq!(hello.decode::<Msg>()?, Msg::Hello { name: "worker".into() });
+//!
+//! let mut pipe = child.recv().await?.expect("a message");
+//! assert_eq!(pipe.decode::<Msg>()?, Msg::Pipe);
+//! let fd = pipe.take_fds().pop().expect("one descriptor");
+//! std::fs::File::from(fd).write_all(b"through the pipe")?;
+//! let mut text = String::new();
+//! read_end.read_to_string(&mut text)?;
+//! assert_eq!(text, "through the pipe");
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! In a child process started with a channel (by `child::fork`), [`Channel::from_env`]
+//! finds it through the [`CHANNEL_FD_ENV`] environment variable.
+//!
+//! # Platform
+//!
+//! Linux. All `unsafe` code is in one private `sys` module.
+
+mod channel;
+pub mod codec;
+mod error;
+mod sys;
+
+pub use channel::{
+    CHANNEL_FD_ENV, Channel, Config, DEFAULT_MAX_FDS, MAX_FDS_LIMIT, Received, Receiver, Sender,
+};
+pub use codec::Lane;
+pub use error::Error;

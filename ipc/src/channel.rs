@@ -1,0 +1,457 @@
+//! The channel: a connected Unix stream socket, a sending half and a receiving half.
+
+use std::collections::VecDeque;
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::Arc;
+
+use bytes::{Buf, Bytes, BytesMut};
+use serde::{Deserialize, Serialize};
+use tokio::io::Interest;
+use tokio::net::UnixStream;
+
+use crate::codec::{FrameCodec, Lane};
+use crate::{Error, sys};
+
+/// The environment variable through which a parent tells a child which inherited
+/// descriptor is its channel: the decimal descriptor number, such as `3`.
+///
+/// It plays the part of Node's `NODE_CHANNEL_FD`. [`Channel::from_env`] reads it.
+pub const CHANNEL_FD_ENV: &str = "IPC_CHANNEL_FD";
+
+/// The default limit on descriptors per message.
+pub const DEFAULT_MAX_FDS: u8 = 32;
+
+/// The kernel's limit on descriptors in one `SCM_RIGHTS` message (`SCM_MAX_FD`).
+pub const MAX_FDS_LIMIT: u8 = 253;
+
+const READ_CHUNK: usize = 64 * 1024;
+const DEFAULT_WRITE_BUFFER: usize = 64 * 1024;
+
+/// Limits and buffer sizes of a channel. Both ends should use the same limits.
+#[derive(Debug, Clone)]
+pub struct Config {
+    max_frame_len: u32,
+    max_fds: u8,
+    write_buffer: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            max_frame_len: crate::codec::DEFAULT_MAX_FRAME_LEN,
+            max_fds: DEFAULT_MAX_FDS,
+            write_buffer: DEFAULT_WRITE_BUFFER,
+        }
+    }
+}
+
+impl Config {
+    /// The default limits: 16 MiB frames, 32 descriptors per message, 64 KiB write
+    /// buffer.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The largest payload, in bytes, that may be sent or received.
+    pub fn max_frame_len(mut self, bytes: u32) -> Self {
+        self.max_frame_len = bytes;
+        self
+    }
+
+    /// The most descriptors one message may carry (at most [`MAX_FDS_LIMIT`]).
+    pub fn max_fds(mut self, count: u8) -> Self {
+        self.max_fds = count.min(MAX_FDS_LIMIT);
+        self
+    }
+
+    /// How many bytes of small messages [`Sender::feed`] gathers before it writes them.
+    pub fn write_buffer(mut self, bytes: usize) -> Self {
+        self.write_buffer = bytes;
+        self
+    }
+
+    fn codec(&self) -> FrameCodec {
+        FrameCodec::new(self.max_frame_len, self.max_fds)
+    }
+}
+
+/// A bidirectional message channel over a connected `AF_UNIX` `SOCK_STREAM` socket.
+///
+/// Use it whole, or split it with [`into_split`](Channel::into_split) to send and
+/// receive from different tasks.
+#[derive(Debug)]
+pub struct Channel {
+    sender: Sender,
+    receiver: Receiver,
+}
+
+impl Channel {
+    /// Two channels connected to each other, with default limits.
+    ///
+    /// Must be called within a tokio runtime.
+    pub fn pair() -> Result<(Channel, Channel), Error> {
+        Self::pair_with(&Config::default())
+    }
+
+    /// Two channels connected to each other.
+    pub fn pair_with(config: &Config) -> Result<(Channel, Channel), Error> {
+        let (a, b) = std::os::unix::net::UnixStream::pair()?;
+        Ok((
+            Self::from_fd_with(a.into(), config)?,
+            Self::from_fd_with(b.into(), config)?,
+        ))
+    }
+
+    /// A channel over `fd`, which must be a connected `AF_UNIX` `SOCK_STREAM` socket.
+    ///
+    /// Must be called within a tokio runtime.
+    pub fn from_fd(fd: OwnedFd) -> Result<Channel, Error> {
+        Self::from_fd_with(fd, &Config::default())
+    }
+
+    /// A channel over `fd` with the given limits.
+    pub fn from_fd_with(fd: OwnedFd, config: &Config) -> Result<Channel, Error> {
+        let stream = std::os::unix::net::UnixStream::from(fd);
+        stream.set_nonblocking(true)?;
+        let io = Arc::new(UnixStream::from_std(stream)?);
+        Ok(Channel {
+            sender: Sender {
+                io: Arc::clone(&io),
+                codec: config.codec(),
+                buf: BytesMut::new(),
+                fds: Vec::new(),
+                high_water: config.write_buffer,
+            },
+            receiver: Receiver {
+                io,
+                codec: config.codec(),
+                buf: BytesMut::new(),
+                fds: VecDeque::new(),
+                control: sys::ControlBuffer::for_fds(usize::from(config.max_fds)),
+                max_fds: usize::from(config.max_fds),
+                eof: false,
+                broken: false,
+            },
+        })
+    }
+
+    /// The channel this process inherited from its parent, if the parent gave it one.
+    ///
+    /// Reads [`CHANNEL_FD_ENV`]. Returns `Ok(None)` when it is not set, and an error when
+    /// it does not name an open Unix stream socket or when the channel was already taken
+    /// by an earlier call: there is only one. The descriptor is made close-on-exec, so
+    /// this process's own children do not inherit it. The variable stays in the
+    /// environment (changing the environment of a running multi-threaded process is not
+    /// sound); a parent that starts further children should leave it out of their
+    /// environment, as the `child` crate does.
+    pub fn from_env() -> Result<Option<Channel>, Error> {
+        Self::from_env_with(&Config::default())
+    }
+
+    /// [`from_env`](Channel::from_env) with the given limits.
+    pub fn from_env_with(config: &Config) -> Result<Option<Channel>, Error> {
+        let Some(value) = std::env::var_os(CHANNEL_FD_ENV) else {
+            return Ok(None);
+        };
+        let invalid = |reason: String| Error::InvalidInherited {
+            var: CHANNEL_FD_ENV,
+            value: value.to_string_lossy().into_owned(),
+            reason,
+        };
+        let raw = value
+            .to_str()
+            .and_then(|v| v.parse::<i32>().ok())
+            .ok_or_else(|| invalid("not a descriptor number".into()))?;
+        let fd = match sys::take_inherited(raw) {
+            Ok(Some(fd)) => fd,
+            Ok(None) => return Err(Error::AlreadyTaken),
+            Err(reason) => return Err(invalid(reason)),
+        };
+        Self::from_fd_with(fd, config).map(Some)
+    }
+
+    /// Sends a user message. See [`Sender::send`].
+    pub async fn send<T: Serialize + ?Sized>(&mut self, message: &T) -> Result<(), Error> {
+        self.sender.send(message).await
+    }
+
+    /// Sends a user message carrying descriptors. See [`Sender::send_with_fds`].
+    pub async fn send_with_fds<T: Serialize + ?Sized>(
+        &mut self,
+        message: &T,
+        fds: Vec<OwnedFd>,
+    ) -> Result<(), Error> {
+        self.sender.send_with_fds(message, fds).await
+    }
+
+    /// Sends a control message. See [`Sender::send_control`].
+    pub async fn send_control<T: Serialize + ?Sized>(
+        &mut self,
+        message: &T,
+        fds: Vec<OwnedFd>,
+    ) -> Result<(), Error> {
+        self.sender.send_control(message, fds).await
+    }
+
+    /// Receives the next message of either lane. See [`Receiver::recv`].
+    pub async fn recv(&mut self) -> Result<Option<Received>, Error> {
+        self.receiver.recv().await
+    }
+
+    /// The sending half.
+    pub fn sender(&mut self) -> &mut Sender {
+        &mut self.sender
+    }
+
+    /// The receiving half.
+    pub fn receiver(&mut self) -> &mut Receiver {
+        &mut self.receiver
+    }
+
+    /// Splits the channel so that sending and receiving can go on in different tasks.
+    /// The socket closes when both halves are dropped.
+    pub fn into_split(self) -> (Sender, Receiver) {
+        (self.sender, self.receiver)
+    }
+}
+
+/// The sending half of a [`Channel`].
+///
+/// # Back-pressure and buffering
+///
+/// A sender holds at most one write buffer (a few small messages, or one large one) and
+/// never queues beyond it: when the socket is full, sending waits until the peer reads.
+///
+/// # Cancellation
+///
+/// Dropping a `send`/`feed`/`flush` future never corrupts the stream. A message is either
+/// not sent at all (the future was dropped before it was encoded; its descriptors are
+/// closed) or wholly in the write buffer, in which case any bytes not yet written go out
+/// first on the next `send`, `feed` or `flush`. Bytes still buffered when the sender is
+/// dropped are lost, so flush before dropping a sender that was fed or cancelled.
+#[derive(Debug)]
+pub struct Sender {
+    io: Arc<UnixStream>,
+    codec: FrameCodec,
+    buf: BytesMut,
+    /// Descriptors that belong to the frame at the start of `buf`.
+    fds: Vec<OwnedFd>,
+    high_water: usize,
+}
+
+impl Sender {
+    /// Sends a message on the user lane and waits until the socket has taken it.
+    pub async fn send<T: Serialize + ?Sized>(&mut self, message: &T) -> Result<(), Error> {
+        self.feed(Lane::User, message, Vec::new()).await?;
+        self.flush().await
+    }
+
+    /// Sends a message on the user lane with descriptors attached. The receiver gets its
+    /// own copies; the ones given here are closed once sent.
+    pub async fn send_with_fds<T: Serialize + ?Sized>(
+        &mut self,
+        message: &T,
+        fds: Vec<OwnedFd>,
+    ) -> Result<(), Error> {
+        self.feed(Lane::User, message, fds).await?;
+        self.flush().await
+    }
+
+    /// Sends a message on the control lane, optionally with descriptors.
+    pub async fn send_control<T: Serialize + ?Sized>(
+        &mut self,
+        message: &T,
+        fds: Vec<OwnedFd>,
+    ) -> Result<(), Error> {
+        self.feed(Lane::Control, message, fds).await?;
+        self.flush().await
+    }
+
+    /// Adds a message to the write buffer, writing only when the buffer is full (or when
+    /// the message carries descriptors and other bytes are ahead of it). Call
+    /// [`flush`](Sender::flush) after the last one; a batch of small messages then costs
+    /// one system call instead of one each.
+    ///
+    /// An oversized message or one with too many descriptors is refused with an error
+    /// and nothing is written.
+    pub async fn feed<T: Serialize + ?Sized>(
+        &mut self,
+        lane: Lane,
+        message: &T,
+        fds: Vec<OwnedFd>,
+    ) -> Result<(), Error> {
+        if !fds.is_empty() && !self.buf.is_empty() {
+            // Descriptors must ride on the sendmsg that starts their frame.
+            self.flush().await?;
+        }
+        self.codec.encode(lane, fds.len(), message, &mut self.buf)?;
+        if !fds.is_empty() {
+            self.fds = fds;
+        }
+        if self.buf.len() >= self.high_water {
+            self.flush().await?;
+        }
+        Ok(())
+    }
+
+    /// Writes everything buffered, waiting for the socket to take it.
+    pub async fn flush(&mut self) -> Result<(), Error> {
+        while !self.buf.is_empty() {
+            let (io, buf, fds) = (&self.io, &self.buf, &self.fds);
+            let written = io
+                .async_io(Interest::WRITABLE, || sys::send(io.as_fd(), buf, fds))
+                .await?;
+            // The kernel holds its own references to the descriptors now.
+            self.fds.clear();
+            self.buf.advance(written);
+        }
+        Ok(())
+    }
+
+    /// Flushes, then shuts down the writing side: the peer's receiver sees the end of
+    /// the stream once it has read everything sent before.
+    pub async fn shutdown(&mut self) -> Result<(), Error> {
+        self.flush().await?;
+        nix::sys::socket::shutdown(
+            std::os::fd::AsRawFd::as_raw_fd(&*self.io),
+            nix::sys::socket::Shutdown::Write,
+        )
+        .map_err(|e| Error::from(std::io::Error::from(e)))
+    }
+}
+
+/// The receiving half of a [`Channel`].
+///
+/// # Cancellation
+///
+/// [`recv`](Receiver::recv) is cancel-safe: all state lives in the receiver, so dropping
+/// the future loses no message and no descriptor; the next call picks up where it was.
+#[derive(Debug)]
+pub struct Receiver {
+    io: Arc<UnixStream>,
+    codec: FrameCodec,
+    buf: BytesMut,
+    /// Received descriptors not yet handed to a frame, in arrival order.
+    fds: VecDeque<OwnedFd>,
+    control: sys::ControlBuffer,
+    max_fds: usize,
+    eof: bool,
+    broken: bool,
+}
+
+impl Receiver {
+    /// Receives the next message of either lane, or `None` when the peer closed the
+    /// channel cleanly between two messages.
+    ///
+    /// A framing error (oversized frame, unknown lane, missing or excess descriptors,
+    /// end of stream inside a frame) is returned once; afterwards every call returns
+    /// [`Error::Broken`] and all queued descriptors are closed.
+    pub async fn recv(&mut self) -> Result<Option<Received>, Error> {
+        if self.broken {
+            return Err(Error::Broken);
+        }
+        let result = self.next_message().await;
+        if let Err(err) = &result {
+            if err.is_fatal_on_receive() {
+                self.broken = true;
+                self.fds.clear();
+                self.buf = BytesMut::new();
+            }
+        }
+        result
+    }
+
+    async fn next_message(&mut self) -> Result<Option<Received>, Error> {
+        loop {
+            if let Some(frame) = self.codec.decode(&mut self.buf)? {
+                let declared = usize::from(frame.fd_count);
+                if self.fds.len() < declared {
+                    return Err(Error::MissingFds {
+                        declared,
+                        received: self.fds.len(),
+                    });
+                }
+                return Ok(Some(Received {
+                    lane: frame.lane,
+                    payload: frame.payload,
+                    fds: self.fds.drain(..declared).collect(),
+                }));
+            }
+            if self.eof {
+                return match self.codec.bytes_wanted(self.buf.len()) {
+                    crate::codec::HEADER_LEN if self.buf.is_empty() => Ok(None),
+                    _ => Err(Error::UnexpectedEof {
+                        buffered: self.buf.len(),
+                    }),
+                };
+            }
+            // Descriptors come with the first byte of their frame, so more than one
+            // frame's worth waiting for bytes means the peer sent descriptors that no
+            // frame claims.
+            if self.fds.len() > self.max_fds {
+                return Err(Error::TooManyFds {
+                    count: self.fds.len(),
+                    max: self.max_fds,
+                });
+            }
+            let want = self.codec.bytes_wanted(self.buf.len()).max(READ_CHUNK);
+            let (io, buf, fds, control) =
+                (&self.io, &mut self.buf, &mut self.fds, &mut self.control);
+            let received = io
+                .async_io(Interest::READABLE, || {
+                    sys::recv(io.as_fd(), buf, want, fds, control)
+                })
+                .await?;
+            match received {
+                sys::Received::Bytes(0) => self.eof = true,
+                sys::Received::Bytes(_) => {}
+                sys::Received::ControlTruncated => return Err(Error::ControlTruncated),
+            }
+        }
+    }
+}
+
+/// One received message: its lane, its still-encoded body and its descriptors.
+///
+/// Keeping the body encoded until [`decode`](Received::decode) lets a receiver route a
+/// message by lane before choosing its type, and means a message that fails to decode
+/// loses nothing else: the channel goes on.
+#[derive(Debug)]
+pub struct Received {
+    lane: Lane,
+    payload: Bytes,
+    fds: Vec<OwnedFd>,
+}
+
+impl Received {
+    /// The lane the message came on.
+    pub fn lane(&self) -> Lane {
+        self.lane
+    }
+
+    /// The encoded body.
+    pub fn payload(&self) -> &[u8] {
+        &self.payload
+    }
+
+    /// Decodes the body as a `T`.
+    pub fn decode<'de, T: Deserialize<'de>>(&'de self) -> Result<T, Error> {
+        postcard::from_bytes(&self.payload).map_err(|source| Error::Decode {
+            lane: self.lane,
+            source,
+        })
+    }
+
+    /// The descriptors that came with the message.
+    pub fn fds(&self) -> &[OwnedFd] {
+        &self.fds
+    }
+
+    /// Takes the descriptors out of the message.
+    pub fn take_fds(&mut self) -> Vec<OwnedFd> {
+        std::mem::take(&mut self.fds)
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,103 @@
+//! The errors of the `ipc` crate.
+
+use std::io;
+
+use crate::Lane;
+
+/// Everything that can go wrong on a channel.
+///
+/// Errors fall into two groups. [`Decode`](Error::Decode) is about one message: the frame
+/// was intact and the channel goes on. Every other error on the receiving side means the
+/// byte stream can no longer be trusted; the [`Receiver`](crate::Receiver) then reports
+/// [`Broken`](Error::Broken) from every later call.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A frame's payload is longer than the configured limit.
+    #[error("frame of {len} bytes exceeds the limit of {max} bytes")]
+    FrameTooLarge {
+        /// The length the frame has or declares.
+        len: u64,
+        /// The limit in force.
+        max: u32,
+    },
+    /// A message carries, or a frame declares, more descriptors than the limit.
+    #[error("message carries {count} file descriptors, more than the limit of {max}")]
+    TooManyFds {
+        /// How many descriptors the message carries or declares.
+        count: usize,
+        /// The limit in force.
+        max: usize,
+    },
+    /// A frame declares descriptors that never arrived with it.
+    #[error("frame declares {declared} file descriptors but only {received} arrived")]
+    MissingFds {
+        /// How many the frame header declares.
+        declared: usize,
+        /// How many were waiting in the queue of received descriptors.
+        received: usize,
+    },
+    /// The kernel dropped descriptors because the control buffer was too small
+    /// (`MSG_CTRUNC`): the peer sent more than the configured limit in one message.
+    #[error("control message truncated: the peer sent more file descriptors than allowed")]
+    ControlTruncated,
+    /// A frame header names a lane this crate does not know.
+    #[error("unknown lane {0} in frame header")]
+    UnknownLane(u8),
+    /// The peer closed its end in the middle of a frame.
+    #[error("peer closed the channel in the middle of a frame ({buffered} bytes buffered)")]
+    UnexpectedEof {
+        /// Bytes of the incomplete frame that had arrived.
+        buffered: usize,
+    },
+    /// The message could not be serialized.
+    #[error("failed to encode message")]
+    Encode(#[source] postcard::Error),
+    /// A frame's payload is not a valid encoding of the requested type.
+    #[error("failed to decode message on the {lane} lane")]
+    Decode {
+        /// The lane of the frame.
+        lane: Lane,
+        /// What postcard reported.
+        #[source]
+        source: postcard::Error,
+    },
+    /// The peer has closed the channel, so nothing more can be sent.
+    #[error("channel closed by peer")]
+    Closed,
+    /// An earlier error left the receiving byte stream unusable.
+    #[error("channel is unusable after an earlier protocol error")]
+    Broken,
+    /// The environment names an inherited channel that cannot be used.
+    #[error("invalid inherited channel in {var}={value:?}: {reason}")]
+    InvalidInherited {
+        /// The environment variable.
+        var: &'static str,
+        /// Its value.
+        value: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The inherited channel was already taken by an earlier call.
+    #[error("the inherited channel was already taken")]
+    AlreadyTaken,
+    /// A system call failed.
+    #[error("ipc i/o error")]
+    Io(#[source] io::Error),
+}
+
+impl From<io::Error> for Error {
+    fn from(err: io::Error) -> Self {
+        match err.raw_os_error() {
+            Some(libc::EPIPE) | Some(libc::ECONNRESET) => Error::Closed,
+            _ => Error::Io(err),
+        }
+    }
+}
+
+impl Error {
+    /// Whether this error leaves the receiving stream unusable.
+    pub(crate) fn is_fatal_on_receive(&self) -> bool {
+        !matches!(self, Error::Decode { .. })
+    }
+}
