@@ -24,8 +24,9 @@ pub const DEFAULT_MAX_FDS: u8 = 32;
 /// The kernel's limit on descriptors in one `SCM_RIGHTS` message (`SCM_MAX_FD`).
 pub const MAX_FDS_LIMIT: u8 = 253;
 
-const READ_CHUNK: usize = 64 * 1024;
+const READ_CHUNK: usize = 256 * 1024;
 const DEFAULT_WRITE_BUFFER: usize = 64 * 1024;
+const DEFAULT_SOCKET_SEND_BUFFER: usize = 4 * 1024 * 1024;
 
 /// Limits and buffer sizes of a channel. Both ends should use the same limits.
 #[derive(Debug, Clone)]
@@ -33,6 +34,7 @@ pub struct Config {
     max_frame_len: u32,
     max_fds: u8,
     write_buffer: usize,
+    socket_send_buffer: Option<usize>,
 }
 
 impl Default for Config {
@@ -41,13 +43,14 @@ impl Default for Config {
             max_frame_len: crate::codec::DEFAULT_MAX_FRAME_LEN,
             max_fds: DEFAULT_MAX_FDS,
             write_buffer: DEFAULT_WRITE_BUFFER,
+            socket_send_buffer: Some(DEFAULT_SOCKET_SEND_BUFFER),
         }
     }
 }
 
 impl Config {
     /// The default limits: 16 MiB frames, 32 descriptors per message, 64 KiB write
-    /// buffer.
+    /// buffer, 4 MiB socket send buffer.
     pub fn new() -> Self {
         Self::default()
     }
@@ -67,6 +70,15 @@ impl Config {
     /// How many bytes of small messages [`Sender::feed`] gathers before it writes them.
     pub fn write_buffer(mut self, bytes: usize) -> Self {
         self.write_buffer = bytes;
+        self
+    }
+
+    /// The socket's send buffer (`SO_SNDBUF`), which bounds the bytes in flight towards
+    /// the peer; `None` keeps the system default. The default, 4 MiB, lets large
+    /// messages stream without a context switch every 200 KiB; the kernel caps it at
+    /// `net.core.wmem_max`.
+    pub fn socket_send_buffer(mut self, bytes: Option<usize>) -> Self {
+        self.socket_send_buffer = bytes;
         self
     }
 
@@ -113,6 +125,11 @@ impl Channel {
     pub fn from_fd_with(fd: OwnedFd, config: &Config) -> Result<Channel, Error> {
         let stream = std::os::unix::net::UnixStream::from(fd);
         stream.set_nonblocking(true)?;
+        if let Some(bytes) = config.socket_send_buffer {
+            // Capped by the kernel at net.core.wmem_max; a refusal is not an error.
+            let _ =
+                nix::sys::socket::setsockopt(&stream, nix::sys::socket::sockopt::SndBuf, &bytes);
+        }
         let io = Arc::new(UnixStream::from_std(stream)?);
         Ok(Channel {
             sender: Sender {
@@ -351,31 +368,54 @@ impl Receiver {
             return Err(Error::Broken);
         }
         let result = self.next_message().await;
-        if let Err(err) = &result {
+        self.note(&result);
+        result
+    }
+
+    /// Returns a message that was already read from the socket, without reading more:
+    /// `Ok(None)` means nothing whole is buffered. With [`Sender::feed`], this lets a
+    /// peer answer a whole batch of messages with one write.
+    pub fn recv_buffered(&mut self) -> Result<Option<Received>, Error> {
+        if self.broken {
+            return Err(Error::Broken);
+        }
+        let result = self.decode_buffered();
+        self.note(&result);
+        result
+    }
+
+    fn note<T>(&mut self, result: &Result<T, Error>) {
+        if let Err(err) = result {
             if err.is_fatal_on_receive() {
                 self.broken = true;
                 self.fds.clear();
                 self.buf = BytesMut::new();
             }
         }
-        result
+    }
+
+    fn decode_buffered(&mut self) -> Result<Option<Received>, Error> {
+        let Some(frame) = self.codec.decode(&mut self.buf)? else {
+            return Ok(None);
+        };
+        let declared = usize::from(frame.fd_count);
+        if self.fds.len() < declared {
+            return Err(Error::MissingFds {
+                declared,
+                received: self.fds.len(),
+            });
+        }
+        Ok(Some(Received {
+            lane: frame.lane,
+            payload: frame.payload,
+            fds: self.fds.drain(..declared).collect(),
+        }))
     }
 
     async fn next_message(&mut self) -> Result<Option<Received>, Error> {
         loop {
-            if let Some(frame) = self.codec.decode(&mut self.buf)? {
-                let declared = usize::from(frame.fd_count);
-                if self.fds.len() < declared {
-                    return Err(Error::MissingFds {
-                        declared,
-                        received: self.fds.len(),
-                    });
-                }
-                return Ok(Some(Received {
-                    lane: frame.lane,
-                    payload: frame.payload,
-                    fds: self.fds.drain(..declared).collect(),
-                }));
+            if let Some(received) = self.decode_buffered()? {
+                return Ok(Some(received));
             }
             if self.eof {
                 return match self.codec.bytes_wanted(self.buf.len()) {

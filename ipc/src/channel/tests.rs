@@ -111,6 +111,32 @@ fn both_lanes_both_directions_from_split_halves() {
 }
 
 #[test]
+fn fed_messages_go_in_one_write_and_come_out_of_the_buffer() {
+    runtime().block_on(async {
+        let (mut a, mut b) = Channel::pair().unwrap();
+        for i in 0..3 {
+            a.sender()
+                .feed(Lane::User, &Msg::Ping(i), Vec::new())
+                .await
+                .unwrap();
+        }
+        assert!(
+            b.receiver().recv_buffered().unwrap().is_none(),
+            "nothing read yet"
+        );
+        a.sender().flush().await.unwrap();
+        let first = b.recv().await.unwrap().unwrap();
+        assert_eq!(first.decode::<Msg>().unwrap(), Msg::Ping(0));
+        // One read took the whole batch: the rest is already buffered.
+        for i in 1..3 {
+            let next = b.receiver().recv_buffered().unwrap().expect("buffered");
+            assert_eq!(next.decode::<Msg>().unwrap(), Msg::Ping(i));
+        }
+        assert!(b.receiver().recv_buffered().unwrap().is_none());
+    });
+}
+
+#[test]
 fn oversized_send_is_refused_and_the_channel_goes_on() {
     runtime().block_on(async {
         let config = Config::new().max_frame_len(64);
