@@ -1,1 +1,4 @@
 //! The workspace's multi-process integration tests, built as one test binary.
+mod child;
+mod ipc_channel;
+mod support;

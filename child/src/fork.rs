@@ -1,0 +1,152 @@
+//! `fork`: Node's `child_process.fork`, that is starting a program with an IPC channel, never
+//! `fork(2)`; and [`parent_channel`], the forked program's side.
+//!
+//! The channel is an `AF_UNIX` stream socket pair. The child's end is placed at fd 3 by a
+//! posix_spawn file action and its number passed in [`ipc::CHANNEL_FD_ENV`]; the parent's
+//! end becomes the [`Child`]'s channel.
+//!
+//! Parent-death signal: the parent passes `"<signal>:<parent pid>"` in
+//! `CHILD_PARENT_DEATH_SIGNAL`, and [`parent_channel`] calls `prctl(PR_SET_PDEATHSIG)` and
+//! then checks that its parent is still that pid (raising the signal if it is not). Doing it
+//! child-side keeps the fast posix_spawn path; the price is that a child which never calls
+//! [`parent_channel`] gets no parent-death signal.
+
+use std::ffi::{OsStr, OsString};
+
+use nix::sys::signal::Signal;
+
+use crate::child::{Child, spawn_with};
+use crate::error::Error;
+use crate::options::{SpawnOptions, Stdio};
+
+/// The variable that holds the child's channel fd (the `ipc` crate's name).
+pub(crate) const CHANNEL_FD_ENV: &str = ipc::CHANNEL_FD_ENV;
+/// The variable that asks a forked child for a parent-death signal: `"<signo>:<ppid>"`.
+pub(crate) const PARENT_DEATH_ENV: &str = "CHILD_PARENT_DEATH_SIGNAL";
+
+/// Options for [`fork`]: Node's defaults are stdio `[inherit, inherit, inherit, ipc]`.
+#[derive(Debug)]
+pub struct ForkOptions {
+    spawn: SpawnOptions,
+}
+
+impl Default for ForkOptions {
+    fn default() -> Self {
+        let spawn = SpawnOptions::new()
+            .stdin(Stdio::Inherit)
+            .stdout(Stdio::Inherit)
+            .stderr(Stdio::Inherit);
+        Self { spawn }
+    }
+}
+
+impl ForkOptions {
+    /// Node's defaults (see the type's docs).
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Pipes stdin, stdout and stderr instead of inheriting them (Node's `silent: true`).
+    pub fn silent(mut self) -> Self {
+        self.spawn = self
+            .spawn
+            .stdin(Stdio::Pipe)
+            .stdout(Stdio::Pipe)
+            .stderr(Stdio::Pipe);
+        self
+    }
+
+    /// Asks the child to receive `signal` when this process dies (Linux `PR_SET_PDEATHSIG`,
+    /// applied by the child's [`parent_channel`] call; the parent is the thread that
+    /// spawned, see the crate's `# Caveats`).
+    pub fn parent_death_signal(mut self, signal: Signal) -> Self {
+        self.spawn.parent_death_signal = Some(signal);
+        self
+    }
+
+    /// Changes any spawn option (environment, working directory, timeout, more stdio).
+    /// Slot 3 stays the IPC channel.
+    pub fn map_spawn_options(mut self, f: impl FnOnce(SpawnOptions) -> SpawnOptions) -> Self {
+        self.spawn = f(self.spawn);
+        self
+    }
+}
+
+/// Starts `program` with an IPC channel at fd 3: Node's `child_process.fork` (never
+/// `fork(2)`). The program gets its end with [`parent_channel`]; this side talks through
+/// [`Child::send`] and [`Child::recv`].
+///
+/// ```no_run
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let mut worker = child::fork("./worker", ["--id", "1"], child::ForkOptions::new())?;
+/// worker.send(&"ping".to_string()).await?;
+/// let reply = worker.recv().await?.expect("a reply");
+/// println!("{}", reply.decode::<String>()?);
+/// # Ok(())
+/// # }
+/// ```
+pub fn fork<I, S>(program: impl AsRef<OsStr>, args: I, options: ForkOptions) -> Result<Child, Error>
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
+    let args: Vec<OsString> = args.into_iter().map(|a| a.as_ref().to_owned()).collect();
+    spawn_with(program.as_ref(), &args, options.spawn.stdio(3, Stdio::Ipc))
+}
+
+/// The forked program's channel to its parent, or `None` when it was not started with one:
+/// Node's `process.send` / `process.on('message')` side. Call it once, early in `main`,
+/// within a tokio runtime; it also applies the parent-death signal the parent asked for.
+pub fn parent_channel() -> Result<Option<ipc::Channel>, Error> {
+    apply_parent_death_signal();
+    Ok(ipc::Channel::from_env()?)
+}
+
+/// Applies `CHILD_PARENT_DEATH_SIGNAL` if set. If the parent already died (we were
+/// re-parented), the signal is raised at once, as if it had been delivered.
+fn apply_parent_death_signal() {
+    let Some(value) = std::env::var_os(PARENT_DEATH_ENV) else {
+        return;
+    };
+    let Some((signal, parent)) = parse_parent_death(&value) else {
+        tracing::warn!(value = %value.to_string_lossy(), "ignoring a malformed {PARENT_DEATH_ENV}");
+        return;
+    };
+    if let Err(e) = crate::sys::set_parent_death_signal(signal as i32) {
+        tracing::warn!(error = %e, "could not set the parent-death signal");
+        return;
+    }
+    if nix::unistd::getppid().as_raw() != parent {
+        let _ = nix::sys::signal::raise(signal);
+    }
+}
+
+fn parse_parent_death(value: &OsStr) -> Option<(Signal, i32)> {
+    let (signal, parent) = value.to_str()?.split_once(':')?;
+    let signal = Signal::try_from(signal.parse::<i32>().ok()?).ok()?;
+    Some((signal, parent.parse().ok()?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parent_death_value_round_trips() {
+        assert_eq!(
+            parse_parent_death(OsStr::new("9:1234")),
+            Some((Signal::SIGKILL, 1234))
+        );
+        assert_eq!(parse_parent_death(OsStr::new("9")), None);
+        assert_eq!(parse_parent_death(OsStr::new("999:1")), None);
+    }
+
+    #[test]
+    fn default_stdio_is_inherit_with_ipc_at_three() {
+        let options = ForkOptions::new().silent();
+        assert!(matches!(options.spawn.stdio[0], Some(Stdio::Pipe)));
+        let spawn = options.spawn.stdio(3, Stdio::Ipc);
+        assert!(matches!(spawn.stdio[3], Some(Stdio::Ipc)));
+    }
+}

@@ -1,0 +1,382 @@
+//! Starting a process: options to argv/envp/fd placements, then posix_spawn (or the fork
+//! path for uid/gid), then a pidfd. Shared by the async and the blocking APIs.
+//!
+//! Fd placement: every fd handed to the child is first made to have a number `>= nslots`
+//! (the number of stdio slots), then `dup2`-ed to its slot. No placement can clobber another
+//! source, `dup2` clears close-on-exec on the target only, and the child closes every fd
+//! from `nslots` up before exec, so it sees exactly its slots (Architecture invariant: no
+//! fd leaks, even non-close-on-exec fds this process inherited).
+
+use std::collections::BTreeMap;
+use std::ffi::{CString, OsStr, OsString};
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+
+use crate::error::SpawnError;
+use crate::fork::{CHANNEL_FD_ENV, PARENT_DEATH_ENV};
+use crate::options::{SpawnOptions, Stdio};
+use crate::sys;
+
+/// A started process and the parent's ends of its stdio.
+#[derive(Debug)]
+pub(crate) struct Launched {
+    pub(crate) pid: u32,
+    pub(crate) pidfd: OwnedFd,
+    pub(crate) stdin: Option<OwnedFd>,
+    pub(crate) stdout: Option<OwnedFd>,
+    pub(crate) stderr: Option<OwnedFd>,
+    /// Parent ends of `Stdio::Pipe` slots past 2, by slot.
+    pub(crate) extra: Vec<(usize, OwnedFd)>,
+    /// Parent end of the `Stdio::Ipc` slot.
+    pub(crate) ipc: Option<OwnedFd>,
+}
+
+/// The parent ends, collected while the child ends are placed.
+#[derive(Default)]
+struct ParentEnds {
+    stdio: [Option<OwnedFd>; 3],
+    extra: Vec<(usize, OwnedFd)>,
+    ipc: Option<OwnedFd>,
+}
+
+/// Starts `program` with `args` as `options` say. On error, no process exists.
+pub(crate) fn launch(
+    program: &OsStr,
+    args: &[OsString],
+    options: &mut SpawnOptions,
+) -> Result<Launched, SpawnError> {
+    let fail = |e: io::Error| SpawnError::new(program, args, e);
+    let (file, argv) = command_line(program, args, options);
+
+    let nslots = options.stdio.len().max(3);
+    let min_fd = RawFd::try_from(nslots)
+        .map_err(|_| SpawnError::invalid(program, args, "too many stdio slots"))?;
+    let mut ends = ParentEnds::default();
+    let mut placed: Vec<(OwnedFd, RawFd)> = Vec::with_capacity(nslots);
+    let mut closes = Vec::new();
+    let mut ipc_slot = None;
+    for (slot, stdio) in options.stdio.iter_mut().enumerate() {
+        let target = slot as RawFd;
+        let child_end = match stdio.take() {
+            None if slot < 3 => continue,
+            None => {
+                closes.push(target);
+                continue;
+            }
+            Some(Stdio::Inherit) if slot < 3 => continue,
+            Some(Stdio::Inherit) => sys::dup_inherited(target, min_fd).map_err(fail)?,
+            Some(Stdio::Null) => sys::open_null().map_err(fail)?,
+            Some(Stdio::Fd(fd)) => fd,
+            Some(Stdio::Pipe) if slot < 3 => {
+                let (read, write) = sys::pipe().map_err(fail)?;
+                let (parent, child) = if slot == 0 {
+                    (write, read)
+                } else {
+                    (read, write)
+                };
+                sys::set_nonblocking(parent.as_fd(), true).map_err(fail)?;
+                ends.stdio[slot] = Some(parent);
+                child
+            }
+            Some(Stdio::Pipe) => {
+                let (parent, child) = UnixStream::pair().map_err(fail)?;
+                ends.extra.push((slot, parent.into()));
+                child.into()
+            }
+            Some(Stdio::Ipc) => {
+                if ipc_slot.replace(slot).is_some() {
+                    return Err(SpawnError::invalid(program, args, "more than one ipc slot"));
+                }
+                let (parent, child) = UnixStream::pair().map_err(fail)?;
+                ends.ipc = Some(parent.into());
+                child.into()
+            }
+        };
+        let child_end = if child_end.as_raw_fd() < min_fd {
+            sys::dup_at_least(child_end.as_fd(), min_fd).map_err(fail)?
+        } else {
+            child_end
+        };
+        placed.push((child_end, target));
+    }
+
+    let env = environment(options, ipc_slot);
+    let cwd = options.cwd.as_deref();
+    let path = resolve(&file, &env, cwd).map_err(fail)?;
+    let dup2s: Vec<(RawFd, RawFd)> = placed
+        .iter()
+        .map(|(fd, target)| (fd.as_raw_fd(), *target))
+        .collect();
+
+    let pid = if options.uid.is_none() && options.gid.is_none() {
+        spawn_fast(
+            &path,
+            &argv,
+            &env,
+            cwd,
+            &dup2s,
+            &closes,
+            min_fd,
+            options.detached,
+        )
+        .map_err(fail)?
+    } else {
+        spawn_slow(&path, &argv, &env, options, dup2s, closes, min_fd).map_err(fail)?
+    };
+    drop(placed);
+    let pidfd = match sys::pidfd_open(pid) {
+        Ok(fd) => fd,
+        Err(e) => {
+            // Without a pidfd we cannot manage the child: end it rather than leak it.
+            let pid = nix::unistd::Pid::from_raw(pid);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+            let _ = nix::sys::wait::waitpid(pid, None);
+            return Err(fail(e));
+        }
+    };
+    let [stdin, stdout, stderr] = ends.stdio;
+    Ok(Launched {
+        pid: pid as u32,
+        pidfd,
+        stdin,
+        stdout,
+        stderr,
+        extra: ends.extra,
+        ipc: ends.ipc,
+    })
+}
+
+/// The file to execute and the full argv (with argv0), applying `shell`.
+fn command_line(
+    program: &OsStr,
+    args: &[OsString],
+    options: &SpawnOptions,
+) -> (OsString, Vec<OsString>) {
+    let (file, mut argv) = match &options.shell {
+        Some(shell) => {
+            let mut command = program.to_owned();
+            for arg in args {
+                command.push(" ");
+                command.push(arg);
+            }
+            let shell = shell.as_os_str().to_owned();
+            (shell.clone(), vec![shell, "-c".into(), command])
+        }
+        None => {
+            let mut argv = Vec::with_capacity(args.len() + 1);
+            argv.push(program.to_owned());
+            argv.extend(args.iter().cloned());
+            (program.to_owned(), argv)
+        }
+    };
+    if let Some(argv0) = &options.argv0 {
+        argv[0] = argv0.clone();
+    }
+    (file, argv)
+}
+
+/// The child's environment: inherited (unless cleared), changed, and with this crate's
+/// channel variables removed unless this child gets a channel.
+fn environment(options: &SpawnOptions, ipc_slot: Option<usize>) -> BTreeMap<OsString, OsString> {
+    let mut env: BTreeMap<OsString, OsString> = if options.env.clear {
+        BTreeMap::new()
+    } else {
+        std::env::vars_os().collect()
+    };
+    for (key, value) in &options.env.vars {
+        match value {
+            Some(value) => env.insert(key.clone(), value.clone()),
+            None => env.remove(key),
+        };
+    }
+    env.remove(OsStr::new(CHANNEL_FD_ENV));
+    env.remove(OsStr::new(PARENT_DEATH_ENV));
+    if let Some(slot) = ipc_slot {
+        env.insert(CHANNEL_FD_ENV.into(), slot.to_string().into());
+        if let Some(signal) = options.parent_death_signal {
+            let value = format!("{}:{}", signal as i32, std::process::id());
+            env.insert(PARENT_DEATH_ENV.into(), value.into());
+        }
+    }
+    env
+}
+
+/// Finds `file` like `execvp` does, in the child's `PATH`, relative to its working directory.
+fn resolve(
+    file: &OsStr,
+    env: &BTreeMap<OsString, OsString>,
+    cwd: Option<&Path>,
+) -> io::Result<PathBuf> {
+    if file.is_empty() {
+        return Err(io::Error::from_raw_os_error(libc::ENOENT));
+    }
+    if file.as_bytes().contains(&b'/') {
+        return Ok(PathBuf::from(file));
+    }
+    let search = env.get(OsStr::new("PATH")).map_or(
+        OsStr::new("/usr/local/bin:/usr/bin:/bin"),
+        OsString::as_os_str,
+    );
+    let mut denied = false;
+    for dir in search.as_bytes().split(|&b| b == b':') {
+        let dir = if dir.is_empty() {
+            Path::new(".")
+        } else {
+            Path::new(OsStr::from_bytes(dir))
+        };
+        let candidate = dir.join(file);
+        let checked = match cwd {
+            Some(cwd) if candidate.is_relative() => cwd.join(&candidate),
+            _ => candidate.clone(),
+        };
+        match nix::unistd::access(&checked, nix::unistd::AccessFlags::X_OK) {
+            Ok(()) if !checked.is_dir() => return Ok(candidate),
+            Ok(()) => {}
+            Err(nix::errno::Errno::EACCES) => denied |= checked.exists(),
+            Err(_) => {}
+        }
+    }
+    Err(io::Error::from_raw_os_error(if denied {
+        libc::EACCES
+    } else {
+        libc::ENOENT
+    }))
+}
+
+fn cstring(s: &OsStr) -> io::Result<CString> {
+    CString::new(s.as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "nul byte in a string"))
+}
+
+fn nul_error() -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidInput, "nul byte in a string")
+}
+
+/// The posix_spawn path.
+#[allow(clippy::too_many_arguments)] // private plumbing between two functions of this file
+fn spawn_fast(
+    path: &Path,
+    argv: &[OsString],
+    env: &BTreeMap<OsString, OsString>,
+    cwd: Option<&Path>,
+    dup2s: &[(RawFd, RawFd)],
+    closes: &[RawFd],
+    close_from: RawFd,
+    setsid: bool,
+) -> io::Result<libc::pid_t> {
+    let path = cstring(path.as_os_str())?;
+    let cwd = cwd.map(|cwd| cstring(cwd.as_os_str())).transpose()?;
+    let mut c_argv = sys::CStringArray::with_capacity(argv.len());
+    for arg in argv {
+        if !c_argv.push(arg) {
+            return Err(nul_error());
+        }
+    }
+    let mut c_env = sys::CStringArray::with_capacity(env.len());
+    for (key, value) in env {
+        let mut pair = Vec::with_capacity(key.len() + value.len() + 1);
+        pair.extend_from_slice(key.as_bytes());
+        pair.push(b'=');
+        pair.extend_from_slice(value.as_bytes());
+        if !c_env.push_bytes(pair) {
+            return Err(nul_error());
+        }
+    }
+    debug_assert!(c_argv.first().is_some());
+    sys::posix_spawn(&sys::SpawnRequest {
+        path: &path,
+        argv: &c_argv,
+        envp: &c_env,
+        cwd: cwd.as_deref(),
+        dup2s,
+        close_from,
+        closes,
+        setsid,
+    })
+}
+
+/// The fork path (`std::process::Command`), for what posix_spawn cannot do: uid and gid.
+fn spawn_slow(
+    path: &Path,
+    argv: &[OsString],
+    env: &BTreeMap<OsString, OsString>,
+    options: &SpawnOptions,
+    dup2s: Vec<(RawFd, RawFd)>,
+    closes: Vec<RawFd>,
+    close_from: RawFd,
+) -> io::Result<libc::pid_t> {
+    let mut command = std::process::Command::new(path);
+    command
+        .arg0(&argv[0])
+        .args(&argv[1..])
+        .env_clear()
+        .envs(env);
+    command
+        .stdin(std::process::Stdio::inherit())
+        .stdout(std::process::Stdio::inherit());
+    command.stderr(std::process::Stdio::inherit());
+    if let Some(cwd) = &options.cwd {
+        command.current_dir(cwd);
+    }
+    if let Some(uid) = options.uid {
+        command.uid(uid);
+    }
+    if let Some(gid) = options.gid {
+        command.gid(gid);
+    }
+    sys::install_child_setup(&mut command, dup2s, closes, close_from, options.detached);
+    // Dropping std's `Child` neither waits nor signals; our pidfd takes over.
+    let child = command.spawn()?;
+    libc::pid_t::try_from(child.id()).map_err(|_| io::Error::other("pid out of range"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resolve_searches_the_child_path() {
+        let env = BTreeMap::from([(OsString::from("PATH"), OsString::from("/nonexistent:/bin"))]);
+        assert_eq!(
+            resolve(OsStr::new("sh"), &env, None).unwrap(),
+            Path::new("/bin/sh")
+        );
+        let err = resolve(OsStr::new("no-such-program-here"), &env, None).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::ENOENT));
+        assert_eq!(
+            resolve(OsStr::new("./x"), &env, None).unwrap(),
+            Path::new("./x")
+        );
+    }
+
+    #[test]
+    fn shell_joins_program_and_args() {
+        let options = SpawnOptions::new().shell("/bin/sh").argv0("mysh");
+        let (file, argv) = command_line(OsStr::new("echo"), &["a".into(), "b c".into()], &options);
+        assert_eq!(file, "/bin/sh");
+        assert_eq!(
+            argv,
+            vec![OsString::from("mysh"), "-c".into(), "echo a b c".into()]
+        );
+    }
+
+    #[test]
+    fn channel_variables_are_stripped_without_a_channel() {
+        let options = SpawnOptions::new()
+            .env(CHANNEL_FD_ENV, "3")
+            .env(PARENT_DEATH_ENV, "9:1")
+            .env("KEEP", "1");
+        let env = environment(&options, None);
+        assert!(
+            !env.contains_key(OsStr::new(CHANNEL_FD_ENV))
+                && !env.contains_key(OsStr::new(PARENT_DEATH_ENV))
+        );
+        assert_eq!(env.get(OsStr::new("KEEP")).unwrap(), "1");
+        let env = environment(&options, Some(4));
+        assert_eq!(env.get(OsStr::new(CHANNEL_FD_ENV)).unwrap(), "4");
+    }
+}

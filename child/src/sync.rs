@@ -1,0 +1,308 @@
+//! Blocking variants: [`spawn_sync`], [`exec_sync`], [`exec_file_sync`]. No tokio runtime:
+//! one `poll(2)` loop over the pipes and the pidfd, with the same max buffer, timeout and
+//! kill rules as the async capture.
+
+use std::ffi::{OsStr, OsString};
+use std::io;
+use std::os::fd::{AsFd, OwnedFd};
+use std::time::Instant;
+
+use nix::errno::Errno;
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+
+use crate::exec::error::{ExecError, ExecErrorKind, StreamName};
+use crate::exec::{ExecOptions, Limits, check_exit, command_string};
+use crate::launch::launch;
+use crate::process::{ProcessHandle, Target};
+use crate::status::{ExitStatus, Output};
+use crate::sys;
+
+/// Runs `program` with `args` to completion and captures stdout and stderr, blocking the
+/// thread: Node's `spawnSync`. A non-zero exit is NOT an error (read `output.status`);
+/// timeout and max buffer are ([`ExecErrorKind::TimedOut`], [`ExecErrorKind::MaxBufferExceeded`]).
+///
+/// The cancellation token of the options is ignored here: a blocked thread cannot observe it.
+///
+/// ```
+/// let output = child::spawn_sync("/bin/sh", ["-c", "echo out; exit 2"], child::ExecOptions::new()).unwrap();
+/// assert_eq!((output.status.code(), output.stdout.as_slice()), (Some(2), &b"out\n"[..]));
+/// ```
+pub fn spawn_sync<I, S>(
+    program: impl AsRef<OsStr>,
+    args: I,
+    options: ExecOptions,
+) -> Result<Output, ExecError>
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
+    let args: Vec<OsString> = args.into_iter().map(|a| a.as_ref().to_owned()).collect();
+    let cmd = command_string(program.as_ref(), &args);
+    run_sync(program.as_ref(), &args, cmd, options)
+}
+
+/// Blocking [`exec`](crate::exec): `/bin/sh -c command`, non-zero exit is an error.
+pub fn exec_sync(command: &str, options: ExecOptions) -> Result<Output, ExecError> {
+    let shell = options.shell.clone().into_os_string();
+    let args = [OsString::from("-c"), command.into()];
+    let output = run_sync(&shell, &args, command.to_owned(), options)?;
+    let signal = nix::sys::signal::Signal::SIGTERM;
+    check_exit(output, command.to_owned(), signal)
+}
+
+/// Blocking [`exec_file`](crate::exec_file): no shell, non-zero exit is an error.
+pub fn exec_file_sync<I, S>(
+    file: impl AsRef<OsStr>,
+    args: I,
+    options: ExecOptions,
+) -> Result<Output, ExecError>
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
+    let args: Vec<OsString> = args.into_iter().map(|a| a.as_ref().to_owned()).collect();
+    let cmd = command_string(file.as_ref(), &args);
+    let output = run_sync(file.as_ref(), &args, cmd.clone(), options)?;
+    check_exit(output, cmd, nix::sys::signal::Signal::SIGTERM)
+}
+
+/// Kills and reaps the child if the capture loop unwinds or returns early.
+struct ReapGuard<'a>(&'a ProcessHandle);
+
+impl Drop for ReapGuard<'_> {
+    fn drop(&mut self) {
+        if self.0.status().is_none() {
+            let _ = self.0.kill(libc::SIGKILL, Target::Process);
+            let _ = self.0.wait_blocking();
+        }
+    }
+}
+
+/// One captured stream.
+struct Stream {
+    fd: Option<OwnedFd>,
+    buf: Vec<u8>,
+    name: StreamName,
+}
+
+impl Stream {
+    /// Reads what is available; `Ok(true)` once over `max`.
+    fn read(&mut self, max: usize, until_empty: bool) -> io::Result<bool> {
+        while let Some(fd) = &self.fd {
+            if self.buf.capacity() - self.buf.len() < 16 * 1024 {
+                self.buf.reserve(64 * 1024);
+            }
+            match sys::read_into(fd.as_fd(), &mut self.buf, usize::MAX) {
+                Ok(0) => self.fd = None,
+                Ok(_) if !until_empty => break,
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+            if self.buf.len() > max {
+                return Ok(true);
+            }
+        }
+        Ok(self.buf.len() > max)
+    }
+}
+
+fn run_sync(
+    file: &OsStr,
+    args: &[OsString],
+    cmd: String,
+    options: ExecOptions,
+) -> Result<Output, ExecError> {
+    let (mut spawn, limits) = options.prepare();
+    let kill_signal = limits.kill_signal;
+    let launched = match launch(file, args, &mut spawn) {
+        Ok(launched) => launched,
+        Err(e) => return Err(ExecError::new(ExecErrorKind::Spawn, cmd, kill_signal).with_source(e)),
+    };
+    let process = ProcessHandle::new(launched.pid, launched.pidfd);
+    let guard = ReapGuard(&process);
+    let mut out = Stream {
+        fd: launched.stdout,
+        buf: Vec::new(),
+        name: StreamName::Stdout,
+    };
+    let mut err = Stream {
+        fd: launched.stderr,
+        buf: Vec::new(),
+        name: StreamName::Stderr,
+    };
+    for stream in [&out, &err] {
+        if let Some(fd) = &stream.fd {
+            sys::grow_pipe(fd.as_fd(), 1024 * 1024);
+        }
+    }
+    let mut stdin = launched.stdin;
+    let result = capture_loop(&process, &mut out, &mut err, &mut stdin, &limits);
+    drop(stdin);
+    let stop = match result {
+        Ok(None) => {
+            let status = process.status().expect("the loop ends after reaping");
+            return Ok(Output {
+                status,
+                stdout: out.buf,
+                stderr: err.buf,
+            });
+        }
+        Ok(Some(kind)) => kind,
+        Err(e) => {
+            drop(guard);
+            let source = crate::Error::Wait {
+                pid: process.pid(),
+                source: e,
+            };
+            return Err(ExecError::new(ExecErrorKind::Io, cmd, kill_signal).with_source(source));
+        }
+    };
+    let killed = process
+        .kill(kill_signal as i32, Target::Process)
+        .unwrap_or(false);
+    let status = process.wait_blocking().ok();
+    drop(guard);
+    for stream in [&mut out, &mut err] {
+        let _ = stream.read(limits.max_buffer, true);
+        stream.buf.truncate(limits.max_buffer);
+    }
+    let mut error = ExecError::new(stop, cmd, kill_signal);
+    error.inner.status = status;
+    error.inner.killed = killed;
+    error.inner.stdout = out.buf;
+    error.inner.stderr = err.buf;
+    Err(error)
+}
+
+/// Polls until exit and close (`Ok(None)`), or a reason to kill (`Ok(Some(kind))`).
+fn capture_loop(
+    process: &ProcessHandle,
+    out: &mut Stream,
+    err: &mut Stream,
+    stdin: &mut Option<OwnedFd>,
+    limits: &Limits,
+) -> io::Result<Option<ExecErrorKind>> {
+    let deadline = limits.timeout.map(|t| Instant::now() + t);
+    let mut written = 0;
+    let mut status: Option<ExitStatus> = None;
+    loop {
+        if status.is_some() && out.fd.is_none() && err.fd.is_none() {
+            return Ok(None);
+        }
+        let timeout = match deadline {
+            None => PollTimeout::NONE,
+            Some(deadline) => {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Ok(Some(ExecErrorKind::TimedOut));
+                }
+                // Round up so we never wake just before the deadline and spin.
+                let ms = left.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32;
+                PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX)
+            }
+        };
+        let (readable, writable) = {
+            let mut fds = Vec::with_capacity(4);
+            let mut roles = Vec::with_capacity(4);
+            if status.is_none() {
+                fds.push(PollFd::new(process.pidfd(), PollFlags::POLLIN));
+                roles.push(0);
+            }
+            for (role, stream) in [(1, &*out), (2, &*err)] {
+                if let Some(fd) = &stream.fd {
+                    fds.push(PollFd::new(fd.as_fd(), PollFlags::POLLIN));
+                    roles.push(role);
+                }
+            }
+            if let Some(fd) = stdin.as_ref() {
+                fds.push(PollFd::new(fd.as_fd(), PollFlags::POLLOUT));
+                roles.push(3);
+            }
+            match poll(&mut fds, timeout) {
+                Ok(_) | Err(Errno::EINTR) => {}
+                Err(e) => return Err(e.into()),
+            }
+            let ready: Vec<usize> = fds
+                .iter()
+                .zip(&roles)
+                .filter(|(fd, _)| fd.any().unwrap_or(true))
+                .map(|(_, r)| *r)
+                .collect();
+            (ready.clone(), ready)
+        };
+        for role in readable {
+            let stream = match role {
+                0 => {
+                    status = process.try_reap()?;
+                    continue;
+                }
+                1 => &mut *out,
+                2 => &mut *err,
+                _ => continue,
+            };
+            if stream.read(limits.max_buffer, false)? {
+                stream.buf.truncate(limits.max_buffer);
+                return Ok(Some(ExecErrorKind::MaxBufferExceeded(stream.name)));
+            }
+        }
+        if writable.contains(&3) {
+            if let Some(fd) = stdin.as_ref() {
+                match nix::unistd::write(fd, &limits.input[written..]) {
+                    Ok(n) => written += n,
+                    Err(Errno::EAGAIN | Errno::EINTR) => {}
+                    // The child closed its stdin: it does not want the rest.
+                    Err(_) => written = limits.input.len(),
+                }
+            }
+            if written >= limits.input.len() {
+                *stdin = None;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn input_is_fed_and_output_captured() {
+        let output = spawn_sync(
+            "/bin/cat",
+            [] as [&str; 0],
+            ExecOptions::new().input("piped"),
+        )
+        .unwrap();
+        assert_eq!(output.stdout, b"piped");
+        assert!(output.status.success());
+    }
+
+    #[test]
+    fn non_zero_exit_is_ok_for_spawn_sync_but_an_error_for_exec_sync() {
+        assert_eq!(
+            spawn_sync("/bin/sh", ["-c", "exit 4"], ExecOptions::new())
+                .unwrap()
+                .status
+                .code(),
+            Some(4)
+        );
+        let err = exec_sync("echo oops >&2; exit 4", ExecOptions::new()).unwrap_err();
+        assert_eq!((err.kind(), err.code()), (ExecErrorKind::Failed, Some(4)));
+        assert_eq!(
+            err.to_string(),
+            "Command failed: echo oops >&2; exit 4\noops\n"
+        );
+    }
+
+    #[test]
+    fn timeout_kills_with_the_kill_signal() {
+        let options = ExecOptions::new().timeout(Duration::from_millis(50));
+        let err = exec_file_sync("/bin/sleep", ["30"], options).unwrap_err();
+        assert_eq!(err.kind(), ExecErrorKind::TimedOut);
+        assert!(err.killed());
+        assert_eq!(err.signal(), Some(nix::sys::signal::Signal::SIGTERM));
+    }
+}

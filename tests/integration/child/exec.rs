@@ -1,0 +1,203 @@
+//! `exec`, `exec_file` and the blocking variants: max buffer, timeout, errors, exit codes.
+
+use std::time::Duration;
+
+use child::{CancellationToken, ExecErrorKind, ExecOptions, Signal, SpawnErrorKind, StreamName};
+
+const MIB: usize = 1024 * 1024;
+
+#[tokio::test]
+async fn exactly_max_buffer_passes_and_one_more_byte_fails() {
+    let output = child::exec(&format!("head -c {MIB} /dev/zero"), ExecOptions::new())
+        .await
+        .unwrap();
+    assert_eq!(output.stdout.len(), MIB);
+    let err = child::exec(
+        &format!("head -c {} /dev/zero", MIB + 1),
+        ExecOptions::new(),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(
+        err.kind(),
+        ExecErrorKind::MaxBufferExceeded(StreamName::Stdout)
+    );
+    assert_eq!(
+        err.stdout().len(),
+        MIB,
+        "the output is kept, truncated to the limit"
+    );
+    assert_eq!(err.to_string(), "stdout maxBuffer length exceeded");
+}
+
+#[tokio::test]
+async fn max_buffer_five_keeps_hello() {
+    let err = child::exec("echo hello world", ExecOptions::new().max_buffer(5))
+        .await
+        .unwrap_err();
+    assert_eq!(err.stdout(), b"hello");
+    assert_eq!(
+        err.kind(),
+        ExecErrorKind::MaxBufferExceeded(StreamName::Stdout)
+    );
+    let err = child::exec("echo hello world >&2", ExecOptions::new().max_buffer(5))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (err.kind(), err.stderr()),
+        (
+            ExecErrorKind::MaxBufferExceeded(StreamName::Stderr),
+            &b"hello"[..]
+        )
+    );
+}
+
+#[tokio::test]
+async fn max_buffer_kills_a_child_that_keeps_writing() {
+    let err = child::exec_file("yes", [] as [&str; 0], ExecOptions::new().max_buffer(10))
+        .await
+        .unwrap_err();
+    assert!(err.killed());
+    assert_eq!(err.signal(), Some(Signal::SIGTERM));
+    assert_eq!(err.stdout(), b"y\ny\ny\ny\ny\n");
+}
+
+#[tokio::test]
+async fn timeout_kills_with_sigterm_and_sigkill_when_asked() {
+    let err = child::exec(
+        "sleep 30",
+        ExecOptions::new().timeout(Duration::from_millis(50)),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(err.kind(), ExecErrorKind::TimedOut);
+    assert!(err.killed());
+    assert_eq!((err.code(), err.signal()), (None, Some(Signal::SIGTERM)));
+    assert_eq!(
+        err.to_string(),
+        "Command failed: sleep 30 (timed out, killed with SIGTERM)\n"
+    );
+    let options = ExecOptions::new()
+        .timeout(Duration::from_millis(50))
+        .kill_signal(Signal::SIGKILL);
+    let err = child::exec("sleep 30", options).await.unwrap_err();
+    assert_eq!(
+        (err.kind(), err.signal()),
+        (ExecErrorKind::TimedOut, Some(Signal::SIGKILL))
+    );
+}
+
+#[tokio::test]
+async fn a_failed_command_carries_node_error_fields() {
+    let err = child::exec("echo out; echo problem >&2; exit 3", ExecOptions::new())
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ExecErrorKind::Failed);
+    assert_eq!(
+        (err.code(), err.signal(), err.killed()),
+        (Some(3), None, false)
+    );
+    assert_eq!(err.cmd(), "echo out; echo problem >&2; exit 3");
+    assert_eq!(
+        (err.stdout(), err.stderr()),
+        (&b"out\n"[..], &b"problem\n"[..])
+    );
+    assert_eq!(
+        err.to_string(),
+        "Command failed: echo out; echo problem >&2; exit 3\nproblem\n"
+    );
+    let err = child::exec_file("ls", ["/no/such/dir"], ExecOptions::new())
+        .await
+        .unwrap_err();
+    assert_eq!((err.cmd(), err.code()), ("ls /no/such/dir", Some(2)));
+    assert!(
+        err.to_string()
+            .starts_with("Command failed: ls /no/such/dir\nls: ")
+    );
+}
+
+#[tokio::test]
+async fn a_missing_command_is_127_under_exec_and_not_found_under_exec_file() {
+    let err = child::exec("no-such-command-xyz", ExecOptions::new())
+        .await
+        .unwrap_err();
+    assert_eq!((err.kind(), err.code()), (ExecErrorKind::Failed, Some(127)));
+    let err = child::exec_file("no-such-command-xyz", ["arg"], ExecOptions::new())
+        .await
+        .unwrap_err();
+    assert_eq!((err.kind(), err.code()), (ExecErrorKind::Spawn, None));
+    let source = std::error::Error::source(&err)
+        .expect("a source")
+        .downcast_ref::<child::Error>()
+        .expect("child::Error");
+    let child::Error::Spawn(spawn) = source else {
+        panic!("expected a spawn error, got {source:?}")
+    };
+    assert_eq!(spawn.kind(), SpawnErrorKind::NotFound);
+    let err =
+        child::exec_file_sync("no-such-command-xyz", ["arg"], ExecOptions::new()).unwrap_err();
+    assert_eq!(err.kind(), ExecErrorKind::Spawn);
+    assert_eq!(
+        child::exec_sync("no-such-command-xyz", ExecOptions::new())
+            .unwrap_err()
+            .code(),
+        Some(127)
+    );
+}
+
+#[tokio::test]
+async fn cancellation_kills_an_exec() {
+    let token = CancellationToken::new();
+    let run = child::exec("sleep 30", ExecOptions::new().cancel_token(token.clone()));
+    let (result, ()) = tokio::join!(run, async { token.cancel() });
+    let err = result.unwrap_err();
+    assert_eq!(
+        (err.kind(), err.signal()),
+        (ExecErrorKind::Cancelled, Some(Signal::SIGTERM))
+    );
+}
+
+#[tokio::test]
+async fn input_and_both_streams_are_captured() {
+    let options = ExecOptions::new().input("some input");
+    let output = child::exec("cat; echo err >&2", options).await.unwrap();
+    assert_eq!(
+        (output.stdout_lossy(), output.stderr_lossy()),
+        ("some input".into(), "err\n".into())
+    );
+}
+
+#[test]
+fn sync_timeout_and_max_buffer_are_error_kinds() {
+    let err = child::exec_sync(
+        "sleep 30",
+        ExecOptions::new().timeout(Duration::from_millis(50)),
+    )
+    .unwrap_err();
+    assert_eq!(
+        (err.kind(), err.signal(), err.killed()),
+        (ExecErrorKind::TimedOut, Some(Signal::SIGTERM), true)
+    );
+    let err = child::spawn_sync(
+        "head",
+        ["-c", "2000", "/dev/zero"],
+        ExecOptions::new().max_buffer(1000),
+    )
+    .unwrap_err();
+    assert_eq!(
+        err.kind(),
+        ExecErrorKind::MaxBufferExceeded(StreamName::Stdout)
+    );
+    assert_eq!(err.stdout().len(), 1000);
+    let output = child::exec_sync(&format!("head -c {MIB} /dev/zero"), ExecOptions::new()).unwrap();
+    assert_eq!(output.stdout.len(), MIB);
+    let err = child::exec_sync(
+        &format!("head -c {} /dev/zero", MIB + 1),
+        ExecOptions::new(),
+    )
+    .unwrap_err();
+    assert_eq!(
+        (err.kind(), err.stdout().len()),
+        (ExecErrorKind::MaxBufferExceeded(StreamName::Stdout), MIB)
+    );
+}

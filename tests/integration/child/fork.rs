@@ -1,0 +1,79 @@
+//! `fork`: message round trips, disconnect, and the parent-death signal.
+
+use tokio::io::AsyncReadExt;
+
+use child::{ForkOptions, Stdio};
+
+use super::{KillOnDrop, helper};
+
+async fn recv_string(child: &mut child::Child) -> Option<String> {
+    Some(
+        child
+            .recv()
+            .await
+            .expect("recv")?
+            .decode::<String>()
+            .expect("a string"),
+    )
+}
+
+#[tokio::test]
+async fn messages_round_trip_and_disconnect_ends_the_child() {
+    let options = ForkOptions::new().map_spawn_options(|o| o.kill_on_drop(true));
+    let mut forked = child::fork(helper("child_forked"), [] as [&str; 0], options).unwrap();
+    assert!(forked.connected());
+    let ready = recv_string(&mut forked).await.unwrap();
+    assert_eq!(ready, format!("ready {}", forked.pid()));
+    for text in ["ping", "", "a longer message with ünïcödé"] {
+        forked.send(text).await.unwrap();
+        assert_eq!(recv_string(&mut forked).await.as_deref(), Some(text));
+    }
+    forked.disconnect().unwrap();
+    assert!(!forked.connected());
+    assert!(
+        forked.wait().await.unwrap().success(),
+        "the child exits 0 at end of channel"
+    );
+    assert!(matches!(
+        forked.send("late").await,
+        Err(child::Error::NoChannel)
+    ));
+}
+
+#[tokio::test]
+async fn a_child_without_a_channel_gets_none() {
+    let child = child::spawn(
+        helper("child_forked"),
+        [] as [&str; 0],
+        super::quiet_options(),
+    )
+    .unwrap();
+    let status = child.wait().await.unwrap();
+    assert_eq!(
+        status.code(),
+        Some(1),
+        "the helper bails when parent_channel() is None"
+    );
+}
+
+#[tokio::test]
+async fn a_forked_child_dies_with_its_parent_when_asked() {
+    // child_detach forks `child_forked linger` (which survives end of channel) with a
+    // parent-death signal, prints its pid and exits. The grandchild inherits stdout, so
+    // stdout ends only once both are gone.
+    let args = ["fork-linger", helper("child_forked")];
+    let options = super::options().stdin(Stdio::Null).stderr(Stdio::Inherit);
+    let mut parent = child::spawn(helper("child_detach"), args, options).unwrap();
+    let mut stdout = parent.stdout.take().unwrap();
+    let mut text = String::new();
+    let read = tokio::time::timeout(
+        std::time::Duration::from_secs(20),
+        stdout.read_to_string(&mut text),
+    )
+    .await;
+    let pid: i32 = text.trim().parse().expect("a pid");
+    let _guard = KillOnDrop(pid);
+    read.expect("the grandchild died with its parent").unwrap();
+    assert!(parent.wait().await.unwrap().success());
+    super::assert_dead(pid as u32);
+}
