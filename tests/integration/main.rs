@@ -2,3 +2,4 @@
 mod child;
 mod ipc_channel;
 mod support;
+mod tidy;
