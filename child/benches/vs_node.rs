@@ -1,0 +1,198 @@
+//! `child` side by side with `std::process` and Node 20 in one run, rounds interleaved
+//! (A B C A B C ...) so that a noisy machine affects every subject alike.
+//!
+//! Run with `cargo bench -p child --bench vs_node` (`-- --quick` for fewer rounds). Node
+//! is optional: without it its rows are skipped with a note.
+
+#![allow(clippy::print_stdout)]
+
+use std::path::Path;
+use std::process::{Command, Stdio as StdStdio};
+use std::time::{Duration, Instant};
+
+use child::{ExecOptions, SpawnOptions, Stdio};
+
+const SPAWNS: u32 = 300;
+const CAPTURE_BYTES: usize = 100_000_000;
+
+fn main() {
+    let quick = std::env::args().any(|a| a == "--quick");
+    let rounds = if quick { 3 } else { 7 };
+    let node = Command::new("node")
+        .arg("--version")
+        .stdout(StdStdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !node {
+        println!(
+            "node: not installed, Node rows skipped (install Node.js 20, e.g. apt-get install nodejs)"
+        );
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+
+    let mut spawn_rows: Vec<(&str, Vec<f64>)> = vec![
+        ("std::process::Command", vec![]),
+        ("child::spawn", vec![]),
+        ("child::spawn + ipc slot", vec![]),
+        ("child::spawn_sync", vec![]),
+    ];
+    let mut exec_rows: Vec<(&str, Vec<f64>)> = vec![
+        ("std output()", vec![]),
+        ("child::exec_file", vec![]),
+        ("child::exec (sh -c)", vec![]),
+        ("child::exec_file_sync", vec![]),
+    ];
+    if node {
+        spawn_rows.push(("node spawn", vec![]));
+        exec_rows.push(("node exec", vec![]));
+    }
+    let capture = || ExecOptions::new().max_buffer(2 * CAPTURE_BYTES);
+    let head_args = [
+        "-c".to_string(),
+        CAPTURE_BYTES.to_string(),
+        "/dev/zero".into(),
+    ];
+    for _ in 0..rounds {
+        let per_sec = |d: Duration| f64::from(SPAWNS) / d.as_secs_f64();
+        spawn_rows[0].1.push(per_sec(timed(|| {
+            for _ in 0..SPAWNS {
+                let status = Command::new("/bin/true")
+                    .stdin(StdStdio::null())
+                    .stdout(StdStdio::null())
+                    .stderr(StdStdio::null())
+                    .status()
+                    .expect("std spawn");
+                assert!(status.success());
+            }
+        })));
+        let variants: [(usize, fn() -> SpawnOptions); 2] = [(1, quiet), (2, with_ipc)];
+        for (row, make) in variants {
+            spawn_rows[row].1.push(per_sec(timed(|| {
+                rt.block_on(async {
+                    for _ in 0..SPAWNS {
+                        let c = child::spawn("/bin/true", [] as [&str; 0], make()).expect("spawn");
+                        assert!(c.wait().await.expect("wait").success());
+                    }
+                })
+            })));
+        }
+        spawn_rows[3].1.push(per_sec(timed(|| {
+            for _ in 0..SPAWNS {
+                let out = child::spawn_sync("/bin/true", [] as [&str; 0], ExecOptions::new())
+                    .expect("spawn_sync");
+                assert!(out.status.success());
+            }
+        })));
+        if node {
+            spawn_rows[4]
+                .1
+                .push(per_sec(node_seconds("node_spawn.js", &SPAWNS.to_string())));
+        }
+
+        let mb_per_sec = |d: Duration| CAPTURE_BYTES as f64 / 1e6 / d.as_secs_f64();
+        exec_rows[0].1.push(mb_per_sec(timed(|| {
+            let out = Command::new("head")
+                .args(&head_args)
+                .output()
+                .expect("std output");
+            assert_eq!(out.stdout.len(), CAPTURE_BYTES);
+        })));
+        exec_rows[1].1.push(mb_per_sec(timed(|| {
+            let out = rt
+                .block_on(child::exec_file("head", &head_args, capture()))
+                .expect("exec_file");
+            assert_eq!(out.stdout.len(), CAPTURE_BYTES);
+        })));
+        exec_rows[2].1.push(mb_per_sec(timed(|| {
+            let command = format!("head -c {CAPTURE_BYTES} /dev/zero");
+            let out = rt.block_on(child::exec(&command, capture())).expect("exec");
+            assert_eq!(out.stdout.len(), CAPTURE_BYTES);
+        })));
+        exec_rows[3].1.push(mb_per_sec(timed(|| {
+            let out = child::exec_file_sync("head", &head_args, capture()).expect("exec_file_sync");
+            assert_eq!(out.stdout.len(), CAPTURE_BYTES);
+        })));
+        if node {
+            exec_rows[4].1.push(mb_per_sec(node_seconds(
+                "node_exec.js",
+                &CAPTURE_BYTES.to_string(),
+            )));
+        }
+    }
+    report(
+        "spawn_true: sequential spawn + wait of /bin/true",
+        "spawn/s",
+        &spawn_rows,
+    );
+    report("exec_100mb: capture 100 MB of stdout", "MB/s", &exec_rows);
+}
+
+fn quiet() -> SpawnOptions {
+    SpawnOptions::new()
+        .stdin(Stdio::Null)
+        .stdout(Stdio::Null)
+        .stderr(Stdio::Null)
+}
+
+fn with_ipc() -> SpawnOptions {
+    quiet().stdio(3, Stdio::Ipc)
+}
+
+fn timed(f: impl FnOnce()) -> Duration {
+    let start = Instant::now();
+    f();
+    start.elapsed()
+}
+
+fn median(values: &[f64]) -> f64 {
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Prints each row's median and its ratio to the first row (std) and to the last (Node,
+/// when present).
+fn report(title: &str, unit: &str, rows: &[(&str, Vec<f64>)]) {
+    println!("\n{title} ({} rounds, medians)", rows[0].1.len());
+    let std = median(&rows[0].1);
+    let node = rows
+        .last()
+        .filter(|(name, _)| name.starts_with("node"))
+        .map(|(_, v)| median(v));
+    for (name, values) in rows {
+        let m = median(values);
+        let vs_node = node
+            .map(|n| format!("   {:.2}x node", m / n))
+            .unwrap_or_default();
+        println!(
+            "  {name:<26} {m:>9.1} {unit}   {:.2}x std{vs_node}",
+            m / std
+        );
+    }
+}
+
+fn node_seconds(script: &str, arg: &str) -> Duration {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("benches/peers")
+        .join(script);
+    let out = Command::new("node")
+        .arg(path)
+        .arg(arg)
+        .output()
+        .expect("run node");
+    assert!(
+        out.status.success(),
+        "node failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let seconds: f64 = text
+        .split("\"seconds\":")
+        .nth(1)
+        .and_then(|s| s.trim().trim_end_matches('}').parse().ok())
+        .unwrap_or_else(|| panic!("unexpected node output: {text}"));
+    Duration::from_secs_f64(seconds)
+}
