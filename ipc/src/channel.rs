@@ -25,7 +25,7 @@ pub const DEFAULT_MAX_FDS: u8 = 32;
 pub const MAX_FDS_LIMIT: u8 = 253;
 
 const READ_CHUNK: usize = 256 * 1024;
-const DEFAULT_WRITE_BUFFER: usize = 64 * 1024;
+const DEFAULT_WRITE_BUFFER: usize = 256 * 1024;
 const DEFAULT_SOCKET_SEND_BUFFER: usize = 4 * 1024 * 1024;
 
 /// Limits and buffer sizes of a channel. Both ends should use the same limits.
@@ -49,7 +49,7 @@ impl Default for Config {
 }
 
 impl Config {
-    /// The default limits: 16 MiB frames, 32 descriptors per message, 64 KiB write
+    /// The default limits: 16 MiB frames, 32 descriptors per message, 256 KiB write
     /// buffer, 4 MiB socket send buffer.
     pub fn new() -> Self {
         Self::default()
