@@ -1,5 +1,6 @@
 //! The workspace's multi-process integration tests, built as one test binary.
 mod child;
+mod cluster;
 mod ipc_channel;
 mod support;
 mod tidy;

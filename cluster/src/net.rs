@@ -1,0 +1,50 @@
+//! Listening sockets: bound and listening, close-on-exec and non-blocking.
+
+use std::io;
+use std::net::SocketAddr;
+
+use socket2::{Domain, Protocol, Socket, Type};
+
+/// A listening TCP socket on `address`, with `SO_REUSEADDR` like Node's (libuv's), and
+/// `SO_REUSEPORT` when asked. Close-on-exec (socket2 opens with `SOCK_CLOEXEC`) and
+/// non-blocking.
+pub(crate) fn bind_listener(
+    address: SocketAddr,
+    backlog: u32,
+    reuse_port: bool,
+) -> io::Result<std::net::TcpListener> {
+    let socket = Socket::new(
+        Domain::for_address(address),
+        Type::STREAM,
+        Some(Protocol::TCP),
+    )?;
+    socket.set_reuse_address(true)?;
+    if reuse_port {
+        socket.set_reuse_port(true)?;
+    }
+    socket.bind(&address.into())?;
+    socket.listen(i32::try_from(backlog).unwrap_or(i32::MAX))?;
+    socket.set_nonblocking(true)?;
+    Ok(socket.into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_second_plain_bind_is_address_in_use() {
+        let first = bind_listener("127.0.0.1:0".parse().expect("addr"), 16, false).expect("bind");
+        let taken = first.local_addr().expect("addr");
+        let err = bind_listener(taken, 16, false).expect_err("in use");
+        assert_eq!(err.raw_os_error(), Some(libc::EADDRINUSE));
+    }
+
+    #[test]
+    fn reuseport_sockets_share_a_port() {
+        let first = bind_listener("127.0.0.1:0".parse().expect("addr"), 16, true).expect("bind");
+        let taken = first.local_addr().expect("addr");
+        let second = bind_listener(taken, 16, true).expect("reuseport bind");
+        assert_eq!(second.local_addr().expect("addr"), taken);
+    }
+}

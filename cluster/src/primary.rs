@@ -1,0 +1,327 @@
+//! The primary side: [`Primary`], its [`Event`]s and [`Stats`].
+//!
+//! A `Primary` is a handle on a supervisor task that owns every worker, the listening
+//! handles and the round-robin schedulers. Commands go to it over a channel and come back
+//! through oneshot replies, so every method takes `&self` and works from any task of a
+//! multi-thread runtime.
+
+mod handles;
+mod restart;
+mod supervisor;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use serde::Serialize;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::error::Error;
+use crate::protocol::{HandleKey, WorkerId};
+use crate::settings::Settings;
+
+pub use child::Signal;
+
+/// How many events wait for a reader before later ones are dropped (and logged).
+pub const EVENT_CAPACITY: usize = 4096;
+
+/// Something that happened to a worker (Node's cluster events).
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum Event {
+    /// A worker process was started.
+    Fork {
+        /// The new worker.
+        id: WorkerId,
+        /// Its process id.
+        pid: u32,
+    },
+    /// The worker connected its channel and reported in.
+    Online {
+        /// The worker.
+        id: WorkerId,
+    },
+    /// One of the worker's servers is listening.
+    Listening {
+        /// The worker.
+        id: WorkerId,
+        /// The bound address.
+        address: SocketAddr,
+        /// The primary's key for the handle.
+        key: HandleKey,
+    },
+    /// The worker's channel closed.
+    Disconnect {
+        /// The worker.
+        id: WorkerId,
+    },
+    /// The worker process ended.
+    Exit {
+        /// The worker.
+        id: WorkerId,
+        /// Its exit code or signal.
+        status: child::ExitStatus,
+        /// Whether it ended after being asked to stop (disconnect, stop, reload, removal),
+        /// Node's `worker.exitedAfterDisconnect`.
+        exited_after_disconnect: bool,
+    },
+    /// A user-lane message from the worker.
+    Message {
+        /// The worker.
+        id: WorkerId,
+        /// The message, still encoded.
+        message: ipc::Received,
+    },
+    /// The worker panicked and is draining; a replacement is being started.
+    GoingDown {
+        /// The worker.
+        id: WorkerId,
+        /// The panic message.
+        reason: String,
+    },
+    /// The worker broke the protocol (malformed or hostile frames) and was killed.
+    Misbehaved {
+        /// The worker.
+        id: WorkerId,
+        /// What it did.
+        reason: String,
+    },
+    /// A slot crashed too often and is no longer restarted.
+    SlotFailed {
+        /// The slot.
+        slot: usize,
+        /// The last worker of the slot.
+        id: WorkerId,
+    },
+}
+
+/// Where a worker is in its life (Node's `worker.state`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum WorkerState {
+    /// Started, not yet online.
+    Forked,
+    /// Online, no server listening yet.
+    Online,
+    /// At least one server listening.
+    Listening,
+    /// Asked to stop (or going down), draining.
+    Disconnecting,
+    /// Its channel closed; waiting for the process to end.
+    Disconnected,
+}
+
+/// One worker's line in [`Stats`].
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct WorkerStats {
+    /// The worker.
+    pub id: WorkerId,
+    /// Its process id.
+    pub pid: u32,
+    /// The slot it runs in.
+    pub slot: usize,
+    /// Its state.
+    pub state: WorkerState,
+    /// Connections handed to it by round-robin.
+    pub handed: u64,
+    /// Round-robin hand-offs it has not answered yet.
+    pub in_flight: usize,
+    /// How many replacements its slot had before it.
+    pub restarts: u32,
+}
+
+/// A snapshot of the cluster.
+#[derive(Debug, Clone, Default)]
+#[non_exhaustive]
+pub struct Stats {
+    /// Live workers by id.
+    pub workers: Vec<WorkerStats>,
+    /// Connections the primary holds for lack of a worker.
+    pub queued: usize,
+    /// Slots given up after a crash loop.
+    pub failed_slots: Vec<usize>,
+}
+
+type Reply<T> = oneshot::Sender<T>;
+type UserSender = Arc<tokio::sync::Mutex<ipc::Sender>>;
+
+#[derive(Debug)]
+pub(crate) enum Command {
+    AddWorker(Reply<Result<WorkerId, Error>>),
+    RemoveWorker(Reply<Option<WorkerId>>),
+    Disconnect(Option<WorkerId>, Reply<Result<(), Error>>),
+    Kill(WorkerId, Signal, Reply<Result<(), Error>>),
+    Senders(Option<WorkerId>, Reply<Vec<UserSender>>),
+    Stats(Reply<Stats>),
+    Reload(Reply<()>),
+    Stop(Reply<()>),
+}
+
+/// The primary of a cluster: starts workers, hands them connections, replaces the dead.
+///
+/// Dropping it (or the runtime) kills every worker with `SIGKILL` and reaps it; call
+/// [`stop`](Primary::stop) first for a graceful end.
+#[derive(Debug)]
+pub struct Primary {
+    commands: mpsc::Sender<Command>,
+    events: Option<Events>,
+}
+
+/// The primary's event stream, taken with [`Primary::take_events`] to read it from
+/// another task.
+#[derive(Debug)]
+pub struct Events(mpsc::Receiver<Event>);
+
+impl Events {
+    /// The next event, or `None` once the primary has stopped.
+    pub async fn recv(&mut self) -> Option<Event> {
+        self.0.recv().await
+    }
+}
+
+impl Primary {
+    /// Starts the configured number of workers. Must be called within a tokio runtime,
+    /// from a task whose thread lives as long as the workers (see the crate's caveats).
+    pub async fn start(settings: Settings) -> Result<Primary, Error> {
+        if matches!(crate::role(), crate::Role::Worker(_)) {
+            return Err(Error::WrongRole("primary"));
+        }
+        let (commands, commands_rx) = mpsc::channel(64);
+        let (events_tx, events) = mpsc::channel(EVENT_CAPACITY);
+        supervisor::Supervisor::start(settings, events_tx, commands_rx)?;
+        Ok(Primary {
+            commands,
+            events: Some(Events(events)),
+        })
+    }
+
+    async fn ask<T>(&self, command: impl FnOnce(Reply<T>) -> Command) -> Result<T, Error> {
+        let (tx, rx) = oneshot::channel();
+        self.commands
+            .send(command(tx))
+            .await
+            .map_err(|_| Error::Stopped)?;
+        rx.await.map_err(|_| Error::Stopped)
+    }
+
+    /// The next event, or `None` once the primary has stopped (or the stream was taken).
+    pub async fn next_event(&mut self) -> Option<Event> {
+        self.events.as_mut()?.recv().await
+    }
+
+    /// Takes the event stream, to read it from another task (for instance while
+    /// [`run_until_signal`](Primary::run_until_signal) runs).
+    pub fn take_events(&mut self) -> Option<Events> {
+        self.events.take()
+    }
+
+    /// Starts one more worker in a new slot (Node's `cluster.fork()`).
+    pub async fn fork(&self) -> Result<WorkerId, Error> {
+        self.ask(Command::AddWorker).await?
+    }
+
+    /// Removes the newest slot, stopping its worker gracefully. Returns that worker.
+    pub async fn remove_worker(&self) -> Result<Option<WorkerId>, Error> {
+        self.ask(Command::RemoveWorker).await
+    }
+
+    /// Sends a user message to one worker.
+    pub async fn send<T: Serialize + ?Sized>(
+        &self,
+        id: WorkerId,
+        message: &T,
+    ) -> Result<(), Error> {
+        let senders = self.ask(|r| Command::Senders(Some(id), r)).await?;
+        let sender = senders.first().ok_or(Error::UnknownWorker(id))?;
+        sender.lock().await.send(message).await?;
+        Ok(())
+    }
+
+    /// Sends a user message to every live worker; returns how many it reached.
+    pub async fn broadcast<T: Serialize + ?Sized>(&self, message: &T) -> Result<usize, Error> {
+        let senders = self.ask(|r| Command::Senders(None, r)).await?;
+        let mut reached = 0;
+        for sender in senders {
+            if sender.lock().await.send(message).await.is_ok() {
+                reached += 1;
+            }
+        }
+        Ok(reached)
+    }
+
+    /// Asks one worker to stop: it stops accepting, finishes in-flight connections and
+    /// exits; it is killed when the drain deadline passes. It is not replaced.
+    pub async fn disconnect(&self, id: WorkerId) -> Result<(), Error> {
+        self.ask(|r| Command::Disconnect(Some(id), r)).await?
+    }
+
+    /// Asks every worker to stop (Node's `cluster.disconnect()`); none is replaced.
+    pub async fn disconnect_all(&self) -> Result<(), Error> {
+        self.ask(|r| Command::Disconnect(None, r)).await?
+    }
+
+    /// Sends `signal` to a worker (Node's `worker.process.kill`). A worker killed this way
+    /// did not exit after a disconnect, so it is replaced by the restart policy.
+    pub async fn kill(&self, id: WorkerId, signal: Signal) -> Result<(), Error> {
+        self.ask(|r| Command::Kill(id, signal, r)).await?
+    }
+
+    /// A snapshot of the workers and the held connections.
+    pub async fn stats(&self) -> Result<Stats, Error> {
+        self.ask(Command::Stats).await
+    }
+
+    /// Rolling reload: each worker in turn is replaced by a new one, which must be
+    /// listening on as many servers as the old one before the old one is asked to stop.
+    /// Resolves when every slot has been replaced.
+    pub async fn reload(&self) -> Result<(), Error> {
+        self.ask(Command::Reload).await
+    }
+
+    /// Stops every worker gracefully (each drains until the deadline, then is killed),
+    /// closes the listening sockets, and resolves when all have exited.
+    pub async fn stop(&self) -> Result<(), Error> {
+        match self.ask(Command::Stop).await {
+            Ok(()) | Err(Error::Stopped) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Runs until `SIGTERM` or `SIGINT`, then stops gracefully and returns `Ok(())`.
+    /// Meanwhile `SIGHUP` starts a rolling reload, `SIGTTIN` adds a worker and `SIGTTOU`
+    /// removes one.
+    pub async fn run_until_signal(&self) -> Result<(), Error> {
+        use tokio::signal::unix::{SignalKind, signal};
+        let listen = |kind: SignalKind| signal(kind).map_err(Error::Signal);
+        let mut term = listen(SignalKind::terminate())?;
+        let mut int = listen(SignalKind::interrupt())?;
+        let mut hup = listen(SignalKind::hangup())?;
+        let mut ttin = listen(SignalKind::from_raw(libc::SIGTTIN))?;
+        let mut ttou = listen(SignalKind::from_raw(libc::SIGTTOU))?;
+        loop {
+            tokio::select! {
+                _ = term.recv() => break,
+                _ = int.recv() => break,
+                _ = hup.recv() => {
+                    tracing::info!("SIGHUP: rolling reload");
+                    // Not awaited: signals keep being handled during the reload.
+                    let (tx, _rx) = oneshot::channel();
+                    self.commands.send(Command::Reload(tx)).await.map_err(|_| Error::Stopped)?;
+                }
+                _ = ttin.recv() => {
+                    match self.fork().await {
+                        Ok(id) => tracing::info!(%id, "SIGTTIN: added a worker"),
+                        Err(e) => tracing::warn!(error = %e, "SIGTTIN: could not add a worker"),
+                    }
+                }
+                _ = ttou.recv() => {
+                    let removed = self.remove_worker().await?;
+                    tracing::info!(?removed, "SIGTTOU: removed a worker");
+                }
+                () = self.commands.closed() => return Ok(()),
+            }
+        }
+        tracing::info!("stopping all workers");
+        self.stop().await
+    }
+}

@@ -1,0 +1,170 @@
+//! Respawn decisions for one worker slot: exponential backoff and the crash-loop limit.
+//! Pure: the caller passes the time.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use crate::RestartPolicy;
+
+/// What to do after a slot's worker crashed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Decision {
+    /// Start a replacement after this delay.
+    RestartAfter(Duration),
+    /// Too many crashes within the window: give the slot up.
+    Failed,
+    /// Restarts are disabled.
+    Never,
+}
+
+/// The crash history of one slot.
+#[derive(Debug)]
+pub(crate) struct RestartTracker {
+    policy: RestartPolicy,
+    next_delay: Duration,
+    crashes: VecDeque<Instant>,
+    restarts: u32,
+}
+
+impl RestartTracker {
+    pub(crate) fn new(policy: RestartPolicy) -> Self {
+        Self {
+            next_delay: policy.backoff_min,
+            policy,
+            crashes: VecDeque::new(),
+            restarts: 0,
+        }
+    }
+
+    /// How many replacements this slot has had.
+    pub(crate) fn restarts(&self) -> u32 {
+        self.restarts
+    }
+
+    /// Records a crash at `now` of a worker that ran for `uptime`. `immediate` asks for no
+    /// delay when the worker had been stable (a worker that said it is going down).
+    pub(crate) fn on_crash(&mut self, now: Instant, uptime: Duration, immediate: bool) -> Decision {
+        if !self.policy.enabled {
+            return Decision::Never;
+        }
+        let stable = uptime >= self.policy.stable_after;
+        if stable {
+            self.next_delay = self.policy.backoff_min;
+        }
+        self.crashes.push_back(now);
+        while self
+            .crashes
+            .front()
+            .is_some_and(|t| now.saturating_duration_since(*t) > self.policy.window)
+        {
+            self.crashes.pop_front();
+        }
+        if self.crashes.len() > self.policy.max_restarts as usize {
+            return Decision::Failed;
+        }
+        let delay = if immediate && stable {
+            Duration::ZERO
+        } else {
+            self.next_delay
+        };
+        self.next_delay = (self.next_delay * 2).min(self.policy.backoff_max);
+        self.restarts += 1;
+        Decision::RestartAfter(delay)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    fn policy() -> RestartPolicy {
+        RestartPolicy::new()
+            .backoff_min(ms(100))
+            .backoff_max(ms(800))
+            .stable_after(ms(1000))
+            .crash_loop_limit(5, ms(10_000))
+    }
+
+    #[track_caller]
+    fn check(crashes: &[(u64, u64)], expected: &[Decision]) {
+        let start = Instant::now();
+        let mut tracker = RestartTracker::new(policy());
+        let got: Vec<_> = crashes
+            .iter()
+            .map(|&(at, up)| tracker.on_crash(start + ms(at), ms(up), false))
+            .collect();
+        assert_eq!(got, expected);
+    }
+
+    use Decision::{Failed, RestartAfter};
+
+    #[test]
+    fn backoff_doubles_to_the_cap() {
+        check(
+            &[(0, 10), (200, 10), (500, 10), (1000, 10), (2000, 10)],
+            &[
+                RestartAfter(ms(100)),
+                RestartAfter(ms(200)),
+                RestartAfter(ms(400)),
+                RestartAfter(ms(800)),
+                RestartAfter(ms(800)),
+            ],
+        );
+    }
+
+    #[test]
+    fn a_stable_run_resets_the_backoff() {
+        check(
+            &[(0, 10), (200, 10), (5000, 2000)],
+            &[
+                RestartAfter(ms(100)),
+                RestartAfter(ms(200)),
+                RestartAfter(ms(100)),
+            ],
+        );
+    }
+
+    #[test]
+    fn a_crash_loop_fails_the_slot() {
+        let crashes: Vec<_> = (0..6).map(|i| (i * 10, 1)).collect();
+        let mut expected: Vec<_> = [100, 200, 400, 800, 800]
+            .iter()
+            .map(|n| RestartAfter(ms(*n)))
+            .collect();
+        expected.push(Failed);
+        check(&crashes, &expected);
+    }
+
+    #[test]
+    fn old_crashes_leave_the_window() {
+        let crashes: Vec<_> = (0..8).map(|i| (i * 3000, 1)).collect();
+        let got = {
+            let start = Instant::now();
+            let mut tracker = RestartTracker::new(policy());
+            crashes
+                .iter()
+                .map(|&(at, up)| tracker.on_crash(start + ms(at), ms(up), false))
+                .collect::<Vec<_>>()
+        };
+        assert!(!got.contains(&Failed), "{got:?}");
+    }
+
+    #[test]
+    fn disabled_never_restarts_and_going_down_is_immediate() {
+        let mut never = RestartTracker::new(RestartPolicy::never());
+        assert_eq!(
+            never.on_crash(Instant::now(), ms(1), false),
+            Decision::Never
+        );
+        let mut tracker = RestartTracker::new(policy());
+        assert_eq!(
+            tracker.on_crash(Instant::now(), ms(5000), true),
+            RestartAfter(Duration::ZERO)
+        );
+        assert_eq!(tracker.restarts(), 1);
+    }
+}

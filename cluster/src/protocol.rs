@@ -1,0 +1,231 @@
+//! The cluster protocol: the messages a primary and its workers exchange on the `ipc`
+//! control lane ([`ipc::Lane::Control`]), and the names they share.
+//!
+//! ```text
+//!  worker                                   primary
+//!    | -- Online --------------------------->  |
+//!    | -- QueryServer { seq, address, .. } ->  |   binds or finds the handle
+//!    | <- QueryReply { seq, Ok(..) | errno } - |   (+ a listening fd: shared, reuseport)
+//!    | -- Listening { key, address } ------->  |
+//!    | <- NewConn { key, seq } + fd ---------  |   round-robin only
+//!    | -- Accepted { seq, accepted } ------->  |
+//!    | <- Disconnect ------------------------  |
+//!    | -- Close { key } -------------------->  |   a server closed by the application
+//!    | -- GoingDown { reason } ------------->  |   the worker panicked and is draining
+//! ```
+//!
+//! User messages travel on the user lane and are never decoded here.
+
+use std::fmt;
+use std::net::SocketAddr;
+
+use serde::{Deserialize, Serialize};
+
+/// A worker's id: unique within one primary, never reused (a replacement gets a new one).
+/// Node's `worker.id` / `NODE_UNIQUE_ID`; ids start at 1.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct WorkerId(pub u64);
+
+impl fmt::Display for WorkerId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+/// The address family of a handle, as Node's `addressType`: `4` or `6`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum AddressFamily {
+    /// IPv4 (`4`).
+    V4,
+    /// IPv6 (`6`).
+    V6,
+}
+
+impl AddressFamily {
+    /// The family of `address`.
+    pub fn of(address: &SocketAddr) -> Self {
+        match address {
+            SocketAddr::V4(_) => Self::V4,
+            SocketAddr::V6(_) => Self::V6,
+        }
+    }
+}
+
+/// What identifies a listening handle in the primary: Node's
+/// `address:port:addressType:fd:index` key.
+///
+/// `port` is the port asked for (0 for any), not the one bound. `index` counts how many
+/// times the worker already listened on the same `address:port:family:fd`, so the first
+/// `listen(0)` of every worker shares one handle (one port) and a second `listen(0)` in
+/// the same worker gets another.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct HandleKey {
+    /// The address asked for, as text (`127.0.0.1`, `::`).
+    pub address: String,
+    /// The port asked for.
+    pub port: u16,
+    /// The address family.
+    pub family: AddressFamily,
+    /// An existing descriptor to listen on; always `None` from this crate's workers.
+    pub fd: Option<i32>,
+    /// How many earlier listens of the same worker share the other fields.
+    pub index: u32,
+}
+
+impl fmt::Display for HandleKey {
+    /// Node's spelling, `127.0.0.1:0:4:undefined:0`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let family = match self.family {
+            AddressFamily::V4 => 4,
+            AddressFamily::V6 => 6,
+        };
+        write!(f, "{}:{}:{family}:", self.address, self.port)?;
+        match self.fd {
+            Some(fd) => write!(f, "{fd}")?,
+            None => f.write_str("undefined")?,
+        }
+        write!(f, ":{}", self.index)
+    }
+}
+
+/// Worker to primary, on the control lane.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub(crate) enum ToPrimary {
+    /// The worker is up and talking.
+    Online,
+    /// Asks for a listening handle.
+    QueryServer {
+        /// Matches the reply.
+        seq: u64,
+        /// The handle asked for.
+        key: HandleKey,
+        /// The listen backlog.
+        backlog: u32,
+    },
+    /// The worker's server is listening on `address`.
+    Listening {
+        /// The handle.
+        key: HandleKey,
+        /// The bound address.
+        address: SocketAddr,
+    },
+    /// The worker's answer to a [`ToWorker::NewConn`].
+    Accepted {
+        /// The handle.
+        key: HandleKey,
+        /// The hand-off's sequence number.
+        seq: u64,
+        /// Whether the worker took the connection.
+        accepted: bool,
+    },
+    /// The application closed its server on `key`.
+    Close {
+        /// The handle.
+        key: HandleKey,
+    },
+    /// The worker panicked: it stops accepting and drains; replace it now.
+    GoingDown {
+        /// The panic message.
+        reason: String,
+    },
+}
+
+/// What the primary gives back for a successful [`ToPrimary::QueryServer`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub(crate) enum Granted {
+    /// Round-robin: the primary accepts and sends connections with `NewConn`.
+    RoundRobin,
+    /// A listening socket is attached; the worker accepts on it (shared and reuseport).
+    Socket,
+}
+
+/// Primary to worker, on the control lane.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub(crate) enum ToWorker {
+    /// The answer to a `QueryServer`: the bound address, or a positive errno.
+    QueryReply {
+        /// The request's sequence number.
+        seq: u64,
+        /// Success and how connections arrive, or the `bind`/`listen` errno.
+        result: Result<(Granted, SocketAddr), i32>,
+    },
+    /// A connection for the handle `key`; its descriptor is attached.
+    NewConn {
+        /// The handle.
+        key: HandleKey,
+        /// Echoed in the worker's `Accepted`.
+        seq: u64,
+    },
+    /// Stop accepting, finish in-flight work and exit.
+    Disconnect,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[track_caller]
+    fn check_key(address: &str, port: u16, fd: Option<i32>, index: u32, expected: &str) {
+        let family = if address.contains(':') {
+            AddressFamily::V6
+        } else {
+            AddressFamily::V4
+        };
+        let key = HandleKey {
+            address: address.into(),
+            port,
+            family,
+            fd,
+            index,
+        };
+        assert_eq!(key.to_string(), expected);
+    }
+
+    #[test]
+    fn keys_are_spelled_like_node() {
+        check_key("127.0.0.1", 0, None, 0, "127.0.0.1:0:4:undefined:0");
+        check_key("::", 8080, None, 1, ":::8080:6:undefined:1");
+        check_key("0.0.0.0", 80, Some(7), 2, "0.0.0.0:80:4:7:2");
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn messages_round_trip_through_a_channel() {
+        let key = HandleKey {
+            address: "127.0.0.1".into(),
+            port: 0,
+            family: AddressFamily::V4,
+            fd: None,
+            index: 0,
+        };
+        let (mut a, mut b) = ipc::Channel::pair().expect("pair");
+        let messages = [
+            ToPrimary::Online,
+            ToPrimary::QueryServer {
+                seq: 1,
+                key: key.clone(),
+                backlog: 511,
+            },
+            ToPrimary::Accepted {
+                key: key.clone(),
+                seq: 9,
+                accepted: false,
+            },
+            ToPrimary::GoingDown {
+                reason: "boom".into(),
+            },
+        ];
+        for message in messages {
+            a.send_control(&message, Vec::new()).await.expect("send");
+            let received = b.recv().await.expect("recv").expect("message");
+            assert_eq!(received.lane(), ipc::Lane::Control);
+            assert_eq!(received.decode::<ToPrimary>().expect("decode"), message);
+        }
+        let reply = ToWorker::QueryReply {
+            seq: 1,
+            result: Err(libc::EADDRINUSE),
+        };
+        a.send_control(&reply, Vec::new()).await.expect("send");
+        let received = b.recv().await.expect("recv").expect("message");
+        assert_eq!(received.decode::<ToWorker>().expect("decode"), reply);
+    }
+}

@@ -1,0 +1,206 @@
+//! The round-robin scheduler as a pure state machine: no I/O, no clock of its own.
+//!
+//! [`RoundRobinHandle`] is Node's `RoundRobinHandle` with the holes closed:
+//!
+//! - Accepted connections wait in a FIFO; idle workers wait in a FIFO. A connection goes
+//!   to the worker idle the longest, which then has it *in flight* until it replies.
+//!   A worker has at most one hand-off in flight.
+//! - A refused connection goes back to the front of the queue and is not offered again to
+//!   a worker that refused it; once every worker has refused it, it is closed.
+//! - A worker that goes away ([`remove_worker`](RoundRobinHandle::remove_worker)) gives
+//!   its in-flight connection back to the front of the queue: Node loses it.
+//! - With no worker to take them, connections are held until their hold time runs out,
+//!   instead of being refused; [`expire`](RoundRobinHandle::expire) returns the ones due.
+//!
+//! `C` is a connection (the primary uses an accepted socket), `W` a worker id.
+
+use std::collections::{HashMap, VecDeque};
+use std::hash::Hash;
+use std::time::{Duration, Instant};
+
+#[derive(Debug)]
+struct Queued<C, W> {
+    conn: C,
+    since: Instant,
+    refused_by: Vec<W>,
+}
+
+#[derive(Debug)]
+struct InFlight<C, W> {
+    seq: u64,
+    queued: Queued<C, W>,
+}
+
+/// One hand-off the caller must now perform: send `conn` to `worker`, tagged `seq`.
+#[derive(Debug)]
+pub struct Handoff<'a, C, W> {
+    /// The worker to send to.
+    pub worker: W,
+    /// The tag the worker's reply must carry.
+    pub seq: u64,
+    /// The connection (still owned by the handle until the worker accepts it).
+    pub conn: &'a C,
+}
+
+/// The round-robin state of one listening handle. See the module docs.
+#[derive(Debug)]
+pub struct RoundRobinHandle<C, W> {
+    /// Workers that may get new hand-offs.
+    workers: Vec<W>,
+    /// Registered workers with nothing in flight, longest idle first.
+    idle: VecDeque<W>,
+    queue: VecDeque<Queued<C, W>>,
+    in_flight: HashMap<W, InFlight<C, W>>,
+    hold: Duration,
+    next_seq: u64,
+}
+
+impl<C, W: Copy + Eq + Hash> RoundRobinHandle<C, W> {
+    /// An empty handle; connections wait at most `hold` for a worker.
+    pub fn new(hold: Duration) -> Self {
+        Self {
+            workers: Vec::new(),
+            idle: VecDeque::new(),
+            queue: VecDeque::new(),
+            in_flight: HashMap::new(),
+            hold,
+            next_seq: 0,
+        }
+    }
+
+    /// Registers `worker` as idle (last in line). Adding a registered worker does nothing.
+    pub fn add_worker(&mut self, worker: W) {
+        if self.workers.contains(&worker) {
+            return;
+        }
+        self.workers.push(worker);
+        if !self.in_flight.contains_key(&worker) {
+            self.idle.push_back(worker);
+        }
+    }
+
+    /// Stops new hand-offs to `worker`, which is stopping but alive: a hand-off in flight
+    /// stays until the worker replies (it may still accept it).
+    pub fn retire_worker(&mut self, worker: W) {
+        self.workers.retain(|w| *w != worker);
+        self.idle.retain(|w| *w != worker);
+    }
+
+    /// Forgets `worker`, which is gone: its in-flight connection, if any, goes back to the
+    /// front of the queue for another worker.
+    pub fn remove_worker(&mut self, worker: W) {
+        self.retire_worker(worker);
+        if let Some(flight) = self.in_flight.remove(&worker) {
+            self.queue.push_front(flight.queued);
+        }
+    }
+
+    /// Whether `worker` may get new hand-offs.
+    pub fn has_worker(&self, worker: W) -> bool {
+        self.workers.contains(&worker)
+    }
+
+    /// How many workers may get new hand-offs.
+    pub fn worker_count(&self) -> usize {
+        self.workers.len()
+    }
+
+    /// Queues a connection accepted at `now`.
+    pub fn push_connection(&mut self, conn: C, now: Instant) {
+        self.queue.push_back(Queued {
+            conn,
+            since: now,
+            refused_by: Vec::new(),
+        });
+    }
+
+    /// Records `worker`'s reply to hand-off `seq`. Returns the connection if the worker
+    /// accepted it (the caller closes its copy). A refused connection is queued again;
+    /// a reply that matches nothing in flight is ignored and returns `None`.
+    pub fn reply(&mut self, worker: W, seq: u64, accepted: bool) -> Option<C> {
+        match self.in_flight.get(&worker) {
+            Some(flight) if flight.seq == seq => {}
+            _ => return None,
+        }
+        let mut flight = self.in_flight.remove(&worker)?;
+        if self.workers.contains(&worker) {
+            self.idle.push_back(worker);
+        }
+        if accepted {
+            return Some(flight.queued.conn);
+        }
+        flight.queued.refused_by.push(worker);
+        self.queue.push_front(flight.queued);
+        None
+    }
+
+    /// The next hand-off: the longest-idle worker gets the oldest connection it has not
+    /// refused. Call until it returns `None` after every change.
+    pub fn next_handoff(&mut self) -> Option<Handoff<'_, C, W>> {
+        let (worker_pos, conn_pos) = self.idle.iter().enumerate().find_map(|(wi, w)| {
+            self.queue
+                .iter()
+                .position(|q| !q.refused_by.contains(w))
+                .map(|ci| (wi, ci))
+        })?;
+        let worker = self.idle.remove(worker_pos)?;
+        let queued = self.queue.remove(conn_pos)?;
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        let flight = self
+            .in_flight
+            .entry(worker)
+            .insert_entry(InFlight { seq, queued })
+            .into_mut();
+        Some(Handoff {
+            worker,
+            seq,
+            conn: &flight.queued.conn,
+        })
+    }
+
+    /// Removes and returns the queued connections that can no longer be served: held past
+    /// their hold time at `now`, or refused by every registered worker.
+    pub fn expire(&mut self, now: Instant) -> Vec<C> {
+        let (hold, workers) = (self.hold, &self.workers);
+        let mut expired = Vec::new();
+        let mut kept = VecDeque::with_capacity(self.queue.len());
+        for queued in self.queue.drain(..) {
+            let refused_by_all =
+                !workers.is_empty() && workers.iter().all(|w| queued.refused_by.contains(w));
+            if refused_by_all || now.saturating_duration_since(queued.since) >= hold {
+                expired.push(queued.conn);
+            } else {
+                kept.push_back(queued);
+            }
+        }
+        self.queue = kept;
+        expired
+    }
+
+    /// When the oldest queued connection's hold time runs out, if any is queued.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.queue.iter().map(|q| q.since + self.hold).min()
+    }
+
+    /// How many connections wait for a worker.
+    pub fn queued(&self) -> usize {
+        self.queue.len()
+    }
+
+    /// How many hand-offs `worker` has in flight (0 or 1).
+    pub fn in_flight(&self, worker: W) -> usize {
+        usize::from(self.in_flight.contains_key(&worker))
+    }
+
+    /// Takes every connection out (queued and in flight), for closing the handle.
+    pub fn drain(&mut self) -> Vec<C> {
+        let mut all: Vec<C> = self.queue.drain(..).map(|q| q.conn).collect();
+        all.extend(self.in_flight.drain().map(|(_, f)| f.queued.conn));
+        self.idle = self.workers.iter().copied().collect();
+        all
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,268 @@
+//! The primary's settings: what to run, how many, how connections are scheduled, how
+//! dead workers are replaced and how long a stopping worker may drain.
+
+use std::ffi::OsString;
+use std::str::FromStr;
+use std::time::Duration;
+
+/// The environment variable that overrides [`Settings::policy`]: `rr`, `shared` or
+/// `reuseport` (Node's `NODE_CLUSTER_SCHED_POLICY`, which knows `rr` and `none`; `none`
+/// is accepted as `shared`).
+pub const SCHED_POLICY_ENV: &str = "CLUSTER_SCHED_POLICY";
+
+/// How connections reach workers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum Policy {
+    /// The primary accepts and hands each connection to the worker idle the longest
+    /// (Node's `SCHED_RR`, the default).
+    #[default]
+    RoundRobin,
+    /// The primary binds one socket; every worker accepts on it (Node's `SCHED_NONE`).
+    Shared,
+    /// The primary creates one `SO_REUSEPORT` socket per worker slot, kept across
+    /// restarts of that slot; the kernel spreads connections over them.
+    ReusePort,
+}
+
+impl FromStr for Policy {
+    type Err = UnknownPolicy;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "rr" | "round-robin" => Ok(Self::RoundRobin),
+            "shared" | "none" => Ok(Self::Shared),
+            "reuseport" => Ok(Self::ReusePort),
+            other => Err(UnknownPolicy(other.to_owned())),
+        }
+    }
+}
+
+/// A scheduling policy name that is not `rr`, `shared`, `none` or `reuseport`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown scheduling policy {0:?} (expected rr, shared or reuseport)")]
+pub struct UnknownPolicy(pub String);
+
+/// When and how fast dead workers are replaced.
+///
+/// A worker that dies without being asked to stop is replaced after a delay that starts at
+/// [`backoff_min`](RestartPolicy::backoff_min) and doubles with each consecutive crash up
+/// to [`backoff_max`](RestartPolicy::backoff_max). A worker that ran for
+/// [`stable_after`](RestartPolicy::stable_after) resets the delay. More than
+/// [`max_restarts`](RestartPolicy::max_restarts) crashes of one slot within
+/// [`window`](RestartPolicy::window) mark the slot failed: it is no longer restarted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RestartPolicy {
+    pub(crate) enabled: bool,
+    pub(crate) backoff_min: Duration,
+    pub(crate) backoff_max: Duration,
+    pub(crate) stable_after: Duration,
+    pub(crate) max_restarts: u32,
+    pub(crate) window: Duration,
+}
+
+impl Default for RestartPolicy {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            backoff_min: Duration::from_millis(100),
+            backoff_max: Duration::from_secs(10),
+            stable_after: Duration::from_secs(10),
+            max_restarts: 10,
+            window: Duration::from_secs(60),
+        }
+    }
+}
+
+impl RestartPolicy {
+    /// Restart with 100 ms growing to 10 s, reset after 10 s up, at most 10 crashes a
+    /// minute per slot.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Never replace a dead worker (Node's behaviour).
+    pub fn never() -> Self {
+        Self {
+            enabled: false,
+            ..Self::default()
+        }
+    }
+
+    /// The first delay before a replacement.
+    pub fn backoff_min(mut self, delay: Duration) -> Self {
+        self.backoff_min = delay;
+        self
+    }
+
+    /// The largest delay before a replacement.
+    pub fn backoff_max(mut self, delay: Duration) -> Self {
+        self.backoff_max = delay;
+        self
+    }
+
+    /// How long a worker must run for its crash not to count as a crash loop.
+    pub fn stable_after(mut self, uptime: Duration) -> Self {
+        self.stable_after = uptime;
+        self
+    }
+
+    /// At most `restarts` crashes within `window` before the slot is marked failed.
+    pub fn crash_loop_limit(mut self, restarts: u32, window: Duration) -> Self {
+        self.max_restarts = restarts;
+        self.window = window;
+        self
+    }
+}
+
+/// Everything the primary needs to run its workers. Built with chained setters.
+///
+/// ```
+/// use std::time::Duration;
+/// let settings = cluster::Settings::new()
+///     .workers(4)
+///     .policy(cluster::Policy::ReusePort)
+///     .drain_deadline(Duration::from_secs(5));
+/// assert_eq!(settings.worker_count(), 4);
+/// ```
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub(crate) program: Option<OsString>,
+    pub(crate) args: Vec<OsString>,
+    pub(crate) env: Vec<(OsString, OsString)>,
+    pub(crate) workers: usize,
+    pub(crate) policy: Policy,
+    pub(crate) restart: RestartPolicy,
+    pub(crate) drain_deadline: Duration,
+    pub(crate) hold_connections: Duration,
+    pub(crate) silent: bool,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            program: None,
+            args: Vec::new(),
+            env: Vec::new(),
+            workers: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            policy: Policy::default(),
+            restart: RestartPolicy::default(),
+            drain_deadline: Duration::from_secs(30),
+            hold_connections: Duration::from_secs(10),
+            silent: false,
+        }
+    }
+}
+
+impl Settings {
+    /// The defaults: the current executable with no arguments, one worker per CPU,
+    /// round-robin, [`RestartPolicy::new`], a 30 s drain deadline, connections held 10 s
+    /// while no worker can take them.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The program workers run (default: this executable, `/proc/self/exe`).
+    pub fn program(mut self, program: impl Into<OsString>) -> Self {
+        self.program = Some(program.into());
+        self
+    }
+
+    /// The workers' arguments.
+    pub fn args<I, S>(mut self, args: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<OsString>,
+    {
+        self.args = args.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// Adds a variable to the workers' environment (on top of this process's).
+    pub fn env(mut self, key: impl Into<OsString>, value: impl Into<OsString>) -> Self {
+        self.env.push((key.into(), value.into()));
+        self
+    }
+
+    /// How many workers to keep running.
+    pub fn workers(mut self, count: usize) -> Self {
+        self.workers = count;
+        self
+    }
+
+    /// The configured number of workers.
+    pub fn worker_count(&self) -> usize {
+        self.workers
+    }
+
+    /// The scheduling policy, unless [`SCHED_POLICY_ENV`] says otherwise.
+    pub fn policy(mut self, policy: Policy) -> Self {
+        self.policy = policy;
+        self
+    }
+
+    /// How dead workers are replaced.
+    pub fn restart(mut self, restart: RestartPolicy) -> Self {
+        self.restart = restart;
+        self
+    }
+
+    /// How long a stopping worker may drain before it is killed.
+    pub fn drain_deadline(mut self, deadline: Duration) -> Self {
+        self.drain_deadline = deadline;
+        self
+    }
+
+    /// How long a round-robin connection waits for a worker before it is closed (while no
+    /// worker is alive, for instance between a crash and its replacement).
+    pub fn hold_connections(mut self, hold: Duration) -> Self {
+        self.hold_connections = hold;
+        self
+    }
+
+    /// Pipes the workers' stdin, stdout and stderr to nowhere instead of inheriting them.
+    pub fn silent(mut self, silent: bool) -> Self {
+        self.silent = silent;
+        self
+    }
+
+    /// The policy in force: [`SCHED_POLICY_ENV`] if set and valid, else the configured one.
+    pub(crate) fn effective_policy(&self) -> Policy {
+        match std::env::var(SCHED_POLICY_ENV) {
+            Ok(value) => value.parse().unwrap_or_else(|e: UnknownPolicy| {
+                tracing::warn!(error = %e, "ignoring {SCHED_POLICY_ENV}");
+                self.policy
+            }),
+            Err(_) => self.policy,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[track_caller]
+    fn check(name: &str, expected: Option<Policy>) {
+        assert_eq!(name.parse::<Policy>().ok(), expected);
+    }
+
+    #[test]
+    fn policy_names() {
+        check("rr", Some(Policy::RoundRobin));
+        check("shared", Some(Policy::Shared));
+        check("none", Some(Policy::Shared));
+        check("reuseport", Some(Policy::ReusePort));
+        check("RR", None);
+        check("", None);
+    }
+
+    #[test]
+    fn unknown_policy_message_is_lowercase() {
+        let err = "x".parse::<Policy>().unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "unknown scheduling policy \"x\" (expected rr, shared or reuseport)"
+        );
+    }
+}

@@ -1,0 +1,137 @@
+//! The helper app run as a primary process: signals, and workers ending with their primary.
+
+use std::time::{Duration, Instant};
+
+use child::{SpawnOptions, Stdio};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use tokio::io::{AsyncBufReadExt, BufReader, Lines};
+
+use super::{EVENT_TIMEOUT, request};
+
+type StdoutLines = Lines<BufReader<child::ChildStdout>>;
+
+/// Kills the listed processes (the primary's workers) when dropped, whatever happened.
+struct KillOnDrop(Vec<i32>);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        for pid in &self.0 {
+            let _ = kill(Pid::from_raw(*pid), Signal::SIGKILL);
+        }
+    }
+}
+
+fn start_primary(workers: usize) -> (child::Child, StdoutLines) {
+    let options = SpawnOptions::new()
+        .kill_on_drop(true)
+        .stdin(Stdio::Null)
+        .stderr(Stdio::Inherit)
+        .env("CLUSTER_APP_DRAIN_MS", "5000");
+    let mut primary = child::spawn(
+        env!("CARGO_BIN_EXE_cluster_app"),
+        [workers.to_string()],
+        options,
+    )
+    .expect("spawn the primary");
+    let stdout = primary.stdout.take().expect("piped stdout");
+    (primary, BufReader::new(stdout).lines())
+}
+
+/// Reads lines until one starts with `prefix`; returns its words after the prefix.
+async fn line(lines: &mut StdoutLines, prefix: &str, pids: &mut KillOnDrop) -> Vec<String> {
+    let wait = async {
+        loop {
+            let line = lines.next_line().await.expect("read").expect("a line");
+            let words: Vec<String> = line.split_whitespace().map(str::to_owned).collect();
+            if words.first().map(String::as_str) == Some("fork") {
+                pids.0.push(words[2].parse().expect("pid"));
+            }
+            if words.first().map(String::as_str) == Some(prefix) {
+                return words[1..].to_vec();
+            }
+        }
+    };
+    tokio::time::timeout(EVENT_TIMEOUT, wait)
+        .await
+        .unwrap_or_else(|_| panic!("no {prefix} line"))
+}
+
+fn is_dead(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(stat) => stat
+            .rsplit_once(") ")
+            .is_some_and(|(_, rest)| rest.starts_with('Z')),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_end_when_the_primary_is_killed() {
+    let (primary, mut lines) = start_primary(2);
+    let mut pids = KillOnDrop(Vec::new());
+    line(&mut lines, "listening", &mut pids).await;
+    line(&mut lines, "listening", &mut pids).await;
+    assert_eq!(pids.0.len(), 2);
+    primary.kill(child::Signal::SIGKILL).expect("kill");
+    primary.wait().await.expect("wait");
+    // Polling the process table is the only way to watch processes that are not ours.
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while !pids.0.iter().all(|pid| is_dead(*pid)) {
+        assert!(Instant::now() < deadline, "workers outlived their primary");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signals_add_remove_reload_and_stop() {
+    let (primary, mut lines) = start_primary(2);
+    let mut pids = KillOnDrop(Vec::new());
+    let address = line(&mut lines, "listening", &mut pids).await[1]
+        .parse()
+        .expect("address");
+    line(&mut lines, "listening", &mut pids).await;
+    let signal = |signal| kill(Pid::from_raw(primary.pid() as i32), signal).expect("signal");
+
+    signal(Signal::SIGTTIN);
+    assert_eq!(line(&mut lines, "listening", &mut pids).await[0], "3");
+
+    signal(Signal::SIGHUP);
+    let mut new = Vec::new();
+    let mut exited = Vec::new();
+    while new.len() < 3 || exited.len() < 3 {
+        let line = tokio::time::timeout(EVENT_TIMEOUT, lines.next_line())
+            .await
+            .expect("reload timed out")
+            .expect("read")
+            .expect("a line");
+        let words: Vec<&str> = line.split_whitespace().collect();
+        match words[..] {
+            ["fork", _, pid] => pids.0.push(pid.parse().expect("pid")),
+            ["listening", id, _] => new.push(id.parse::<u64>().expect("id")),
+            ["exit", id, .., after] => {
+                assert_eq!(after, "true", "{line}");
+                exited.push(id.parse::<u64>().expect("id"));
+            }
+            _ => {}
+        }
+    }
+    new.sort_unstable();
+    exited.sort_unstable();
+    assert_eq!((new, exited), (vec![4, 5, 6], vec![1, 2, 3]));
+    let served_by = request(address).await.expect("request after the reload");
+    assert!(served_by >= 4);
+
+    signal(Signal::SIGTTOU);
+    let exit = line(&mut lines, "exit", &mut pids).await;
+    assert_eq!(exit.last().map(String::as_str), Some("true"));
+
+    signal(Signal::SIGTERM);
+    line(&mut lines, "stopped", &mut pids).await;
+    let status = tokio::time::timeout(EVENT_TIMEOUT, primary.wait())
+        .await
+        .expect("the primary exits")
+        .expect("wait");
+    assert_eq!(status.code(), Some(0));
+    assert!(pids.0.iter().all(|pid| is_dead(*pid)));
+}

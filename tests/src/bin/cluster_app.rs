@@ -1,0 +1,139 @@
+//! The cluster tests' application: a primary or a worker, by `cluster::role()`.
+//!
+//! As a worker it listens on `CLUSTER_APP_LISTEN` (default `127.0.0.1:0`) and, for each
+//! connection, writes `worker <id> pid <pid> port <port>\n`, reads one line, panics if it
+//! is `panic`, else writes `echo <line>\n` and closes. `CLUSTER_APP_MODE_<id>` (or
+//! `CLUSTER_APP_MODE`) changes that: `exit:<code>` exits at once, `refuse` refuses every
+//! hand-off, `stall` listens but never accepts, `double` listens twice on port 0,
+//! `hostile` sends a malformed control frame. A failed listen is reported to the primary
+//! as the user message `listen-error <errno>`, then the worker exits with code 3.
+//!
+//! As a primary (`cluster_app <workers>`) it runs until a signal and prints each event as
+//! a line on stdout: `fork <id> <pid>`, `listening <id> <address>`,
+//! `exit <id> <status> <exited after disconnect>`.
+
+use std::io::Write;
+use std::net::SocketAddr;
+
+use anyhow::Context;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::task::JoinSet;
+
+fn main() -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    match cluster::role() {
+        cluster::Role::Worker(id) => runtime.block_on(worker(id)),
+        cluster::Role::Primary => runtime.block_on(primary()),
+    }
+}
+
+async fn primary() -> anyhow::Result<()> {
+    let workers = std::env::args()
+        .nth(1)
+        .map(|n| n.parse())
+        .transpose()?
+        .unwrap_or(2);
+    let drain_ms = std::env::var("CLUSTER_APP_DRAIN_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5000);
+    let settings = cluster::Settings::new()
+        .workers(workers)
+        .drain_deadline(std::time::Duration::from_millis(drain_ms));
+    let mut primary = cluster::Primary::start(settings).await?;
+    let mut events = primary.take_events().context("events")?;
+    tokio::spawn(async move {
+        while let Some(event) = events.recv().await {
+            let line = match event {
+                cluster::Event::Fork { id, pid } => format!("fork {id} {pid}"),
+                cluster::Event::Listening { id, address, .. } => {
+                    format!("listening {id} {address}")
+                }
+                cluster::Event::Exit {
+                    id,
+                    status,
+                    exited_after_disconnect,
+                } => format!("exit {id} {status} {exited_after_disconnect}"),
+                _ => continue,
+            };
+            let mut out = std::io::stdout().lock();
+            let _ = writeln!(out, "{line}");
+            let _ = out.flush();
+        }
+    });
+    primary.run_until_signal().await?;
+    let _ = writeln!(std::io::stdout().lock(), "stopped");
+    Ok(())
+}
+
+async fn worker(id: cluster::WorkerId) -> anyhow::Result<()> {
+    let mode = std::env::var(format!("CLUSTER_APP_MODE_{id}"))
+        .or_else(|_| std::env::var("CLUSTER_APP_MODE"))
+        .unwrap_or_else(|_| "serve".into());
+    if mode == "hostile" {
+        let mut channel = child::parent_channel()?.context("no channel")?;
+        channel.send_control(&u64::MAX, Vec::new()).await?;
+        std::future::pending::<()>().await;
+    }
+    let worker = cluster::Worker::connect().await?;
+    if let Some(code) = mode.strip_prefix("exit:") {
+        std::process::exit(code.parse()?);
+    }
+    let address: SocketAddr = std::env::var("CLUSTER_APP_LISTEN")
+        .unwrap_or_else(|_| "127.0.0.1:0".into())
+        .parse()?;
+    let mut listeners = Vec::new();
+    for _ in 0..if mode == "double" { 2 } else { 1 } {
+        match worker.listen(address).await {
+            Ok(listener) => listeners.push(listener),
+            Err(e) => {
+                let errno = e.raw_os_error().unwrap_or(-1);
+                worker.send(&format!("listen-error {errno}")).await?;
+                std::process::exit(3);
+            }
+        }
+    }
+    if mode == "refuse" {
+        listeners.iter().for_each(|l| l.set_refusing(true));
+    }
+    if mode == "stall" {
+        worker.stopping().await;
+        return Ok(());
+    }
+    let mut accepting = JoinSet::new();
+    for mut listener in listeners {
+        let greeting = format!(
+            "worker {id} pid {} port {}\n",
+            std::process::id(),
+            listener.local_addr().port()
+        );
+        accepting.spawn(async move {
+            let mut connections = JoinSet::new();
+            while let Ok(Some(stream)) = listener.accept().await {
+                connections.spawn(serve(stream, greeting.clone()));
+            }
+            // Stopping: finish the connections in flight.
+            while connections.join_next().await.is_some() {}
+        });
+    }
+    while accepting.join_next().await.is_some() {}
+    if worker.panicked() {
+        std::process::exit(1);
+    }
+    Ok(())
+}
+
+async fn serve(stream: tokio::net::TcpStream, greeting: String) -> std::io::Result<()> {
+    let (read, mut write) = stream.into_split();
+    write.write_all(greeting.as_bytes()).await?;
+    let mut line = String::new();
+    BufReader::new(read).read_line(&mut line).await?;
+    let line = line.trim_end();
+    if line == "panic" {
+        panic!("asked to panic");
+    }
+    write.write_all(format!("echo {line}\n").as_bytes()).await
+}
