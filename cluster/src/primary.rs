@@ -304,9 +304,14 @@ impl Primary {
                 _ = int.recv() => break,
                 _ = hup.recv() => {
                     tracing::info!("SIGHUP: rolling reload");
-                    // Not awaited: signals keep being handled during the reload.
-                    let (tx, _rx) = oneshot::channel();
+                    // Not awaited here: signals keep being handled during the reload.
+                    let (tx, rx) = oneshot::channel();
                     self.commands.send(Command::Reload(tx)).await.map_err(|_| Error::Stopped)?;
+                    tokio::spawn(async move {
+                        if rx.await.is_ok() {
+                            tracing::info!("rolling reload complete");
+                        }
+                    });
                 }
                 _ = ttin.recv() => {
                     match self.fork().await {

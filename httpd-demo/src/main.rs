@@ -1,6 +1,186 @@
-//! The cluster HTTP server demo (not built yet: it exits with an error).
+//! `httpd-demo`: a cluster HTTP server. The primary is a small supervisor; the workers are
+//! this same binary, started by it, serving HTTP/1.1 with hyper.
+//!
+//! ```text
+//! httpd-demo [--workers N] [--host ADDR] [--port PORT] [--policy rr|shared|reuseport]
+//!            [--grace SECONDS] [--allow-crash]
+//! ```
+//!
+//! Signals on the primary: SIGTERM/SIGINT graceful stop, SIGHUP rolling reload,
+//! SIGTTIN/SIGTTOU one worker more/less. Once the first worker listens, the primary prints
+//! `listening on http://ADDR` on standard output; logs go to standard error.
 
-fn main() {
-    eprintln!("httpd-demo is not built yet");
-    std::process::exit(2);
+mod app;
+mod serve;
+
+use std::io::{IsTerminal, Write};
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, ValueEnum};
+use cluster::{Event, Policy, Primary, RestartPolicy, Settings, Worker};
+
+use crate::serve::{Accept, Drained};
+
+#[derive(Debug, Clone, Parser)]
+#[command(about = "A cluster HTTP server: one primary, N worker processes")]
+struct Args {
+    /// Number of worker processes (default: the number of CPUs).
+    #[arg(long)]
+    workers: Option<usize>,
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1")]
+    host: IpAddr,
+    /// Port to listen on (0 picks a free one).
+    #[arg(long, default_value_t = 8000)]
+    port: u16,
+    /// How connections reach workers.
+    #[arg(long, value_enum, default_value_t = PolicyArg::Rr)]
+    policy: PolicyArg,
+    /// Seconds a stopping worker may take to finish in-flight requests.
+    #[arg(long, default_value_t = 10)]
+    grace: u64,
+    /// Enable `GET /crash`, which makes the handling worker panic.
+    #[arg(long)]
+    allow_crash: bool,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum PolicyArg {
+    /// Round-robin: the primary accepts and hands connections to workers.
+    Rr,
+    /// The workers accept on one shared socket.
+    Shared,
+    /// One SO_REUSEPORT socket per worker.
+    Reuseport,
+}
+
+impl From<PolicyArg> for Policy {
+    fn from(policy: PolicyArg) -> Self {
+        match policy {
+            PolicyArg::Rr => Policy::RoundRobin,
+            PolicyArg::Shared => Policy::Shared,
+            PolicyArg::Reuseport => Policy::ReusePort,
+        }
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let args = Args::parse();
+    // One thread per process: the cluster gives parallelism, as nginx does.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")?;
+    if cluster::is_worker() {
+        runtime.block_on(worker(args))
+    } else {
+        runtime.block_on(primary(args))
+    }
+}
+
+async fn primary(args: Args) -> anyhow::Result<()> {
+    let workers = args.workers.unwrap_or_else(|| {
+        std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+    });
+    tracing::info!(pid = std::process::id(), workers, policy = ?args.policy, "primary running");
+    let grace = Duration::from_secs(args.grace);
+    let settings = Settings::new()
+        .args(std::env::args_os().skip(1))
+        .workers(workers)
+        .policy(args.policy.into())
+        .restart(RestartPolicy::new())
+        // The primary's deadline is a little longer than the workers' own grace, so a
+        // worker that drains in time is never killed.
+        .drain_deadline(grace + Duration::from_secs(1));
+    let mut primary = Primary::start(settings)
+        .await
+        .context("starting the cluster")?;
+    let mut events = primary.take_events().context("events already taken")?;
+    let log_events = tokio::spawn(async move {
+        let mut announced = false;
+        while let Some(event) = events.recv().await {
+            if let Event::Listening { address, .. } = &event {
+                if !announced {
+                    announced = true;
+                    let mut stdout = std::io::stdout().lock();
+                    let _ = writeln!(stdout, "listening on http://{address}");
+                    let _ = stdout.flush();
+                }
+            }
+            log_event(&event);
+        }
+    });
+    let result = primary.run_until_signal().await;
+    drop(primary);
+    let _ = log_events.await;
+    result.context("running the cluster")?;
+    tracing::info!("primary exiting");
+    Ok(())
+}
+
+fn log_event(event: &Event) {
+    match event {
+        Event::Fork { id, pid } => tracing::info!(%id, pid, "worker started"),
+        Event::Online { id } => tracing::debug!(%id, "worker online"),
+        Event::Listening { id, address, .. } => tracing::info!(%id, %address, "worker listening"),
+        Event::Disconnect { id } => tracing::debug!(%id, "worker disconnected"),
+        Event::Exit {
+            id,
+            status,
+            exited_after_disconnect,
+        } => tracing::info!(%id, %status, asked_to_stop = exited_after_disconnect, "worker exited"),
+        Event::Message { id, .. } => tracing::debug!(%id, "message from worker"),
+        Event::GoingDown { id, reason } => {
+            tracing::warn!(%id, %reason, "worker crashed, starting a replacement")
+        }
+        Event::Misbehaved { id, reason } => tracing::warn!(%id, %reason, "worker misbehaved"),
+        Event::SlotFailed { slot, id } => {
+            tracing::error!(slot, %id, "worker keeps crashing, slot given up")
+        }
+        other => tracing::debug!(?other, "cluster event"),
+    }
+}
+
+/// Adapts the cluster listener to the serve loop.
+struct ClusterListener(cluster::Listener);
+
+impl Accept for ClusterListener {
+    async fn accept(&mut self) -> Option<std::io::Result<tokio::net::TcpStream>> {
+        self.0.accept().await.transpose()
+    }
+}
+
+async fn worker(args: Args) -> anyhow::Result<()> {
+    let worker = Worker::connect()
+        .await
+        .context("connecting to the primary")?;
+    let id = worker.id();
+    tracing::info!(%id, pid = std::process::id(), "worker running");
+    let address = SocketAddr::new(args.host, args.port);
+    let listener = worker
+        .listen(address)
+        .await
+        .with_context(|| format!("listening on {address}"))?;
+    let state = app::AppState::new(id.0, args.allow_crash);
+    let grace = Duration::from_secs(args.grace);
+    let drained = serve::serve(ClusterListener(listener), worker.stopping(), grace, state).await;
+    match drained {
+        Drained::Clean => tracing::info!(%id, "worker drained, exiting"),
+        Drained::TimedOut => tracing::warn!(%id, "grace period over, dropping open connections"),
+    }
+    // A worker whose handler panicked exits non-zero, as Node's uncaughtException does.
+    if worker.panicked() {
+        std::process::exit(1);
+    }
+    Ok(())
 }

@@ -1,7 +1,12 @@
 //! Workspace automation, run as `cargo xtask <command>`.
 
+use std::path::{Path, PathBuf};
+
 use anyhow::bail;
 use clap::{Parser, Subcommand};
+
+mod demo;
+mod http;
 
 #[derive(Debug, Parser)]
 #[command(about = "Workspace automation")]
@@ -20,7 +25,18 @@ enum Command {
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
-        Command::Demo => bail!("`cargo xtask demo` is not built yet (the httpd-demo issue)"),
-        Command::Bench => bail!("`cargo xtask bench` is not built yet (the bench issue)"),
+        Command::Demo => demo::run(),
+        Command::Bench => bail!(
+            "`cargo xtask bench` is not built yet; run `cargo bench -p ipc --bench echo` and \
+             `cargo bench -p child --bench vs_node` meanwhile"
+        ),
     }
+}
+
+/// The workspace root (the parent of this crate's directory).
+pub(crate) fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask sits in the workspace root")
+        .to_path_buf()
 }

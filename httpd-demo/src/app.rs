@@ -1,0 +1,237 @@
+//! The HTTP routes of the demo server, independent of how connections arrive.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::header::{CONNECTION, CONTENT_TYPE, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode};
+use tokio::sync::watch;
+
+/// The longest `/sleep` honoured, so a request cannot pin a worker for ever.
+const MAX_SLEEP: Duration = Duration::from_secs(60);
+
+/// What every request handler of one worker shares.
+#[derive(Debug)]
+pub(crate) struct AppState {
+    worker_id: u64,
+    pid: u32,
+    allow_crash: bool,
+    draining: AtomicBool,
+    in_flight: watch::Sender<usize>,
+}
+
+impl AppState {
+    pub(crate) fn new(worker_id: u64, allow_crash: bool) -> Arc<Self> {
+        Arc::new(Self {
+            worker_id,
+            pid: std::process::id(),
+            allow_crash,
+            draining: AtomicBool::new(false),
+            in_flight: watch::Sender::new(0),
+        })
+    }
+
+    /// Watches how many requests are being handled right now.
+    pub(crate) fn in_flight(&self) -> watch::Receiver<usize> {
+        self.in_flight.subscribe()
+    }
+
+    /// From now on every response says `Connection: close`.
+    pub(crate) fn start_draining(&self) {
+        self.draining.store(true, Ordering::Release);
+    }
+
+    fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
+    }
+}
+
+/// Answers one request.
+///
+/// `GET /` says hello, `GET /worker` names the worker, `GET /sleep?ms=N` answers after N
+/// milliseconds, `GET /crash` panics when crashing is allowed (404 otherwise).
+pub(crate) async fn handle<B>(req: Request<B>, state: Arc<AppState>) -> Response<Full<Bytes>> {
+    let _counted = InFlight::enter(&state);
+    let mut response = route(&req, &state).await;
+    if state.is_draining() {
+        response
+            .headers_mut()
+            .insert(CONNECTION, HeaderValue::from_static("close"));
+    }
+    response
+}
+
+/// Counts a request as in flight until dropped (also when its handler panics).
+struct InFlight<'a>(&'a AppState);
+
+impl<'a> InFlight<'a> {
+    fn enter(state: &'a AppState) -> Self {
+        state.in_flight.send_modify(|n| *n += 1);
+        Self(state)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.send_modify(|n| *n -= 1);
+    }
+}
+
+async fn route<B>(req: &Request<B>, state: &AppState) -> Response<Full<Bytes>> {
+    let path = req.uri().path();
+    if !matches!(path, "/" | "/worker" | "/sleep" | "/crash") {
+        return text(StatusCode::NOT_FOUND, "not found\n");
+    }
+    if req.method() != Method::GET {
+        return text(StatusCode::METHOD_NOT_ALLOWED, "only GET\n");
+    }
+    match path {
+        "/" => text(StatusCode::OK, "hello world\n"),
+        "/worker" => {
+            let body = format!("{{\"id\": {}, \"pid\": {}}}\n", state.worker_id, state.pid);
+            let mut response = Response::new(Full::new(Bytes::from(body)));
+            response
+                .headers_mut()
+                .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            response
+        }
+        "/sleep" => match sleep_millis(req.uri().query()) {
+            Some(ms) => {
+                let wait = Duration::from_millis(ms).min(MAX_SLEEP);
+                tracing::info!(ms = wait.as_millis() as u64, "sleep request in flight");
+                tokio::time::sleep(wait).await;
+                text(StatusCode::OK, &format!("slept {} ms\n", wait.as_millis()))
+            }
+            None => text(StatusCode::BAD_REQUEST, "usage: /sleep?ms=N\n"),
+        },
+        _ if state.allow_crash => {
+            panic!("crash requested by GET /crash")
+        }
+        _ => text(StatusCode::NOT_FOUND, "not found\n"),
+    }
+}
+
+fn sleep_millis(query: Option<&str>) -> Option<u64> {
+    query?
+        .split('&')
+        .find_map(|pair| pair.strip_prefix("ms="))
+        .and_then(|v| v.parse().ok())
+}
+
+fn text(status: StatusCode, body: &str) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::copy_from_slice(body.as_bytes())));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+
+    async fn get(path: &str, state: &Arc<AppState>) -> (StatusCode, String, Option<String>) {
+        let req = Request::get(path).body(()).unwrap();
+        let response = handle(req, Arc::clone(state)).await;
+        let status = response.status();
+        let connection = response
+            .headers()
+            .get(CONNECTION)
+            .map(|v| v.to_str().unwrap().to_owned());
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        (
+            status,
+            String::from_utf8(body.to_vec()).unwrap(),
+            connection,
+        )
+    }
+
+    #[track_caller]
+    fn check(got: (StatusCode, String, Option<String>), status: StatusCode, body: &str) {
+        assert_eq!((got.0, got.1.as_str()), (status, body));
+    }
+
+    #[tokio::test]
+    async fn hello() {
+        check(
+            get("/", &AppState::new(1, false)).await,
+            StatusCode::OK,
+            "hello world\n",
+        );
+    }
+
+    #[tokio::test]
+    async fn worker_names_id_and_pid() {
+        let expected = format!("{{\"id\": 7, \"pid\": {}}}\n", std::process::id());
+        check(
+            get("/worker", &AppState::new(7, false)).await,
+            StatusCode::OK,
+            &expected,
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn sleep_answers_after_the_delay() {
+        let state = AppState::new(1, false);
+        let start = tokio::time::Instant::now();
+        check(
+            get("/sleep?ms=250", &state).await,
+            StatusCode::OK,
+            "slept 250 ms\n",
+        );
+        assert_eq!(start.elapsed(), Duration::from_millis(250));
+    }
+
+    #[tokio::test]
+    async fn sleep_without_ms_is_a_bad_request() {
+        let state = AppState::new(1, false);
+        check(
+            get("/sleep?s=1", &state).await,
+            StatusCode::BAD_REQUEST,
+            "usage: /sleep?ms=N\n",
+        );
+    }
+
+    #[tokio::test]
+    async fn crash_is_not_found_unless_allowed() {
+        check(
+            get("/crash", &AppState::new(1, false)).await,
+            StatusCode::NOT_FOUND,
+            "not found\n",
+        );
+    }
+
+    #[tokio::test]
+    #[should_panic(expected = "crash requested")]
+    async fn crash_panics_when_allowed() {
+        get("/crash", &AppState::new(1, true)).await;
+    }
+
+    #[tokio::test]
+    async fn unknown_path_and_wrong_method() {
+        let state = AppState::new(1, false);
+        check(
+            get("/nope", &state).await,
+            StatusCode::NOT_FOUND,
+            "not found\n",
+        );
+        let req = Request::post("/").body(()).unwrap();
+        assert_eq!(
+            handle(req, state).await.status(),
+            StatusCode::METHOD_NOT_ALLOWED
+        );
+    }
+
+    #[tokio::test]
+    async fn draining_responses_close_the_connection() {
+        let state = AppState::new(1, false);
+        assert_eq!(get("/", &state).await.2, None);
+        state.start_draining();
+        assert_eq!(get("/", &state).await.2.as_deref(), Some("close"));
+    }
+}

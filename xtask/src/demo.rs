@@ -1,0 +1,511 @@
+//! `cargo xtask demo`: builds `httpd-demo`, runs it on a free loopback port and walks
+//! through what the cluster does, failing if any step does not hold.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{BufRead, BufReader, IsTerminal, Write};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, mpsc};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+use crate::http::{Client, WorkerInfo};
+
+const WORKERS: usize = 3;
+const STEP_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Runs the whole walk-through.
+pub(crate) fn run() -> Result<()> {
+    let out = Printer::new();
+    out.title("Building httpd-demo (release)");
+    let binary = build_release()?;
+    let started = Instant::now();
+
+    let mut server = Server::start(&binary)?;
+    out.title(&format!(
+        "httpd-demo: primary pid {} serving http://{} with {WORKERS} workers (round-robin)",
+        server.pid(),
+        server.addr
+    ));
+    let client = Client::new(&server.addr);
+    let mut seen_pids: BTreeSet<u32> = BTreeSet::new();
+
+    // 1. Spread.
+    out.step(
+        1,
+        "20 requests, each on a new connection, and the worker that answered",
+    );
+    let mut spread: BTreeMap<u64, (u32, usize)> = BTreeMap::new();
+    for _ in 0..20 {
+        let w = client.worker()?;
+        seen_pids.insert(w.pid);
+        spread.entry(w.id).or_insert((w.pid, 0)).1 += 1;
+    }
+    out.table(
+        &["worker id", "pid", "requests"],
+        spread
+            .iter()
+            .map(|(id, (pid, n))| vec![id.to_string(), pid.to_string(), n.to_string()]),
+    );
+    ensure!(
+        spread.len() == WORKERS,
+        "expected all {WORKERS} workers to answer, got {}",
+        spread.len()
+    );
+    out.ok(&format!(
+        "round-robin spread the requests over all {WORKERS} workers"
+    ));
+    server.print_log(&out);
+
+    // 2. Crash and respawn.
+    out.step(2, "GET /crash: the worker panics, the primary replaces it");
+    let before: BTreeSet<u64> = spread.keys().copied().collect();
+    let crash = client.get("/crash");
+    out.info(&format!(
+        "/crash answered: {}",
+        match &crash {
+            Ok((status, _)) => format!("status {status}"),
+            Err(err) => format!("no response ({err})"),
+        }
+    ));
+    let deadline = Instant::now() + STEP_TIMEOUT;
+    let mut answered = 0;
+    let replacement = loop {
+        ensure!(
+            Instant::now() < deadline,
+            "no replacement worker answered within {STEP_TIMEOUT:?}"
+        );
+        let w = client
+            .worker()
+            .context("service interrupted after the crash")?;
+        answered += 1;
+        seen_pids.insert(w.pid);
+        if !before.contains(&w.id) {
+            break w;
+        }
+    };
+    out.ok(&format!(
+        "replacement worker id {} pid {} is serving; all {answered} requests meanwhile succeeded",
+        replacement.id, replacement.pid
+    ));
+    server.print_log(&out);
+
+    // 3. Rolling reload under load.
+    out.step(
+        3,
+        "SIGHUP: rolling reload while a client keeps sending requests",
+    );
+    let load = Load::start(client.clone());
+    load.wait_for_requests(20)?;
+    let old_ids = load.ids_so_far();
+    let mark = server.log_mark();
+    server.signal(Signal::SIGHUP)?;
+    server.wait_for_log(mark, "rolling reload complete")?;
+    let new_ids = load.wait_for_new_workers(&old_ids, WORKERS)?;
+    let report = load.stop();
+    seen_pids.extend(report.pids.iter().copied());
+    out.table(
+        &["", "count"],
+        [
+            vec![
+                "requests sent".into(),
+                report.ok.saturating_add(report.failed).to_string(),
+            ],
+            vec!["succeeded".into(), report.ok.to_string()],
+            vec!["failed".into(), report.failed.to_string()],
+        ],
+    );
+    ensure!(
+        report.failed == 0,
+        "{} requests failed during the reload",
+        report.failed
+    );
+    out.ok(&format!(
+        "every worker replaced (new ids {}), zero failed requests",
+        new_ids
+            .iter()
+            .map(u64::to_string)
+            .collect::<Vec<_>>()
+            .join(", ")
+    ));
+    server.print_log(&out);
+
+    // 4. Graceful stop with a request in flight.
+    out.step(4, "SIGTERM while GET /sleep?ms=1500 is in flight");
+    let (tx, rx) = mpsc::channel();
+    let sleeper = client.clone();
+    let mark = server.log_mark();
+    thread::spawn(move || {
+        let _ = tx.send(sleeper.get_with_headers("/sleep?ms=1500"));
+    });
+    server.wait_for_log(mark, "sleep request in flight")?;
+    server.signal(Signal::SIGTERM)?;
+    let (status, headers, body) = rx
+        .recv_timeout(STEP_TIMEOUT)
+        .context("the in-flight request never finished")??;
+    ensure!(status == 200, "in-flight request got status {status}");
+    out.ok(&format!(
+        "in-flight request answered {status} {:?} with Connection: {}",
+        body.trim(),
+        headers
+            .get("connection")
+            .map(String::as_str)
+            .unwrap_or("(none)")
+    ));
+    let code = server.wait(STEP_TIMEOUT)?;
+    ensure!(code == Some(0), "primary exited with {code:?}, expected 0");
+    out.ok("primary exited with code 0");
+    server.print_log(&out);
+
+    // 5. Nothing left behind.
+    out.step(5, "no process of the demo is left");
+    seen_pids.insert(server.pid());
+    let alive: Vec<u32> = seen_pids.iter().copied().filter(|p| is_alive(*p)).collect();
+    ensure!(alive.is_empty(), "processes still alive: {alive:?}");
+    out.ok(&format!(
+        "all {} processes (primary and every worker seen) are gone",
+        seen_pids.len()
+    ));
+    out.title(&format!(
+        "Demo passed in {:.1} s after the build",
+        started.elapsed().as_secs_f64()
+    ));
+    Ok(())
+}
+
+fn build_release() -> Result<PathBuf> {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let root = crate::workspace_root();
+    let status = Command::new(cargo)
+        .current_dir(&root)
+        .args(["build", "--release", "--quiet", "-p", "httpd-demo"])
+        .status()
+        .context("running cargo build")?;
+    ensure!(status.success(), "cargo build of httpd-demo failed");
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target"));
+    Ok(target.join("release/httpd-demo"))
+}
+
+/// A process exists and is not a zombie.
+fn is_alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            stat.rsplit_once(") ")
+                .map(|(_, rest)| !rest.starts_with('Z'))
+        })
+        .unwrap_or(false)
+}
+
+/// The server's log lines, and how many of them were printed already.
+#[derive(Debug, Default)]
+struct Log {
+    lines: Vec<String>,
+    printed: usize,
+}
+
+/// The running server: its process, address and log.
+struct Server {
+    child: Option<Child>,
+    addr: String,
+    log: Arc<(Mutex<Log>, Condvar)>,
+}
+
+impl Server {
+    fn start(binary: &PathBuf) -> Result<Self> {
+        let mut child = Command::new(binary)
+            .args([
+                "--workers",
+                &WORKERS.to_string(),
+                "--port",
+                "0",
+                "--grace",
+                "5",
+            ])
+            .arg("--allow-crash")
+            .env("RUST_LOG", "info")
+            .env("RUST_BACKTRACE", "0")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("starting {}", binary.display()))?;
+        let log = Arc::new((Mutex::new(Log::default()), Condvar::new()));
+        let stderr = child.stderr.take().expect("piped");
+        let sink = Arc::clone(&log);
+        thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                sink.0.lock().expect("log").lines.push(line);
+                sink.1.notify_all();
+            }
+        });
+        let stdout = child.stdout.take().expect("piped");
+        let (tx, rx) = mpsc::channel();
+        thread::spawn(move || {
+            let mut lines = BufReader::new(stdout).lines();
+            if let Some(Ok(line)) = lines.next() {
+                let _ = tx.send(line);
+            }
+            for _ in lines {}
+        });
+        let mut server = Server {
+            child: Some(child),
+            addr: String::new(),
+            log,
+        };
+        let line = rx
+            .recv_timeout(STEP_TIMEOUT)
+            .context("httpd-demo did not report its address")?;
+        server.addr = line
+            .strip_prefix("listening on http://")
+            .with_context(|| format!("unexpected first line from httpd-demo: {line:?}"))?
+            .trim()
+            .to_owned();
+        Ok(server)
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
+    }
+
+    fn signal(&self, signal: Signal) -> Result<()> {
+        kill(Pid::from_raw(self.pid() as i32), signal).context("signalling the primary")
+    }
+
+    /// Waits for the primary to exit; returns its exit code.
+    fn wait(&mut self, timeout: Duration) -> Result<Option<i32>> {
+        let deadline = Instant::now() + timeout;
+        let child = self.child.as_mut().context("already waited")?;
+        loop {
+            if let Some(status) = child.try_wait()? {
+                return Ok(status.code());
+            }
+            if Instant::now() > deadline {
+                bail!("primary did not exit within {timeout:?}");
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn print_log(&self, out: &Printer) {
+        let mut log = self.log.0.lock().expect("log");
+        out.log(&log.lines[log.printed..]);
+        log.printed = log.lines.len();
+    }
+
+    /// How many log lines there are so far: a mark for [`Server::wait_for_log`].
+    fn log_mark(&self) -> usize {
+        self.log.0.lock().expect("log").lines.len()
+    }
+
+    /// Waits until a log line after `mark` contains `needle`.
+    fn wait_for_log(&self, mark: usize, needle: &str) -> Result<()> {
+        let deadline = Instant::now() + STEP_TIMEOUT;
+        let mut log = self.log.0.lock().expect("log");
+        while !log.lines[mark..].iter().any(|l| l.contains(needle)) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            ensure!(!left.is_zero(), "the server never logged {needle:?}");
+            log = self.log.1.wait_timeout(log, left).expect("log").0;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(child) = self.child.as_mut() {
+            if child.try_wait().ok().flatten().is_none() {
+                // SIGKILL of the primary: its workers die with it (parent-death signal).
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+    }
+}
+
+/// A client thread that sends `GET /worker` in a loop and counts the results.
+struct Load {
+    stop: Arc<AtomicBool>,
+    state: Arc<Mutex<LoadReport>>,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+#[derive(Debug, Default, Clone)]
+struct LoadReport {
+    ok: usize,
+    failed: usize,
+    /// Worker ids in the order they answered.
+    ids: Vec<u64>,
+    pids: BTreeSet<u32>,
+}
+
+impl Load {
+    fn start(client: Client) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let state = Arc::new(Mutex::new(LoadReport::default()));
+        let thread = thread::spawn({
+            let (stop, state) = (Arc::clone(&stop), Arc::clone(&state));
+            move || {
+                while !stop.load(Ordering::Relaxed) {
+                    let result = client.worker();
+                    let mut s = state.lock().expect("load");
+                    match result {
+                        Ok(WorkerInfo { id, pid }) => {
+                            s.ok += 1;
+                            s.ids.push(id);
+                            s.pids.insert(pid);
+                        }
+                        Err(_) => s.failed += 1,
+                    }
+                }
+            }
+        });
+        Load {
+            stop,
+            state,
+            thread: Some(thread),
+        }
+    }
+
+    fn snapshot(&self) -> LoadReport {
+        self.state.lock().expect("load").clone()
+    }
+
+    fn wait_for_requests(&self, n: usize) -> Result<()> {
+        let deadline = Instant::now() + STEP_TIMEOUT;
+        while self.snapshot().ok < n {
+            ensure!(Instant::now() < deadline, "load generator got no answers");
+            thread::yield_now();
+        }
+        Ok(())
+    }
+
+    fn ids_so_far(&self) -> BTreeSet<u64> {
+        self.snapshot().ids.into_iter().collect()
+    }
+
+    /// Waits until `count` workers that were not in `old` have answered and the last
+    /// 50 answers all came from new workers.
+    fn wait_for_new_workers(&self, old: &BTreeSet<u64>, count: usize) -> Result<Vec<u64>> {
+        let deadline = Instant::now() + STEP_TIMEOUT;
+        loop {
+            let snap = self.snapshot();
+            let new: BTreeSet<u64> = snap
+                .ids
+                .iter()
+                .copied()
+                .filter(|id| !old.contains(id))
+                .collect();
+            let tail_is_new = snap.ids.len() >= 50
+                && snap.ids[snap.ids.len() - 50..]
+                    .iter()
+                    .all(|id| !old.contains(id));
+            if new.len() >= count && tail_is_new {
+                return Ok(new.into_iter().collect());
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "reload did not replace every worker within {STEP_TIMEOUT:?} (new so far: {new:?})"
+            );
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    fn stop(mut self) -> LoadReport {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+        self.snapshot()
+    }
+}
+
+/// Prints the walk-through, with colours only on a terminal.
+struct Printer {
+    colour: bool,
+}
+
+impl Printer {
+    fn new() -> Self {
+        Self {
+            colour: std::io::stdout().is_terminal(),
+        }
+    }
+
+    fn paint(&self, code: &str, text: &str) -> String {
+        if self.colour {
+            format!("\x1b[{code}m{text}\x1b[0m")
+        } else {
+            text.to_owned()
+        }
+    }
+
+    fn emit(&self, text: &str) {
+        let mut stdout = std::io::stdout().lock();
+        let _ = writeln!(stdout, "{text}");
+    }
+
+    fn title(&self, text: &str) {
+        self.emit(&format!("\n{}", self.paint("1", &format!("== {text}"))));
+    }
+
+    fn step(&self, n: usize, text: &str) {
+        self.emit(&format!(
+            "\n{}",
+            self.paint("1;36", &format!("[{n}/5] {text}"))
+        ));
+    }
+
+    fn ok(&self, text: &str) {
+        self.emit(&format!("  {} {text}", self.paint("32", "ok")));
+    }
+
+    fn info(&self, text: &str) {
+        self.emit(&format!("  {text}"));
+    }
+
+    fn log(&self, lines: &[String]) {
+        if lines.is_empty() {
+            return;
+        }
+        self.emit(&format!("  {}", self.paint("2", "server log:")));
+        for line in lines {
+            self.emit(&format!("    {}", self.paint("2", line)));
+        }
+    }
+
+    fn table(&self, header: &[&str], rows: impl IntoIterator<Item = Vec<String>>) {
+        let rows: Vec<Vec<String>> = rows.into_iter().collect();
+        let widths: Vec<usize> = (0..header.len())
+            .map(|i| {
+                rows.iter()
+                    .map(|r| r[i].len())
+                    .chain([header[i].len()])
+                    .max()
+                    .unwrap_or(0)
+            })
+            .collect();
+        let line = |cells: Vec<String>| {
+            cells
+                .iter()
+                .zip(&widths)
+                .map(|(c, w)| format!("{c:>w$}"))
+                .collect::<Vec<_>>()
+                .join("  ")
+        };
+        self.emit(&format!(
+            "  {}",
+            self.paint("1", &line(header.iter().map(|h| h.to_string()).collect()))
+        ));
+        for row in rows {
+            self.emit(&format!("  {}", line(row)));
+        }
+    }
+}
