@@ -72,9 +72,10 @@
 //!
 //! # Caveats
 //!
-//! - Workers inherit the primary's stdio and process group: a terminal's Ctrl-C reaches
-//!   them too and ends them at once, before the primary's graceful stop; send `SIGTERM`
-//!   to the primary alone for a graceful stop.
+//! - Workers inherit the primary's stdio but run in their own session and process group,
+//!   so a terminal's Ctrl-C (or a signal sent to the primary's group) reaches only the
+//!   primary, which stops them gracefully; to signal a worker, use [`Primary::kill`] or
+//!   its pid. They still die with the primary through the parent-death signal.
 //! - The parent-death signal follows Linux `PR_SET_PDEATHSIG` semantics: it fires when
 //!   the *thread* that started the worker exits. Start and run the [`Primary`] on a
 //!   runtime whose threads live as long as the workers (any tokio runtime's worker

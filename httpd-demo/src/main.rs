@@ -141,9 +141,9 @@ fn log_event(event: &Event) {
         } => tracing::info!(%id, %status, asked_to_stop = exited_after_disconnect, "worker exited"),
         Event::Message { id, .. } => tracing::debug!(%id, "message from worker"),
         Event::GoingDown { id, reason } => {
-            tracing::warn!(%id, %reason, "worker crashed, starting a replacement")
+            tracing::warn!(%id, ?reason, "worker crashed, starting a replacement")
         }
-        Event::Misbehaved { id, reason } => tracing::warn!(%id, %reason, "worker misbehaved"),
+        Event::Misbehaved { id, reason } => tracing::warn!(%id, ?reason, "worker misbehaved"),
         Event::SlotFailed { slot, id } => {
             tracing::error!(slot, %id, "worker keeps crashing, slot given up")
         }

@@ -191,7 +191,12 @@ impl Supervisor {
             .map_spawn_options(|mut options| {
                 options = options
                     .env(crate::WORKER_ID_ENV, id.to_string())
-                    .kill_on_drop(true);
+                    .kill_on_drop(true)
+                    // Its own session and process group: a terminal's Ctrl-C or a signal
+                    // sent to the primary's group reaches only the primary, which then
+                    // stops the workers gracefully. The parent-death signal still ends
+                    // a worker whose primary dies.
+                    .detached(true);
                 for (key, value) in env {
                     options = options.env(key, value);
                 }
@@ -440,7 +445,7 @@ impl Supervisor {
             }
             ToPrimary::GoingDown { reason } => {
                 let (slot, uptime) = (worker.slot, worker.started.elapsed());
-                tracing::warn!(%id, %reason, "worker is going down");
+                tracing::warn!(%id, ?reason, "worker is going down");
                 self.emit(Event::GoingDown { id, reason });
                 self.begin_drain(id, false);
                 if let Some(s) = self.slots.get_mut(&slot)
