@@ -45,10 +45,11 @@ pub struct UnknownPolicy(pub String);
 
 /// When and how fast dead workers are replaced.
 ///
-/// A worker that dies without being asked to stop is replaced after a delay that starts at
-/// [`backoff_min`](RestartPolicy::backoff_min) and doubles with each consecutive crash up
-/// to [`backoff_max`](RestartPolicy::backoff_max). A worker that ran for
-/// [`stable_after`](RestartPolicy::stable_after) resets the delay. More than
+/// A worker that dies without being asked to stop is replaced at once if it had run for
+/// [`stable_after`](RestartPolicy::stable_after) or if it is the slot's first crash within
+/// the window; each further crash in a row waits a delay that starts at
+/// [`backoff_min`](RestartPolicy::backoff_min) and doubles up to
+/// [`backoff_max`](RestartPolicy::backoff_max). A stable run resets the delay. More than
 /// [`max_restarts`](RestartPolicy::max_restarts) crashes of one slot within
 /// [`window`](RestartPolicy::window) mark the slot failed: it is no longer restarted.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -41,9 +41,12 @@ impl RestartTracker {
         self.restarts
     }
 
-    /// Records a crash at `now` of a worker that ran for `uptime`. `immediate` asks for no
-    /// delay when the worker had been stable (a worker that said it is going down).
-    pub(crate) fn on_crash(&mut self, now: Instant, uptime: Duration, immediate: bool) -> Decision {
+    /// Records a crash at `now` of a worker that ran for `uptime`.
+    ///
+    /// A worker that had been stable, or the first crash of the slot within the window,
+    /// is replaced at once (as Node users expect of PM2); each further crash in a row waits
+    /// the backoff, which doubles up to its cap.
+    pub(crate) fn on_crash(&mut self, now: Instant, uptime: Duration) -> Decision {
         if !self.policy.enabled {
             return Decision::Never;
         }
@@ -62,12 +65,13 @@ impl RestartTracker {
         if self.crashes.len() > self.policy.max_restarts as usize {
             return Decision::Failed;
         }
-        let delay = if immediate && stable {
+        let delay = if stable || self.crashes.len() == 1 {
             Duration::ZERO
         } else {
-            self.next_delay
+            let delay = self.next_delay;
+            self.next_delay = (delay * 2).min(self.policy.backoff_max);
+            delay
         };
-        self.next_delay = (self.next_delay * 2).min(self.policy.backoff_max);
         self.restarts += 1;
         Decision::RestartAfter(delay)
     }
@@ -95,7 +99,7 @@ mod tests {
         let mut tracker = RestartTracker::new(policy());
         let got: Vec<_> = crashes
             .iter()
-            .map(|&(at, up)| tracker.on_crash(start + ms(at), ms(up), false))
+            .map(|&(at, up)| tracker.on_crash(start + ms(at), ms(up)))
             .collect();
         assert_eq!(got, expected);
     }
@@ -107,10 +111,10 @@ mod tests {
         check(
             &[(0, 10), (200, 10), (500, 10), (1000, 10), (2000, 10)],
             &[
+                RestartAfter(ms(0)),
                 RestartAfter(ms(100)),
                 RestartAfter(ms(200)),
                 RestartAfter(ms(400)),
-                RestartAfter(ms(800)),
                 RestartAfter(ms(800)),
             ],
         );
@@ -119,10 +123,12 @@ mod tests {
     #[test]
     fn a_stable_run_resets_the_backoff() {
         check(
-            &[(0, 10), (200, 10), (5000, 2000)],
+            &[(0, 10), (200, 10), (300, 10), (5000, 2000), (5100, 10)],
             &[
+                RestartAfter(ms(0)),
                 RestartAfter(ms(100)),
                 RestartAfter(ms(200)),
+                RestartAfter(ms(0)),
                 RestartAfter(ms(100)),
             ],
         );
@@ -131,7 +137,7 @@ mod tests {
     #[test]
     fn a_crash_loop_fails_the_slot() {
         let crashes: Vec<_> = (0..6).map(|i| (i * 10, 1)).collect();
-        let mut expected: Vec<_> = [100, 200, 400, 800, 800]
+        let mut expected: Vec<_> = [0, 100, 200, 400, 800]
             .iter()
             .map(|n| RestartAfter(ms(*n)))
             .collect();
@@ -147,24 +153,24 @@ mod tests {
             let mut tracker = RestartTracker::new(policy());
             crashes
                 .iter()
-                .map(|&(at, up)| tracker.on_crash(start + ms(at), ms(up), false))
+                .map(|&(at, up)| tracker.on_crash(start + ms(at), ms(up)))
                 .collect::<Vec<_>>()
         };
         assert!(!got.contains(&Failed), "{got:?}");
     }
 
     #[test]
-    fn disabled_never_restarts_and_going_down_is_immediate() {
+    fn disabled_never_restarts_and_a_stable_worker_is_replaced_at_once() {
         let mut never = RestartTracker::new(RestartPolicy::never());
-        assert_eq!(
-            never.on_crash(Instant::now(), ms(1), false),
-            Decision::Never
-        );
+        assert_eq!(never.on_crash(Instant::now(), ms(1)), Decision::Never);
         let mut tracker = RestartTracker::new(policy());
-        assert_eq!(
-            tracker.on_crash(Instant::now(), ms(5000), true),
-            RestartAfter(Duration::ZERO)
-        );
-        assert_eq!(tracker.restarts(), 1);
+        let start = Instant::now();
+        for i in 0..3 {
+            assert_eq!(
+                tracker.on_crash(start + ms(i * 5000), ms(5000)),
+                RestartAfter(Duration::ZERO)
+            );
+        }
+        assert_eq!(tracker.restarts(), 3);
     }
 }

@@ -452,7 +452,7 @@ impl Supervisor {
                     && s.current == Some(id)
                 {
                     s.current = None;
-                    self.schedule_respawn(slot, uptime, true);
+                    self.schedule_respawn(slot, uptime);
                 }
             }
         }
@@ -605,7 +605,7 @@ impl Supervisor {
             Some(s) if s.current == Some(id) => {
                 s.current = None;
                 if !self.stopping {
-                    self.schedule_respawn(slot, worker.started.elapsed(), false);
+                    self.schedule_respawn(slot, worker.started.elapsed());
                 }
             }
             None if !self.workers.values().any(|w| w.slot == slot) => {
@@ -620,11 +620,11 @@ impl Supervisor {
         self.check_stopped();
     }
 
-    fn schedule_respawn(&mut self, slot: usize, uptime: Duration, immediate: bool) {
+    fn schedule_respawn(&mut self, slot: usize, uptime: Duration) {
         let Some(s) = self.slots.get_mut(&slot) else {
             return;
         };
-        match s.tracker.on_crash(Instant::now(), uptime, immediate) {
+        match s.tracker.on_crash(Instant::now(), uptime) {
             Decision::RestartAfter(delay) => {
                 tracing::info!(slot, ?delay, "restarting a worker");
                 let internal = self.internal.clone();
@@ -658,7 +658,7 @@ impl Supervisor {
         }
         if let Err(e) = self.fork_into(slot) {
             tracing::error!(slot, error = %e, "could not restart a worker");
-            self.schedule_respawn(slot, Duration::ZERO, false);
+            self.schedule_respawn(slot, Duration::ZERO);
         }
     }
 
