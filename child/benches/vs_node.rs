@@ -2,7 +2,8 @@
 //! (A B C A B C ...) so that a noisy machine affects every subject alike.
 //!
 //! Run with `cargo bench -p child --bench vs_node` (`-- --quick` for fewer rounds). Node
-//! is optional: without it its rows are skipped with a note.
+//! is optional: without it its rows are skipped with a note. `-- --json` prints one JSON
+//! line per row instead of the table (every round's value), for `cargo xtask bench`.
 
 #![allow(clippy::print_stdout)]
 
@@ -17,6 +18,7 @@ const CAPTURE_BYTES: usize = 100_000_000;
 
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
+    let json = std::env::args().any(|a| a == "--json");
     let rounds = if quick { 3 } else { 7 };
     let node = Command::new("node")
         .arg("--version")
@@ -122,6 +124,11 @@ fn main() {
             )));
         }
     }
+    if json {
+        json_lines("spawn_true", "spawn/s", &spawn_rows);
+        json_lines("exec_100mb", "MB/s", &exec_rows);
+        return;
+    }
     report(
         "spawn_true: sequential spawn + wait of /bin/true",
         "spawn/s",
@@ -151,6 +158,19 @@ fn median(values: &[f64]) -> f64 {
     let mut v = values.to_vec();
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
+}
+
+/// One machine-readable line per row: `{"benchmark":..,"subject":..,"unit":..,
+/// "values":[..]}`, one value per round.
+fn json_lines(benchmark: &str, unit: &str, rows: &[(&str, Vec<f64>)]) {
+    for (name, values) in rows {
+        let values: Vec<String> = values.iter().map(|v| format!("{v:.3}")).collect();
+        println!(
+            "{{\"benchmark\":\"{benchmark}\",\"subject\":\"{name}\",\"unit\":\"{unit}\",\
+             \"values\":[{}]}}",
+            values.join(",")
+        );
+    }
 }
 
 /// Prints each row's median and its ratio to the first row (std) and to the last (Node,

@@ -4,6 +4,8 @@
 //! Run with `cargo bench -p ipc --bench echo` (`-- --quick` for fewer rounds). Rounds
 //! alternate the subjects (A B C A B C ...) so that a noisy machine affects all alike; the
 //! report gives medians and ratios. Node is optional: without it that column is skipped.
+//! `-- --json` prints one JSON line per subject instead of the table (every round's rate),
+//! for `cargo xtask bench`.
 
 #![allow(clippy::print_stdout)]
 
@@ -30,6 +32,7 @@ fn main() {
         _ => {}
     }
     let quick = std::env::args().any(|a| a == "--quick");
+    let json = std::env::args().any(|a| a == "--json");
     let rounds = if quick { 3 } else { 7 };
     let node = node_available();
     if !node {
@@ -51,7 +54,19 @@ fn main() {
                 nodes.push(rate(node_count, run_node(size, node_count)));
             }
         }
-        report(label, size, &ipc, &raw, &nodes);
+        if json {
+            for (subject, rates) in [
+                ("ipc channel", &ipc),
+                ("raw socketpair", &raw),
+                ("node fork() IPC", &nodes),
+            ] {
+                if !rates.is_empty() {
+                    json_line(label, subject, size, rates);
+                }
+            }
+        } else {
+            report(label, size, &ipc, &raw, &nodes);
+        }
     }
 }
 
@@ -63,6 +78,17 @@ fn median(values: &[f64]) -> f64 {
     let mut v = values.to_vec();
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
+}
+
+/// One machine-readable line: `{"benchmark":..,"subject":..,"unit":"msg/s",
+/// "message_bytes":..,"values":[..]}`, one value per round.
+fn json_line(label: &str, subject: &str, size: usize, rates: &[f64]) {
+    let values: Vec<String> = rates.iter().map(|r| format!("{r:.1}")).collect();
+    println!(
+        "{{\"benchmark\":\"{label}\",\"subject\":\"{subject}\",\"unit\":\"msg/s\",\
+         \"message_bytes\":{size},\"values\":[{}]}}",
+        values.join(",")
+    );
 }
 
 fn report(label: &str, size: usize, ipc: &[f64], raw: &[f64], node: &[f64]) {

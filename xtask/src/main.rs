@@ -2,9 +2,9 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::bail;
 use clap::{Parser, Subcommand};
 
+mod bench;
 mod demo;
 mod http;
 
@@ -20,16 +20,13 @@ enum Command {
     /// Build httpd-demo and walk through what the cluster does.
     Demo,
     /// Run the side-by-side benchmarks.
-    Bench,
+    Bench(bench::BenchOptions),
 }
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Demo => demo::run(),
-        Command::Bench => bail!(
-            "`cargo xtask bench` is not built yet; run `cargo bench -p ipc --bench echo` and \
-             `cargo bench -p child --bench vs_node` meanwhile"
-        ),
+        Command::Bench(options) => bench::run(options),
     }
 }
 

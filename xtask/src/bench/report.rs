@@ -1,0 +1,470 @@
+//! The reports: `report.md` (machine, goals, one table per workload), `report.json` (one
+//! result per subject/peer pair) and `report.svg` (a bar chart of the ratios, plotters'
+//! SVG backend).
+//!
+//! `ratio` is always `subject_value / peer_value`. For throughput (req/s, msg/s, MB/s,
+//! spawn/s) higher is better; for `ms` and `MB` (RSS) lower is better, so there a ratio
+//! below 1 means the subject wins. The chart plots the advantage instead (the ratio, or
+//! its inverse when lower is better), so that a longer bar is always better.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use plotters::prelude::*;
+use serde::Serialize;
+
+use super::machine::Machine;
+use super::{Better, Peer, Series, Workload};
+
+/// A target from the issue: `subject / peer` at least (or at most, when lower is better)
+/// `threshold`.
+struct Goal {
+    key: &'static str,
+    subject: &'static str,
+    peer: &'static str,
+    better: Better,
+    threshold: f64,
+}
+
+const fn at_least(key: &'static str, subject: &'static str, peer: &'static str, t: f64) -> Goal {
+    Goal {
+        key,
+        subject,
+        peer,
+        better: Better::Higher,
+        threshold: t,
+    }
+}
+
+const fn at_most(key: &'static str, subject: &'static str, peer: &'static str, t: f64) -> Goal {
+    Goal {
+        better: Better::Lower,
+        ..at_least(key, subject, peer, t)
+    }
+}
+
+const GOALS: &[Goal] = &[
+    at_least("http_keepalive", "httpd-demo rr", "Node cluster rr", 2.0),
+    at_least(
+        "http_keepalive",
+        "httpd-demo reuseport",
+        "nginx reuseport",
+        0.9,
+    ),
+    at_least(
+        "http_new_connection",
+        "httpd-demo rr",
+        "Node cluster rr",
+        3.0,
+    ),
+    at_least(
+        "http_new_connection",
+        "httpd-demo reuseport",
+        "nginx reuseport",
+        1.0,
+    ),
+    at_least("ipc_echo_16b", "ipc channel", "node fork() IPC", 5.0),
+    at_least("ipc_echo_64k", "ipc channel", "node fork() IPC", 10.0),
+    at_least("spawn_true", "child::spawn", "node spawn", 3.0),
+    at_least("spawn_true", "child::spawn", "std::process::Command", 0.95),
+    at_least("exec_100mb", "child::exec_file", "std output()", 0.9),
+    at_most("fork_to_listening", "httpd-demo rr", "Node cluster rr", 0.1),
+    at_most(
+        "respawn_to_listening",
+        "httpd-demo rr",
+        "Node cluster rr",
+        0.1,
+    ),
+    at_most(
+        "worker_rss",
+        "httpd-demo rr worker",
+        "Node cluster rr worker",
+        0.2,
+    ),
+];
+
+/// One subject/peer pair, as `report.json` lists it.
+#[derive(Debug, Clone, Serialize)]
+struct Pair {
+    benchmark: &'static str,
+    subject: String,
+    peer: String,
+    unit: &'static str,
+    subject_value: Option<f64>,
+    peer_value: Option<f64>,
+    ratio: Option<f64>,
+}
+
+#[derive(Debug, Serialize)]
+struct JsonReport<'a> {
+    machine: &'a Machine,
+    results: Vec<Pair>,
+}
+
+fn round(v: f64, places: i32) -> f64 {
+    let scale = 10f64.powi(places);
+    (v * scale).round() / scale
+}
+
+fn pairs(workloads: &[Workload]) -> Vec<Pair> {
+    let mut out = Vec::new();
+    for w in workloads {
+        for s in &w.subjects {
+            for p in &w.peers {
+                let (peer, peer_value) = match p {
+                    Peer::Measured(ps) => (ps.name.clone(), Some(ps.median())),
+                    Peer::Missing { name, reason } => (format!("{name} ({reason})"), None),
+                };
+                let subject_value = s.median();
+                out.push(Pair {
+                    benchmark: w.key,
+                    subject: s.name.clone(),
+                    peer,
+                    unit: w.unit,
+                    subject_value: Some(round(subject_value, 3)),
+                    peer_value: peer_value.map(|v| round(v, 3)),
+                    ratio: peer_value.map(|v| round(subject_value / v, 4)),
+                });
+            }
+        }
+    }
+    out
+}
+
+/// A goal's outcome: the measured ratio, if both sides were measured, and whether it holds.
+fn evaluate(goal: &Goal, workloads: &[Workload]) -> Option<(f64, bool)> {
+    let w = workloads.iter().find(|w| w.key == goal.key)?;
+    let subject = w.subjects.iter().find(|s| s.name == goal.subject)?;
+    let peer = w.peers.iter().find_map(|p| match p {
+        Peer::Measured(s) if s.name == goal.peer => Some(s),
+        _ => None,
+    })?;
+    let ratio = subject.median() / peer.median();
+    let holds = match goal.better {
+        Better::Higher => ratio >= goal.threshold,
+        Better::Lower => ratio <= goal.threshold,
+    };
+    Some((ratio, holds))
+}
+
+fn goal_text(goal: &Goal) -> String {
+    let op = if goal.better == Better::Higher {
+        ">="
+    } else {
+        "<="
+    };
+    format!(
+        "{}: {} / {} {op} {}",
+        goal.key, goal.subject, goal.peer, goal.threshold
+    )
+}
+
+fn num(v: f64) -> String {
+    if v.is_nan() {
+        "-".to_owned()
+    } else if v.abs() >= 1000.0 {
+        format!("{v:.0}")
+    } else if v.abs() >= 10.0 {
+        format!("{v:.1}")
+    } else {
+        format!("{v:.2}")
+    }
+}
+
+fn ratio_text(ratio: f64, better: Better) -> String {
+    match better {
+        Better::Higher => format!("{ratio:.2}x"),
+        Better::Lower if ratio > 0.0 && ratio < 1.0 => {
+            format!("{ratio:.3}x (1/{:.1})", 1.0 / ratio)
+        }
+        Better::Lower => format!("{ratio:.3}x"),
+    }
+}
+
+fn range(s: &Series) -> String {
+    format!("{}-{}", num(s.min()), num(s.max()))
+}
+
+fn markdown(machine: &Machine, workloads: &[Workload]) -> String {
+    let mut md = String::from("# `cargo xtask bench` report\n\n| machine | |\n| --- | --- |\n");
+    for (k, v) in machine.rows() {
+        let _ = writeln!(md, "| {k} | {v} |");
+    }
+    md.push_str(
+        "\nRatios are subject / peer of the medians. Higher is better for req/s, msg/s, MB/s \
+         and spawn/s; lower is better for ms and MB (RSS), where a ratio below 1 means the \
+         subject wins.\n\n## Goals\n\n| goal | measured | holds |\n| --- | --- | --- |\n",
+    );
+    for goal in GOALS {
+        let (measured, holds) = match evaluate(goal, workloads) {
+            Some((r, h)) => (ratio_text(r, goal.better), if h { "yes" } else { "**no**" }),
+            None => ("not measured".to_owned(), "-"),
+        };
+        let _ = writeln!(md, "| {} | {measured} | {holds} |", goal_text(goal));
+    }
+    for w in workloads {
+        let direction = match w.better {
+            Better::Higher => "higher is better",
+            Better::Lower => "lower is better",
+        };
+        if w.subjects.is_empty() {
+            let _ = writeln!(md, "\n## {}\n\n{}.\n", w.key, w.title);
+            for note in &w.notes {
+                let _ = writeln!(md, "- {note}");
+            }
+            continue;
+        }
+        let rounds = w.subjects.first().map_or(0, |s| s.values.len());
+        let _ = write!(
+            md,
+            "\n## {}\n\n{}. Unit: {} ({direction}); {rounds} values per side.\n\n\
+             | | median | min-max |",
+            w.key, w.title, w.unit
+        );
+        for p in &w.peers {
+            let _ = write!(md, " vs {} |", p.name());
+        }
+        md.push_str("\n| --- | --- | --- |");
+        md.push_str(&" --- |".repeat(w.peers.len()));
+        md.push('\n');
+        for s in &w.subjects {
+            let _ = write!(
+                md,
+                "| **{}** | {} | {} |",
+                s.name,
+                num(s.median()),
+                range(s)
+            );
+            for p in &w.peers {
+                let cell = match p {
+                    Peer::Measured(ps) => ratio_text(s.median() / ps.median(), w.better),
+                    Peer::Missing { .. } => "-".to_owned(),
+                };
+                let _ = write!(md, " {cell} |");
+            }
+            md.push('\n');
+        }
+        for p in &w.peers {
+            match p {
+                Peer::Measured(ps) => {
+                    let _ = write!(
+                        md,
+                        "| {} (peer) | {} | {} |",
+                        ps.name,
+                        num(ps.median()),
+                        range(ps)
+                    );
+                }
+                Peer::Missing { name, reason } => {
+                    let _ = write!(md, "| {name} (peer) | {reason} | |");
+                }
+            }
+            md.push_str(&" |".repeat(w.peers.len()));
+            md.push('\n');
+        }
+        if !w.notes.is_empty() {
+            md.push('\n');
+        }
+        for note in &w.notes {
+            let _ = writeln!(md, "- {note}");
+        }
+    }
+    md
+}
+
+/// The chart: one bar per measured pair from 1x to the advantage of the subject (ratio,
+/// or 1/ratio when lower is better) on a log scale, and a tick at each goal.
+fn svg(path: &Path, workloads: &[Workload]) -> Result<()> {
+    let bars: Vec<(String, f64, Option<f64>)> = workloads
+        .iter()
+        .flat_map(|w| {
+            w.subjects.iter().flat_map(move |s| {
+                w.peers.iter().filter_map(move |p| {
+                    let Peer::Measured(ps) = p else { return None };
+                    let ratio = s.median() / ps.median();
+                    let flip = |r: f64| {
+                        if w.better == Better::Lower {
+                            1.0 / r
+                        } else {
+                            r
+                        }
+                    };
+                    let goal = GOALS
+                        .iter()
+                        .find(|g| g.key == w.key && g.subject == s.name && g.peer == ps.name)
+                        .map(|g| flip(g.threshold));
+                    Some((
+                        format!("{}: {} vs {}", w.key, s.name, ps.name),
+                        flip(ratio),
+                        goal,
+                    ))
+                })
+            })
+        })
+        .collect();
+    let (label_w, bar_w, row_h, top) = (520i32, 560i32, 22i32, 60i32);
+    let height = top + row_h * bars.len().max(1) as i32 + 40;
+    let root =
+        SVGBackend::new(path, ((label_w + bar_w + 80) as u32, height as u32)).into_drawing_area();
+    root.fill(&WHITE)?;
+    // A log scale centred on 1x: bars grow right when the subject wins, left when not.
+    let (lo, hi) = bars
+        .iter()
+        .flat_map(|(_, v, g)| [*v, g.unwrap_or(1.0)])
+        .filter(|v| v.is_finite() && *v > 0.0)
+        .fold((0.5f64, 2.0f64), |(lo, hi), v| (lo.min(v), hi.max(v)));
+    let x = |v: f64| {
+        let v = v.clamp(lo, hi);
+        label_w + ((v / lo).ln() / (hi / lo).ln() * f64::from(bar_w)) as i32
+    };
+    let font = ("sans-serif", 13).into_font();
+    root.draw(&Text::new(
+        "cargo xtask bench: advantage of the subject over each peer, log scale (right of 1x = \
+         subject wins; for ms and MB: peer / subject); | = goal, orange = below goal or 1x",
+        (10, 15),
+        ("sans-serif", 14).into_font(),
+    ))?;
+    for (i, (label, value, goal)) in bars.iter().enumerate() {
+        let y = top + row_h * i as i32;
+        let colour = if *value >= goal.unwrap_or(1.0) {
+            RGBColor(46, 139, 87)
+        } else {
+            RGBColor(222, 120, 31)
+        };
+        root.draw(&Text::new(label.clone(), (10, y + 4), font.clone()))?;
+        let (a, b) = (x(1.0).min(x(*value)), x(1.0).max(x(*value)));
+        root.draw(&Rectangle::new(
+            [(a, y + 2), (b.max(a + 1), y + row_h - 4)],
+            colour.filled(),
+        ))?;
+        root.draw(&Text::new(
+            format!("{value:.2}x"),
+            (b + 4, y + 4),
+            font.clone(),
+        ))?;
+        if let Some(g) = goal {
+            root.draw(&PathElement::new(
+                vec![(x(*g), y), (x(*g), y + row_h - 2)],
+                BLACK.stroke_width(2),
+            ))?;
+        }
+    }
+    let bottom = top + row_h * bars.len().max(1) as i32;
+    root.draw(&PathElement::new(
+        vec![(x(1.0), top - 6), (x(1.0), bottom)],
+        BLACK.stroke_width(1),
+    ))?;
+    for tick in [0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0] {
+        if (lo..=hi).contains(&tick) {
+            root.draw(&Text::new(
+                format!("{tick}x"),
+                (x(tick) - 8, bottom + 6),
+                font.clone(),
+            ))?;
+        }
+    }
+    root.present()?;
+    Ok(())
+}
+
+/// Writes report.md, report.json and report.svg into `dir`; returns their paths.
+pub(super) fn write(dir: &Path, machine: &Machine, workloads: &[Workload]) -> Result<Vec<PathBuf>> {
+    let md_path = dir.join("report.md");
+    std::fs::write(&md_path, markdown(machine, workloads)).context("writing report.md")?;
+    let json_path = dir.join("report.json");
+    let json = JsonReport {
+        machine,
+        results: pairs(workloads),
+    };
+    std::fs::write(&json_path, serde_json::to_string_pretty(&json)? + "\n")
+        .context("writing report.json")?;
+    let svg_path = dir.join("report.svg");
+    svg(&svg_path, workloads).context("writing report.svg")?;
+    Ok(vec![md_path, json_path, svg_path])
+}
+
+/// The goals, for the terminal.
+pub(super) fn summary(workloads: &[Workload]) -> String {
+    let mut out = String::from("\n== goals\n");
+    for goal in GOALS {
+        let line = match evaluate(goal, workloads) {
+            Some((r, holds)) => format!(
+                "  {:<4} {}  measured {}",
+                if holds { "ok" } else { "MISS" },
+                goal_text(goal),
+                ratio_text(r, goal.better)
+            ),
+            None => format!(
+                "  -    {}: {} / {} not measured",
+                goal.key, goal.subject, goal.peer
+            ),
+        };
+        out.push_str(&line);
+        out.push('\n');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn workload(better: Better, subject: f64, peer: Option<f64>) -> Workload {
+        Workload {
+            key: "fork_to_listening",
+            title: "t".into(),
+            unit: "ms",
+            better,
+            subjects: vec![Series {
+                name: "httpd-demo rr".into(),
+                values: vec![subject],
+            }],
+            peers: vec![match peer {
+                Some(v) => Peer::Measured(Series {
+                    name: "Node cluster rr".into(),
+                    values: vec![v],
+                }),
+                None => Peer::Missing {
+                    name: "Node cluster rr".into(),
+                    reason: "node not installed".into(),
+                },
+            }],
+            notes: vec![],
+        }
+    }
+
+    #[test]
+    fn one_pair_per_subject_and_peer_with_nulls_for_missing_peers() {
+        let measured = pairs(&[workload(Better::Lower, 5.0, Some(100.0))]);
+        assert_eq!(measured.len(), 1);
+        assert_eq!(measured[0].ratio, Some(0.05));
+        let missing = pairs(&[workload(Better::Lower, 5.0, None)]);
+        assert_eq!(missing[0].ratio, None);
+        assert!(missing[0].peer.contains("not installed"));
+    }
+
+    #[test]
+    fn lower_is_better_goals_hold_below_the_threshold() {
+        let goal = &GOALS[9];
+        assert!(
+            evaluate(goal, &[workload(Better::Lower, 5.0, Some(100.0))])
+                .unwrap()
+                .1
+        );
+        assert!(
+            !evaluate(goal, &[workload(Better::Lower, 50.0, Some(100.0))])
+                .unwrap()
+                .1
+        );
+    }
+
+    #[test]
+    fn medians_of_even_counts_average_the_middle() {
+        let s = Series {
+            name: String::new(),
+            values: vec![4.0, 1.0, 3.0, 2.0],
+        };
+        assert_eq!(s.median(), 2.5);
+    }
+}
