@@ -147,15 +147,18 @@ pub(super) fn run(ctx: &Ctx, demo: &Path) -> Result<Vec<Workload>> {
         .iter()
         .filter_map(|r| Some(r.respawn_ms - r.backoff_ms?))
         .collect();
-    if let Some(backoff) = demo_rounds.iter().find_map(|r| r.backoff_ms) {
+    if let Some(backoff) = demo_rounds
+        .iter()
+        .find_map(|r| r.backoff_ms)
+        .filter(|ms| *ms > 0.0)
+    {
         let rest = Series {
             name: String::new(),
             values: without_backoff,
         };
         respawn.notes.push(format!(
-            "httpd-demo waits {backoff:.0} ms (its RestartPolicy backoff_min) before \
-             replacing a crashed worker; without that delay the respawn takes {:.1} ms \
-             (median)",
+            "httpd-demo waited {backoff:.0} ms (its restart backoff) before replacing the \
+             crashed worker; without that delay the respawn takes {:.1} ms (median)",
             rest.median()
         ));
     }
