@@ -42,6 +42,19 @@ async fn expect<T>(primary: &mut Primary, mut pick: impl FnMut(Event) -> Option<
         .expect("timed out waiting for an event")
 }
 
+/// Waits for the next worker exit: its status and whether it exited after a disconnect.
+async fn next_exit(primary: &mut Primary) -> (child::ExitStatus, bool) {
+    expect(primary, |e| match e {
+        Event::Exit {
+            status,
+            exited_after_disconnect,
+            ..
+        } => Some((status, exited_after_disconnect)),
+        _ => None,
+    })
+    .await
+}
+
 /// Waits until `count` workers reported listening; returns `(worker, address)` in order.
 async fn listening(primary: &mut Primary, count: usize) -> Vec<(WorkerId, SocketAddr)> {
     let mut seen = Vec::new();

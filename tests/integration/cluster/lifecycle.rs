@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use ::cluster::{Event, Policy, Primary, Signal};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
-use super::{expect, listening, request, settings, worker_of};
+use super::{expect, listening, next_exit, request, settings, worker_of};
 
 /// The events of one worker, by kind, in order.
 async fn lifecycle_of(primary: &mut Primary) -> Vec<&'static str> {
@@ -33,15 +33,7 @@ async fn events_come_in_order_and_a_disconnected_worker_exited_after_disconnect(
         unreachable!()
     };
     primary.disconnect(id).await.expect("disconnect");
-    let (status, after) = expect(&mut primary, |e| match e {
-        Event::Exit {
-            status,
-            exited_after_disconnect,
-            ..
-        } => Some((status, exited_after_disconnect)),
-        _ => None,
-    })
-    .await;
+    let (status, after) = next_exit(&mut primary).await;
     assert_eq!((status.code(), after), (Some(0), true));
 
     // The whole sequence, for a fresh worker.
@@ -76,15 +68,7 @@ async fn a_worker_exiting_with_42_reports_42() {
     let mut primary = Primary::start(super::settings(1).env("CLUSTER_APP_MODE", "exit:42"))
         .await
         .expect("start");
-    let (status, after) = expect(&mut primary, |e| match e {
-        Event::Exit {
-            status,
-            exited_after_disconnect,
-            ..
-        } => Some((status, exited_after_disconnect)),
-        _ => None,
-    })
-    .await;
+    let (status, after) = next_exit(&mut primary).await;
     assert_eq!((status.code(), after), (Some(42), false));
 }
 
@@ -95,15 +79,7 @@ async fn a_killed_worker_reports_its_signal_and_did_not_exit_after_disconnect() 
         unreachable!()
     };
     primary.kill(id, Signal::SIGKILL).await.expect("kill");
-    let (status, after) = expect(&mut primary, |e| match e {
-        Event::Exit {
-            status,
-            exited_after_disconnect,
-            ..
-        } => Some((status, exited_after_disconnect)),
-        _ => None,
-    })
-    .await;
+    let (status, after) = next_exit(&mut primary).await;
     assert_eq!((status.signal(), after), (Some(Signal::SIGKILL), false));
 }
 
@@ -125,15 +101,7 @@ async fn a_disconnect_waits_for_in_flight_connections() {
     write.write_all(b"late\n").await.expect("write");
     let echo = lines.next_line().await.expect("read");
     assert_eq!(echo.as_deref(), Some("echo late"));
-    let (status, after) = expect(&mut primary, |e| match e {
-        Event::Exit {
-            status,
-            exited_after_disconnect,
-            ..
-        } => Some((status, exited_after_disconnect)),
-        _ => None,
-    })
-    .await;
+    let (status, after) = next_exit(&mut primary).await;
     assert_eq!((status.code(), after), (Some(0), true));
 }
 

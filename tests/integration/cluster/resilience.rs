@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use ::cluster::{Event, Primary, RestartPolicy, Signal, WorkerId};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
-use super::{expect, listening, request, settings, worker_of};
+use super::{expect, listening, next_exit, request, settings, worker_of};
 
 fn restarting() -> RestartPolicy {
     RestartPolicy::new().backoff_min(Duration::from_millis(20))
@@ -100,15 +100,7 @@ async fn a_worker_that_overruns_the_drain_deadline_is_killed() {
     let mut lines = BufReader::new(stream).lines();
     lines.next_line().await.expect("read").expect("greeting");
     primary.disconnect(id).await.expect("disconnect");
-    let (status, after) = expect(&mut primary, |e| match e {
-        Event::Exit {
-            status,
-            exited_after_disconnect,
-            ..
-        } => Some((status, exited_after_disconnect)),
-        _ => None,
-    })
-    .await;
+    let (status, after) = next_exit(&mut primary).await;
     assert_eq!((status.signal(), after), (Some(Signal::SIGKILL), true));
 }
 
