@@ -182,19 +182,24 @@ where
     I: IntoIterator<Item = S>,
     S: AsRef<OsStr>,
 {
-    let args: Vec<OsString> = args.into_iter().map(|a| a.as_ref().to_owned()).collect();
-    let cmd = command_string(file.as_ref(), &args);
+    let (args, cmd) = invocation(file.as_ref(), args);
     run(file.as_ref(), &args, cmd, options).await
 }
 
-/// Node's `cmd`: the file and the args joined with spaces.
-pub(crate) fn command_string(file: &OsStr, args: &[OsString]) -> String {
+/// The owned arguments, and Node's `cmd` for errors: the file and the args joined with
+/// spaces.
+pub(crate) fn invocation<I, S>(file: &OsStr, args: I) -> (Vec<OsString>, String)
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
+    let args: Vec<OsString> = args.into_iter().map(|a| a.as_ref().to_owned()).collect();
     let mut cmd = file.to_string_lossy().into_owned();
-    for arg in args {
+    for arg in &args {
         cmd.push(' ');
         cmd.push_str(&arg.to_string_lossy());
     }
-    cmd
+    (args, cmd)
 }
 
 async fn run(
@@ -212,7 +217,8 @@ async fn run(
             );
         }
     };
-    let (output, cmd, kill_signal) = capture(&mut child, cmd, limits).await?;
+    let kill_signal = limits.kill_signal;
+    let output = capture(&mut child, &cmd, limits).await?;
     check_exit(output, cmd, kill_signal)
 }
 
@@ -271,11 +277,7 @@ impl Capture {
 /// Captures stdout and stderr of a child started with `ExecOptions::prepare`'s options
 /// until exit and close, enforcing `limits`. Returns the output (any exit status), or the
 /// error for a kill or an I/O failure.
-async fn capture(
-    child: &mut Child,
-    cmd: String,
-    limits: Limits,
-) -> Result<(Output, String, Signal), ExecError> {
+async fn capture(child: &mut Child, cmd: &str, limits: Limits) -> Result<Output, ExecError> {
     let mut out = Capture {
         pipe: child.stdout.take(),
         buf: Vec::new(),
@@ -336,31 +338,29 @@ async fn capture(
             Err(e) => {
                 let _ = child.kill(Signal::SIGKILL);
                 let _ = child.wait().await;
-                return Err(ExecError::new(ExecErrorKind::Io, cmd, limits.kill_signal)
-                    .with_source(crate::Error::Wait {
-                        pid: child.pid(),
-                        source: e,
-                    }));
+                return Err(
+                    ExecError::new(ExecErrorKind::Io, cmd.to_owned(), limits.kill_signal)
+                        .with_source(crate::Error::Wait {
+                            pid: child.pid(),
+                            source: e,
+                        }),
+                );
             }
         }
     };
     let Some(kind) = stop else {
         let status = status.expect("loop ends with a status");
-        return Ok((
-            Output {
-                status,
-                stdout: out.buf,
-                stderr: err.buf,
-            },
-            cmd,
-            limits.kill_signal,
-        ));
+        return Ok(Output {
+            status,
+            stdout: out.buf,
+            stderr: err.buf,
+        });
     };
     let killed = child.kill(limits.kill_signal).unwrap_or(false);
     let status = child.wait().await.ok();
     out.drain(max);
     err.drain(max);
-    let mut error = ExecError::new(kind, cmd, limits.kill_signal);
+    let mut error = ExecError::new(kind, cmd.to_owned(), limits.kill_signal);
     error.inner.status = status;
     error.inner.killed = killed || child.killed();
     error.inner.stdout = out.buf;

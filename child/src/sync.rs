@@ -11,7 +11,7 @@ use nix::errno::Errno;
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 
 use crate::exec::error::{ExecError, ExecErrorKind, StreamName};
-use crate::exec::{ExecOptions, Limits, check_exit, command_string};
+use crate::exec::{ExecOptions, Limits, check_exit, invocation};
 use crate::launch::launch;
 use crate::process::{ProcessHandle, Target};
 use crate::status::{ExitStatus, Output};
@@ -36,8 +36,7 @@ where
     I: IntoIterator<Item = S>,
     S: AsRef<OsStr>,
 {
-    let args: Vec<OsString> = args.into_iter().map(|a| a.as_ref().to_owned()).collect();
-    let cmd = command_string(program.as_ref(), &args);
+    let (args, cmd) = invocation(program.as_ref(), args);
     run_sync(program.as_ref(), &args, cmd, options)
 }
 
@@ -60,8 +59,7 @@ where
     I: IntoIterator<Item = S>,
     S: AsRef<OsStr>,
 {
-    let args: Vec<OsString> = args.into_iter().map(|a| a.as_ref().to_owned()).collect();
-    let cmd = command_string(file.as_ref(), &args);
+    let (args, cmd) = invocation(file.as_ref(), args);
     let output = run_sync(file.as_ref(), &args, cmd.clone(), options)?;
     check_exit(output, cmd, nix::sys::signal::Signal::SIGTERM)
 }
@@ -176,6 +174,30 @@ fn run_sync(
     Err(error)
 }
 
+/// What a polled descriptor stands for.
+#[derive(Debug, Clone, Copy)]
+enum Role {
+    Exit,
+    Stdout,
+    Stderr,
+    Stdin,
+}
+
+/// Writes what the pipe takes of the remaining input; closes stdin once all is written
+/// or the child closed its end (it does not want the rest).
+fn feed_stdin(stdin: &mut Option<OwnedFd>, input: &[u8], written: &mut usize) {
+    if let Some(fd) = stdin.as_ref() {
+        match nix::unistd::write(fd, &input[*written..]) {
+            Ok(n) => *written += n,
+            Err(Errno::EAGAIN | Errno::EINTR) => {}
+            Err(_) => *written = input.len(),
+        }
+    }
+    if *written >= input.len() {
+        *stdin = None;
+    }
+}
+
 /// Polls until exit and close (`Ok(None)`), or a reason to kill (`Ok(Some(kind))`).
 fn capture_loop(
     process: &ProcessHandle,
@@ -203,61 +225,49 @@ fn capture_loop(
                 PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX)
             }
         };
-        let (readable, writable) = {
-            let mut fds = Vec::with_capacity(4);
-            let mut roles = Vec::with_capacity(4);
-            if status.is_none() {
-                fds.push(PollFd::new(process.pidfd(), PollFlags::POLLIN));
-                roles.push(0);
+        let mut fds = Vec::with_capacity(4);
+        let mut roles = Vec::with_capacity(4);
+        if status.is_none() {
+            fds.push(PollFd::new(process.pidfd(), PollFlags::POLLIN));
+            roles.push(Role::Exit);
+        }
+        for (role, stream) in [(Role::Stdout, &*out), (Role::Stderr, &*err)] {
+            if let Some(fd) = &stream.fd {
+                fds.push(PollFd::new(fd.as_fd(), PollFlags::POLLIN));
+                roles.push(role);
             }
-            for (role, stream) in [(1, &*out), (2, &*err)] {
-                if let Some(fd) = &stream.fd {
-                    fds.push(PollFd::new(fd.as_fd(), PollFlags::POLLIN));
-                    roles.push(role);
-                }
-            }
-            if let Some(fd) = stdin.as_ref() {
-                fds.push(PollFd::new(fd.as_fd(), PollFlags::POLLOUT));
-                roles.push(3);
-            }
-            match poll(&mut fds, timeout) {
-                Ok(_) | Err(Errno::EINTR) => {}
-                Err(e) => return Err(e.into()),
-            }
-            let ready: Vec<usize> = fds
-                .iter()
-                .zip(&roles)
-                .filter(|(fd, _)| fd.any().unwrap_or(true))
-                .map(|(_, r)| *r)
-                .collect();
-            (ready.clone(), ready)
-        };
-        for role in readable {
+        }
+        if let Some(fd) = stdin.as_ref() {
+            fds.push(PollFd::new(fd.as_fd(), PollFlags::POLLOUT));
+            roles.push(Role::Stdin);
+        }
+        match poll(&mut fds, timeout) {
+            Ok(_) | Err(Errno::EINTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+        let ready: Vec<Role> = fds
+            .iter()
+            .zip(roles)
+            .filter(|(fd, _)| fd.any().unwrap_or(true))
+            .map(|(_, role)| role)
+            .collect();
+        drop(fds);
+        for role in ready {
             let stream = match role {
-                0 => {
+                Role::Exit => {
                     status = process.try_reap()?;
                     continue;
                 }
-                1 => &mut *out,
-                2 => &mut *err,
-                _ => continue,
+                Role::Stdout => &mut *out,
+                Role::Stderr => &mut *err,
+                Role::Stdin => {
+                    feed_stdin(stdin, &limits.input, &mut written);
+                    continue;
+                }
             };
             if stream.read(limits.max_buffer, false)? {
                 stream.buf.truncate(limits.max_buffer);
                 return Ok(Some(ExecErrorKind::MaxBufferExceeded(stream.name)));
-            }
-        }
-        if writable.contains(&3) {
-            if let Some(fd) = stdin.as_ref() {
-                match nix::unistd::write(fd, &limits.input[written..]) {
-                    Ok(n) => written += n,
-                    Err(Errno::EAGAIN | Errno::EINTR) => {}
-                    // The child closed its stdin: it does not want the rest.
-                    Err(_) => written = limits.input.len(),
-                }
-            }
-            if written >= limits.input.len() {
-                *stdin = None;
             }
         }
     }
