@@ -44,9 +44,9 @@ where
 pub fn exec_sync(command: &str, options: ExecOptions) -> Result<Output, ExecError> {
     let shell = options.shell.clone().into_os_string();
     let args = [OsString::from("-c"), command.into()];
+    let kill_signal = options.spawn.kill_signal;
     let output = run_sync(&shell, &args, command.to_owned(), options)?;
-    let signal = nix::sys::signal::Signal::SIGTERM;
-    check_exit(output, command.to_owned(), signal)
+    check_exit(output, command.to_owned(), kill_signal)
 }
 
 /// Blocking [`exec_file`](crate::exec_file): no shell, non-zero exit is an error.
@@ -60,8 +60,9 @@ where
     S: AsRef<OsStr>,
 {
     let (args, cmd) = invocation(file.as_ref(), args);
+    let kill_signal = options.spawn.kill_signal;
     let output = run_sync(file.as_ref(), &args, cmd.clone(), options)?;
-    check_exit(output, cmd, nix::sys::signal::Signal::SIGTERM)
+    check_exit(output, cmd, kill_signal)
 }
 
 /// Kills and reaps the child if the capture loop unwinds or returns early.
