@@ -214,6 +214,7 @@ struct Log {
 /// The running server: its process, address and log.
 struct Server {
     child: Option<Child>,
+    pid: u32,
     addr: String,
     log: Arc<(Mutex<Log>, Condvar)>,
 }
@@ -256,6 +257,7 @@ impl Server {
             for _ in lines {}
         });
         let mut server = Server {
+            pid: child.id(),
             child: Some(child),
             addr: String::new(),
             log,
@@ -272,7 +274,7 @@ impl Server {
     }
 
     fn pid(&self) -> u32 {
-        self.child.as_ref().map_or(0, Child::id)
+        self.pid
     }
 
     fn signal(&self, signal: Signal) -> Result<()> {
@@ -281,16 +283,18 @@ impl Server {
 
     /// Waits for the primary to exit; returns its exit code.
     fn wait(&mut self, timeout: Duration) -> Result<Option<i32>> {
-        let deadline = Instant::now() + timeout;
-        let child = self.child.as_mut().context("already waited")?;
-        loop {
-            if let Some(status) = child.try_wait()? {
-                return Ok(status.code());
+        let mut child = self.child.take().context("already waited")?;
+        let (tx, rx) = mpsc::channel();
+        thread::spawn(move || {
+            let _ = tx.send(child.wait());
+        });
+        match rx.recv_timeout(timeout) {
+            Ok(status) => Ok(status?.code()),
+            Err(_) => {
+                // Not reaped yet (the thread still waits on it), so the pid is still ours.
+                let _ = self.signal(Signal::SIGKILL);
+                bail!("primary did not exit within {timeout:?}")
             }
-            if Instant::now() > deadline {
-                bail!("primary did not exit within {timeout:?}");
-            }
-            thread::sleep(Duration::from_millis(20));
         }
     }
 
@@ -333,7 +337,7 @@ impl Drop for Server {
 /// A client thread that sends `GET /worker` in a loop and counts the results.
 struct Load {
     stop: Arc<AtomicBool>,
-    state: Arc<Mutex<LoadReport>>,
+    state: Arc<(Mutex<LoadReport>, Condvar)>,
     thread: Option<thread::JoinHandle<()>>,
 }
 
@@ -349,13 +353,13 @@ struct LoadReport {
 impl Load {
     fn start(client: Client) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
-        let state = Arc::new(Mutex::new(LoadReport::default()));
+        let state: Arc<(Mutex<LoadReport>, Condvar)> = Arc::default();
         let thread = thread::spawn({
             let (stop, state) = (Arc::clone(&stop), Arc::clone(&state));
             move || {
                 while !stop.load(Ordering::Relaxed) {
                     let result = client.worker();
-                    let mut s = state.lock().expect("load");
+                    let mut s = state.0.lock().expect("load");
                     match result {
                         Ok(WorkerInfo { id, pid }) => {
                             s.ok += 1;
@@ -364,6 +368,7 @@ impl Load {
                         }
                         Err(_) => s.failed += 1,
                     }
+                    state.1.notify_all();
                 }
             }
         });
@@ -374,48 +379,55 @@ impl Load {
         }
     }
 
-    fn snapshot(&self) -> LoadReport {
-        self.state.lock().expect("load").clone()
+    /// Waits, woken by each answer, until `done` returns a value for the report so far.
+    fn wait_until<T>(
+        &self,
+        what: &str,
+        mut done: impl FnMut(&LoadReport) -> Option<T>,
+    ) -> Result<T> {
+        let deadline = Instant::now() + STEP_TIMEOUT;
+        let mut report = self.state.0.lock().expect("load");
+        loop {
+            if let Some(value) = done(&report) {
+                return Ok(value);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            ensure!(!left.is_zero(), "{what} within {STEP_TIMEOUT:?}");
+            report = self.state.1.wait_timeout(report, left).expect("load").0;
+        }
     }
 
     fn wait_for_requests(&self, n: usize) -> Result<()> {
-        let deadline = Instant::now() + STEP_TIMEOUT;
-        while self.snapshot().ok < n {
-            ensure!(Instant::now() < deadline, "load generator got no answers");
-            thread::yield_now();
-        }
-        Ok(())
+        self.wait_until("the load generator got no answers", |r| {
+            (r.ok >= n).then_some(())
+        })
     }
 
     fn ids_so_far(&self) -> BTreeSet<u64> {
-        self.snapshot().ids.into_iter().collect()
+        self.state
+            .0
+            .lock()
+            .expect("load")
+            .ids
+            .iter()
+            .copied()
+            .collect()
     }
 
     /// Waits until `count` workers that were not in `old` have answered and the last
     /// 50 answers all came from new workers.
     fn wait_for_new_workers(&self, old: &BTreeSet<u64>, count: usize) -> Result<Vec<u64>> {
-        let deadline = Instant::now() + STEP_TIMEOUT;
-        loop {
-            let snap = self.snapshot();
-            let new: BTreeSet<u64> = snap
+        self.wait_until("reload did not replace every worker", |r| {
+            let tail_is_new =
+                r.ids.len() >= 50 && r.ids[r.ids.len() - 50..].iter().all(|id| !old.contains(id));
+            let new: BTreeSet<u64> = r
                 .ids
                 .iter()
                 .copied()
                 .filter(|id| !old.contains(id))
                 .collect();
-            let tail_is_new = snap.ids.len() >= 50
-                && snap.ids[snap.ids.len() - 50..]
-                    .iter()
-                    .all(|id| !old.contains(id));
-            if new.len() >= count && tail_is_new {
-                return Ok(new.into_iter().collect());
-            }
-            ensure!(
-                Instant::now() < deadline,
-                "reload did not replace every worker within {STEP_TIMEOUT:?} (new so far: {new:?})"
-            );
-            thread::sleep(Duration::from_millis(10));
-        }
+            (tail_is_new && new.len() >= count).then(|| new.into_iter().collect())
+        })
     }
 
     fn stop(mut self) -> LoadReport {
@@ -423,7 +435,7 @@ impl Load {
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
-        self.snapshot()
+        std::mem::take(&mut *self.state.0.lock().expect("load"))
     }
 }
 
