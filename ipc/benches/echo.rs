@@ -311,11 +311,17 @@ fn run_node(size: usize, count: usize) -> Duration {
         "node failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let text = String::from_utf8_lossy(&out.stdout);
-    let seconds: f64 = text
-        .split("\"seconds\":")
-        .nth(1)
-        .and_then(|s| s.trim().trim_end_matches('}').parse().ok())
-        .unwrap_or_else(|| panic!("unexpected node output: {text}"));
-    Duration::from_secs_f64(seconds)
+    let report: NodeTiming = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "unexpected node output ({e}): {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    });
+    Duration::from_secs_f64(report.seconds)
+}
+
+/// The one line a Node peer script prints.
+#[derive(serde::Deserialize)]
+struct NodeTiming {
+    seconds: f64,
 }
