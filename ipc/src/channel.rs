@@ -418,11 +418,12 @@ impl Receiver {
                 return Ok(Some(received));
             }
             if self.eof {
-                return match self.codec.bytes_wanted(self.buf.len()) {
-                    crate::codec::HEADER_LEN if self.buf.is_empty() => Ok(None),
-                    _ => Err(Error::UnexpectedEof {
+                return if self.buf.is_empty() && self.codec.is_between_frames() {
+                    Ok(None)
+                } else {
+                    Err(Error::UnexpectedEof {
                         buffered: self.buf.len(),
-                    }),
+                    })
                 };
             }
             // Descriptors come with the first byte of their frame, so more than one

@@ -126,6 +126,12 @@ impl FrameCodec {
         self.max_frame_len
     }
 
+    /// Whether the decoder is between two frames (it has consumed no header of a frame it
+    /// has not yet returned).
+    pub fn is_between_frames(&self) -> bool {
+        matches!(self.state, DecodeState::Head)
+    }
+
     /// How many more bytes the frame being decoded needs before it is complete, given
     /// that `buffered` bytes are already in the buffer (a hint for how much to read).
     pub fn bytes_wanted(&self, buffered: usize) -> usize {
