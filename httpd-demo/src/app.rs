@@ -103,7 +103,7 @@ async fn route<B>(req: &Request<B>, state: &AppState) -> Response<Full<Bytes>> {
                 let wait = Duration::from_millis(ms).min(MAX_SLEEP);
                 tracing::info!(ms = wait.as_millis() as u64, "sleep request in flight");
                 tokio::time::sleep(wait).await;
-                text(StatusCode::OK, &format!("slept {} ms\n", wait.as_millis()))
+                text(StatusCode::OK, format!("slept {} ms\n", wait.as_millis()))
             }
             None => text(StatusCode::BAD_REQUEST, "usage: /sleep?ms=N\n"),
         },
@@ -121,8 +121,9 @@ fn sleep_millis(query: Option<&str>) -> Option<u64> {
         .and_then(|v| v.parse().ok())
 }
 
-fn text(status: StatusCode, body: &str) -> Response<Full<Bytes>> {
-    let mut response = Response::new(Full::new(Bytes::copy_from_slice(body.as_bytes())));
+/// A plain-text response; a `&'static str` body is served without a copy.
+fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(body.into()));
     *response.status_mut() = status;
     response
         .headers_mut()
