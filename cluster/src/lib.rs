@@ -91,24 +91,28 @@
 //!
 //! Linux.
 
+mod env;
 mod error;
 mod net;
 mod primary;
-pub mod protocol;
-pub mod scheduler;
+mod protocol;
+mod scheduler;
 mod settings;
 mod worker;
 
+pub use child::ExitStatus;
+pub use env::{WORKER_ID_ENV, WORKER_SLOT_ENV};
 pub use error::{Error, ListenError};
+pub use ipc::Received;
 pub use primary::{
-    EVENT_CAPACITY, Event, Events, Primary, Signal, Stats, WorkerState, WorkerStats,
+    EVENT_CAPACITY, Event, Events, MAX_SERVERS_PER_WORKER, OutputStream, Primary, Signal, Stats,
+    WorkerState, WorkerStats,
 };
 pub use protocol::{AddressFamily, HandleKey, WorkerId};
 pub use settings::{Policy, RestartPolicy, SCHED_POLICY_ENV, Settings, UnknownPolicy};
-pub use worker::{DEFAULT_BACKLOG, ListenOptions, Listener, Worker};
-
-/// The environment variable that carries a worker's id (Node's `NODE_UNIQUE_ID`).
-pub const WORKER_ID_ENV: &str = "CLUSTER_WORKER_ID";
+pub use worker::{
+    DEFAULT_BACKLOG, ListenOptions, Listener, StopReason, USER_QUEUE_CAPACITY, Worker,
+};
 
 /// Which part this process plays.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -122,11 +126,7 @@ pub enum Role {
 /// This process's role, from [`WORKER_ID_ENV`]. A value that is not a positive number
 /// counts as absent (the process is a primary).
 pub fn role() -> Role {
-    std::env::var(WORKER_ID_ENV)
-        .ok()
-        .and_then(|v| v.parse::<u64>().ok())
-        .filter(|id| *id > 0)
-        .map_or(Role::Primary, |id| Role::Worker(WorkerId(id)))
+    env::worker_id().map_or(Role::Primary, Role::Worker)
 }
 
 /// Whether this process is a primary (Node's `cluster.isPrimary`).

@@ -1,16 +1,21 @@
 //! The primary side: [`Primary`], its [`Event`]s and [`Stats`].
 //!
-//! A `Primary` is a handle on a supervisor task that owns every worker, the listening
-//! handles and the round-robin schedulers. Commands go to it over a channel and come back
-//! through oneshot replies, so every method takes `&self` and works from any task of a
-//! multi-thread runtime.
+//! A `Primary` is a handle on one driver task. The driver (`driver.rs`) owns the worker
+//! processes, channels, sockets and timers; every decision is made by the pure state
+//! machine in `core.rs`, which it feeds with what happens and whose effects it performs.
+//! Commands go to the driver over a bounded channel and come back through oneshot
+//! replies, so every method takes `&self` and works from any task of a multi-thread
+//! runtime.
 
-mod handles;
+mod core;
+mod driver;
 mod restart;
-mod supervisor;
+mod sockets;
 
+use std::ffi::OsString;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
@@ -23,6 +28,23 @@ pub use child::Signal;
 
 /// How many events wait for a reader before later ones are dropped (and logged).
 pub const EVENT_CAPACITY: usize = 4096;
+
+/// How many servers (`listen` calls not closed) one worker may hold; a worker that asks
+/// for more is treated as misbehaving: killed and replaced.
+pub const MAX_SERVERS_PER_WORKER: usize = core::MAX_SERVERS_PER_WORKER;
+
+/// How long an exited worker's channel may stay open before its exit is reported anyway
+/// (its last messages are read first; a descendant may hold the channel open).
+const EXIT_GRACE: Duration = Duration::from_secs(1);
+
+/// Which output stream of a worker a line came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutputStream {
+    /// The worker's stdout.
+    Stdout,
+    /// The worker's stderr.
+    Stderr,
+}
 
 /// Something that happened to a worker (Node's cluster events).
 #[derive(Debug)]
@@ -92,6 +114,27 @@ pub enum Event {
         /// The last worker of the slot.
         id: WorkerId,
     },
+    /// A rolling reload could not replace this slot's worker: the new ones crashed too
+    /// often. The old worker keeps serving the slot (it is not given up).
+    ReloadFailed {
+        /// The slot.
+        slot: usize,
+        /// The last new worker that crashed.
+        id: WorkerId,
+        /// The old worker, still serving.
+        kept: WorkerId,
+    },
+    /// A line a [`silent`](crate::Settings::silent) worker wrote, without its newline
+    /// (lines over 64 KiB arrive in pieces). Output may still arrive after the worker's
+    /// `Exit`, and like every event it is dropped when nobody reads the event queue.
+    Output {
+        /// The worker.
+        id: WorkerId,
+        /// Which stream.
+        stream: OutputStream,
+        /// The line, decoded as UTF-8 (invalid bytes replaced).
+        line: String,
+    },
 }
 
 /// Where a worker is in its life (Node's `worker.state`).
@@ -140,6 +183,9 @@ pub struct Stats {
     pub queued: usize,
     /// Slots given up after a crash loop.
     pub failed_slots: Vec<usize>,
+    /// Whether the cluster is ready for traffic: no stop has begun and every slot's
+    /// current worker is listening.
+    pub ready: bool,
 }
 
 type Reply<T> = oneshot::Sender<T>;
@@ -147,7 +193,7 @@ type UserSender = Arc<tokio::sync::Mutex<ipc::Sender>>;
 
 #[derive(Debug)]
 pub(crate) enum Command {
-    AddWorker(Reply<Result<WorkerId, Error>>),
+    AddWorker(Vec<(OsString, OsString)>, Reply<Result<WorkerId, Error>>),
     RemoveWorker(Reply<Option<WorkerId>>),
     Disconnect(Option<WorkerId>, Reply<Result<(), Error>>),
     Kill(WorkerId, Signal, Reply<Result<(), Error>>),
@@ -188,7 +234,7 @@ impl Primary {
         }
         let (commands, commands_rx) = mpsc::channel(64);
         let (events_tx, events) = mpsc::channel(EVENT_CAPACITY);
-        supervisor::Supervisor::start(settings, events_tx, commands_rx)?;
+        driver::Driver::start(settings, events_tx, commands_rx)?;
         Ok(Primary {
             commands,
             events: Some(Events(events)),
@@ -217,7 +263,20 @@ impl Primary {
 
     /// Starts one more worker in a new slot (Node's `cluster.fork()`).
     pub async fn fork(&self) -> Result<WorkerId, Error> {
-        self.ask(Command::AddWorker).await?
+        self.fork_with_env(Vec::<(OsString, OsString)>::new()).await
+    }
+
+    /// Starts one more worker in a new slot with extra environment variables (Node's
+    /// `cluster.fork(env)`), on top of [`Settings::env`](crate::Settings::env). The
+    /// slot keeps them: its replacements get the same environment.
+    pub async fn fork_with_env<I, K, V>(&self, env: I) -> Result<WorkerId, Error>
+    where
+        I: IntoIterator<Item = (K, V)>,
+        K: Into<OsString>,
+        V: Into<OsString>,
+    {
+        let env = env.into_iter().map(|(k, v)| (k.into(), v.into())).collect();
+        self.ask(|r| Command::AddWorker(env, r)).await?
     }
 
     /// Removes the newest slot, stopping its worker gracefully. Returns that worker.
@@ -225,7 +284,13 @@ impl Primary {
         self.ask(Command::RemoveWorker).await
     }
 
-    /// Sends a user message to one worker.
+    /// Sends a user message to one worker (Node's `worker.send`).
+    ///
+    /// Back-pressure: this waits while the channel's socket is full, that is while the
+    /// worker's process does not read it at all (stopped, or wedged); bound it with a
+    /// timeout if that matters. A worker that reads its channel but not its messages keeps
+    /// only the newest [`crate::USER_QUEUE_CAPACITY`] of them (see
+    /// [`Worker::recv`](crate::Worker::recv)).
     pub async fn send<T: Serialize + ?Sized>(
         &self,
         id: WorkerId,
@@ -260,8 +325,10 @@ impl Primary {
         self.ask(|r| Command::Disconnect(None, r)).await?
     }
 
-    /// Sends `signal` to a worker (Node's `worker.process.kill`). A worker killed this way
-    /// did not exit after a disconnect, so it is replaced by the restart policy.
+    /// Node's `worker.kill(signal)`: disconnects the worker (no new connections, its
+    /// channel is told to stop), then sends `signal`. Its exit has
+    /// `exited_after_disconnect` set and it is not replaced. (A worker killed from outside,
+    /// by its pid, crashed: the restart policy replaces it.)
     pub async fn kill(&self, id: WorkerId, signal: Signal) -> Result<(), Error> {
         self.ask(|r| Command::Kill(id, signal, r)).await?
     }

@@ -1,4 +1,4 @@
-//! The cluster protocol: the messages a primary and its workers exchange on the `ipc`
+//! The cluster protocol (crate-private): the messages a primary and its workers exchange on the `ipc`
 //! control lane ([`ipc::Lane::Control`]), and the names they share.
 //!
 //! ```text
@@ -12,6 +12,7 @@
 //!    | <- Disconnect ------------------------  |
 //!    | -- Close { key } -------------------->  |   a server closed by the application
 //!    | -- GoingDown { reason } ------------->  |   the worker panicked and is draining
+//!    | -- Disconnecting -------------------->  |   the worker stops by itself
 //! ```
 //!
 //! User messages travel on the user lane and are never decoded here.
@@ -22,9 +23,16 @@ use std::net::SocketAddr;
 use serde::{Deserialize, Serialize};
 
 /// A worker's id: unique within one primary, never reused (a replacement gets a new one).
-/// Node's `worker.id` / `NODE_UNIQUE_ID`; ids start at 1.
+/// Node's `worker.id` / `NODE_UNIQUE_ID`; ids start at 1. Only the primary makes them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-pub struct WorkerId(pub u64);
+pub struct WorkerId(pub(crate) u64);
+
+impl WorkerId {
+    /// The number, as in Node's `worker.id`.
+    pub fn get(self) -> u64 {
+        self.0
+    }
+}
 
 impl fmt::Display for WorkerId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -128,6 +136,9 @@ pub(crate) enum ToPrimary {
         /// The panic message.
         reason: String,
     },
+    /// The application called [`crate::Worker::disconnect`]: it stops accepting, drains
+    /// and exits; replace it now (not a crash).
+    Disconnecting,
 }
 
 /// What the primary gives back for a successful [`ToPrimary::QueryServer`].

@@ -33,18 +33,18 @@ struct InFlight<C, W> {
 
 /// One hand-off the caller must now perform: send `conn` to `worker`, tagged `seq`.
 #[derive(Debug)]
-pub struct Handoff<'a, C, W> {
+pub(crate) struct Handoff<'a, C, W> {
     /// The worker to send to.
-    pub worker: W,
+    pub(crate) worker: W,
     /// The tag the worker's reply must carry.
-    pub seq: u64,
+    pub(crate) seq: u64,
     /// The connection (still owned by the handle until the worker accepts it).
-    pub conn: &'a C,
+    pub(crate) conn: &'a C,
 }
 
 /// The round-robin state of one listening handle. See the module docs.
 #[derive(Debug)]
-pub struct RoundRobinHandle<C, W> {
+pub(crate) struct RoundRobinHandle<C, W> {
     /// Workers that may get new hand-offs.
     workers: Vec<W>,
     /// Registered workers with nothing in flight, longest idle first.
@@ -57,7 +57,7 @@ pub struct RoundRobinHandle<C, W> {
 
 impl<C, W: Copy + Eq + Hash> RoundRobinHandle<C, W> {
     /// An empty handle; connections wait at most `hold` for a worker.
-    pub fn new(hold: Duration) -> Self {
+    pub(crate) fn new(hold: Duration) -> Self {
         Self {
             workers: Vec::new(),
             idle: VecDeque::new(),
@@ -69,7 +69,7 @@ impl<C, W: Copy + Eq + Hash> RoundRobinHandle<C, W> {
     }
 
     /// Registers `worker` as idle (last in line). Adding a registered worker does nothing.
-    pub fn add_worker(&mut self, worker: W) {
+    pub(crate) fn add_worker(&mut self, worker: W) {
         if self.workers.contains(&worker) {
             return;
         }
@@ -81,32 +81,22 @@ impl<C, W: Copy + Eq + Hash> RoundRobinHandle<C, W> {
 
     /// Stops new hand-offs to `worker`, which is stopping but alive: a hand-off in flight
     /// stays until the worker replies (it may still accept it).
-    pub fn retire_worker(&mut self, worker: W) {
+    pub(crate) fn retire_worker(&mut self, worker: W) {
         self.workers.retain(|w| *w != worker);
         self.idle.retain(|w| *w != worker);
     }
 
     /// Forgets `worker`, which is gone: its in-flight connection, if any, goes back to the
     /// front of the queue for another worker.
-    pub fn remove_worker(&mut self, worker: W) {
+    pub(crate) fn remove_worker(&mut self, worker: W) {
         self.retire_worker(worker);
         if let Some(flight) = self.in_flight.remove(&worker) {
             self.queue.push_front(flight.queued);
         }
     }
 
-    /// Whether `worker` may get new hand-offs.
-    pub fn has_worker(&self, worker: W) -> bool {
-        self.workers.contains(&worker)
-    }
-
-    /// How many workers may get new hand-offs.
-    pub fn worker_count(&self) -> usize {
-        self.workers.len()
-    }
-
     /// Queues a connection accepted at `now`.
-    pub fn push_connection(&mut self, conn: C, now: Instant) {
+    pub(crate) fn push_connection(&mut self, conn: C, now: Instant) {
         self.queue.push_back(Queued {
             conn,
             since: now,
@@ -117,7 +107,7 @@ impl<C, W: Copy + Eq + Hash> RoundRobinHandle<C, W> {
     /// Records `worker`'s reply to hand-off `seq`. Returns the connection if the worker
     /// accepted it (the caller closes its copy). A refused connection is queued again;
     /// a reply that matches nothing in flight is ignored and returns `None`.
-    pub fn reply(&mut self, worker: W, seq: u64, accepted: bool) -> Option<C> {
+    pub(crate) fn reply(&mut self, worker: W, seq: u64, accepted: bool) -> Option<C> {
         match self.in_flight.get(&worker) {
             Some(flight) if flight.seq == seq => {}
             _ => return None,
@@ -136,7 +126,7 @@ impl<C, W: Copy + Eq + Hash> RoundRobinHandle<C, W> {
 
     /// The next hand-off: the longest-idle worker gets the oldest connection it has not
     /// refused. Call until it returns `None` after every change.
-    pub fn next_handoff(&mut self) -> Option<Handoff<'_, C, W>> {
+    pub(crate) fn next_handoff(&mut self) -> Option<Handoff<'_, C, W>> {
         let (worker_pos, conn_pos) = self.idle.iter().enumerate().find_map(|(wi, w)| {
             self.queue
                 .iter()
@@ -161,7 +151,7 @@ impl<C, W: Copy + Eq + Hash> RoundRobinHandle<C, W> {
 
     /// Removes and returns the queued connections that can no longer be served: held past
     /// their hold time at `now`, or refused by every registered worker.
-    pub fn expire(&mut self, now: Instant) -> Vec<C> {
+    pub(crate) fn expire(&mut self, now: Instant) -> Vec<C> {
         let (hold, workers) = (self.hold, &self.workers);
         let mut expired = Vec::new();
         let mut kept = VecDeque::with_capacity(self.queue.len());
@@ -179,22 +169,22 @@ impl<C, W: Copy + Eq + Hash> RoundRobinHandle<C, W> {
     }
 
     /// When the oldest queued connection's hold time runs out, if any is queued.
-    pub fn next_deadline(&self) -> Option<Instant> {
+    pub(crate) fn next_deadline(&self) -> Option<Instant> {
         self.queue.iter().map(|q| q.since + self.hold).min()
     }
 
     /// How many connections wait for a worker.
-    pub fn queued(&self) -> usize {
+    pub(crate) fn queued(&self) -> usize {
         self.queue.len()
     }
 
     /// How many hand-offs `worker` has in flight (0 or 1).
-    pub fn in_flight(&self, worker: W) -> usize {
+    pub(crate) fn in_flight(&self, worker: W) -> usize {
         usize::from(self.in_flight.contains_key(&worker))
     }
 
     /// Takes every connection out (queued and in flight), for closing the handle.
-    pub fn drain(&mut self) -> Vec<C> {
+    pub(crate) fn drain(&mut self) -> Vec<C> {
         let mut all: Vec<C> = self.queue.drain(..).map(|q| q.conn).collect();
         all.extend(self.in_flight.drain().map(|(_, f)| f.queued.conn));
         self.idle = self.workers.iter().copied().collect();

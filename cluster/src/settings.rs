@@ -129,7 +129,8 @@ impl RestartPolicy {
 #[derive(Debug, Clone)]
 pub struct Settings {
     pub(crate) program: Option<OsString>,
-    pub(crate) args: Vec<OsString>,
+    /// `None`: the primary's own arguments (Node's `process.argv.slice(2)`).
+    pub(crate) args: Option<Vec<OsString>>,
     pub(crate) env: Vec<(OsString, OsString)>,
     pub(crate) workers: usize,
     pub(crate) policy: Policy,
@@ -143,7 +144,7 @@ impl Default for Settings {
     fn default() -> Self {
         Self {
             program: None,
-            args: Vec::new(),
+            args: None,
             env: Vec::new(),
             workers: std::thread::available_parallelism().map_or(1, |n| n.get()),
             policy: Policy::default(),
@@ -169,13 +170,15 @@ impl Settings {
         self
     }
 
-    /// The workers' arguments.
+    /// The workers' arguments. By default workers get the primary's own arguments (all
+    /// but the program name), as Node passes `process.argv.slice(2)`, so the one-binary
+    /// pattern parses the same flags in both roles; set them (even to none) to override.
     pub fn args<I, S>(mut self, args: I) -> Self
     where
         I: IntoIterator<Item = S>,
         S: Into<OsString>,
     {
-        self.args = args.into_iter().map(Into::into).collect();
+        self.args = Some(args.into_iter().map(Into::into).collect());
         self
     }
 

@@ -1,24 +1,50 @@
-//! The worker side: the channel to the primary, `listen`, accepting, draining, messaging
-//! and the panic hook.
+//! The worker side: [`Worker`] (the link to the primary, `listen`, messaging, stopping)
+//! and [`Listener`]. `worker/link.rs` is the protocol with the primary (a pure core and
+//! its read loop), `worker/listener.rs` the listener and its hand-off queue,
+//! `worker/messages.rs` the bounded queue of user messages, `worker/panic.rs` the hook.
 
-use std::collections::{HashMap, VecDeque};
+mod link;
+mod listener;
+mod messages;
+mod panic;
+
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::OwnedFd;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use serde::Serialize;
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Notify, mpsc, oneshot};
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
+use self::link::Inner;
+use self::listener::Kind;
+pub use self::listener::Listener;
+pub use self::messages::USER_QUEUE_CAPACITY;
+use self::messages::UserQueue;
 use crate::error::{Error, ListenError};
-use crate::protocol::{AddressFamily, Granted, HandleKey, ToPrimary, ToWorker};
+use crate::protocol::{Granted, ToPrimary};
 use crate::{WorkerId, net};
 
 /// The backlog a listen asks for unless told otherwise (Node's 511).
 pub const DEFAULT_BACKLOG: u32 = 511;
+
+/// Why a worker stops: what [`Worker::stopping`] resolves with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum StopReason {
+    /// The primary asked (a disconnect, a stop, a reload, a removal).
+    Disconnected,
+    /// This worker called [`Worker::disconnect`].
+    Disconnecting,
+    /// A panic in this process started the drain.
+    Panicked,
+    /// The channel to the primary ended (the primary died or closed it), or the primary
+    /// stopped reading it.
+    PrimaryGone,
+}
 
 /// Options of [`Worker::listen_with`].
 #[derive(Debug, Clone)]
@@ -56,76 +82,6 @@ impl ListenOptions {
     }
 }
 
-/// The round-robin hand-offs waiting for one listener's `accept`.
-#[derive(Debug)]
-struct HandoffQueue {
-    key: HandleKey,
-    items: Mutex<VecDeque<(u64, OwnedFd)>>,
-    notify: Notify,
-    refusing: AtomicBool,
-    closed: AtomicBool,
-}
-
-#[derive(Debug)]
-struct QueryAnswer {
-    result: Result<(Granted, SocketAddr), i32>,
-    fd: Option<OwnedFd>,
-    queue: Option<Arc<HandoffQueue>>,
-}
-
-#[derive(Debug, Default)]
-struct State {
-    next_seq: u64,
-    queries: HashMap<u64, (HandleKey, oneshot::Sender<QueryAnswer>)>,
-    queues: HashMap<HandleKey, Arc<HandoffQueue>>,
-    indexes: HashMap<(String, u16, AddressFamily), u32>,
-}
-
-#[derive(Debug)]
-struct Inner {
-    control: mpsc::UnboundedSender<ToPrimary>,
-    sender: Arc<tokio::sync::Mutex<ipc::Sender>>,
-    stop: CancellationToken,
-    panicked: AtomicBool,
-    state: Mutex<State>,
-}
-
-impl Inner {
-    fn send_control(&self, message: ToPrimary) {
-        // Fails only when the writer is gone, i.e. the channel is closed and we exit.
-        let _ = self.control.send(message);
-    }
-
-    fn state(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Refuses every hand-off not yet accepted, and any later one.
-    fn refuse_pending(&self) {
-        let queues: Vec<_> = self.state().queues.values().cloned().collect();
-        for queue in queues {
-            queue.closed.store(true, Ordering::SeqCst);
-            self.refuse_queue(&queue);
-        }
-    }
-
-    fn refuse_queue(&self, queue: &HandoffQueue) {
-        let items: Vec<_> = queue
-            .items
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .drain(..)
-            .collect();
-        for (seq, _fd) in items {
-            self.send_control(ToPrimary::Accepted {
-                key: queue.key.clone(),
-                seq,
-                accepted: false,
-            });
-        }
-    }
-}
-
 /// This process's side of the cluster, when it is a worker.
 ///
 /// Get it once with [`Worker::connect`]. It reports the worker online, answers the
@@ -133,18 +89,21 @@ impl Inner {
 /// the primary the worker is going down (so its replacement starts at once) and starts a
 /// drain, as if the primary had asked this worker to stop.
 ///
-/// # Exiting
+/// # Stopping
 ///
-/// When the channel to the primary closes (the primary died), the process exits with
-/// code 0 at once, like a Node worker. When the primary asks it to stop,
-/// [`stopping`](Worker::stopping) resolves, listeners stop yielding connections, and the
-/// application should finish its in-flight work and return from `main`; the primary
-/// kills it when its drain deadline passes.
+/// [`stopping`](Worker::stopping) resolves with a [`StopReason`] when the worker should
+/// stop: the primary asked, the worker called [`disconnect`](Worker::disconnect), it
+/// panicked, or the primary is gone. From then on listeners yield no more connections;
+/// the application should finish its in-flight work and return from `main`. The library
+/// never exits the process itself. An application that ignores it is still ended: when the
+/// primary process dies, by the parent-death signal (`SIGKILL`); otherwise by the primary
+/// when its drain deadline passes.
 #[derive(Debug)]
 pub struct Worker {
     id: WorkerId,
+    slot: Option<usize>,
     inner: Arc<Inner>,
-    messages: tokio::sync::Mutex<mpsc::UnboundedReceiver<ipc::Received>>,
+    messages: Arc<UserQueue>,
 }
 
 impl Worker {
@@ -161,28 +120,33 @@ impl Worker {
         let (mut sender, receiver) = channel.into_split();
         sender.send_control(&ToPrimary::Online, Vec::new()).await?;
         let sender = Arc::new(tokio::sync::Mutex::new(sender));
-        let (control, control_rx) = mpsc::unbounded_channel();
-        let (messages_tx, messages) = mpsc::unbounded_channel();
-        let inner = Arc::new(Inner {
-            control,
-            sender: Arc::clone(&sender),
-            stop: CancellationToken::new(),
-            panicked: AtomicBool::new(false),
-            state: Mutex::new(State::default()),
-        });
-        tokio::spawn(write_control(sender, control_rx));
-        tokio::spawn(read_loop(receiver, Arc::clone(&inner), messages_tx));
-        install_panic_hook(&inner);
+        let (control, control_rx) = mpsc::channel(link::CONTROL_QUEUE);
+        let inner = Arc::new(Inner::new(control, Arc::clone(&sender)));
+        let messages = Arc::new(UserQueue::default());
+        tokio::spawn(link::write_control(sender, control_rx));
+        tokio::spawn(link::read_loop(
+            receiver,
+            Arc::clone(&inner),
+            Arc::clone(&messages),
+        ));
+        panic::install(&inner);
         Ok(Worker {
             id,
+            slot: crate::env::worker_slot(),
             inner,
-            messages: tokio::sync::Mutex::new(messages),
+            messages,
         })
     }
 
     /// This worker's id.
     pub fn id(&self) -> WorkerId {
         self.id
+    }
+
+    /// This worker's slot: which of the primary's places it fills (`0..workers` for the
+    /// configured ones), the same for its replacements. PM2's `NODE_APP_INSTANCE`.
+    pub fn slot(&self) -> Option<usize> {
+        self.slot
     }
 
     /// Listens on `address` the way the primary's policy says, with a backlog of 511.
@@ -197,80 +161,58 @@ impl Worker {
     /// Node's meaning, wherever the bind happened.
     ///
     /// Port 0: the first `listen` on `127.0.0.1:0` of every worker shares one port; a
-    /// second one in the same worker gets another (Node's handle index).
+    /// second one in the same worker gets another (Node's handle index). A worker may hold
+    /// at most [`MAX_SERVERS_PER_WORKER`](crate::MAX_SERVERS_PER_WORKER) servers.
     pub async fn listen_with(
         &self,
         address: SocketAddr,
         options: ListenOptions,
     ) -> Result<Listener, ListenError> {
-        if self.inner.stop.is_cancelled() {
+        if self.inner.stop_token().is_cancelled() {
             return Err(ListenError::Stopping { address });
         }
-        let family = AddressFamily::of(&address);
-        let (key, seq, reply) = {
-            let mut state = self.inner.state();
-            let index = state
-                .indexes
-                .entry((address.ip().to_string(), address.port(), family))
-                .or_insert(0);
-            let key = HandleKey {
-                address: address.ip().to_string(),
-                port: address.port(),
-                family,
-                fd: None,
-                index: *index,
-            };
-            *index += 1;
-            let seq = state.next_seq;
-            state.next_seq += 1;
-            let (tx, rx) = oneshot::channel();
-            if !options.exclusive {
-                state.queries.insert(seq, (key.clone(), tx));
-            }
-            (key, seq, rx)
-        };
-        let kind = if options.exclusive {
+        let (key, seq) = self.inner.core().new_listen(address);
+        if options.exclusive {
             let listener = net::bind_listener(address, options.backlog, false)
                 .map_err(|e| ListenError::from_io(address, e))?;
-            Kind::Socket(into_tokio(listener.into()).map_err(|e| ListenError::from_io(address, e))?)
-        } else {
-            self.inner.send_control(ToPrimary::QueryServer {
-                seq,
-                key: key.clone(),
-                backlog: options.backlog,
-            });
-            let answer = reply.await.map_err(|_| ListenError::NoReply { address })?;
-            match (answer.result, answer.fd, answer.queue) {
-                (Err(errno), _, _) => return Err(ListenError::from_errno(address, errno)),
-                (Ok((Granted::RoundRobin, bound)), _, Some(queue)) => {
-                    return Ok(self.announce(key, bound, Kind::RoundRobin(queue)));
-                }
-                (Ok((Granted::Socket, _)), Some(fd), _) => {
-                    Kind::Socket(into_tokio(fd).map_err(|e| ListenError::from_io(address, e))?)
-                }
-                _ => return Err(ListenError::NoReply { address }),
+            let listener =
+                into_tokio(listener.into()).map_err(|e| ListenError::from_io(address, e))?;
+            let bound = listener
+                .local_addr()
+                .map_err(|e| ListenError::from_io(address, e))?;
+            return Ok(self.announce(key, bound, Kind::Socket(listener)));
+        }
+        let (tx, reply) = oneshot::channel();
+        self.inner.answers().insert(seq, tx);
+        self.inner.core().await_reply(seq, key.clone());
+        self.inner.send_control(ToPrimary::QueryServer {
+            seq,
+            key: key.clone(),
+            backlog: options.backlog,
+        });
+        let answer = reply.await.map_err(|_| ListenError::NoReply { address })?;
+        match (answer.result, answer.fd, answer.queue) {
+            (Err(errno), _, _) => Err(ListenError::from_errno(address, errno)),
+            (Ok((Granted::RoundRobin, bound)), _, Some(queue)) => {
+                Ok(self.announce(key, bound, Kind::RoundRobin(queue)))
             }
-        };
-        let Kind::Socket(listener) = &kind else {
-            unreachable!("round-robin returned above")
-        };
-        let bound = listener
-            .local_addr()
-            .map_err(|e| ListenError::from_io(address, e))?;
-        Ok(self.announce(key, bound, kind))
+            (Ok((Granted::Socket, _)), Some(fd), _) => {
+                let listener = into_tokio(fd).map_err(|e| ListenError::from_io(address, e))?;
+                let bound = listener
+                    .local_addr()
+                    .map_err(|e| ListenError::from_io(address, e))?;
+                Ok(self.announce(key, bound, Kind::Socket(listener)))
+            }
+            _ => Err(ListenError::NoReply { address }),
+        }
     }
 
-    fn announce(&self, key: HandleKey, address: SocketAddr, kind: Kind) -> Listener {
+    fn announce(&self, key: crate::HandleKey, address: SocketAddr, kind: Kind) -> Listener {
         self.inner.send_control(ToPrimary::Listening {
             key: key.clone(),
             address,
         });
-        Listener {
-            key,
-            address,
-            kind: Some(kind),
-            inner: Arc::clone(&self.inner),
-        }
+        Listener::new(key, address, kind, Arc::clone(&self.inner))
     }
 
     /// Sends a message to the primary on the user lane (Node's `process.send`).
@@ -279,26 +221,52 @@ impl Worker {
         Ok(())
     }
 
-    /// The next message from the primary, `None` once the channel is closed. Messages
-    /// queue in memory until read.
+    /// The next message from the primary, `None` once the channel is closed and every
+    /// message was read. At most [`USER_QUEUE_CAPACITY`] unread messages are kept: when
+    /// more arrive, the oldest are dropped (see [`dropped_messages`](Worker::dropped_messages)),
+    /// so a worker that never reads cannot grow, and hand-offs never wait behind them.
     pub async fn recv(&self) -> Option<ipc::Received> {
-        self.messages.lock().await.recv().await
+        self.messages.pop().await
     }
 
-    /// Resolves when this worker should stop: the primary disconnected it, or a panic
-    /// started a drain. Listeners yield no more connections from then on.
-    pub async fn stopping(&self) {
-        self.inner.stop.cancelled().await;
+    /// How many user messages were dropped because the queue was full.
+    pub fn dropped_messages(&self) -> u64 {
+        self.messages.dropped()
+    }
+
+    /// Resolves when this worker should stop, with the reason. Listeners yield no more
+    /// connections from then on. See [Stopping](Worker#stopping).
+    pub async fn stopping(&self) -> StopReason {
+        self.inner.stop_token().cancelled().await;
+        self.inner.stop_reason().unwrap_or(StopReason::Disconnected)
+    }
+
+    /// Why this worker is stopping, if it is.
+    pub fn stop_reason(&self) -> Option<StopReason> {
+        self.inner.stop_reason()
     }
 
     /// Whether this worker was asked to stop.
     pub fn is_stopping(&self) -> bool {
-        self.inner.stop.is_cancelled()
+        self.inner.stop_token().is_cancelled()
     }
 
     /// A token cancelled when this worker should stop, to hand to connection tasks.
     pub fn stop_token(&self) -> CancellationToken {
-        self.inner.stop.child_token()
+        self.inner.stop_token().child_token()
+    }
+
+    /// Stops this worker by its own choice (Node's `worker.disconnect()` in a worker):
+    /// listeners stop yielding connections (hand-offs not taken go to other workers), the
+    /// primary starts a replacement at once and does not count a crash, and the exit has
+    /// `exited_after_disconnect` set. Finish in-flight work and return from `main`; the
+    /// primary kills the process if its drain deadline passes first.
+    pub fn disconnect(&self) {
+        if self.inner.stop_token().is_cancelled() {
+            return;
+        }
+        self.inner.send_control(ToPrimary::Disconnecting);
+        self.inner.stop(StopReason::Disconnecting);
     }
 
     /// Whether a panic happened in this process since [`connect`](Worker::connect).
@@ -311,224 +279,4 @@ fn into_tokio(fd: OwnedFd) -> io::Result<TcpListener> {
     let listener = std::net::TcpListener::from(fd);
     listener.set_nonblocking(true)?;
     TcpListener::from_std(listener)
-}
-
-#[derive(Debug)]
-enum Kind {
-    RoundRobin(Arc<HandoffQueue>),
-    Socket(TcpListener),
-}
-
-/// A listening server in a worker: yields accepted connections whatever the policy.
-#[derive(Debug)]
-pub struct Listener {
-    key: HandleKey,
-    address: SocketAddr,
-    kind: Option<Kind>,
-    inner: Arc<Inner>,
-}
-
-impl Listener {
-    /// The bound address (with the real port when port 0 was asked for).
-    pub fn local_addr(&self) -> SocketAddr {
-        self.address
-    }
-
-    /// The primary's key for this listener's handle.
-    pub fn key(&self) -> &HandleKey {
-        &self.key
-    }
-
-    /// The next connection, or `Ok(None)` once the worker is stopping (and forever after).
-    /// Under round-robin, taking a connection is what tells the primary it was accepted;
-    /// connections not taken before the worker stops are handed to another worker.
-    pub async fn accept(&mut self) -> io::Result<Option<TcpStream>> {
-        loop {
-            let stop = self.inner.stop.clone();
-            if stop.is_cancelled() {
-                self.close();
-                return Ok(None);
-            }
-            match &self.kind {
-                None => return Ok(None),
-                Some(Kind::Socket(listener)) => {
-                    tokio::select! {
-                        accepted = listener.accept() => return accepted.map(|(s, _)| Some(s)),
-                        () = stop.cancelled() => {}
-                    }
-                }
-                Some(Kind::RoundRobin(queue)) => {
-                    let item = queue
-                        .items
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .pop_front();
-                    if let Some((seq, fd)) = item {
-                        let stream = std::net::TcpStream::from(fd);
-                        let accepted = stream
-                            .set_nonblocking(true)
-                            .and_then(|()| TcpStream::from_std(stream));
-                        self.inner.send_control(ToPrimary::Accepted {
-                            key: self.key.clone(),
-                            seq,
-                            accepted: accepted.is_ok(),
-                        });
-                        return accepted.map(Some);
-                    }
-                    tokio::select! {
-                        () = queue.notify.notified() => {}
-                        () = stop.cancelled() => {}
-                    }
-                }
-            }
-        }
-    }
-
-    /// While `refusing`, connections the primary hands to this listener are refused and
-    /// go to another worker (Node refuses when `maxConnections` is reached). No effect on
-    /// the shared and reuseport policies, where the kernel picks the acceptor.
-    pub fn set_refusing(&self, refusing: bool) {
-        if let Some(Kind::RoundRobin(queue)) = &self.kind {
-            queue.refusing.store(refusing, Ordering::SeqCst);
-            if refusing {
-                self.inner.refuse_queue(queue);
-            }
-        }
-    }
-
-    /// Stops listening: hand-offs not yet accepted go to other workers.
-    fn close(&mut self) {
-        if let Some(Kind::RoundRobin(queue)) = self.kind.take() {
-            queue.closed.store(true, Ordering::SeqCst);
-            self.inner.state().queues.remove(&self.key);
-            self.inner.refuse_queue(&queue);
-        }
-    }
-}
-
-impl Drop for Listener {
-    fn drop(&mut self) {
-        let open = self.kind.is_some();
-        self.close();
-        if open && !self.inner.stop.is_cancelled() {
-            self.inner.send_control(ToPrimary::Close {
-                key: self.key.clone(),
-            });
-        }
-    }
-}
-
-async fn write_control(
-    sender: Arc<tokio::sync::Mutex<ipc::Sender>>,
-    mut rx: mpsc::UnboundedReceiver<ToPrimary>,
-) {
-    while let Some(message) = rx.recv().await {
-        if let Err(e) = sender.lock().await.send_control(&message, Vec::new()).await {
-            tracing::debug!(error = %e, "channel to the primary closed");
-            return;
-        }
-    }
-}
-
-async fn read_loop(
-    mut receiver: ipc::Receiver,
-    inner: Arc<Inner>,
-    messages: mpsc::UnboundedSender<ipc::Received>,
-) {
-    loop {
-        let mut message = match receiver.recv().await {
-            Ok(Some(message)) => message,
-            Ok(None) => break,
-            Err(e) => {
-                tracing::warn!(error = %e, "channel to the primary failed");
-                break;
-            }
-        };
-        if message.lane() == ipc::Lane::User {
-            let _ = messages.send(message);
-            continue;
-        }
-        match message.decode::<ToWorker>() {
-            Ok(ToWorker::QueryReply { seq, result }) => {
-                let fd = message.take_fds().pop();
-                let mut state = inner.state();
-                let Some((key, reply)) = state.queries.remove(&seq) else {
-                    continue;
-                };
-                let queue = matches!(result, Ok((Granted::RoundRobin, _))).then(|| {
-                    Arc::new(HandoffQueue {
-                        key: key.clone(),
-                        items: Mutex::default(),
-                        notify: Notify::new(),
-                        refusing: AtomicBool::new(false),
-                        closed: AtomicBool::new(false),
-                    })
-                });
-                // Registered before any NewConn for it is read.
-                if let Some(queue) = &queue {
-                    state.queues.insert(key, Arc::clone(queue));
-                }
-                drop(state);
-                let answer = QueryAnswer { result, fd, queue };
-                if let Err(answer) = reply.send(answer)
-                    && let Some(queue) = answer.queue
-                {
-                    // The listen was abandoned: refuse what comes for it.
-                    queue.closed.store(true, Ordering::SeqCst);
-                }
-            }
-            Ok(ToWorker::NewConn { key, seq }) => {
-                let fd = message.take_fds().pop();
-                let queue = inner.state().queues.get(&key).cloned();
-                let taken = match (fd, queue) {
-                    (Some(fd), Some(queue))
-                        if !inner.stop.is_cancelled()
-                            && !queue.closed.load(Ordering::SeqCst)
-                            && !queue.refusing.load(Ordering::SeqCst) =>
-                    {
-                        queue
-                            .items
-                            .lock()
-                            .unwrap_or_else(|e| e.into_inner())
-                            .push_back((seq, fd));
-                        queue.notify.notify_one();
-                        true
-                    }
-                    _ => false,
-                };
-                if !taken {
-                    inner.send_control(ToPrimary::Accepted {
-                        key,
-                        seq,
-                        accepted: false,
-                    });
-                }
-            }
-            Ok(ToWorker::Disconnect) => {
-                inner.stop.cancel();
-                inner.refuse_pending();
-            }
-            Err(e) => tracing::warn!(error = %e, "ignoring an undecodable control message"),
-        }
-    }
-    // The primary is gone: exit like a Node worker whose channel closed.
-    std::process::exit(0);
-}
-
-/// Chains a hook onto the current panic hook: the first panic tells the primary this
-/// worker is going down and starts the drain.
-fn install_panic_hook(inner: &Arc<Inner>) {
-    let inner = Arc::downgrade(inner);
-    let previous = std::panic::take_hook();
-    std::panic::set_hook(Box::new(move |info| {
-        previous(info);
-        if let Some(inner) = inner.upgrade() {
-            if !inner.panicked.swap(true, Ordering::SeqCst) {
-                inner.send_control(ToPrimary::GoingDown {
-                    reason: info.to_string(),
-                });
-            }
-            inner.stop.cancel();
-        }
-    }));
 }

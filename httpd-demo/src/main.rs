@@ -171,9 +171,13 @@ async fn worker(args: Args) -> anyhow::Result<()> {
         .listen(address)
         .await
         .with_context(|| format!("listening on {address}"))?;
-    let state = app::AppState::new(id.0, args.allow_crash);
+    let state = app::AppState::new(id.get(), args.allow_crash);
     let grace = Duration::from_secs(args.grace);
-    let drained = serve::serve(ClusterListener(listener), worker.stopping(), grace, state).await;
+    let stopping = async {
+        let reason = worker.stopping().await;
+        tracing::info!(%id, ?reason, "worker stopping");
+    };
+    let drained = serve::serve(ClusterListener(listener), stopping, grace, state).await;
     match drained {
         Drained::Clean => tracing::info!(%id, "worker drained, exiting"),
         Drained::TimedOut => tracing::warn!(%id, "grace period over, dropping open connections"),

@@ -73,14 +73,17 @@ async fn a_worker_exiting_with_42_reports_42() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_killed_worker_reports_its_signal_and_did_not_exit_after_disconnect() {
+async fn a_killed_worker_reports_its_signal_and_exited_after_disconnect_like_node() {
+    // Node's worker.kill(): disconnect first, then the signal; exitedAfterDisconnect is
+    // true and the worker is not replaced.
     let mut primary = Primary::start(settings(1)).await.expect("start");
     let [(id, _)] = listening(&mut primary, 1).await[..] else {
         unreachable!()
     };
     primary.kill(id, Signal::SIGKILL).await.expect("kill");
     let (status, after) = next_exit(&mut primary).await;
-    assert_eq!((status.signal(), after), (Some(Signal::SIGKILL), false));
+    assert_eq!((status.signal(), after), (Some(Signal::SIGKILL), true));
+    assert!(primary.stats().await.expect("stats").workers.is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -95,7 +98,7 @@ async fn a_disconnect_waits_for_in_flight_connections() {
     let (read, mut write) = stream.into_split();
     let mut lines = BufReader::new(read).lines();
     let greeting = lines.next_line().await.expect("read").expect("greeting");
-    assert_eq!(worker_of(&greeting).expect("id"), id.0);
+    assert_eq!(worker_of(&greeting).expect("id"), id.get());
     primary.disconnect(id).await.expect("disconnect");
     // The worker is draining: it still finishes this connection.
     write.write_all(b"late\n").await.expect("write");

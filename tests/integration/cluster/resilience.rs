@@ -39,12 +39,21 @@ async fn a_connection_in_flight_to_a_dying_worker_goes_to_its_replacement() {
         );
         tokio::task::yield_now().await;
     }
-    primary.kill(id, Signal::SIGKILL).await.expect("kill");
+    // Killed from outside: a crash, so the slot is refilled.
+    let pid = nix::unistd::Pid::from_raw(stats_pid(&primary, id).await);
+    nix::sys::signal::kill(pid, Signal::SIGKILL).expect("kill");
     let served_by = client.await.expect("join").expect("the client was served");
     assert!(
-        served_by > id.0,
+        served_by > id.get(),
         "served by the replacement, not {served_by}"
     );
+}
+
+/// The pid of a live worker.
+async fn stats_pid(primary: &Primary, id: WorkerId) -> i32 {
+    let stats = primary.stats().await.expect("stats");
+    let worker = stats.workers.iter().find(|w| w.id == id).expect("alive");
+    i32::try_from(worker.pid).expect("pid")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -68,7 +77,7 @@ async fn a_crash_looping_slot_backs_off_then_fails() {
         }
     };
     assert_eq!(failed, 0);
-    let ids: Vec<u64> = forks.iter().map(|(id, _)| id.0).collect();
+    let ids: Vec<u64> = forks.iter().map(|(id, _)| id.get()).collect();
     assert_eq!(ids, [1, 2, 3, 4], "three restarts, each with a new id");
     assert_eq!(exits, 4);
     // Each fork follows the previous one by the worker's short life plus the backoff;
@@ -138,7 +147,7 @@ async fn a_rolling_reload_fails_no_request() {
         "old workers still served: {after:?}"
     );
     let stats = primary.stats().await.expect("stats");
-    let listening_new = stats.workers.iter().filter(|w| w.id.0 > 2).count();
+    let listening_new = stats.workers.iter().filter(|w| w.id.get() > 2).count();
     assert_eq!(listening_new, 2);
     primary.stop().await.expect("stop");
 }
@@ -172,7 +181,7 @@ async fn a_panicking_worker_is_replaced_at_once_and_drains() {
         .await
         .expect("read")
         .expect("greeting");
-    assert_eq!(worker_of(&greeting).expect("id"), id.0);
+    assert_eq!(worker_of(&greeting).expect("id"), id.get());
     boom_write.write_all(b"panic\n").await.expect("write");
 
     let going_down = expect(&mut primary, |e| match e {
@@ -199,7 +208,7 @@ async fn a_panicking_worker_is_replaced_at_once_and_drains() {
     .await;
     assert_eq!((exited, code), (id, Some(1)));
     let served_by = request(address).await.expect("request");
-    assert_eq!(served_by, replacement.0);
+    assert_eq!(served_by, replacement.get());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -217,8 +226,8 @@ async fn a_hostile_worker_is_killed_and_replaced_while_others_serve() {
             _ => {}
         }
     }
-    assert_eq!(hostile, Some(WorkerId(1)));
-    let ids: Vec<u64> = seen.iter().map(|(id, _)| id.0).collect();
+    assert_eq!(hostile.map(WorkerId::get), Some(1));
+    let ids: Vec<u64> = seen.iter().map(|(id, _)| id.get()).collect();
     assert!(
         ids.contains(&2) && ids.contains(&3),
         "worker 2 and the replacement: {ids:?}"

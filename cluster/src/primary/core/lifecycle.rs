@@ -1,0 +1,190 @@
+//! A worker's life and a slot's occupant, each one enum whose variants carry their data.
+//!
+//! ```text
+//!  Starting --Forked--> Forked --Online--> Online{listening} --drain--> Draining{cause}
+//!      |                  |                    |                            |
+//!      |                  +-------- channel closed ----------+--------------+
+//!      |                  |                                  v
+//!      |                  +-------- exit ------------> Exited{status}   Disconnected{cause}
+//!      |                                                     |               |
+//!   ForkFailed                        channel closed or grace timer         exit
+//!      v                                                     v               v
+//!    (gone, no event)                                  (gone: Disconnect?, Exit)
+//! ```
+//!
+//! A worker leaves the table exactly once, and that is when its `Exit` event is emitted.
+
+use std::collections::HashSet;
+use std::time::Instant;
+
+use crate::WorkerState;
+use crate::primary::restart::RestartTracker;
+use crate::protocol::{HandleKey, WorkerId};
+
+/// Why a worker is stopping.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum StopCause {
+    /// The primary asked: disconnect, kill, stop, reload or removal. Node's
+    /// `exitedAfterDisconnect`.
+    Asked,
+    /// The worker disconnected itself ([`crate::Worker::disconnect`]); also
+    /// `exitedAfterDisconnect`, and its slot is refilled at once without counting a crash.
+    WorkerDisconnected,
+    /// The worker panicked and is draining; its slot counted a crash.
+    Panicked,
+    /// The worker broke the protocol and was killed.
+    Misbehaved,
+}
+
+impl StopCause {
+    /// Node's `exitedAfterDisconnect`.
+    pub(crate) fn exited_after_disconnect(self) -> bool {
+        matches!(self, Self::Asked | Self::WorkerDisconnected)
+    }
+
+    /// The cause that stands when `self` holds and `other` happens too: an intentional
+    /// stop wins over a panic, nothing overrides a protocol violation.
+    pub(crate) fn merge(self, other: StopCause) -> StopCause {
+        match (self, other) {
+            (Self::Misbehaved, _) | (_, Self::Misbehaved) => Self::Misbehaved,
+            (Self::Panicked, cause) => cause,
+            (cause, _) => cause,
+        }
+    }
+}
+
+/// Where a worker is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Phase {
+    /// The core asked the driver to fork it; the driver answers at once.
+    Starting,
+    /// Running, not online yet.
+    Forked { pid: u32 },
+    /// Online; `listening` servers reported listening.
+    Online { pid: u32, listening: usize },
+    /// Asked to stop (or going down): no new connections, a deadline to exit by.
+    Draining {
+        pid: u32,
+        listening: usize,
+        cause: StopCause,
+    },
+    /// Its channel closed (`Disconnect` emitted); waiting for the process to end.
+    Disconnected { pid: u32, cause: Option<StopCause> },
+    /// The process ended but its channel is still open: its last messages come first,
+    /// for a bounded grace time.
+    Exited {
+        pid: u32,
+        status: child::ExitStatus,
+        cause: Option<StopCause>,
+    },
+}
+
+impl Phase {
+    /// The process id, once forked.
+    pub(crate) fn pid(&self) -> Option<u32> {
+        match *self {
+            Self::Starting => None,
+            Self::Forked { pid }
+            | Self::Online { pid, .. }
+            | Self::Draining { pid, .. }
+            | Self::Disconnected { pid, .. }
+            | Self::Exited { pid, .. } => Some(pid),
+        }
+    }
+
+    /// Why it is stopping, if it is.
+    pub(crate) fn cause(&self) -> Option<StopCause> {
+        match *self {
+            Self::Draining { cause, .. } => Some(cause),
+            Self::Disconnected { cause, .. } | Self::Exited { cause, .. } => cause,
+            _ => None,
+        }
+    }
+
+    /// Whether its control messages are still read: it is running, talking and has not
+    /// been condemned for breaking the protocol.
+    pub(crate) fn talks(&self) -> bool {
+        match self {
+            Self::Forked { .. } | Self::Online { .. } => true,
+            Self::Draining { cause, .. } => *cause != StopCause::Misbehaved,
+            Self::Exited { cause, .. } => *cause != Some(StopCause::Misbehaved),
+            Self::Starting | Self::Disconnected { .. } => false,
+        }
+    }
+
+    /// Whether its channel is still open (user messages can reach it).
+    pub(crate) fn connected(&self) -> bool {
+        !matches!(self, Self::Starting | Self::Disconnected { .. })
+    }
+
+    /// The public view of the phase.
+    pub(crate) fn state(&self) -> WorkerState {
+        match self {
+            Self::Starting | Self::Forked { .. } => WorkerState::Forked,
+            Self::Online { listening: 0, .. } => WorkerState::Online,
+            Self::Online { .. } => WorkerState::Listening,
+            Self::Draining { .. } | Self::Exited { .. } => WorkerState::Disconnecting,
+            Self::Disconnected { .. } => WorkerState::Disconnected,
+        }
+    }
+}
+
+/// One worker in the table.
+#[derive(Debug)]
+pub(crate) struct Worker {
+    pub(crate) slot: usize,
+    pub(crate) started: Instant,
+    pub(crate) phase: Phase,
+    /// The handles it was granted and has not closed.
+    pub(crate) keys: HashSet<HandleKey>,
+    /// Connections handed to it by round-robin.
+    pub(crate) handed: u64,
+    /// How many replacements its slot had before it.
+    pub(crate) restarts: u32,
+}
+
+/// Who holds a slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Occupant {
+    /// This worker is the slot's current one.
+    Worker(WorkerId),
+    /// Its worker died; a `Respawn` timer is running.
+    Respawning,
+    /// Crashed too often: given up; `last` was its last worker.
+    Failed { last: WorkerId },
+}
+
+/// A place for one worker, kept across its replacements.
+#[derive(Debug)]
+pub(crate) struct Slot {
+    pub(crate) occupant: Occupant,
+    pub(crate) tracker: RestartTracker,
+    /// Node's `cluster.fork(env)`: extra environment for this slot's workers.
+    pub(crate) env: Vec<(std::ffi::OsString, std::ffi::OsString)>,
+}
+
+impl Slot {
+    /// The slot's current worker, if it has one.
+    pub(crate) fn current(&self) -> Option<WorkerId> {
+        match self.occupant {
+            Occupant::Worker(id) => Some(id),
+            _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_intentional_stop_wins_over_a_panic_and_nothing_over_misbehaving() {
+        use StopCause::*;
+        assert_eq!(Panicked.merge(Asked), Asked);
+        assert_eq!(Asked.merge(Panicked), Asked);
+        assert_eq!(Asked.merge(Misbehaved), Misbehaved);
+        assert_eq!(Misbehaved.merge(Asked), Misbehaved);
+        assert!(WorkerDisconnected.exited_after_disconnect());
+        assert!(!Panicked.exited_after_disconnect());
+    }
+}

@@ -1,0 +1,402 @@
+//! Tests of the primary's core: examples of Node's lifecycle and a model-based property
+//! test over arbitrary interleavings (the simulator in `tests/sim.rs` checks the
+//! invariants after every step).
+
+mod sim;
+
+use std::time::Duration;
+
+use child::{ExitStatus, Signal};
+use proptest::prelude::*;
+
+use self::sim::{Sim, config, signaled};
+use super::{Command, Input, MAX_SERVERS_PER_WORKER, Outcome};
+use crate::protocol::{ToPrimary, WorkerId};
+use crate::settings::Policy;
+
+fn id(n: u64) -> WorkerId {
+    WorkerId(n)
+}
+
+/// A cluster of `workers` cooperative workers, all online and listening once.
+fn serving(workers: usize, policy: Policy) -> Sim {
+    let mut sim = Sim::new(config(workers, policy));
+    sim.settle(100);
+    assert_eq!(sim.listening_current(), workers);
+    sim
+}
+
+#[test]
+fn a_cooperative_worker_goes_through_nodes_events_in_order() {
+    let mut sim = serving(1, Policy::RoundRobin);
+    sim.command(Command::Disconnect(Some(id(1))));
+    sim.settle(100);
+    assert_eq!(
+        sim.events[&id(1)],
+        ["fork", "online", "listening", "disconnect", "exit"]
+    );
+    assert_eq!(sim.exits[&id(1)], (ExitStatus::Exited(0), true));
+    assert!(
+        sim.procs.len() == 1,
+        "a disconnected worker is not replaced"
+    );
+    sim.stop_and_check();
+}
+
+#[test]
+fn an_exit_before_the_channel_ends_waits_for_the_channel_or_the_grace_time() {
+    let mut sim = serving(1, Policy::Shared);
+    sim.exit(id(1), ExitStatus::Exited(1), Some(false));
+    assert_eq!(sim.events[&id(1)].last(), Some(&"exit"));
+    sim.settle(100);
+    // No channel end at all: the grace timer reports the exit.
+    sim.exit(id(2), ExitStatus::Exited(1), None);
+    assert_eq!(sim.events[&id(2)].last(), Some(&"listening"));
+    assert!(sim.fire_timer());
+    assert_eq!(sim.events[&id(2)][3..], ["disconnect", "exit"]);
+    sim.stop_and_check();
+}
+
+#[test]
+fn an_unexpected_exit_with_code_zero_counts_toward_the_crash_loop_limit() {
+    let mut sim = serving(1, Policy::RoundRobin);
+    // The limit is 4 crashes in the window: the 5th gives the slot up, once.
+    for _ in 0..10 {
+        let Some(id) = sim.pick(0) else { break };
+        sim.exit(id, ExitStatus::Exited(0), Some(true));
+        sim.settle(100);
+    }
+    assert_eq!(sim.slot_failed.get(&0), Some(&1));
+    assert_eq!(sim.procs.len(), 5, "the first worker and four replacements");
+    assert!(sim.exits.values().all(|(_, after)| !after));
+    let stats = sim.core.stats();
+    assert_eq!(stats.failed_slots, [0]);
+    assert!(!stats.ready);
+    sim.stop_and_check();
+}
+
+#[test]
+fn a_worker_that_disconnects_itself_is_replaced_at_once_and_never_counts_as_a_crash() {
+    let mut sim = serving(1, Policy::RoundRobin);
+    for round in 0..10 {
+        let old = sim.pick(0).expect("a worker");
+        sim.worker_says(old, ToPrimary::Disconnecting);
+        let forks = sim.events.len();
+        assert_eq!(
+            forks,
+            round + 2,
+            "the replacement starts before the old one exits"
+        );
+        sim.exit(old, ExitStatus::Exited(0), Some(true));
+        sim.settle(100);
+        assert_eq!(sim.exits[&old], (ExitStatus::Exited(0), true));
+    }
+    assert!(sim.slot_failed.is_empty());
+    sim.stop_and_check();
+}
+
+#[test]
+fn kill_disconnects_first_sets_exited_after_disconnect_and_is_not_replaced() {
+    let mut sim = serving(2, Policy::RoundRobin);
+    let kill = sim.command(Command::Kill(id(1), Signal::SIGTERM));
+    assert_eq!(sim.replies.get(&kill), Some(&Outcome::Done));
+    assert_eq!(sim.exits[&id(1)], (signaled(Signal::SIGTERM), true));
+    sim.settle(100);
+    assert_eq!(sim.procs.len(), 2, "not replaced");
+    let unknown = sim.command(Command::Kill(id(9), Signal::SIGTERM));
+    assert_eq!(
+        sim.replies.get(&unknown),
+        Some(&Outcome::UnknownWorker(id(9)))
+    );
+    sim.stop_and_check();
+}
+
+#[test]
+fn a_worker_asking_for_too_many_servers_or_the_same_one_twice_is_killed_and_replaced() {
+    let mut sim = serving(2, Policy::Shared);
+    for n in 0..MAX_SERVERS_PER_WORKER + 1 {
+        let key = sim::key(u32::try_from(n).expect("small") + 10);
+        let seq = 100 + n as u64;
+        sim.worker_says(
+            id(1),
+            ToPrimary::QueryServer {
+                seq,
+                key,
+                backlog: 8,
+            },
+        );
+    }
+    assert_eq!(sim.misbehaved, [id(1)]);
+    let key = sim::key(0);
+    sim.worker_says(
+        id(2),
+        ToPrimary::QueryServer {
+            seq: 9,
+            key,
+            backlog: 8,
+        },
+    );
+    assert_eq!(
+        sim.misbehaved,
+        [id(1), id(2)],
+        "worker 2 already holds key 0"
+    );
+    sim.settle(100);
+    assert_eq!(sim.listening_current(), 2, "both replaced and serving");
+    sim.stop_and_check();
+}
+
+#[test]
+fn a_connection_in_flight_to_a_dying_worker_goes_to_another() {
+    let mut sim = serving(2, Policy::RoundRobin);
+    sim.connect(0);
+    // Worker 1 got it (longest idle) but dies before answering.
+    assert!(!sim.procs[&id(1)].inbox.is_empty());
+    sim.exit(id(1), signaled(Signal::SIGKILL), Some(true));
+    assert!(!sim.procs[&id(2)].inbox.is_empty(), "re-queued to worker 2");
+    sim.stop_and_check();
+}
+
+#[test]
+fn a_reload_replaces_every_worker_and_keeps_the_old_one_when_the_new_code_crash_loops() {
+    let mut sim = serving(2, Policy::ReusePort);
+    let reload = sim.command(Command::Reload);
+    sim.settle(1000);
+    assert_eq!(sim.replies.get(&reload), Some(&Outcome::Done));
+    assert!(sim.exits.contains_key(&id(1)) && sim.exits.contains_key(&id(2)));
+    assert_eq!(sim.listening_current(), 2);
+
+    // Now the new workers die at once: the slot gives up and the old worker stays.
+    let before: Vec<WorkerId> = sim.core.workers.keys().copied().collect();
+    let reload = sim.command(Command::Reload);
+    for _ in 0..20 {
+        let newest = *sim.procs.keys().last().expect("a worker");
+        if !before.contains(&newest) {
+            sim.exit(newest, ExitStatus::Exited(1), Some(true));
+        }
+        while sim.fire_timer() && !sim.replies.contains_key(&reload) {
+            let newest = *sim.procs.keys().last().expect("a worker");
+            if !before.contains(&newest) {
+                sim.exit(newest, ExitStatus::Exited(1), Some(true));
+            }
+        }
+    }
+    assert_eq!(sim.replies.get(&reload), Some(&Outcome::Done));
+    for old in &before {
+        assert!(sim.procs[old].alive, "{old} kept serving");
+    }
+    assert_eq!(sim.reload_failed, [0, 1], "each slot's reload failed once");
+    assert!(sim.slot_failed.is_empty(), "no slot was given up");
+    assert_eq!(sim.listening_current(), 2);
+    sim.stop_and_check();
+}
+
+#[test]
+fn a_failed_fork_is_retried_and_a_failed_add_is_reported() {
+    let mut sim = serving(1, Policy::RoundRobin);
+    sim.fail_next_fork = true;
+    let add = sim.command(Command::AddWorker { env: Vec::new() });
+    assert!(matches!(sim.replies.get(&add), Some(Outcome::AddFailed(_))));
+    assert_eq!(sim.core.slots.len(), 1, "the slot of a failed add is gone");
+    sim.fail_next_fork = true;
+    sim.exit(id(1), ExitStatus::Exited(1), Some(true));
+    sim.settle(100);
+    assert_eq!(sim.listening_current(), 1, "the respawn is retried");
+    sim.stop_and_check();
+}
+
+#[test]
+fn held_connections_expire_and_a_stop_closes_the_rest() {
+    let mut sim = serving(1, Policy::RoundRobin);
+    sim.exit(id(1), ExitStatus::Exited(1), Some(true));
+    sim.fail_next_fork = true;
+    sim.input(Input::TimerFired(super::Timer::Respawn(0)));
+    sim.connect(0);
+    sim.connect(0);
+    assert_eq!(sim.core.stats().queued, 2);
+    sim.stop_and_check();
+}
+
+/// One step of the world.
+#[derive(Debug, Clone)]
+enum Op {
+    Online(u8),
+    Listen(u8),
+    Deliver(u8, bool),
+    Connect(u32),
+    Crash(u8, Option<bool>, i32),
+    ExitAsked(u8),
+    CloseChannel(u8),
+    GoingDown(u8),
+    SelfDisconnect(u8),
+    CloseServer(u8, u32),
+    Garbage(u8),
+    Add,
+    Remove,
+    Disconnect(u8),
+    Kill(u8),
+    Reload,
+    Stop,
+    FireTimer,
+    Advance(u64),
+    FailNextFork,
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    let w = || any::<u8>();
+    prop_oneof![
+        4 => w().prop_map(Op::Online),
+        4 => w().prop_map(Op::Listen),
+        12 => (w(), proptest::bool::weighted(0.85)).prop_map(|(w, a)| Op::Deliver(w, a)),
+        6 => (0u32..2).prop_map(Op::Connect),
+        2 => (w(), proptest::option::of(any::<bool>()), 0i32..3).prop_map(|(w, o, c)| Op::Crash(w, o, c)),
+        3 => w().prop_map(Op::ExitAsked),
+        1 => w().prop_map(Op::CloseChannel),
+        1 => w().prop_map(Op::GoingDown),
+        1 => w().prop_map(Op::SelfDisconnect),
+        1 => (w(), 0u32..2).prop_map(|(w, k)| Op::CloseServer(w, k)),
+        1 => w().prop_map(Op::Garbage),
+        1 => Just(Op::Add),
+        1 => Just(Op::Remove),
+        1 => w().prop_map(Op::Disconnect),
+        1 => w().prop_map(Op::Kill),
+        2 => Just(Op::Reload),
+        1 => Just(Op::Stop),
+        4 => Just(Op::FireTimer),
+        2 => (0u64..3000).prop_map(Op::Advance),
+        1 => Just(Op::FailNextFork),
+    ]
+}
+
+fn policy() -> impl Strategy<Value = Policy> {
+    prop_oneof![
+        Just(Policy::RoundRobin),
+        Just(Policy::Shared),
+        Just(Policy::ReusePort)
+    ]
+}
+
+fn play(sim: &mut Sim, op: Op) {
+    let pick = |sim: &Sim, w: u8| sim.pick(w);
+    match op {
+        Op::Online(w) => pick(sim, w).into_iter().for_each(|id| sim.online(id)),
+        Op::Listen(w) => pick(sim, w).into_iter().for_each(|id| sim.listen(id)),
+        Op::Deliver(w, accept) => {
+            if let Some(id) = pick(sim, w) {
+                sim.deliver(id, accept);
+            }
+        }
+        Op::Connect(index) => sim.connect(index),
+        Op::Crash(w, order, code) => {
+            if let Some(id) = pick(sim, w) {
+                sim.exit(id, ExitStatus::Exited(code), order);
+            }
+        }
+        Op::ExitAsked(w) => {
+            if let Some(id) = pick(sim, w).filter(|id| sim.procs[id].asked) {
+                sim.exit(id, ExitStatus::Exited(0), Some(true));
+            }
+        }
+        Op::CloseChannel(w) => pick(sim, w)
+            .into_iter()
+            .for_each(|id| sim.close_channel(id)),
+        Op::GoingDown(w) => {
+            if let Some(id) = pick(sim, w) {
+                let reason = "boom".to_string();
+                sim.worker_says(id, ToPrimary::GoingDown { reason });
+            }
+        }
+        Op::SelfDisconnect(w) => {
+            if let Some(id) = pick(sim, w) {
+                sim.worker_says(id, ToPrimary::Disconnecting);
+            }
+        }
+        Op::CloseServer(w, index) => {
+            if let Some(id) = pick(sim, w) {
+                sim.close_server(id, index);
+            }
+        }
+        Op::Garbage(w) => {
+            if let Some(id) = pick(sim, w).filter(|id| sim.procs[id].channel) {
+                let reason = "undecodable".to_string();
+                sim.input(Input::Malformed { id, reason });
+            }
+        }
+        Op::Add => drop(sim.command(Command::AddWorker { env: Vec::new() })),
+        Op::Remove => drop(sim.command(Command::RemoveWorker)),
+        Op::Disconnect(w) => {
+            let target = pick(sim, w);
+            sim.command(Command::Disconnect(target));
+        }
+        Op::Kill(w) => {
+            if let Some(id) = pick(sim, w) {
+                sim.command(Command::Kill(id, Sim::kill_signal()));
+            }
+        }
+        Op::Reload => drop(sim.command(Command::Reload)),
+        Op::Stop => drop(sim.command(Command::Stop)),
+        Op::FireTimer => drop(sim.fire_timer()),
+        Op::Advance(ms) => sim.now += Duration::from_millis(ms),
+        Op::FailNextFork => sim.fail_next_fork = true,
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    /// Whatever happens, in any order: events in Node's order, one exit per fork, no
+    /// connection served twice or lost, timers mirrored, a slot given up at most once,
+    /// and a stop that ends with nothing left.
+    #[test]
+    fn any_interleaving_keeps_the_invariants(
+        workers in 1usize..4,
+        policy in policy(),
+        ops in proptest::collection::vec(op(), 1..150),
+    ) {
+        let mut sim = Sim::new(config(workers, policy));
+        for op in ops {
+            play(&mut sim, op);
+        }
+        sim.stop_and_check();
+    }
+
+    /// A reload under load with cooperative workers: never fewer listening workers than
+    /// slots minus one, and at its end every pre-reload worker is gone and the slot count
+    /// is what it was.
+    #[test]
+    fn a_reload_keeps_serving_and_replaces_everyone(
+        workers in 1usize..4,
+        policy in policy(),
+        steps in proptest::collection::vec((any::<u8>(), proptest::bool::weighted(0.7)), 1..400),
+    ) {
+        let mut sim = serving(workers, policy);
+        let before: Vec<WorkerId> = sim.core.workers.keys().copied().collect();
+        let reload = sim.command(Command::Reload);
+        for (w, connect) in steps {
+            if connect {
+                sim.connect(0);
+            }
+            // One cooperative move of one worker: read a message, come online, listen,
+            // or exit when asked; timers fire when nobody moves.
+            let Some(id) = sim.pick(w) else { break };
+            let p = &sim.procs[&id];
+            if !p.online {
+                sim.online(id);
+                sim.listen(id);
+            } else if p.asked {
+                sim.exit(id, ExitStatus::Exited(0), Some(w % 2 == 0));
+            } else if !sim.deliver(id, true) {
+                sim.fire_timer();
+            }
+            prop_assert!(sim.listening_current() + 1 >= workers, "too few listening");
+        }
+        sim.settle(10_000);
+        prop_assert_eq!(sim.replies.get(&reload), Some(&Outcome::Done));
+        for old in &before {
+            prop_assert!(sim.exits.contains_key(old), "{} survived the reload", old);
+        }
+        prop_assert_eq!(sim.core.slots.len(), workers);
+        prop_assert_eq!(sim.listening_current(), workers);
+        sim.stop_and_check();
+    }
+}

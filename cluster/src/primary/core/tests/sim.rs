@@ -1,0 +1,552 @@
+//! A simulated world around [`Core`]: worker processes that answer (or not), a clock,
+//! timers, sockets that bind, accepted connections. It performs effects as the driver
+//! does and checks, after every step, what must hold whatever happens.
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use child::{ExitStatus, Signal};
+
+use super::super::{
+    Command, Config, ConnId, Core, Effect, FdRef, Input, Outcome, RequestId, Timer,
+};
+use crate::Event;
+use crate::protocol::{AddressFamily, Granted, HandleKey, ToPrimary, ToWorker, WorkerId};
+use crate::settings::{Policy, RestartPolicy};
+
+/// The address every simulated bind gets.
+pub(super) const BOUND: &str = "127.0.0.1:4000";
+
+/// A simulated worker process.
+#[derive(Debug, Default)]
+pub(super) struct Proc {
+    pub(super) alive: bool,
+    pub(super) channel: bool,
+    /// Messages the primary sent, not yet read.
+    pub(super) inbox: VecDeque<(ToWorker, Option<FdRef>)>,
+    pub(super) online: bool,
+    next_index: u32,
+    /// Servers granted and not closed, by key index.
+    servers: HashSet<u32>,
+    pub(super) asked: bool,
+}
+
+/// What a connection went through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ConnState {
+    /// The core holds it.
+    Held,
+    /// A worker accepted it; the core closed its copy.
+    Served(WorkerId),
+    /// Closed without being served.
+    Closed,
+}
+
+#[derive(Debug)]
+pub(super) struct Sim {
+    pub(super) core: Core,
+    pub(super) now: Instant,
+    pub(super) procs: BTreeMap<WorkerId, Proc>,
+    pub(super) timers: HashMap<Timer, Instant>,
+    conns: BTreeMap<ConnId, ConnState>,
+    next_conn: u64,
+    next_request: u64,
+    pub(super) replies: HashMap<RequestId, Outcome>,
+    /// Every worker's events, in order.
+    pub(super) events: BTreeMap<WorkerId, Vec<&'static str>>,
+    pub(super) slot_failed: HashMap<usize, usize>,
+    /// Exits: status and `exited_after_disconnect`.
+    pub(super) exits: BTreeMap<WorkerId, (ExitStatus, bool)>,
+    pub(super) misbehaved: Vec<WorkerId>,
+    pub(super) reload_failed: Vec<usize>,
+    pub(super) fail_next_fork: bool,
+    pub(super) finished: bool,
+    inputs: VecDeque<Input>,
+}
+
+pub(super) fn config(workers: usize, policy: Policy) -> Config {
+    Config {
+        workers,
+        policy,
+        restart: RestartPolicy::new()
+            .backoff_min(Duration::from_millis(100))
+            .backoff_max(Duration::from_millis(800))
+            .stable_after(Duration::from_secs(5))
+            .crash_loop_limit(4, Duration::from_secs(30)),
+        drain_deadline: Duration::from_secs(3),
+        hold: Duration::from_secs(2),
+        exit_grace: Duration::from_secs(1),
+    }
+}
+
+pub(super) fn key(index: u32) -> HandleKey {
+    HandleKey {
+        address: "127.0.0.1".into(),
+        port: 0,
+        family: AddressFamily::V4,
+        fd: None,
+        index,
+    }
+}
+
+impl Sim {
+    pub(super) fn new(config: Config) -> Self {
+        let mut core = Core::new(config);
+        let now = Instant::now();
+        let effects = core.start(now);
+        let mut sim = Sim {
+            core,
+            now,
+            procs: BTreeMap::new(),
+            timers: HashMap::new(),
+            conns: BTreeMap::new(),
+            next_conn: 0,
+            next_request: 0,
+            replies: HashMap::new(),
+            events: BTreeMap::new(),
+            slot_failed: HashMap::new(),
+            exits: BTreeMap::new(),
+            misbehaved: Vec::new(),
+            reload_failed: Vec::new(),
+            fail_next_fork: false,
+            finished: false,
+            inputs: VecDeque::new(),
+        };
+        sim.perform(effects);
+        sim.drain_inputs();
+        sim
+    }
+
+    /// The live process at `pick` (modulo how many there are).
+    pub(super) fn pick(&self, pick: u8) -> Option<WorkerId> {
+        let live: Vec<WorkerId> = self
+            .procs
+            .iter()
+            .filter(|(_, p)| p.alive)
+            .map(|(id, _)| *id)
+            .collect();
+        (!live.is_empty()).then(|| live[usize::from(pick) % live.len()])
+    }
+
+    /// Feeds one input and everything it causes.
+    pub(super) fn input(&mut self, input: Input) {
+        self.inputs.push_back(input);
+        self.drain_inputs();
+    }
+
+    fn drain_inputs(&mut self) {
+        while let Some(input) = self.inputs.pop_front() {
+            let effects = self.core.handle(self.now, input);
+            self.perform(effects);
+        }
+        self.check();
+    }
+
+    pub(super) fn command(&mut self, command: Command) -> RequestId {
+        let request = RequestId(self.next_request);
+        self.next_request += 1;
+        self.input(Input::Command(request, command));
+        request
+    }
+
+    /// A message from a worker, if its process can still talk.
+    pub(super) fn worker_says(&mut self, id: WorkerId, message: ToPrimary) {
+        if self.procs.get(&id).is_some_and(|p| p.alive && p.channel) {
+            self.input(Input::Message { id, message });
+        }
+    }
+
+    pub(super) fn online(&mut self, id: WorkerId) {
+        if let Some(p) = self.procs.get_mut(&id)
+            && !p.online
+        {
+            p.online = true;
+            self.worker_says(id, ToPrimary::Online);
+        }
+    }
+
+    pub(super) fn listen(&mut self, id: WorkerId) {
+        // Two servers at most: keys 0 and 1, as a worker that listens twice on port 0.
+        let Some(p) = self
+            .procs
+            .get_mut(&id)
+            .filter(|p| p.online && p.next_index < 2)
+        else {
+            return;
+        };
+        let index = p.next_index;
+        p.next_index += 1;
+        let (key, seq, backlog) = (key(index), u64::from(p.next_index), 511);
+        self.worker_says(id, ToPrimary::QueryServer { seq, key, backlog });
+    }
+
+    /// The worker reads its next message and answers as a cooperative worker would
+    /// (`accept` says whether it takes a hand-off).
+    pub(super) fn deliver(&mut self, id: WorkerId, accept: bool) -> bool {
+        let Some(p) = self.procs.get_mut(&id).filter(|p| p.alive && p.channel) else {
+            return false;
+        };
+        let Some((message, fd)) = p.inbox.pop_front() else {
+            return false;
+        };
+        match message {
+            ToWorker::QueryReply {
+                seq,
+                result: Ok((granted, address)),
+            } => {
+                let index = u32::try_from(seq - 1).expect("small");
+                let socket = matches!(granted, Granted::Socket);
+                assert_eq!(socket, fd.is_some(), "a socket grant carries the socket");
+                p.servers.insert(index);
+                self.worker_says(
+                    id,
+                    ToPrimary::Listening {
+                        key: key(index),
+                        address,
+                    },
+                );
+            }
+            ToWorker::QueryReply { .. } => {}
+            ToWorker::NewConn { key, seq } => {
+                let Some(FdRef::Conn(conn)) = fd else {
+                    panic!("a hand-off without its connection");
+                };
+                // As a real worker: a closed server or a stopping worker refuses.
+                let accept = accept && !p.asked && p.servers.contains(&key.index);
+                if accept {
+                    let state = self.conns.get_mut(&conn).expect("a known connection");
+                    assert_eq!(*state, ConnState::Held, "{conn:?} handed out after its end");
+                    *state = ConnState::Served(id);
+                }
+                let accepted = accept;
+                self.worker_says(id, ToPrimary::Accepted { key, seq, accepted });
+            }
+            ToWorker::Disconnect => p.asked = true,
+        }
+        true
+    }
+
+    /// A new connection on a round-robin handle.
+    pub(super) fn connect(&mut self, index: u32) {
+        let conn = ConnId(self.next_conn);
+        self.next_conn += 1;
+        self.conns.insert(conn, ConnState::Held);
+        self.input(Input::Connection {
+            key: key(index),
+            conn,
+        });
+    }
+
+    /// The process ends; `channel_first` says whether its channel's end is seen first.
+    pub(super) fn exit(&mut self, id: WorkerId, status: ExitStatus, channel_first: Option<bool>) {
+        let Some(p) = self.procs.get_mut(&id).filter(|p| p.alive) else {
+            return;
+        };
+        p.alive = false;
+        let had_channel = std::mem::replace(&mut p.channel, false);
+        let closed = Input::ChannelClosed { id, broken: None };
+        let exited = Input::Exited { id, status };
+        match (had_channel, channel_first) {
+            (true, Some(true)) => {
+                self.inputs.extend([closed, exited]);
+            }
+            (true, Some(false)) => {
+                self.inputs.extend([exited, closed]);
+            }
+            // The channel is held open by a descendant: only the grace timer ends it.
+            (_, None) | (false, _) => self.inputs.push_back(exited),
+        }
+        self.drain_inputs();
+    }
+
+    /// The worker's application closes its server `index`.
+    pub(super) fn close_server(&mut self, id: WorkerId, index: u32) {
+        if let Some(p) = self.procs.get_mut(&id)
+            && p.servers.remove(&index)
+        {
+            self.worker_says(id, ToPrimary::Close { key: key(index) });
+        }
+    }
+
+    pub(super) fn close_channel(&mut self, id: WorkerId) {
+        if let Some(p) = self.procs.get_mut(&id).filter(|p| p.channel) {
+            p.channel = false;
+            self.input(Input::ChannelClosed { id, broken: None });
+        }
+    }
+
+    /// Fires the earliest timer, moving the clock to it.
+    pub(super) fn fire_timer(&mut self) -> bool {
+        let Some((timer, at)) = self
+            .timers
+            .iter()
+            .min_by_key(|(_, at)| **at)
+            .map(|(t, at)| (t.clone(), *at))
+        else {
+            return false;
+        };
+        self.now = self.now.max(at);
+        self.timers.remove(&timer);
+        self.input(Input::TimerFired(timer));
+        true
+    }
+
+    fn perform(&mut self, effects: Vec<Effect>) {
+        let mut queue: VecDeque<Effect> = effects.into();
+        while let Some(effect) = queue.pop_front() {
+            let fed = match effect {
+                Effect::Fork { id, .. } => {
+                    assert!(!self.procs.contains_key(&id), "{id} forked twice");
+                    assert!(!self.finished, "fork after the end");
+                    if std::mem::take(&mut self.fail_next_fork) {
+                        Some(Input::ForkFailed { id })
+                    } else {
+                        let alive = true;
+                        let channel = true;
+                        let proc = Proc {
+                            alive,
+                            channel,
+                            ..Proc::default()
+                        };
+                        self.procs.insert(id, proc);
+                        let pid = 1000 + u32::try_from(id.0).expect("small");
+                        Some(Input::Forked { id, pid })
+                    }
+                }
+                Effect::Send { id, message, fd } => {
+                    let events = self.events.get(&id).map(Vec::as_slice).unwrap_or(&[]);
+                    assert!(
+                        !events.contains(&"exit"),
+                        "a message for {id} after its exit"
+                    );
+                    if let Some(FdRef::Conn(conn)) = &fd {
+                        assert_eq!(self.conns.get(conn), Some(&ConnState::Held));
+                    }
+                    if let Some(p) = self.procs.get_mut(&id).filter(|p| p.channel) {
+                        p.inbox.push_back((message, fd));
+                    }
+                    None
+                }
+                Effect::Kill {
+                    id,
+                    signal,
+                    request,
+                } => {
+                    if let Some(request) = request {
+                        self.reply(request, Outcome::Done);
+                    }
+                    let status = signaled(signal);
+                    if let Some(p) = self.procs.get_mut(&id).filter(|p| p.alive) {
+                        p.alive = false;
+                        if std::mem::replace(&mut p.channel, false) {
+                            self.inputs
+                                .push_back(Input::ChannelClosed { id, broken: None });
+                        }
+                        self.inputs.push_back(Input::Exited { id, status });
+                    }
+                    None
+                }
+                Effect::Bind { key, socket, .. } => Some(Input::Bound {
+                    key,
+                    socket,
+                    result: Ok(BOUND.parse::<SocketAddr>().expect("address")),
+                }),
+                Effect::CloseHandle(_) | Effect::CloseSocket { .. } => None,
+                Effect::CloseConn(conn) => {
+                    let state = self.conns.get_mut(&conn).expect("a known connection");
+                    match *state {
+                        ConnState::Held => *state = ConnState::Closed,
+                        // The worker took it: the primary's copy closes, once.
+                        ConnState::Served(_) => {}
+                        ConnState::Closed => panic!("{conn:?} closed twice"),
+                    }
+                    None
+                }
+                Effect::StartTimer { timer, at } => {
+                    assert!(at >= self.now, "a timer in the past");
+                    self.timers.insert(timer, at);
+                    None
+                }
+                Effect::CancelTimer(timer) => {
+                    assert!(self.timers.remove(&timer).is_some(), "cancelled twice");
+                    None
+                }
+                Effect::Emit(event) => {
+                    self.record(&event);
+                    None
+                }
+                Effect::Reply(request, outcome) => {
+                    self.reply(request, outcome);
+                    None
+                }
+                Effect::Finished => {
+                    assert!(!self.finished, "finished twice");
+                    self.finished = true;
+                    None
+                }
+            };
+            if let Some(input) = fed {
+                queue.extend(self.core.handle(self.now, input));
+            }
+        }
+    }
+
+    fn reply(&mut self, request: RequestId, outcome: Outcome) {
+        assert!(
+            self.replies.insert(request, outcome).is_none(),
+            "{request:?} answered twice"
+        );
+    }
+
+    fn record(&mut self, event: &Event) {
+        let (id, kind) = match event {
+            Event::Fork { id, .. } => (*id, "fork"),
+            Event::Online { id } => (*id, "online"),
+            Event::Listening { id, .. } => (*id, "listening"),
+            Event::Disconnect { id } => (*id, "disconnect"),
+            Event::Exit {
+                id,
+                status,
+                exited_after_disconnect,
+            } => {
+                self.exits.insert(*id, (*status, *exited_after_disconnect));
+                (*id, "exit")
+            }
+            Event::Misbehaved { id, .. } => {
+                self.misbehaved.push(*id);
+                (*id, "other")
+            }
+            Event::GoingDown { id, .. } => (*id, "other"),
+            Event::ReloadFailed { slot, .. } => {
+                self.reload_failed.push(*slot);
+                return;
+            }
+            Event::SlotFailed { slot, .. } => {
+                *self.slot_failed.entry(*slot).or_default() += 1;
+                return;
+            }
+            Event::Message { .. } | Event::Output { .. } => return,
+        };
+        let seen = self.events.entry(id).or_default();
+        let rank = |k: &str| match k {
+            "fork" => 0,
+            "online" => 1,
+            "listening" => 2,
+            "disconnect" => 3,
+            _ => 4,
+        };
+        match kind {
+            "fork" => assert!(seen.is_empty(), "{id}: fork after {seen:?}"),
+            _ => assert_eq!(seen.first(), Some(&"fork"), "{id}: {kind} before fork"),
+        }
+        // GoingDown and Misbehaved may come at any time before the exit.
+        if let Some(last) = seen.iter().copied().rfind(|k| *k != "other")
+            && kind != "other"
+        {
+            assert!(
+                rank(kind) >= rank(last),
+                "{id}: {kind} after {last}: {seen:?}"
+            );
+        }
+        for once in ["fork", "online", "disconnect", "exit"] {
+            assert!(
+                !(kind == once && seen.contains(&once)),
+                "{id}: {once} twice"
+            );
+        }
+        assert!(!seen.contains(&"exit"), "{id}: {kind} after exit");
+        seen.push(kind);
+    }
+
+    /// What holds after every step.
+    fn check(&self) {
+        assert_eq!(
+            &self.timers,
+            self.core.timers(),
+            "the driver's timers and the core's"
+        );
+        for (slot, count) in &self.slot_failed {
+            assert_eq!(*count, 1, "slot {slot} given up {count} times");
+        }
+        for id in self.core.workers.keys() {
+            assert!(
+                !self.events.get(id).is_some_and(|e| e.contains(&"exit")),
+                "{id} exited but is still in the table"
+            );
+        }
+    }
+
+    /// Plays every worker cooperatively until nothing moves: reads every message,
+    /// goes online, listens once, exits 0 when asked; then fires timers.
+    pub(super) fn settle(&mut self, max_steps: usize) {
+        for _ in 0..max_steps {
+            let mut moved = false;
+            let ids: Vec<WorkerId> = self.procs.keys().copied().collect();
+            for id in ids {
+                let Some(p) = self.procs.get(&id).filter(|p| p.alive) else {
+                    continue;
+                };
+                if !p.online && p.channel {
+                    self.online(id);
+                    self.listen(id);
+                    moved = true;
+                }
+                while self.deliver(id, true) {
+                    moved = true;
+                }
+                if self.procs.get(&id).is_some_and(|p| p.asked && p.alive) {
+                    self.exit(id, ExitStatus::Exited(0), Some(true));
+                    moved = true;
+                }
+            }
+            if !moved && !self.fire_timer() {
+                return;
+            }
+        }
+    }
+
+    /// Stops the primary and checks that it ends clean.
+    pub(super) fn stop_and_check(&mut self) {
+        let stop = self.command(Command::Stop);
+        self.settle(10_000);
+        assert!(self.finished, "the stop did not finish: {:?}", self.core);
+        assert_eq!(self.replies.get(&stop), Some(&Outcome::Done));
+        assert!(self.core.workers.is_empty());
+        assert!(self.core.handles.is_empty());
+        assert!(self.timers.is_empty(), "timers left: {:?}", self.timers);
+        for (id, events) in &self.events {
+            let exits = events.iter().filter(|k| **k == "exit").count();
+            assert_eq!(exits, 1, "{id}: {events:?}");
+        }
+        let held: HashSet<ConnId> = self
+            .conns
+            .iter()
+            .filter(|(_, s)| **s == ConnState::Held)
+            .map(|(c, _)| *c)
+            .collect();
+        assert!(held.is_empty(), "connections never closed: {held:?}");
+    }
+
+    /// How many slots' current workers are listening and not stopping.
+    pub(super) fn listening_current(&mut self) -> usize {
+        self.core
+            .stats()
+            .workers
+            .iter()
+            .filter(|w| w.state == crate::WorkerState::Listening)
+            .count()
+    }
+
+    pub(super) fn kill_signal() -> Signal {
+        Signal::SIGKILL
+    }
+}
+
+/// The status of a process ended by `signal`.
+pub(super) fn signaled(signal: Signal) -> ExitStatus {
+    ExitStatus::Signaled {
+        signal: signal as i32,
+        core_dumped: false,
+    }
+}

@@ -1,0 +1,569 @@
+//! The thin async driver around [`Core`]: it owns the worker processes, their channels,
+//! the listening sockets, the accepted connections and the timers, turns what happens
+//! into [`Input`]s and performs the [`Effect`]s the core returns. It decides nothing.
+//!
+//! Tasks per worker only move bytes: a reader forwards the worker's frames, a writer
+//! sends its control messages in order (a bounded queue of [`CONTROL_QUEUE`]), a waiter
+//! reports the exit, and with `silent` two readers forward its output lines.
+
+use std::collections::{HashMap, VecDeque};
+use std::ffi::OsString;
+use std::net::TcpStream;
+use std::os::fd::OwnedFd;
+use std::sync::Arc;
+use std::time::Instant;
+
+use child::{ForkOptions, Signal, Stdio};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt};
+use tokio::sync::mpsc;
+use tokio_util::time::{DelayQueue, delay_queue};
+
+use super::core::{
+    CONTROL_QUEUE, Command as CoreCommand, Config, ConnId, Core, Effect, FdRef, Input, Outcome,
+    RequestId, Timer,
+};
+use super::sockets::{Accepted, Listeners};
+use super::{Command, Event, OutputStream, Reply, UserSender};
+use crate::error::Error;
+use crate::protocol::{ToPrimary, ToWorker, WorkerId};
+use crate::settings::Settings;
+
+/// How many messages from the per-worker tasks wait for the driver; a full queue makes
+/// those tasks wait (back-pressure on the workers' channels).
+const INTERNAL_QUEUE: usize = 1024;
+
+/// The longest output line forwarded as one event; longer lines are split.
+const MAX_OUTPUT_LINE: usize = 64 * 1024;
+
+/// What the per-worker tasks tell the driver.
+#[derive(Debug)]
+enum Internal {
+    Message(WorkerId, ipc::Received),
+    /// The worker's channel ended; `Some` when it broke (a malformed frame).
+    ChannelClosed(WorkerId, Option<String>),
+    Exited(WorkerId, child::ExitStatus),
+    Output(WorkerId, OutputStream, String),
+}
+
+/// One live worker's process and channel.
+#[derive(Debug)]
+struct Link {
+    child: Arc<child::Child>,
+    control: mpsc::Sender<(ToWorker, Vec<OwnedFd>)>,
+    user: UserSender,
+}
+
+/// A command's reply channel, by what it answers.
+#[derive(Debug)]
+enum Pending {
+    Add(Reply<Result<WorkerId, Error>>),
+    Remove(Reply<Option<WorkerId>>),
+    Result(Reply<Result<(), Error>>),
+    Unit(Reply<()>),
+}
+
+#[derive(Debug)]
+pub(crate) struct Driver {
+    core: Core,
+    program: OsString,
+    args: Vec<OsString>,
+    env: Vec<(OsString, OsString)>,
+    silent: bool,
+    links: HashMap<WorkerId, Link>,
+    listeners: Listeners,
+    conns: HashMap<ConnId, TcpStream>,
+    next_conn: u64,
+    timers: DelayQueue<Timer>,
+    timer_keys: HashMap<Timer, delay_queue::Key>,
+    pending: HashMap<RequestId, Pending>,
+    next_request: u64,
+    fork_errors: HashMap<WorkerId, child::Error>,
+    internal: mpsc::Sender<Internal>,
+    events: mpsc::Sender<Event>,
+    dropped_events: u64,
+    finished: bool,
+}
+
+impl Driver {
+    /// Forks the configured workers and spawns the driver task.
+    pub(crate) fn start(
+        settings: Settings,
+        events: mpsc::Sender<Event>,
+        commands: mpsc::Receiver<Command>,
+    ) -> Result<(), Error> {
+        let program = match &settings.program {
+            Some(program) => program.clone(),
+            None => std::env::current_exe()
+                .map(Into::into)
+                .unwrap_or_else(|_| "/proc/self/exe".into()),
+        };
+        let args = settings
+            .args
+            .clone()
+            .unwrap_or_else(|| std::env::args_os().skip(1).collect());
+        let policy = settings.effective_policy();
+        let config = Config {
+            workers: settings.workers,
+            policy,
+            restart: settings.restart.clone(),
+            drain_deadline: settings.drain_deadline,
+            hold: settings.hold_connections,
+            exit_grace: super::EXIT_GRACE,
+        };
+        let (internal, internal_rx) = mpsc::channel(INTERNAL_QUEUE);
+        let (accepted, accepted_rx) = mpsc::channel(INTERNAL_QUEUE);
+        let mut driver = Driver {
+            core: Core::new(config),
+            program,
+            args,
+            env: settings.env.clone(),
+            silent: settings.silent,
+            links: HashMap::new(),
+            listeners: Listeners::new(policy, accepted),
+            conns: HashMap::new(),
+            next_conn: 0,
+            timers: DelayQueue::new(),
+            timer_keys: HashMap::new(),
+            pending: HashMap::new(),
+            next_request: 0,
+            fork_errors: HashMap::new(),
+            internal,
+            events,
+            dropped_events: 0,
+            finished: false,
+        };
+        let effects = driver.core.start(Instant::now());
+        driver.perform(effects);
+        if let Some((_, error)) = driver.fork_errors.drain().next() {
+            return Err(Error::Fork(error)); // dropping the driver kills the others
+        }
+        tokio::spawn(driver.run(commands, internal_rx, accepted_rx));
+        Ok(())
+    }
+
+    async fn run(
+        mut self,
+        mut commands: mpsc::Receiver<Command>,
+        mut internal: mpsc::Receiver<Internal>,
+        mut accepted: mpsc::Receiver<Accepted>,
+    ) {
+        while !self.finished {
+            let timers = &mut self.timers;
+            let has_timers = !timers.is_empty();
+            tokio::select! {
+                command = commands.recv() => match command {
+                    Some(command) => self.command(command),
+                    None => break,
+                },
+                Some(message) = internal.recv() => self.internal(message),
+                Some((key, stream)) = accepted.recv() => {
+                    let conn = ConnId(self.next_conn);
+                    self.next_conn += 1;
+                    self.conns.insert(conn, stream);
+                    self.input(Input::Connection { key, conn });
+                }
+                Some(expired) = std::future::poll_fn(|cx| timers.poll_expired(cx)), if has_timers => {
+                    let timer = expired.into_inner();
+                    self.timer_keys.remove(&timer);
+                    self.input(Input::TimerFired(timer));
+                }
+            }
+        }
+        tracing::debug!("primary driver finished");
+    }
+
+    fn input(&mut self, input: Input) {
+        let effects = self.core.handle(Instant::now(), input);
+        self.perform(effects);
+    }
+
+    /// Performs effects in order; results that the core needs (fork, bind) are fed back
+    /// at once and their effects performed in turn.
+    fn perform(&mut self, effects: Vec<Effect>) {
+        let mut queue: VecDeque<Effect> = effects.into();
+        while let Some(effect) = queue.pop_front() {
+            if let Some(input) = self.perform_one(effect) {
+                queue.extend(self.core.handle(Instant::now(), input));
+            }
+        }
+    }
+
+    fn perform_one(&mut self, effect: Effect) -> Option<Input> {
+        match effect {
+            Effect::Fork { id, slot, env } => Some(self.fork(id, slot, env)),
+            Effect::Send { id, message, fd } => self.send(id, message, fd),
+            Effect::Kill {
+                id,
+                signal,
+                request,
+            } => {
+                let result = match self.links.get(&id) {
+                    Some(link) => link.child.kill(signal).map(drop).map_err(Error::Kill),
+                    None => Err(Error::UnknownWorker(id)),
+                };
+                if let Some(request) = request {
+                    if let Some(Pending::Result(reply)) = self.pending.remove(&request) {
+                        let _ = reply.send(result);
+                    }
+                } else if let Err(e) = result {
+                    tracing::warn!(%id, error = %e, "could not signal a worker");
+                }
+                None
+            }
+            Effect::Bind {
+                key,
+                socket,
+                address,
+                backlog,
+            } => {
+                let result = self.listeners.bind(&key, socket, address, backlog);
+                Some(Input::Bound {
+                    key,
+                    socket,
+                    result,
+                })
+            }
+            Effect::CloseHandle(key) => {
+                self.listeners.close(&key);
+                None
+            }
+            Effect::CloseSocket { key, socket } => {
+                self.listeners.close_slot(&key, socket);
+                None
+            }
+            Effect::CloseConn(conn) => {
+                self.conns.remove(&conn);
+                None
+            }
+            Effect::StartTimer { timer, at } => {
+                let at = tokio::time::Instant::from_std(at);
+                match self.timer_keys.get(&timer) {
+                    Some(key) => self.timers.reset_at(key, at),
+                    None => {
+                        let key = self.timers.insert_at(timer.clone(), at);
+                        self.timer_keys.insert(timer, key);
+                    }
+                }
+                None
+            }
+            Effect::CancelTimer(timer) => {
+                if let Some(key) = self.timer_keys.remove(&timer) {
+                    self.timers.remove(&key);
+                }
+                None
+            }
+            Effect::Emit(event) => {
+                if let Event::Exit { id, .. } = &event {
+                    self.links.remove(id);
+                }
+                self.emit(event);
+                None
+            }
+            Effect::Reply(request, outcome) => {
+                self.reply(request, outcome);
+                None
+            }
+            Effect::Finished => {
+                self.finished = true;
+                None
+            }
+        }
+    }
+
+    fn emit(&mut self, event: Event) {
+        if let Err(mpsc::error::TrySendError::Full(event)) = self.events.try_send(event) {
+            self.dropped_events += 1;
+            tracing::warn!(
+                dropped = self.dropped_events,
+                ?event,
+                "event queue full, event dropped"
+            );
+        }
+    }
+
+    fn reply(&mut self, request: RequestId, outcome: Outcome) {
+        let Some(pending) = self.pending.remove(&request) else {
+            return;
+        };
+        let error = |outcome| match outcome {
+            Outcome::UnknownWorker(id) => Error::UnknownWorker(id),
+            _ => Error::Stopped,
+        };
+        match (pending, outcome) {
+            (Pending::Add(reply), Outcome::Added(id)) => drop(reply.send(Ok(id))),
+            (Pending::Add(reply), Outcome::AddFailed(id)) => {
+                let result = match self.fork_errors.remove(&id) {
+                    Some(e) => Err(Error::Fork(e)),
+                    None => Err(Error::Stopped),
+                };
+                drop(reply.send(result));
+            }
+            (Pending::Add(reply), other) => drop(reply.send(Err(error(other)))),
+            (Pending::Remove(reply), Outcome::Removed(id)) => drop(reply.send(id)),
+            (Pending::Remove(reply), _) => drop(reply.send(None)),
+            (Pending::Result(reply), Outcome::Done) => drop(reply.send(Ok(()))),
+            (Pending::Result(reply), other) => drop(reply.send(Err(error(other)))),
+            (Pending::Unit(reply), _) => drop(reply.send(())),
+        }
+    }
+
+    fn command(&mut self, command: Command) {
+        let (command, pending) = match command {
+            Command::Senders(target, reply) => {
+                let senders = self
+                    .core
+                    .connected_workers()
+                    .filter(|id| target.is_none_or(|t| t == *id))
+                    .filter_map(|id| self.links.get(&id))
+                    .map(|link| Arc::clone(&link.user))
+                    .collect();
+                let _ = reply.send(senders);
+                return;
+            }
+            Command::Stats(reply) => {
+                let _ = reply.send(self.core.stats());
+                return;
+            }
+            Command::AddWorker(env, reply) => (CoreCommand::AddWorker { env }, Pending::Add(reply)),
+            Command::RemoveWorker(reply) => (CoreCommand::RemoveWorker, Pending::Remove(reply)),
+            Command::Disconnect(target, reply) => {
+                (CoreCommand::Disconnect(target), Pending::Result(reply))
+            }
+            Command::Kill(id, signal, reply) => {
+                (CoreCommand::Kill(id, signal), Pending::Result(reply))
+            }
+            Command::Reload(reply) => (CoreCommand::Reload, Pending::Unit(reply)),
+            Command::Stop(reply) => (CoreCommand::Stop, Pending::Unit(reply)),
+        };
+        let request = RequestId(self.next_request);
+        self.next_request += 1;
+        self.pending.insert(request, pending);
+        self.input(Input::Command(request, command));
+    }
+
+    fn internal(&mut self, message: Internal) {
+        match message {
+            Internal::Message(id, message) => self.message(id, message),
+            Internal::ChannelClosed(id, broken) => self.input(Input::ChannelClosed { id, broken }),
+            Internal::Exited(id, status) => self.input(Input::Exited { id, status }),
+            Internal::Output(id, stream, line) => self.emit(Event::Output { id, stream, line }),
+        }
+    }
+
+    fn message(&mut self, id: WorkerId, mut message: ipc::Received) {
+        if self.core.connected(id).is_none() {
+            return;
+        }
+        if message.lane() == ipc::Lane::User {
+            return self.emit(Event::Message { id, message });
+        }
+        let input = match message.decode::<ToPrimary>() {
+            Ok(_) if !message.fds().is_empty() => Input::Malformed {
+                id,
+                reason: "control message with descriptors".into(),
+            },
+            Ok(message) => Input::Message { id, message },
+            Err(e) => Input::Malformed {
+                id,
+                reason: format!("undecodable control message: {e}"),
+            },
+        };
+        drop(message.take_fds());
+        self.input(input);
+    }
+
+    /// Queues a control message; a full queue is the worker's fault (see [`CONTROL_QUEUE`]).
+    fn send(&mut self, id: WorkerId, message: ToWorker, fd: Option<FdRef>) -> Option<Input> {
+        let link = self.links.get(&id)?;
+        let fds = match fd {
+            None => Ok(Vec::new()),
+            Some(FdRef::Conn(conn)) => self
+                .conns
+                .get(&conn)
+                .ok_or_else(|| std::io::Error::from_raw_os_error(libc::EBADF))
+                .and_then(TcpStream::try_clone)
+                .map(|copy| vec![OwnedFd::from(copy)]),
+            Some(FdRef::Listener { key, socket }) => {
+                self.listeners.copy(&key, socket).map(|fd| vec![fd])
+            }
+        };
+        let fds = match (fds, &message) {
+            (Ok(fds), _) => fds,
+            (Err(e), ToWorker::NewConn { key, seq }) => {
+                tracing::warn!(%id, error = %e, "could not copy a connection for a worker");
+                let (key, seq) = (key.clone(), *seq);
+                return Some(Input::HandoffFailed { id, key, seq });
+            }
+            (Err(e), ToWorker::QueryReply { seq, .. }) => {
+                tracing::warn!(%id, error = %e, "could not copy a listening socket");
+                let errno = e.raw_os_error().unwrap_or(libc::EINVAL);
+                let result = Err(errno);
+                (link
+                    .control
+                    .try_send((ToWorker::QueryReply { seq: *seq, result }, Vec::new())))
+                .err()
+                .map(|_| Input::SendFailed { id })?;
+                return None;
+            }
+            (Err(_), ToWorker::Disconnect) => Vec::new(),
+        };
+        match link.control.try_send((message, fds)) {
+            Ok(()) => None,
+            Err(mpsc::error::TrySendError::Full(_)) => Some(Input::SendFailed { id }),
+            // The writer is gone with the channel: the core hears of it from the reader.
+            Err(mpsc::error::TrySendError::Closed(_)) => None,
+        }
+    }
+
+    fn fork(&mut self, id: WorkerId, slot: usize, env: Vec<(OsString, OsString)>) -> Input {
+        let silent = self.silent;
+        let global = self.env.clone();
+        let options = ForkOptions::new()
+            .parent_death_signal(Signal::SIGKILL)
+            .map_spawn_options(|mut options| {
+                options = options
+                    .env(crate::env::WORKER_ID_ENV, crate::env::format_id(id))
+                    .env(crate::env::WORKER_SLOT_ENV, slot.to_string())
+                    .kill_on_drop(true)
+                    // Its own session and process group: a terminal's Ctrl-C or a signal
+                    // sent to the primary's group reaches only the primary, which then
+                    // stops the workers gracefully. The parent-death signal still ends
+                    // a worker whose primary dies.
+                    .detached(true);
+                for (key, value) in global.into_iter().chain(env) {
+                    options = options.env(key, value);
+                }
+                if silent {
+                    options = options
+                        .stdin(Stdio::Null)
+                        .stdout(Stdio::Pipe)
+                        .stderr(Stdio::Pipe);
+                }
+                options
+            });
+        let started = child::fork(&self.program, &self.args, options).and_then(|mut child| {
+            let channel = child.take_channel()?;
+            Ok((child, channel))
+        });
+        let (mut child, channel) = match started {
+            Ok(started) => started,
+            Err(e) => {
+                tracing::error!(%id, slot, error = %e, "could not fork a worker");
+                self.fork_errors.insert(id, e);
+                return Input::ForkFailed { id };
+            }
+        };
+        let (sender, receiver) = channel.into_split();
+        if let Some(stdout) = child.stdout.take() {
+            tokio::spawn(forward_output(
+                id,
+                OutputStream::Stdout,
+                stdout,
+                self.internal.clone(),
+            ));
+        }
+        if let Some(stderr) = child.stderr.take() {
+            tokio::spawn(forward_output(
+                id,
+                OutputStream::Stderr,
+                stderr,
+                self.internal.clone(),
+            ));
+        }
+        let pid = child.pid();
+        let child = Arc::new(child);
+        let user = Arc::new(tokio::sync::Mutex::new(sender));
+        let (control, control_rx) = mpsc::channel(CONTROL_QUEUE);
+        tokio::spawn(write_control(Arc::clone(&user), control_rx));
+        tokio::spawn(read_worker(id, receiver, self.internal.clone()));
+        tokio::spawn(wait_worker(id, Arc::clone(&child), self.internal.clone()));
+        self.links.insert(
+            id,
+            Link {
+                child,
+                control,
+                user,
+            },
+        );
+        Input::Forked { id, pid }
+    }
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        // Kill every worker still running; the waiter tasks (or the child crate's
+        // reaper, once the last handle drops) reap them.
+        for link in self.links.values() {
+            let _ = link.child.kill(Signal::SIGKILL);
+        }
+    }
+}
+
+async fn write_control(sender: UserSender, mut rx: mpsc::Receiver<(ToWorker, Vec<OwnedFd>)>) {
+    while let Some((message, fds)) = rx.recv().await {
+        if let Err(e) = sender.lock().await.send_control(&message, fds).await {
+            tracing::debug!(error = %e, "channel to a worker closed");
+            return;
+        }
+    }
+}
+
+async fn read_worker(id: WorkerId, mut receiver: ipc::Receiver, internal: mpsc::Sender<Internal>) {
+    let broken = loop {
+        match receiver.recv().await {
+            Ok(Some(message)) => {
+                if internal.send(Internal::Message(id, message)).await.is_err() {
+                    return;
+                }
+            }
+            Ok(None) | Err(ipc::Error::Closed | ipc::Error::UnexpectedEof { .. }) => break None,
+            Err(e) => break Some(format!("broken channel: {e}")),
+        }
+    };
+    let _ = internal.send(Internal::ChannelClosed(id, broken)).await;
+}
+
+async fn wait_worker(id: WorkerId, child: Arc<child::Child>, internal: mpsc::Sender<Internal>) {
+    let status = match child.wait().await {
+        Ok(status) => status,
+        Err(e) => {
+            tracing::error!(%id, error = %e, "waiting for a worker failed");
+            child::ExitStatus::Exited(-1)
+        }
+    };
+    let _ = internal.send(Internal::Exited(id, status)).await;
+}
+
+/// Forwards a silent worker's output, line by line (split past [`MAX_OUTPUT_LINE`]).
+async fn forward_output(
+    id: WorkerId,
+    stream: OutputStream,
+    pipe: child::ChildStdout,
+    internal: mpsc::Sender<Internal>,
+) {
+    let mut reader = tokio::io::BufReader::new(pipe);
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        let read = {
+            let mut limited = (&mut reader).take(MAX_OUTPUT_LINE as u64);
+            limited.read_until(b'\n', &mut line).await
+        };
+        match read {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {
+                if line.last() == Some(&b'\n') {
+                    line.pop();
+                }
+                let text = String::from_utf8_lossy(&line).into_owned();
+                if internal
+                    .send(Internal::Output(id, stream, text))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+        }
+    }
+}

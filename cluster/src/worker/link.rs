@@ -1,0 +1,334 @@
+//! The worker's link to the primary: a pure protocol core ([`LinkCore`]: which listen
+//! waits for which reply, which hand-off goes to which listener, when to refuse) and the
+//! read loop that feeds it frames and performs what it decides.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::os::fd::OwnedFd;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use super::StopReason;
+use super::listener::HandoffQueue;
+use super::messages::UserQueue;
+use crate::protocol::{AddressFamily, Granted, HandleKey, ToPrimary, ToWorker};
+
+/// How many control messages wait for the writer. By the protocol a worker has at most
+/// one message per server in flight (a query or an `Accepted`) plus a few one-offs, so a
+/// full queue means the primary stopped reading: the link counts as broken.
+pub(crate) const CONTROL_QUEUE: usize = 2 * crate::MAX_SERVERS_PER_WORKER + 8;
+
+/// What a `listen` waiting for the primary gets back.
+#[derive(Debug)]
+pub(crate) struct QueryAnswer {
+    pub(crate) result: Result<(Granted, SocketAddr), i32>,
+    pub(crate) fd: Option<OwnedFd>,
+    pub(crate) queue: Option<Arc<HandoffQueue>>,
+}
+
+/// What the link decides about a hand-off.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Handoff {
+    /// Queue it for the listener of this key.
+    Deliver,
+    /// Refuse it: the primary gives it to another worker.
+    Refuse,
+}
+
+/// The pure part of the link: sequence numbers, Node's handle indexes, and which keys
+/// have a listener. No I/O, no locks; [`Inner`] keeps it behind a mutex.
+#[derive(Debug, Default)]
+pub(crate) struct LinkCore {
+    next_seq: u64,
+    indexes: HashMap<(String, u16, AddressFamily), u32>,
+    /// Queries waiting for their reply: seq -> key.
+    queries: HashMap<u64, HandleKey>,
+    /// Round-robin listeners, by key.
+    listeners: HashMap<HandleKey, Arc<HandoffQueue>>,
+}
+
+impl LinkCore {
+    /// The key and sequence number of a new listen on `address` (Node's index: how many
+    /// earlier listens of this worker share address, port and family).
+    pub(crate) fn new_listen(&mut self, address: SocketAddr) -> (HandleKey, u64) {
+        let family = AddressFamily::of(&address);
+        let ip = address.ip().to_string();
+        let index = self
+            .indexes
+            .entry((ip.clone(), address.port(), family))
+            .or_insert(0);
+        let key = HandleKey {
+            address: ip,
+            port: address.port(),
+            family,
+            fd: None,
+            index: *index,
+        };
+        *index += 1;
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        (key, seq)
+    }
+
+    /// Records that the listen `seq` on `key` waits for the primary.
+    pub(crate) fn await_reply(&mut self, seq: u64, key: HandleKey) {
+        self.queries.insert(seq, key);
+    }
+
+    /// A reply arrived: the key it answers, if a listen waits for it. A round-robin grant
+    /// registers the listener's queue before any hand-off for it is read.
+    pub(crate) fn on_reply(
+        &mut self,
+        seq: u64,
+        result: &Result<(Granted, SocketAddr), i32>,
+    ) -> Option<(HandleKey, Option<Arc<HandoffQueue>>)> {
+        let key = self.queries.remove(&seq)?;
+        let queue = matches!(result, Ok((Granted::RoundRobin, _))).then(|| {
+            let queue = Arc::new(HandoffQueue::new(key.clone()));
+            self.listeners.insert(key.clone(), Arc::clone(&queue));
+            queue
+        });
+        Some((key, queue))
+    }
+
+    /// Whether a hand-off for `key` is taken: only by an open listener that is not
+    /// refusing and has room, while the worker is not stopping, with its descriptor.
+    pub(crate) fn on_handoff(&self, key: &HandleKey, has_fd: bool, stopping: bool) -> Handoff {
+        match self.listeners.get(key) {
+            Some(queue) if has_fd && !stopping && queue.takes() => Handoff::Deliver,
+            _ => Handoff::Refuse,
+        }
+    }
+
+    pub(crate) fn listener(&self, key: &HandleKey) -> Option<Arc<HandoffQueue>> {
+        self.listeners.get(key).cloned()
+    }
+
+    /// The listener of `key` closed.
+    pub(crate) fn close(&mut self, key: &HandleKey) {
+        self.listeners.remove(key);
+    }
+
+    /// Every listener, to refuse what they hold when the worker stops.
+    pub(crate) fn listeners(&self) -> Vec<Arc<HandoffQueue>> {
+        self.listeners.values().cloned().collect()
+    }
+}
+
+/// What the worker's handles share: the way to the primary and the stop state.
+#[derive(Debug)]
+pub(crate) struct Inner {
+    control: mpsc::Sender<ToPrimary>,
+    pub(crate) sender: Arc<tokio::sync::Mutex<ipc::Sender>>,
+    stop: CancellationToken,
+    reason: OnceLock<StopReason>,
+    pub(crate) panicked: AtomicBool,
+    core: Mutex<LinkCore>,
+    /// Answers for listens waiting on the primary.
+    answers: Mutex<HashMap<u64, oneshot::Sender<QueryAnswer>>>,
+    dropped_control: AtomicU64,
+}
+
+impl Inner {
+    pub(crate) fn new(
+        control: mpsc::Sender<ToPrimary>,
+        sender: Arc<tokio::sync::Mutex<ipc::Sender>>,
+    ) -> Self {
+        Self {
+            control,
+            sender,
+            stop: CancellationToken::new(),
+            reason: OnceLock::new(),
+            panicked: AtomicBool::new(false),
+            core: Mutex::default(),
+            answers: Mutex::default(),
+            dropped_control: AtomicU64::new(0),
+        }
+    }
+
+    /// Queues a control message for the primary, from any context (a `Drop`, the panic
+    /// hook). A full queue means the primary no longer reads: the worker stops.
+    pub(crate) fn send_control(&self, message: ToPrimary) {
+        match self.control.try_send(message) {
+            Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => {}
+            Err(mpsc::error::TrySendError::Full(message)) => {
+                let dropped = self.dropped_control.fetch_add(1, Ordering::Relaxed) + 1;
+                tracing::error!(?message, dropped, "the primary does not read its channel");
+                self.stop(StopReason::PrimaryGone);
+            }
+        }
+    }
+
+    pub(crate) fn core(&self) -> std::sync::MutexGuard<'_, LinkCore> {
+        self.core.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) fn answers(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<u64, oneshot::Sender<QueryAnswer>>> {
+        self.answers.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Stops the worker for `reason` (the first reason stands) and refuses every
+    /// hand-off not yet accepted.
+    pub(crate) fn stop(&self, reason: StopReason) {
+        let _ = self.reason.set(reason);
+        self.stop.cancel();
+        let listeners = self.core().listeners();
+        for queue in listeners {
+            queue.close();
+            self.refuse_queue(&queue);
+        }
+    }
+
+    pub(crate) fn stop_token(&self) -> &CancellationToken {
+        &self.stop
+    }
+
+    /// Why the worker stops, once it does.
+    pub(crate) fn stop_reason(&self) -> Option<StopReason> {
+        self.stop
+            .is_cancelled()
+            .then(|| self.reason.get().copied())
+            .flatten()
+    }
+
+    /// Refuses the hand-offs a listener holds.
+    pub(crate) fn refuse_queue(&self, queue: &HandoffQueue) {
+        for seq in queue.take_all() {
+            self.send_control(ToPrimary::Accepted {
+                key: queue.key.clone(),
+                seq,
+                accepted: false,
+            });
+        }
+    }
+}
+
+/// Writes control messages to the primary in order.
+pub(crate) async fn write_control(
+    sender: Arc<tokio::sync::Mutex<ipc::Sender>>,
+    mut rx: mpsc::Receiver<ToPrimary>,
+) {
+    while let Some(message) = rx.recv().await {
+        if let Err(e) = sender.lock().await.send_control(&message, Vec::new()).await {
+            tracing::debug!(error = %e, "channel to the primary closed");
+            return;
+        }
+    }
+}
+
+/// Reads the primary's frames until the channel ends, then stops the worker with
+/// [`StopReason::PrimaryGone`] (a library never exits the process).
+pub(crate) async fn read_loop(
+    mut receiver: ipc::Receiver,
+    inner: Arc<Inner>,
+    user: Arc<UserQueue>,
+) {
+    loop {
+        let mut message = match receiver.recv().await {
+            Ok(Some(message)) => message,
+            Ok(None) => break,
+            Err(e) => {
+                tracing::warn!(error = %e, "channel to the primary failed");
+                break;
+            }
+        };
+        if message.lane() == ipc::Lane::User {
+            user.push(message);
+            continue;
+        }
+        match message.decode::<ToWorker>() {
+            Ok(ToWorker::QueryReply { seq, result }) => {
+                let fd = message.take_fds().pop();
+                let Some((_, queue)) = inner.core().on_reply(seq, &result) else {
+                    continue;
+                };
+                let Some(answer) = inner.answers().remove(&seq) else {
+                    continue;
+                };
+                if let Err(answer) = answer.send(QueryAnswer { result, fd, queue })
+                    && let Some(queue) = answer.queue
+                {
+                    // The listen was abandoned: refuse what comes for it.
+                    inner.core().close(&queue.key);
+                    queue.close();
+                }
+            }
+            Ok(ToWorker::NewConn { key, seq }) => {
+                let fd = message.take_fds().pop();
+                let stopping = inner.stop_token().is_cancelled();
+                let decision = inner.core().on_handoff(&key, fd.is_some(), stopping);
+                let queue = inner.core().listener(&key);
+                match (decision, fd, queue) {
+                    (Handoff::Deliver, Some(fd), Some(queue)) => queue.push(seq, fd),
+                    _ => inner.send_control(ToPrimary::Accepted {
+                        key,
+                        seq,
+                        accepted: false,
+                    }),
+                }
+            }
+            Ok(ToWorker::Disconnect) => inner.stop(StopReason::Disconnected),
+            Err(e) => tracing::warn!(error = %e, "ignoring an undecodable control message"),
+        }
+    }
+    user.close();
+    inner.stop(StopReason::PrimaryGone);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addr(s: &str) -> SocketAddr {
+        s.parse().expect("address")
+    }
+
+    #[test]
+    fn listens_count_their_index_per_address() {
+        let mut core = LinkCore::default();
+        let (a, s0) = core.new_listen(addr("127.0.0.1:0"));
+        let (b, s1) = core.new_listen(addr("127.0.0.1:0"));
+        let (c, _) = core.new_listen(addr("127.0.0.1:80"));
+        assert_eq!((a.index, b.index, c.index), (0, 1, 0));
+        assert_ne!(s0, s1);
+        assert_eq!(b.to_string(), "127.0.0.1:0:4:undefined:1");
+    }
+
+    #[test]
+    fn a_reply_nobody_waits_for_is_ignored_and_a_grant_registers_the_listener() {
+        let mut core = LinkCore::default();
+        let (key, seq) = core.new_listen(addr("127.0.0.1:0"));
+        let granted = Ok((Granted::RoundRobin, addr("127.0.0.1:5000")));
+        assert!(core.on_reply(seq, &granted).is_none(), "not awaited");
+        core.await_reply(seq, key.clone());
+        let (answered, queue) = core.on_reply(seq, &granted).expect("awaited");
+        assert_eq!(answered, key);
+        assert!(queue.is_some());
+        assert_eq!(core.on_handoff(&key, true, false), Handoff::Deliver);
+        assert!(core.on_reply(seq, &granted).is_none(), "answered once");
+    }
+
+    #[test]
+    fn hand_offs_are_refused_unless_a_listener_can_take_them() {
+        let mut core = LinkCore::default();
+        let (key, seq) = core.new_listen(addr("127.0.0.1:0"));
+        let other = HandleKey {
+            index: 9,
+            ..key.clone()
+        };
+        core.await_reply(seq, key.clone());
+        core.on_reply(seq, &Ok((Granted::RoundRobin, addr("127.0.0.1:1"))));
+        assert_eq!(core.on_handoff(&other, true, false), Handoff::Refuse);
+        assert_eq!(core.on_handoff(&key, false, false), Handoff::Refuse);
+        assert_eq!(core.on_handoff(&key, true, true), Handoff::Refuse);
+        core.listener(&key).expect("listener").set_refusing(true);
+        assert_eq!(core.on_handoff(&key, true, false), Handoff::Refuse);
+        core.close(&key);
+        assert_eq!(core.on_handoff(&key, true, false), Handoff::Refuse);
+    }
+}
