@@ -67,8 +67,11 @@ impl Owned {
     }
 
     /// Signals the child (or its group) unless it has been reaped: its pid may be reused.
+    /// A group this guard made may still be signalled: its id stays taken while any
+    /// member lives.
     fn signal(&self, scope: Scope, signal: Signal) -> nix::Result<()> {
-        if self.status.is_some() {
+        let group_of_ours = scope == Scope::Group && self.scope == Scope::Group;
+        if self.status.is_some() && !group_of_ours {
             return Err(Errno::ESRCH);
         }
         match scope {
@@ -180,7 +183,9 @@ impl KillOnDrop {
     }
 
     /// Sends `signal` to the process group whose id is the child's pid (the child must lead
-    /// it, as after [`KillOnDrop::spawn_group`] or `process_group(0)`).
+    /// it, as after [`KillOnDrop::spawn_group`] or `process_group(0)`). After the child
+    /// has been reaped this fails with `ESRCH`, except for a group made by `spawn_group`,
+    /// whose other members may live on.
     pub fn signal_group(&self, signal: Signal) -> nix::Result<()> {
         self.owned().signal(Scope::Group, signal)
     }

@@ -143,16 +143,17 @@ impl LineLog {
                 return Ok(line.clone());
             }
             let left = deadline.saturating_duration_since(Instant::now());
-            let (needle, tail) = (needle.to_owned(), tail(&state, TAIL_LINES));
-            if state.open == 0 {
-                return Err(LogError::Ended { needle, from, tail });
-            }
-            if left.is_zero() {
-                return Err(LogError::Timeout {
-                    needle,
-                    from,
-                    timeout,
-                    tail,
+            if state.open == 0 || left.is_zero() {
+                let (needle, tail) = (needle.to_owned(), tail(&state, TAIL_LINES));
+                return Err(if state.open == 0 {
+                    LogError::Ended { needle, from, tail }
+                } else {
+                    LogError::Timeout {
+                        needle,
+                        from,
+                        timeout,
+                        tail,
+                    }
                 });
             }
             state = self
