@@ -2,8 +2,9 @@
 //! (A B C A B C ...) so that a noisy machine affects every subject alike.
 //!
 //! Run with `cargo bench -p child --bench vs_node` (`-- --quick` for fewer rounds). Node
-//! is optional: without it its rows are skipped with a note. `-- --json` prints one JSON
-//! line per row instead of the table (every round's value), for `cargo xtask bench`.
+//! is optional: without it its rows are skipped with a note. `-- --json` prints one
+//! [`testkit::BenchLine`] per row instead of the table (every round's value), for
+//! `cargo xtask bench`.
 
 #![allow(clippy::print_stdout)]
 
@@ -12,44 +13,40 @@ use std::process::{Command, Stdio as StdStdio};
 use std::time::{Duration, Instant};
 
 use child::{ExecOptions, SpawnOptions, Stdio};
+use testkit::{
+    BenchArgs, BenchLine, Benchmark, NODE_INSTALL_HINT, Subject, Unit, median, node_available,
+    node_timing,
+};
 
 const SPAWNS: u32 = 300;
 const CAPTURE_BYTES: usize = 100_000_000;
 
 fn main() {
-    let quick = std::env::args().any(|a| a == "--quick");
-    let json = std::env::args().any(|a| a == "--json");
-    let rounds = if quick { 3 } else { 7 };
-    let node = Command::new("node")
-        .arg("--version")
-        .stdout(StdStdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
+    let args = BenchArgs::from_env();
+    let node = node_available();
     if !node {
-        println!(
-            "node: not installed, Node rows skipped (install Node.js 20, e.g. apt-get install nodejs)"
-        );
+        println!("node: not installed, Node rows skipped ({NODE_INSTALL_HINT})");
     }
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("runtime");
 
-    let mut spawn_rows: Vec<(&str, Vec<f64>)> = vec![
-        ("std::process::Command", vec![]),
-        ("child::spawn", vec![]),
-        ("child::spawn + ipc slot", vec![]),
-        ("child::spawn_sync", vec![]),
+    let mut spawn_rows: Vec<(Subject, Vec<f64>)> = vec![
+        (Subject::StdCommand, vec![]),
+        (Subject::ChildSpawn, vec![]),
+        (Subject::ChildSpawnIpc, vec![]),
+        (Subject::ChildSpawnSync, vec![]),
     ];
-    let mut exec_rows: Vec<(&str, Vec<f64>)> = vec![
-        ("std output()", vec![]),
-        ("child::exec_file", vec![]),
-        ("child::exec (sh -c)", vec![]),
-        ("child::exec_file_sync", vec![]),
+    let mut exec_rows: Vec<(Subject, Vec<f64>)> = vec![
+        (Subject::StdOutput, vec![]),
+        (Subject::ChildExecFile, vec![]),
+        (Subject::ChildExec, vec![]),
+        (Subject::ChildExecFileSync, vec![]),
     ];
     if node {
-        spawn_rows.push(("node spawn", vec![]));
-        exec_rows.push(("node exec", vec![]));
+        spawn_rows.push((Subject::NodeSpawn, vec![]));
+        exec_rows.push((Subject::NodeExec, vec![]));
     }
     let capture = || ExecOptions::new().max_buffer(2 * CAPTURE_BYTES);
     let head_args = [
@@ -57,7 +54,7 @@ fn main() {
         CAPTURE_BYTES.to_string(),
         "/dev/zero".into(),
     ];
-    for _ in 0..rounds {
+    for _ in 0..args.rounds() {
         let per_sec = |d: Duration| f64::from(SPAWNS) / d.as_secs_f64();
         spawn_rows[0].1.push(per_sec(timed(|| {
             for _ in 0..SPAWNS {
@@ -124,17 +121,21 @@ fn main() {
             )));
         }
     }
-    if json {
-        json_lines("spawn_true", "spawn/s", &spawn_rows);
-        json_lines("exec_100mb", "MB/s", &exec_rows);
+    if args.json {
+        json_lines(Benchmark::SpawnTrue, Unit::SpawnsPerSec, spawn_rows);
+        json_lines(Benchmark::Exec100mb, Unit::MegabytesPerSec, exec_rows);
         return;
     }
     report(
         "spawn_true: sequential spawn + wait of /bin/true",
-        "spawn/s",
+        Unit::SpawnsPerSec,
         &spawn_rows,
     );
-    report("exec_100mb: capture 100 MB of stdout", "MB/s", &exec_rows);
+    report(
+        "exec_100mb: capture 100 MB of stdout",
+        Unit::MegabytesPerSec,
+        &exec_rows,
+    );
 }
 
 fn quiet() -> SpawnOptions {
@@ -154,35 +155,32 @@ fn timed(f: impl FnOnce()) -> Duration {
     start.elapsed()
 }
 
-fn median(values: &[f64]) -> f64 {
-    let mut v = values.to_vec();
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
-/// One machine-readable line per row: `{"benchmark":..,"subject":..,"unit":..,
-/// "values":[..]}`, one value per round.
-fn json_lines(benchmark: &str, unit: &str, rows: &[(&str, Vec<f64>)]) {
-    for (name, values) in rows {
-        let values: Vec<String> = values.iter().map(|v| format!("{v:.3}")).collect();
-        println!(
-            "{{\"benchmark\":\"{benchmark}\",\"subject\":\"{name}\",\"unit\":\"{unit}\",\
-             \"values\":[{}]}}",
-            values.join(",")
-        );
+/// One [`BenchLine`] per row, one value per round.
+fn json_lines(benchmark: Benchmark, unit: Unit, rows: Vec<(Subject, Vec<f64>)>) {
+    for (subject, values) in rows {
+        let line = BenchLine {
+            benchmark,
+            subject,
+            unit,
+            message_bytes: None,
+            values,
+        };
+        println!("{}", line.to_json());
     }
 }
 
 /// Prints each row's median and its ratio to the first row (std) and to the last (Node,
 /// when present).
-fn report(title: &str, unit: &str, rows: &[(&str, Vec<f64>)]) {
+fn report(title: &str, unit: Unit, rows: &[(Subject, Vec<f64>)]) {
     println!("\n{title} ({} rounds, medians)", rows[0].1.len());
     let std = median(&rows[0].1);
     let node = rows
         .last()
-        .filter(|(name, _)| name.starts_with("node"))
+        .filter(|(subject, _)| subject.needs_node())
         .map(|(_, v)| median(v));
-    for (name, values) in rows {
+    let unit = unit.label();
+    for (subject, values) in rows {
+        let name = subject.label();
         let m = median(values);
         let vs_node = node
             .map(|n| format!("   {:.2}x node", m / n))
@@ -198,27 +196,5 @@ fn node_seconds(script: &str, arg: &str) -> Duration {
     let path = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("benches/peers")
         .join(script);
-    let out = Command::new("node")
-        .arg(path)
-        .arg(arg)
-        .output()
-        .expect("run node");
-    assert!(
-        out.status.success(),
-        "node failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let report: NodeTiming = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "unexpected node output ({e}): {}",
-            String::from_utf8_lossy(&out.stdout)
-        )
-    });
-    Duration::from_secs_f64(report.seconds)
-}
-
-/// The one line a Node peer script prints.
-#[derive(serde::Deserialize)]
-struct NodeTiming {
-    seconds: f64,
+    node_timing(&path, [arg]).unwrap_or_else(|e| panic!("{e}"))
 }

@@ -18,8 +18,9 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
+use testkit::WorkerInfo;
 
-use crate::http::{Connection, Response, WorkerInfo};
+use crate::http::{Connection, Response};
 use crate::server::{Server, TIMEOUT, is_running, parent_of, signal_pid, worker_started};
 
 #[track_caller]

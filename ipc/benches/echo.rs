@@ -4,8 +4,8 @@
 //! Run with `cargo bench -p ipc --bench echo` (`-- --quick` for fewer rounds). Rounds
 //! alternate the subjects (A B C A B C ...) so that a noisy machine affects all alike; the
 //! report gives medians and ratios. Node is optional: without it that column is skipped.
-//! `-- --json` prints one JSON line per subject instead of the table (every round's rate),
-//! for `cargo xtask bench`.
+//! `-- --json` prints one [`testkit::BenchLine`] per subject instead of the table (every
+//! round's rate in msg/s), for `cargo xtask bench`.
 
 #![allow(clippy::print_stdout)]
 
@@ -20,6 +20,10 @@ use std::time::{Duration, Instant};
 use ipc::{Channel, Lane};
 use nix::fcntl::{FcntlArg, FdFlag, fcntl};
 use serde_bytes::{ByteBuf, Bytes};
+use testkit::{
+    BenchArgs, BenchLine, Benchmark, KillOnDrop, NODE_INSTALL_HINT, Subject, Unit, median,
+    node_available, node_timing,
+};
 use tokio::sync::Semaphore;
 
 const IN_FLIGHT: usize = 64;
@@ -31,64 +35,50 @@ fn main() {
         Ok("raw") => return raw_echo_child(),
         _ => {}
     }
-    let quick = std::env::args().any(|a| a == "--quick");
-    let json = std::env::args().any(|a| a == "--json");
-    let rounds = if quick { 3 } else { 7 };
+    let args = BenchArgs::from_env();
     let node = node_available();
     if !node {
-        println!(
-            "node: not installed, Node column skipped (install Node.js 20, e.g. apt-get install nodejs)"
-        );
+        println!("node: not installed, Node column skipped ({NODE_INSTALL_HINT})");
     }
-    for (label, size, count, node_count) in [
-        ("ipc_echo_16b", 16, 400_000, 100_000),
-        ("ipc_echo_64k", 64 * 1024, 20_000, 3_000),
+    for (benchmark, size, count, node_count) in [
+        (Benchmark::IpcEcho16b, 16, 400_000, 100_000),
+        (Benchmark::IpcEcho64k, 64 * 1024, 20_000, 3_000),
     ] {
         let mut ipc = Vec::new();
         let mut raw = Vec::new();
         let mut nodes = Vec::new();
-        for _ in 0..rounds {
+        for _ in 0..args.rounds() {
             ipc.push(rate(count, run_ipc(size, count)));
             raw.push(rate(count, run_raw(size, count)));
             if node {
                 nodes.push(rate(node_count, run_node(size, node_count)));
             }
         }
-        if json {
-            for (subject, rates) in [
-                ("ipc channel", &ipc),
-                ("raw socketpair", &raw),
-                ("node fork() IPC", &nodes),
+        if args.json {
+            for (subject, values) in [
+                (Subject::IpcChannel, ipc),
+                (Subject::RawSocketpair, raw),
+                (Subject::NodeForkIpc, nodes),
             ] {
-                if !rates.is_empty() {
-                    json_line(label, subject, size, rates);
+                if !values.is_empty() {
+                    let line = BenchLine {
+                        benchmark,
+                        subject,
+                        unit: Unit::MessagesPerSec,
+                        message_bytes: Some(size as u64),
+                        values,
+                    };
+                    println!("{}", line.to_json());
                 }
             }
         } else {
-            report(label, size, &ipc, &raw, &nodes);
+            report(benchmark.key(), size, &ipc, &raw, &nodes);
         }
     }
 }
 
 fn rate(messages: usize, elapsed: Duration) -> f64 {
     messages as f64 / elapsed.as_secs_f64()
-}
-
-fn median(values: &[f64]) -> f64 {
-    let mut v = values.to_vec();
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
-/// One machine-readable line: `{"benchmark":..,"subject":..,"unit":"msg/s",
-/// "message_bytes":..,"values":[..]}`, one value per round.
-fn json_line(label: &str, subject: &str, size: usize, rates: &[f64]) {
-    let values: Vec<String> = rates.iter().map(|r| format!("{r:.1}")).collect();
-    println!(
-        "{{\"benchmark\":\"{label}\",\"subject\":\"{subject}\",\"unit\":\"msg/s\",\
-         \"message_bytes\":{size},\"values\":[{}]}}",
-        values.join(",")
-    );
 }
 
 fn report(label: &str, size: usize, ipc: &[f64], raw: &[f64], node: &[f64]) {
@@ -99,12 +89,14 @@ fn report(label: &str, size: usize, ipc: &[f64], raw: &[f64], node: &[f64]) {
         ipc.len()
     );
     println!(
-        "  ipc channel      {:>10.0} msg/s {:>8.1} MB/s",
+        "  {:<16} {:>10.0} msg/s {:>8.1} MB/s",
+        Subject::IpcChannel.label(),
         ipc_m,
         mb(ipc_m)
     );
     println!(
-        "  raw socketpair   {:>10.0} msg/s {:>8.1} MB/s   ipc/raw  = {:.2}x",
+        "  {:<16} {:>10.0} msg/s {:>8.1} MB/s   ipc/raw  = {:.2}x",
+        Subject::RawSocketpair.label(),
         raw_m,
         mb(raw_m),
         ipc_m / raw_m
@@ -112,7 +104,8 @@ fn report(label: &str, size: usize, ipc: &[f64], raw: &[f64], node: &[f64]) {
     if !node.is_empty() {
         let node_m = median(node);
         println!(
-            "  node fork() IPC  {:>10.0} msg/s {:>8.1} MB/s   ipc/node = {:.2}x",
+            "  {:<16} {:>10.0} msg/s {:>8.1} MB/s   ipc/node = {:.2}x",
+            Subject::NodeForkIpc.label(),
             node_m,
             mb(node_m),
             ipc_m / node_m
@@ -122,14 +115,15 @@ fn report(label: &str, size: usize, ipc: &[f64], raw: &[f64], node: &[f64]) {
 
 /// Spawns this benchmark binary as an `ipc` echo child holding `child_end` (made inheritable
 /// for the spawn and closed here afterwards).
-fn spawn_ipc_child(child_end: OwnedFd) -> std::process::Child {
+fn spawn_ipc_child(child_end: OwnedFd) -> KillOnDrop {
     fcntl(&child_end, FcntlArg::F_SETFD(FdFlag::empty())).expect("clear close-on-exec");
-    let child = Command::new(std::env::current_exe().expect("current exe"))
-        .env(CHILD_ENV, "ipc")
-        .env(ipc::CHANNEL_FD_ENV, child_end.as_raw_fd().to_string())
-        .stdin(Stdio::null())
-        .spawn()
-        .expect("spawn echo child");
+    let child = KillOnDrop::spawn(
+        Command::new(std::env::current_exe().expect("current exe"))
+            .env(CHILD_ENV, "ipc")
+            .env(ipc::CHANNEL_FD_ENV, child_end.as_raw_fd().to_string())
+            .stdin(Stdio::null()),
+    )
+    .expect("spawn echo child");
     drop(child_end);
     child
 }
@@ -227,11 +221,12 @@ fn write_frame(w: &mut impl Write, body: &[u8]) {
 /// prefix, blocking I/O, a writer thread and a reader thread.
 fn run_raw(size: usize, count: usize) -> Duration {
     let (ours, theirs) = UnixStream::pair().expect("socketpair");
-    let mut child = Command::new(std::env::current_exe().expect("current exe"))
-        .env(CHILD_ENV, "raw")
-        .stdin(Stdio::from(OwnedFd::from(theirs)))
-        .spawn()
-        .expect("spawn echo child");
+    let mut child = KillOnDrop::spawn(
+        Command::new(std::env::current_exe().expect("current exe"))
+            .env(CHILD_ENV, "raw")
+            .stdin(Stdio::from(OwnedFd::from(theirs))),
+    )
+    .expect("spawn echo child");
     let mut reader = BufReader::with_capacity(64 * 1024, ours.try_clone().expect("clone"));
     let (credit_tx, credit_rx) = mpsc::channel::<()>();
     let start = Instant::now();
@@ -292,36 +287,7 @@ fn node_script() -> &'static Path {
     ))
 }
 
-fn node_available() -> bool {
-    Command::new("node")
-        .arg("--version")
-        .stdout(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
-
 fn run_node(size: usize, count: usize) -> Duration {
-    let out = Command::new("node")
-        .arg(node_script())
-        .args([size.to_string(), count.to_string(), IN_FLIGHT.to_string()])
-        .output()
-        .expect("run node");
-    assert!(
-        out.status.success(),
-        "node failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let report: NodeTiming = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "unexpected node output ({e}): {}",
-            String::from_utf8_lossy(&out.stdout)
-        )
-    });
-    Duration::from_secs_f64(report.seconds)
-}
-
-/// The one line a Node peer script prints.
-#[derive(serde::Deserialize)]
-struct NodeTiming {
-    seconds: f64,
+    let args = [size, count, IN_FLIGHT].map(|n| n.to_string());
+    node_timing(node_script(), args).unwrap_or_else(|e| panic!("{e}"))
 }

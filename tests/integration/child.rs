@@ -9,6 +9,7 @@ mod spawn;
 use std::time::{Duration, Instant};
 
 use child::{SpawnOptions, Stdio};
+use testkit::{KillOnDrop, ProcStat};
 
 /// Spawn options for tests: nothing inherited from the test's stdio, killed if the test
 /// fails before waiting (and then reaped by the crate's orphan reaper).
@@ -21,23 +22,16 @@ fn quiet_options() -> SpawnOptions {
     options().stdin(Stdio::Null).stderr(Stdio::Null)
 }
 
-/// Kills a process that is not our child (a detached grandchild) when dropped.
-struct KillOnDrop(i32);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.0),
-            nix::sys::signal::Signal::SIGKILL,
-        );
-    }
+/// Kills `pid`, a process that is not our child (a detached grandchild), when dropped.
+fn kill_on_drop(pid: i32) -> KillOnDrop {
+    let mut guard = KillOnDrop::default();
+    guard.adopt(u32::try_from(pid).expect("a pid"));
+    guard
 }
 
 /// The state letter of `/proc/<pid>/stat` (`R`, `S`, `Z`, ...), or `None` once reaped.
 fn process_state(pid: u32) -> Option<char> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    stat.rsplit_once(") ")
-        .and_then(|(_, rest)| rest.chars().next())
+    ProcStat::read(pid).map(|stat| stat.state)
 }
 
 /// Waits (bounded) until `pid` no longer exists, not even as a zombie. The reaping is done

@@ -27,6 +27,15 @@ fn settings(workers: usize) -> Settings {
         .drain_deadline(Duration::from_secs(10))
 }
 
+/// A two-thread runtime, for the data-driven `check_*` tests that are not `#[tokio::test]`.
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
 /// Waits for the first event `pick` accepts, skipping others; fails after a timeout.
 async fn expect<T>(primary: &mut Primary, mut pick: impl FnMut(Event) -> Option<T>) -> T {
     let wait = async {
@@ -96,12 +105,7 @@ fn worker_of(greeting: &str) -> std::io::Result<u64> {
 
 #[track_caller]
 fn check_served_by_all(policy: Policy) {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
-    runtime.block_on(async {
+    runtime().block_on(async {
         let mut primary = Primary::start(settings(2).policy(policy))
             .await
             .expect("start");

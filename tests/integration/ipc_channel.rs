@@ -6,12 +6,11 @@ use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
 use std::process::{Command, Stdio};
 
+use testkit::KillOnDrop;
 use tests::ipc_proto::{FromChild, ToChild};
 
-use crate::support::Reaped;
-
 /// Starts the helper with `stdin` as its standard input and `IPC_CHANNEL_FD=0`.
-fn helper(stdin: Stdio, channel_env: bool) -> Reaped {
+fn helper(stdin: Stdio, channel_env: bool) -> KillOnDrop {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_ipc_fd_child"));
     cmd.stdin(stdin).stdout(Stdio::piped());
     if channel_env {
@@ -19,7 +18,7 @@ fn helper(stdin: Stdio, channel_env: bool) -> Reaped {
     } else {
         cmd.env_remove(ipc::CHANNEL_FD_ENV);
     }
-    Reaped::new(cmd.spawn().expect("spawn ipc_fd_child"))
+    KillOnDrop::spawn(&mut cmd).expect("spawn ipc_fd_child")
 }
 
 #[tokio::test]
@@ -59,20 +58,24 @@ async fn a_listener_sent_over_the_channel_accepts_in_the_child() {
         channel.recv().await.unwrap().is_none(),
         "child closed its end"
     );
-    let status = child.wait();
+    let status = child.wait().expect("wait");
     assert!(status.success(), "{status:?}");
 }
 
 #[test]
 fn a_child_without_a_channel_gets_none() {
-    let out = helper(Stdio::null(), false).wait_with_output();
+    let out = helper(Stdio::null(), false)
+        .wait_with_output()
+        .expect("wait");
     assert!(out.status.success());
     assert_eq!(String::from_utf8_lossy(&out.stdout), "none\n");
 }
 
 #[test]
 fn an_inherited_fd_that_is_not_a_socket_is_a_typed_error() {
-    let out = helper(Stdio::null(), true).wait_with_output();
+    let out = helper(Stdio::null(), true)
+        .wait_with_output()
+        .expect("wait");
     assert_eq!(out.status.code(), Some(3));
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(

@@ -2,5 +2,4 @@
 mod child;
 mod cluster;
 mod ipc_channel;
-mod support;
 mod tidy;

@@ -75,7 +75,15 @@ fn unsafe_code_lives_in_sys_modules() {
 
 #[test]
 fn every_member_uses_the_workspace_lints() {
-    for member in ["ipc", "child", "cluster", "httpd-demo", "xtask", "tests"] {
+    for member in [
+        "ipc",
+        "child",
+        "cluster",
+        "httpd-demo",
+        "xtask",
+        "tests",
+        "testkit",
+    ] {
         let manifest = workspace_root().join(member).join("Cargo.toml");
         let text = std::fs::read_to_string(&manifest).expect("read manifest");
         assert!(

@@ -78,13 +78,7 @@ impl Series {
     }
 
     pub(crate) fn median(&self) -> f64 {
-        let mut v = self.values.clone();
-        v.sort_by(f64::total_cmp);
-        match v.len() {
-            0 => f64::NAN,
-            n if n % 2 == 1 => v[n / 2],
-            n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
-        }
+        testkit::median(&self.values)
     }
 
     pub(crate) fn min(&self) -> f64 {
@@ -186,11 +180,7 @@ pub(crate) fn run(options: BenchOptions) -> Result<()> {
         quick: options.quick,
         root,
         out_dir,
-        node: Tool::probe(
-            "node",
-            "--version",
-            "install Node.js 20, e.g. apt-get install nodejs",
-        ),
+        node: Tool::probe("node", "--version", testkit::NODE_INSTALL_HINT),
         wrk: Tool::probe("wrk", "--version", "apt-get install wrk"),
         nginx: Tool::probe("nginx", "-v", "apt-get install nginx-light"),
     };

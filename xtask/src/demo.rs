@@ -2,19 +2,19 @@
 //! through what the cluster does, failing if any step does not hold.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{BufRead, BufReader, IsTerminal, Write};
+use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, mpsc};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
-use nix::sys::signal::{Signal, kill};
-use nix::unistd::Pid;
+use nix::sys::signal::Signal;
+use testkit::{KillOnDrop, LineLog, WorkerInfo, is_running};
 
-use crate::http::{Client, WorkerInfo};
+use crate::http::Client;
 
 const WORKERS: usize = 3;
 const STEP_TIMEOUT: Duration = Duration::from_secs(30);
@@ -165,7 +165,11 @@ pub(crate) fn run() -> Result<()> {
     // 5. Nothing left behind.
     out.step(5, "no process of the demo is left");
     seen_pids.insert(server.pid());
-    let alive: Vec<u32> = seen_pids.iter().copied().filter(|p| is_alive(*p)).collect();
+    let alive: Vec<u32> = seen_pids
+        .iter()
+        .copied()
+        .filter(|p| is_running(*p))
+        .collect();
     ensure!(alive.is_empty(), "processes still alive: {alive:?}");
     out.ok(&format!(
         "all {} processes (primary and every worker seen) are gone",
@@ -193,144 +197,94 @@ fn build_release() -> Result<PathBuf> {
     Ok(target.join("release/httpd-demo"))
 }
 
-/// A process exists and is not a zombie.
-fn is_alive(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|stat| {
-            stat.rsplit_once(") ")
-                .map(|(_, rest)| !rest.starts_with('Z'))
-        })
-        .unwrap_or(false)
-}
-
-/// The server's log lines, and how many of them were printed already.
-#[derive(Debug, Default)]
-struct Log {
-    lines: Vec<String>,
-    printed: usize,
-}
-
-/// The running server: its process, address and log.
+/// The running server: its process (killed and reaped on every path), address and log.
 struct Server {
-    child: Option<Child>,
-    pid: u32,
+    process: KillOnDrop,
     addr: String,
-    log: Arc<(Mutex<Log>, Condvar)>,
+    log: LineLog,
+    /// How many log lines were printed already.
+    printed: usize,
 }
 
 impl Server {
     fn start(binary: &PathBuf) -> Result<Self> {
-        let mut child = Command::new(binary)
-            .args([
-                "--workers",
-                &WORKERS.to_string(),
-                "--port",
-                "0",
-                "--grace",
-                "5",
-            ])
-            .arg("--allow-crash")
-            .env("RUST_LOG", "info")
-            .env("RUST_BACKTRACE", "0")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .with_context(|| format!("starting {}", binary.display()))?;
-        let log = Arc::new((Mutex::new(Log::default()), Condvar::new()));
-        let stderr = child.stderr.take().expect("piped");
-        let sink = Arc::clone(&log);
-        thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                sink.0.lock().expect("log").lines.push(line);
-                sink.1.notify_all();
-            }
-        });
-        let stdout = child.stdout.take().expect("piped");
-        let (tx, rx) = mpsc::channel();
-        thread::spawn(move || {
-            let mut lines = BufReader::new(stdout).lines();
-            if let Some(Ok(line)) = lines.next() {
-                let _ = tx.send(line);
-            }
-            for _ in lines {}
-        });
-        let mut server = Server {
-            pid: child.id(),
-            child: Some(child),
-            addr: String::new(),
-            log,
-        };
-        let line = rx
-            .recv_timeout(STEP_TIMEOUT)
-            .context("httpd-demo did not report its address")?;
-        server.addr = line
+        let mut process = KillOnDrop::spawn(
+            Command::new(binary)
+                .args([
+                    "--workers",
+                    &WORKERS.to_string(),
+                    "--port",
+                    "0",
+                    "--grace",
+                    "5",
+                ])
+                .arg("--allow-crash")
+                .env("RUST_LOG", "info")
+                .env("RUST_BACKTRACE", "0")
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped()),
+        )
+        .with_context(|| format!("starting {}", binary.display()))?;
+        let child = process.child_mut();
+        let log = LineLog::of(child.stderr.take().expect("piped"));
+        let stdout = LineLog::of(child.stdout.take().expect("piped"));
+        let line = stdout
+            .wait_for(0, "", STEP_TIMEOUT)
+            .context("httpd-demo did not report its address")?
+            .text;
+        let addr = line
             .strip_prefix("listening on http://")
             .with_context(|| format!("unexpected first line from httpd-demo: {line:?}"))?
             .trim()
             .to_owned();
-        Ok(server)
+        Ok(Server {
+            process,
+            addr,
+            log,
+            printed: 0,
+        })
     }
 
     fn pid(&self) -> u32 {
-        self.pid
+        self.process.pid()
     }
 
     fn signal(&self, signal: Signal) -> Result<()> {
-        kill(Pid::from_raw(self.pid() as i32), signal).context("signalling the primary")
+        self.process
+            .signal(signal)
+            .context("signalling the primary")
     }
 
     /// Waits for the primary to exit; returns its exit code.
     fn wait(&mut self, timeout: Duration) -> Result<Option<i32>> {
-        let mut child = self.child.take().context("already waited")?;
-        let (tx, rx) = mpsc::channel();
-        thread::spawn(move || {
-            let _ = tx.send(child.wait());
-        });
-        match rx.recv_timeout(timeout) {
-            Ok(status) => Ok(status?.code()),
-            Err(_) => {
-                // Not reaped yet (the thread still waits on it), so the pid is still ours.
+        match self.process.wait_timeout(timeout)? {
+            Some(status) => Ok(status.code()),
+            None => {
+                // Not reaped yet, so the pid is still ours.
                 let _ = self.signal(Signal::SIGKILL);
                 bail!("primary did not exit within {timeout:?}")
             }
         }
     }
 
-    fn print_log(&self, out: &Printer) {
-        let mut log = self.log.0.lock().expect("log");
-        out.log(&log.lines[log.printed..]);
-        log.printed = log.lines.len();
+    fn print_log(&mut self, out: &Printer) {
+        let lines = self.log.lines_from(self.printed);
+        self.printed += lines.len();
+        out.log(&lines);
     }
 
     /// How many log lines there are so far: a mark for [`Server::wait_for_log`].
     fn log_mark(&self) -> usize {
-        self.log.0.lock().expect("log").lines.len()
+        self.log.mark()
     }
 
     /// Waits until a log line after `mark` contains `needle`.
     fn wait_for_log(&self, mark: usize, needle: &str) -> Result<()> {
-        let deadline = Instant::now() + STEP_TIMEOUT;
-        let mut log = self.log.0.lock().expect("log");
-        while !log.lines[mark..].iter().any(|l| l.contains(needle)) {
-            let left = deadline.saturating_duration_since(Instant::now());
-            ensure!(!left.is_zero(), "the server never logged {needle:?}");
-            log = self.log.1.wait_timeout(log, left).expect("log").0;
-        }
+        self.log
+            .wait_for(mark, needle, STEP_TIMEOUT)
+            .with_context(|| format!("the server never logged {needle:?}"))?;
         Ok(())
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        if let Some(child) = self.child.as_mut() {
-            if child.try_wait().ok().flatten().is_none() {
-                // SIGKILL of the primary: its workers die with it (parent-death signal).
-                let _ = child.kill();
-                let _ = child.wait();
-            }
-        }
     }
 }
 

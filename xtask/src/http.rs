@@ -5,13 +5,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
-
-/// What `GET /worker` answers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
-pub(crate) struct WorkerInfo {
-    pub(crate) id: u64,
-    pub(crate) pid: u32,
-}
+use testkit::WorkerInfo;
 
 #[derive(Debug, Clone)]
 pub(crate) struct Client {
@@ -72,7 +66,7 @@ impl Client {
 
 /// Parses `{"id": N, "pid": P}`.
 fn parse_worker(body: &str) -> Option<WorkerInfo> {
-    serde_json::from_str(body).ok()
+    WorkerInfo::from_json(body).ok()
 }
 
 #[cfg(test)]

@@ -5,15 +5,10 @@ use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
+use testkit::WorkerInfo;
+
 /// No read or write may hang a test for longer than this.
 const IO_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Which worker answered: the body of `GET /worker`, or a `worker started` log line.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct WorkerInfo {
-    pub(crate) id: u64,
-    pub(crate) pid: u32,
-}
 
 /// One response; header names are lower-case.
 #[derive(Debug)]
@@ -36,17 +31,8 @@ impl Response {
     pub(crate) fn worker(&self) -> WorkerInfo {
         assert_eq!(self.status, 200, "GET /worker: {self:?}");
         assert_eq!(self.header("content-type"), Some("application/json"));
-        let json: serde_json::Value = serde_json::from_str(&self.body)
-            .unwrap_or_else(|e| panic!("GET /worker body {:?}: {e}", self.body));
-        let object = json.as_object().expect("GET /worker answers an object");
-        assert_eq!(object.len(), 2, "GET /worker body {:?}", self.body);
-        let number = |key: &str| object.get(key).and_then(serde_json::Value::as_u64);
-        WorkerInfo {
-            id: number("id").expect("an id"),
-            pid: number("pid")
-                .and_then(|p| u32::try_from(p).ok())
-                .expect("a pid"),
-        }
+        WorkerInfo::from_json(&self.body)
+            .unwrap_or_else(|e| panic!("GET /worker body {:?}: {e}", self.body))
     }
 }
 

@@ -4,7 +4,7 @@ use tokio::io::AsyncReadExt;
 
 use child::{ForkOptions, Stdio};
 
-use super::{KillOnDrop, helper};
+use super::{helper, kill_on_drop};
 
 async fn recv_string(child: &mut child::Child) -> Option<String> {
     Some(
@@ -72,7 +72,7 @@ async fn a_forked_child_dies_with_its_parent_when_asked() {
     )
     .await;
     let pid: i32 = text.trim().parse().expect("a pid");
-    let _guard = KillOnDrop(pid);
+    let _guard = kill_on_drop(pid);
     read.expect("the grandchild died with its parent").unwrap();
     assert!(parent.wait().await.unwrap().success());
     super::assert_dead(pid as u32);

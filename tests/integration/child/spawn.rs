@@ -5,7 +5,7 @@ use std::time::Duration;
 use child::{CancellationToken, Error, ExitStatus, Signal, SpawnErrorKind, Stdio};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use super::{KillOnDrop, assert_reaped, helper, options, process_state, quiet_options};
+use super::{assert_reaped, helper, kill_on_drop, options, process_state, quiet_options};
 
 async fn stdout_of(
     program: &str,
@@ -198,7 +198,7 @@ async fn a_detached_grandchild_outlives_its_parent() {
     let output = parent.wait_with_output().await.unwrap();
     assert!(output.status.success());
     let pid: i32 = output.stdout_lossy().trim().parse().expect("a pid");
-    let _guard = KillOnDrop(pid);
+    let _guard = kill_on_drop(pid);
     let state = process_state(pid as u32).expect("the grandchild is still running");
     assert_ne!(state, 'Z');
     let sid = nix::unistd::getsid(Some(nix::unistd::Pid::from_raw(pid))).unwrap();
@@ -223,7 +223,7 @@ async fn killing_a_group_kills_the_whole_group() {
         line.push(byte[0]);
     }
     let sleep_pid: i32 = String::from_utf8(line).unwrap().trim().parse().unwrap();
-    let _guard = KillOnDrop(sleep_pid);
+    let _guard = kill_on_drop(sleep_pid);
     assert!(group.kill_group(Signal::SIGKILL).unwrap());
     let mut rest = Vec::new();
     stdout.read_to_end(&mut rest).await.unwrap();

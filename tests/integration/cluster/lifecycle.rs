@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use ::cluster::{Event, Policy, Primary, Signal};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
-use super::{expect, listening, next_exit, request, settings, worker_of};
+use super::{expect, listening, next_exit, request, runtime, settings, worker_of};
 
 /// The events of one worker, by kind, in order.
 async fn lifecycle_of(primary: &mut Primary) -> Vec<&'static str> {
@@ -133,12 +133,7 @@ async fn listen_zero_shares_the_first_port_and_a_second_listen_gets_another() {
 
 #[track_caller]
 fn check_address_in_use(policy: Policy) {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
-    runtime.block_on(async {
+    runtime().block_on(async {
         let mut first = Primary::start(settings(1).policy(policy))
             .await
             .expect("start");

@@ -5,22 +5,12 @@ use std::time::{Duration, Instant};
 use child::{SpawnOptions, Stdio};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
+use testkit::{KillOnDrop, is_running};
 use tokio::io::{AsyncBufReadExt, BufReader, Lines};
 
 use super::{EVENT_TIMEOUT, request};
 
 type StdoutLines = Lines<BufReader<child::ChildStdout>>;
-
-/// Kills the listed processes (the primary's workers) when dropped, whatever happened.
-struct KillOnDrop(Vec<i32>);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        for pid in &self.0 {
-            let _ = kill(Pid::from_raw(*pid), Signal::SIGKILL);
-        }
-    }
-}
 
 fn start_primary(workers: usize) -> (child::Child, StdoutLines) {
     let options = SpawnOptions::new()
@@ -38,14 +28,15 @@ fn start_primary(workers: usize) -> (child::Child, StdoutLines) {
     (primary, BufReader::new(stdout).lines())
 }
 
-/// Reads lines until one starts with `prefix`; returns its words after the prefix.
+/// Reads lines until one starts with `prefix`; returns its words after the prefix. Adopts
+/// each forked worker into `pids`, which kills them when dropped, whatever happened.
 async fn line(lines: &mut StdoutLines, prefix: &str, pids: &mut KillOnDrop) -> Vec<String> {
     let wait = async {
         loop {
             let line = lines.next_line().await.expect("read").expect("a line");
             let words: Vec<String> = line.split_whitespace().map(str::to_owned).collect();
             if words.first().map(String::as_str) == Some("fork") {
-                pids.0.push(words[2].parse().expect("pid"));
+                pids.adopt(words[2].parse().expect("pid"));
             }
             if words.first().map(String::as_str) == Some(prefix) {
                 return words[1..].to_vec();
@@ -57,27 +48,18 @@ async fn line(lines: &mut StdoutLines, prefix: &str, pids: &mut KillOnDrop) -> V
         .unwrap_or_else(|_| panic!("no {prefix} line"))
 }
 
-fn is_dead(pid: i32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Err(_) => true,
-        Ok(stat) => stat
-            .rsplit_once(") ")
-            .is_some_and(|(_, rest)| rest.starts_with('Z')),
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn workers_end_when_the_primary_is_killed() {
     let (primary, mut lines) = start_primary(2);
-    let mut pids = KillOnDrop(Vec::new());
+    let mut pids = KillOnDrop::default();
     line(&mut lines, "listening", &mut pids).await;
     line(&mut lines, "listening", &mut pids).await;
-    assert_eq!(pids.0.len(), 2);
+    assert_eq!(pids.adopted().len(), 2);
     primary.kill(child::Signal::SIGKILL).expect("kill");
     primary.wait().await.expect("wait");
     // Polling the process table is the only way to watch processes that are not ours.
     let deadline = Instant::now() + Duration::from_secs(3);
-    while !pids.0.iter().all(|pid| is_dead(*pid)) {
+    while pids.adopted().iter().any(|pid| is_running(*pid)) {
         assert!(Instant::now() < deadline, "workers outlived their primary");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -86,7 +68,7 @@ async fn workers_end_when_the_primary_is_killed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn signals_add_remove_reload_and_stop() {
     let (primary, mut lines) = start_primary(2);
-    let mut pids = KillOnDrop(Vec::new());
+    let mut pids = KillOnDrop::default();
     let address = line(&mut lines, "listening", &mut pids).await[1]
         .parse()
         .expect("address");
@@ -107,7 +89,7 @@ async fn signals_add_remove_reload_and_stop() {
             .expect("a line");
         let words: Vec<&str> = line.split_whitespace().collect();
         match words[..] {
-            ["fork", _, pid] => pids.0.push(pid.parse().expect("pid")),
+            ["fork", _, pid] => pids.adopt(pid.parse().expect("pid")),
             ["listening", id, _] => new.push(id.parse::<u64>().expect("id")),
             ["exit", id, .., after] => {
                 assert_eq!(after, "true", "{line}");
@@ -133,5 +115,5 @@ async fn signals_add_remove_reload_and_stop() {
         .expect("the primary exits")
         .expect("wait");
     assert_eq!(status.code(), Some(0));
-    assert!(pids.0.iter().all(|pid| is_dead(*pid)));
+    assert!(!pids.adopted().iter().any(|pid| is_running(*pid)));
 }

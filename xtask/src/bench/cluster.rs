@@ -29,8 +29,8 @@ struct Round {
 fn measure(name: &str, mut command: Command) -> Result<Round> {
     let started = Instant::now();
     let mut proc = Proc::spawn(name, &mut command)?;
-    let lines = Lines::capture(&mut proc);
-    let (_, listening_at) = wait_listening(&lines, WORKERS)?;
+    let mut lines = Lines::capture(&mut proc);
+    let (_, listening_at) = wait_listening(&mut lines, WORKERS)?;
     let start_ms = ms(listening_at - started);
     let victim = *children_of(proc.pid())
         .first()

@@ -81,8 +81,8 @@ impl Server {
     /// line per worker; returns once every worker listens.
     fn start_announcing(kind: Kind, mut command: std::process::Command) -> Result<Self> {
         let mut proc = Proc::spawn(&kind.label(), &mut command)?;
-        let lines = Lines::capture(&mut proc);
-        let (addr, _) = wait_listening(&lines, WORKERS)?;
+        let mut lines = Lines::capture(&mut proc);
+        let (addr, _) = wait_listening(&mut lines, WORKERS)?;
         Ok(Self {
             kind,
             addr,
@@ -98,7 +98,7 @@ impl Server {
 
 /// Waits for `listening on http://ADDR` and `workers` lines with `worker listening`, in
 /// whatever order they come; returns the address and when the first line came.
-pub(super) fn wait_listening(lines: &Lines, workers: usize) -> Result<(String, Instant)> {
+pub(super) fn wait_listening(lines: &mut Lines, workers: usize) -> Result<(String, Instant)> {
     let deadline = Instant::now() + START_TIMEOUT;
     let mut addr = None;
     let mut listening = 0;
@@ -144,7 +144,7 @@ fn start_nginx(ctx: &Ctx) -> Result<Server> {
     let addr = format!("127.0.0.1:{port}");
     let deadline = Instant::now() + START_TIMEOUT;
     loop {
-        if let Some(status) = proc.child_mut().try_wait()? {
+        if let Some(status) = proc.try_wait()? {
             let log = std::fs::read_to_string(prefix.join("error.log")).unwrap_or_default();
             bail!("nginx exited at start ({status}):\n{log}");
         }

@@ -5,24 +5,13 @@
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use serde::Deserialize;
+use testkit::{BenchLine, Benchmark, Subject, Unit};
 
 use super::process::{Proc, piped};
 use super::{Better, Ctx, Peer, Series, Workload};
 
-/// One line of a bench's `--json` output.
-#[derive(Debug, Clone, Deserialize)]
-struct Line {
-    benchmark: String,
-    subject: String,
-    unit: String,
-    #[serde(default)]
-    message_bytes: Option<f64>,
-    values: Vec<f64>,
-}
-
 /// `cargo bench -p <package> --bench <bench> -- [--quick] --json`, parsed.
-fn run_bench(ctx: &Ctx, package: &str, bench: &str) -> Result<Vec<Line>> {
+fn run_bench(ctx: &Ctx, package: &str, bench: &str) -> Result<Vec<BenchLine>> {
     let mut command = piped(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
     command
         .current_dir(&ctx.root)
@@ -39,12 +28,8 @@ fn run_bench(ctx: &Ctx, package: &str, bench: &str) -> Result<Vec<Line>> {
     parse(&out).with_context(|| format!("reading the output of the {bench} bench"))
 }
 
-fn parse(out: &str) -> Result<Vec<Line>> {
-    let lines: Vec<Line> = out
-        .lines()
-        .filter(|l| l.starts_with('{'))
-        .map(serde_json::from_str)
-        .collect::<Result<_, _>>()?;
+fn parse(out: &str) -> Result<Vec<BenchLine>> {
+    let lines = BenchLine::parse_all(out)?;
     if lines.is_empty() {
         bail!("no JSON lines in:\n{out}");
     }
@@ -53,51 +38,52 @@ fn parse(out: &str) -> Result<Vec<Line>> {
 
 /// How to read one benchmark of a bench's output.
 struct Spec {
-    key: &'static str,
+    benchmark: Benchmark,
     title: &'static str,
-    unit: &'static str,
-    /// Scale applied to the bench's values (msg/s to MB/s for large messages).
+    /// The workload's unit: the bench's, or MB/s when `to_mb`.
+    unit: Unit,
+    /// Scale the bench's msg/s by its message size to MB/s (for large messages).
     to_mb: bool,
-    subject: &'static str,
-    /// Peers: the bench's row name, and the tool it needs when it is Node.
-    peers: &'static [(&'static str, bool)],
+    subject: Subject,
+    peers: &'static [Subject],
 }
 
-fn workload(ctx: &Ctx, lines: &[Line], spec: &Spec) -> Workload {
-    let series = |name: &str| {
+fn workload(ctx: &Ctx, lines: &[BenchLine], spec: &Spec) -> Workload {
+    let series = |subject: Subject| {
         lines
             .iter()
-            .find(|l| l.benchmark == spec.key && l.subject == name)
+            .find(|l| l.benchmark == spec.benchmark && l.subject == subject)
             .map(|l| {
                 let scale = match (spec.to_mb, l.message_bytes) {
-                    (true, Some(bytes)) => bytes / 1e6,
+                    (true, Some(bytes)) => bytes as f64 / 1e6,
                     _ => 1.0,
                 };
                 debug_assert!(spec.to_mb || l.unit == spec.unit);
                 Series {
-                    name: name.to_owned(),
+                    name: subject.label().to_owned(),
                     values: l.values.iter().map(|v| v * scale).collect(),
                 }
             })
     };
     let mut w = Workload {
-        key: spec.key,
+        key: spec.benchmark.key(),
         title: spec.title.to_owned(),
-        unit: spec.unit,
+        unit: spec.unit.label(),
         better: Better::Higher,
         subjects: series(spec.subject).into_iter().collect(),
         peers: Vec::new(),
         notes: Vec::new(),
     };
-    for &(name, needs_node) in spec.peers {
-        w.peers.push(match series(name) {
+    for &peer in spec.peers {
+        let name = peer.label().to_owned();
+        w.peers.push(match series(peer) {
             Some(s) => Peer::Measured(s),
-            None if needs_node && !ctx.node.installed => Peer::Missing {
-                name: name.to_owned(),
+            None if peer.needs_node() && !ctx.node.installed => Peer::Missing {
+                name,
                 reason: ctx.node.missing(),
             },
             None => Peer::Missing {
-                name: name.to_owned(),
+                name,
                 reason: "no such row in the bench output".to_owned(),
             },
         });
@@ -108,17 +94,17 @@ fn workload(ctx: &Ctx, lines: &[Line], spec: &Spec) -> Workload {
 /// ipc_echo_16b and ipc_echo_64k.
 pub(super) fn run_ipc(ctx: &Ctx) -> Result<Vec<Workload>> {
     let lines = run_bench(ctx, "ipc", "echo")?;
-    let peers: &[(&str, bool)] = &[("node fork() IPC", true), ("raw socketpair", false)];
+    let peers = &[Subject::NodeForkIpc, Subject::RawSocketpair];
     let mut out = vec![
         workload(
             ctx,
             &lines,
             &Spec {
-                key: "ipc_echo_16b",
+                benchmark: Benchmark::IpcEcho16b,
                 title: "IPC echo, 16-byte messages, 64 in flight",
-                unit: "msg/s",
+                unit: Unit::MessagesPerSec,
                 to_mb: false,
-                subject: "ipc channel",
+                subject: Subject::IpcChannel,
                 peers,
             },
         ),
@@ -126,11 +112,11 @@ pub(super) fn run_ipc(ctx: &Ctx) -> Result<Vec<Workload>> {
             ctx,
             &lines,
             &Spec {
-                key: "ipc_echo_64k",
+                benchmark: Benchmark::IpcEcho64k,
                 title: "IPC echo, 64 KiB messages, 64 in flight",
-                unit: "MB/s",
+                unit: Unit::MegabytesPerSec,
                 to_mb: true,
-                subject: "ipc channel",
+                subject: Subject::IpcChannel,
                 peers,
             },
         ),
@@ -150,24 +136,24 @@ pub(super) fn run_child(ctx: &Ctx) -> Result<Vec<Workload>> {
             ctx,
             &lines,
             &Spec {
-                key: "spawn_true",
+                benchmark: Benchmark::SpawnTrue,
                 title: "sequential spawn + wait of /bin/true",
-                unit: "spawn/s",
+                unit: Unit::SpawnsPerSec,
                 to_mb: false,
-                subject: "child::spawn",
-                peers: &[("node spawn", true), ("std::process::Command", false)],
+                subject: Subject::ChildSpawn,
+                peers: &[Subject::NodeSpawn, Subject::StdCommand],
             },
         ),
         workload(
             ctx,
             &lines,
             &Spec {
-                key: "exec_100mb",
+                benchmark: Benchmark::Exec100mb,
                 title: "exec capturing 100 MB of stdout",
-                unit: "MB/s",
+                unit: Unit::MegabytesPerSec,
                 to_mb: false,
-                subject: "child::exec_file",
-                peers: &[("node exec", true), ("std output()", false)],
+                subject: Subject::ChildExecFile,
+                peers: &[Subject::NodeExec, Subject::StdOutput],
             },
         ),
     ];
@@ -183,13 +169,17 @@ mod tests {
     use super::*;
 
     #[test]
-    fn parses_json_lines_and_skips_notes() {
-        let out = "node: not installed\n\
-            {\"benchmark\":\"ipc_echo_64k\",\"subject\":\"ipc channel\",\"unit\":\"msg/s\",\
-            \"message_bytes\":65536,\"values\":[1000.0,2000.0]}\n";
-        let lines = parse(out).unwrap();
-        assert_eq!(lines.len(), 1);
-        assert_eq!(lines[0].values, [1000.0, 2000.0]);
+    fn parses_bench_lines_and_skips_notes() {
+        let line = BenchLine {
+            benchmark: Benchmark::IpcEcho64k,
+            subject: Subject::IpcChannel,
+            unit: Unit::MessagesPerSec,
+            message_bytes: Some(65536),
+            values: vec![1000.0, 2000.0],
+        };
+        let out = format!("node: not installed\n{}\n", line.to_json());
+        let lines = parse(&out).unwrap();
+        assert_eq!(lines, [line]);
         assert!(parse("nothing").is_err());
     }
 }
