@@ -171,7 +171,7 @@ mod tests {
 
     #[test]
     fn parses_tracing_delays() {
-        let line = "2025 INFO cluster::primary::supervisor: restarting a worker slot=0 delay=100ms";
+        let line = "2025 INFO cluster::primary::core: restarting a worker slot=0 delay=100ms";
         assert_eq!(parse_delay(line), Some(100.0));
         assert_eq!(parse_delay("delay=1.5s"), Some(1500.0));
         assert_eq!(parse_delay("no delay here"), None);
