@@ -18,7 +18,7 @@ use crate::options::SpawnOptions;
 use crate::process::{ProcessHandle, Target};
 use crate::reaper;
 use crate::status::{ExitStatus, Output};
-use crate::sys::PidfdSource;
+use crate::sys::SharedFd;
 
 /// The parent's end of a child's stdin pipe.
 pub type ChildStdin = pipe::Sender;
@@ -30,13 +30,13 @@ pub type ChildStderr = pipe::Receiver;
 /// A process's pidfd registered with the tokio reactor.
 #[derive(Debug)]
 pub(crate) struct AsyncProcess {
-    readiness: AsyncFd<PidfdSource>,
+    readiness: AsyncFd<SharedFd>,
     handle: Arc<ProcessHandle>,
 }
 
 impl AsyncProcess {
     fn new(handle: Arc<ProcessHandle>) -> io::Result<Self> {
-        let readiness = crate::sys::register_pidfd(Arc::clone(&handle))?;
+        let readiness = crate::sys::register_pidfd(handle.shared_pidfd())?;
         Ok(Self { readiness, handle })
     }
 

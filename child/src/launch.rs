@@ -16,8 +16,8 @@ use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 
+use crate::channel_env::{CHANNEL_FD_ENV, PARENT_DEATH_ENV, ParentDeath};
 use crate::error::SpawnError;
-use crate::fork::{CHANNEL_FD_ENV, PARENT_DEATH_ENV};
 use crate::options::{SpawnOptions, Stdio};
 use crate::sys;
 
@@ -198,8 +198,9 @@ fn environment(options: &SpawnOptions, ipc_slot: Option<usize>) -> BTreeMap<OsSt
     if let Some(slot) = ipc_slot {
         env.insert(CHANNEL_FD_ENV.into(), slot.to_string().into());
         if let Some(signal) = options.parent_death_signal {
-            let value = format!("{}:{}", signal as i32, std::process::id());
-            env.insert(PARENT_DEATH_ENV.into(), value.into());
+            let parent = std::process::id() as i32;
+            let value = ParentDeath { signal, parent }.to_value();
+            env.insert(PARENT_DEATH_ENV.into(), value);
         }
     }
     env

@@ -78,6 +78,7 @@
 //!   keeps only the output already readable, rather than waiting for grandchildren that may
 //!   hold the pipes open. Without a kill, it waits for the pipes to close, like Node.
 
+mod channel_env;
 mod child;
 mod error;
 mod exec;

@@ -400,26 +400,26 @@ pub(crate) fn set_parent_death_signal(signal: c_int) -> io::Result<()> {
     Ok(())
 }
 
-/// An `Arc<ProcessHandle>` seen as its pidfd, so an `AsyncFd` can own the handle.
+/// A shared, never-replaced descriptor seen through `AsRawFd`, so an `AsyncFd` can own it.
 #[derive(Debug)]
-pub(crate) struct PidfdSource(pub(crate) std::sync::Arc<crate::process::ProcessHandle>);
+pub(crate) struct SharedFd(std::sync::Arc<OwnedFd>);
 
-impl AsRawFd for PidfdSource {
+impl AsRawFd for SharedFd {
     fn as_raw_fd(&self) -> RawFd {
-        self.0.pidfd().as_raw_fd()
+        self.0.as_raw_fd()
     }
 }
 
 /// Registers a child's pidfd with the current tokio reactor for readability (its exit).
 pub(crate) fn register_pidfd(
-    handle: std::sync::Arc<crate::process::ProcessHandle>,
-) -> io::Result<tokio::io::unix::AsyncFd<PidfdSource>> {
-    // SAFETY: the pidfd is owned by the `ProcessHandle`, which the `PidfdSource` keeps alive
-    // inside the `AsyncFd`, and a `ProcessHandle` never closes or replaces its pidfd: the fd
-    // stays open and the same for the whole life of the `AsyncFd`.
+    pidfd: std::sync::Arc<OwnedFd>,
+) -> io::Result<tokio::io::unix::AsyncFd<SharedFd>> {
+    // SAFETY: the `SharedFd` inside the `AsyncFd` keeps the `OwnedFd` alive, and an
+    // `OwnedFd` behind an `Arc` can be neither closed nor replaced: the fd stays open and the
+    // same for the whole life of the `AsyncFd`.
     unsafe {
         tokio::io::unix::AsyncFd::register_with_interest(
-            PidfdSource(handle),
+            SharedFd(pidfd),
             tokio::io::Interest::READABLE,
         )
     }
