@@ -74,7 +74,8 @@ pub struct Child {
     pub stderr: Option<ChildStderr>,
     extra: Vec<(usize, OwnedFd)>,
     channel: Option<Channel>,
-    kill_on_drop: bool,
+    /// The signal a still-running child gets when this handle is dropped.
+    pub(crate) kill_on_drop: Option<Signal>,
 }
 
 /// The parent's end of the IPC channel, registered with the reactor on first use.
@@ -116,7 +117,7 @@ pub(crate) fn spawn_with(
     args: &[OsString],
     mut options: SpawnOptions,
 ) -> Result<Child, Error> {
-    if tokio::runtime::Handle::try_current().is_err() {
+    if !io_driver_available() {
         return Err(Error::NoRuntime);
     }
     let launched = launch(program, args, &mut options)?;
@@ -138,7 +139,7 @@ pub(crate) fn spawn_with(
             return Err(SpawnError::new(program, args, e).into());
         }
     };
-    child.kill_on_drop = options.kill_on_drop;
+    child.kill_on_drop = options.kill_on_drop.then_some(Signal::SIGKILL);
     let (timeout, cancel) = options.take_deadlines();
     if timeout.is_some() || cancel.is_some() {
         tokio::spawn(enforce_deadline(
@@ -149,6 +150,27 @@ pub(crate) fn spawn_with(
         ));
     }
     Ok(child)
+}
+
+/// Whether a tokio runtime with IO enabled is current, which a `Child` needs for its pidfd.
+/// Checked before anything is started, once per runtime and thread.
+fn io_driver_available() -> bool {
+    thread_local! {
+        static CHECKED: std::cell::Cell<Option<(tokio::runtime::Id, bool)>> =
+            const { std::cell::Cell::new(None) };
+    }
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        return false;
+    };
+    let id = runtime.id();
+    if let Some((checked, available)) = CHECKED.get()
+        && checked == id
+    {
+        return available;
+    }
+    let available = std::panic::catch_unwind(crate::sys::probe_io_driver).is_ok_and(|r| r.is_ok());
+    CHECKED.set(Some((id, available)));
+    available
 }
 
 /// Kills the child with `signal` at the timeout or on cancellation, unless it exits first.
@@ -204,7 +226,7 @@ impl Child {
                 .transpose()?,
             extra,
             channel,
-            kill_on_drop: false,
+            kill_on_drop: None,
         })
     }
 
@@ -239,14 +261,17 @@ impl Child {
     }
 
     /// Sends `signal` to the child's whole process group (Node's `process.kill(-pid)`); the
-    /// child must lead a group, which a `detached` child does. `Ok(false)` if it had exited.
+    /// child must lead a group, which a `detached` child does. `Ok(false)` if it had exited
+    /// and was reaped; [`Error::NotGroupLeader`] if it runs (or is an unreaped zombie) but
+    /// leads no group (`ESRCH` from `kill(-pid)`), in which case nothing was signalled.
     pub fn kill_group(&self, signal: Signal) -> Result<bool, Error> {
+        let pid = self.pid();
         self.process
             .handle
             .kill(signal as i32, Target::Group)
-            .map_err(|source| Error::Kill {
-                pid: self.pid(),
-                source,
+            .map_err(|source| match source.raw_os_error() {
+                Some(libc::ESRCH) => Error::NotGroupLeader { pid },
+                _ => Error::Kill { pid, source },
             })
     }
 
@@ -372,8 +397,8 @@ impl Drop for Child {
         if handle.status().is_some() {
             return;
         }
-        if self.kill_on_drop {
-            let _ = handle.kill(libc::SIGKILL, Target::Process);
+        if let Some(signal) = self.kill_on_drop {
+            let _ = handle.kill(signal as i32, Target::Process);
         }
         reaper::adopt(Arc::clone(handle));
     }

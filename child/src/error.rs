@@ -12,6 +12,7 @@ pub enum Error {
     #[error(transparent)]
     Spawn(#[from] SpawnError),
     /// An async child needs a tokio runtime with IO enabled (the `*_sync` functions do not).
+    /// Checked before anything is started.
     #[error("no tokio runtime with io enabled is running")]
     NoRuntime,
     /// Waiting for the child failed.
@@ -31,6 +32,14 @@ pub enum Error {
         /// The `pidfd_send_signal` or `kill` error.
         #[source]
         source: io::Error,
+    },
+    /// [`Child::kill_group`](crate::Child::kill_group) found no process group led by the
+    /// child (it was not started `detached`); nothing was signalled. The child has not
+    /// exited: an exited child gives `Ok(false)`.
+    #[error("process {pid} does not lead a process group")]
+    NotGroupLeader {
+        /// The child's pid.
+        pid: u32,
     },
     /// The child has no IPC channel (it was not spawned with [`Stdio::Ipc`](crate::Stdio::Ipc)).
     #[error("the child has no ipc channel")]

@@ -14,11 +14,11 @@ use std::pin::pin;
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 use tokio_util::sync::CancellationToken;
 
 use self::error::{ExecError, ExecErrorKind, StreamName};
-use crate::child::{Child, ChildStdout, spawn_with};
+use crate::child::{Child, ChildStdin, ChildStdout, spawn_with};
 use crate::options::{SpawnOptions, Stdio};
 use crate::status::Output;
 
@@ -218,6 +218,9 @@ async fn run(
         }
     };
     let kill_signal = limits.kill_signal;
+    // If this future is dropped before the end, the child must not run on without its
+    // timeout: dropping the handle ends it with the kill signal (then it is reaped).
+    child.kill_on_drop.get_or_insert(kill_signal);
     let output = capture(&mut child, &cmd, limits).await?;
     check_exit(output, cmd, kill_signal)
 }
@@ -274,6 +277,22 @@ impl Capture {
     }
 }
 
+/// Writes all of `input` to the child's stdin, never raising `SIGPIPE` in this process
+/// (`EPIPE` is the error when the child closed its end).
+async fn feed_input(stdin: &ChildStdin, input: &[u8]) -> std::io::Result<()> {
+    let mut written = 0;
+    while written < input.len() {
+        stdin.writable().await?;
+        let fd = std::os::fd::AsFd::as_fd(stdin);
+        match stdin.try_io(|| crate::sys::write_no_sigpipe(fd, &input[written..])) {
+            Ok(n) => written += n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
 /// Captures stdout and stderr of a child started with `ExecOptions::prepare`'s options
 /// until exit and close, enforcing `limits`. Returns the output (any exit status), or the
 /// error for a kill or an I/O failure.
@@ -294,9 +313,9 @@ async fn capture(child: &mut Child, cmd: &str, limits: Limits) -> Result<Output,
     let stdin = child.stdin.take();
     let input = limits.input;
     let mut feed = pin!(async move {
-        if let Some(mut stdin) = stdin {
+        if let Some(stdin) = stdin {
             // A child that exits without reading its input is not an error (EPIPE).
-            let _ = stdin.write_all(&input).await;
+            let _ = feed_input(&stdin, &input).await;
         }
     });
     let mut timer = pin!(async {

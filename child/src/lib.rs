@@ -67,6 +67,20 @@
 //!   first, the orphans are re-parented to init, which reaps them.
 //! - A timeout or cancellation token set on [`SpawnOptions`] is enforced by a tokio task that
 //!   lives until the child exits, even if the handle is dropped, as long as the runtime runs.
+//! - Dropping an [`exec`] or [`exec_file`] future before it completes ends its child: the
+//!   child gets the kill signal (default `SIGTERM`) at once and is reaped in the background,
+//!   so no child outlives its timeout or cancellation token because its future went away.
+//!   (A child that ignores the kill signal runs on until it exits, and is then reaped.)
+//! - An async function on a runtime without IO enabled returns [`Error::NoRuntime`] before
+//!   anything is started. tokio offers no way to ask, so the first spawn on each runtime
+//!   and thread registers a throw-away socket under `catch_unwind`: on such a runtime a
+//!   panic hook sees tokio's "IO is disabled" panic once, and with `panic = "abort"` the
+//!   process aborts there (still before any child exists).
+//! - The crate's own writes to a child (`exec`'s [`ExecOptions::input`], sync or async)
+//!   never raise `SIGPIPE`, whatever this process's disposition for it, and change no
+//!   disposition: a child that closes its stdin early just gets no more input. Writes you
+//!   make yourself to [`ChildStdin`] are plain `write(2)`s: Rust programs ignore `SIGPIPE`,
+//!   but a program that restores its default must expect it.
 //! - Something else in the process that reaps children behind this crate's back
 //!   (`waitpid(-1)`, `SIGCHLD` set to `SIG_IGN`) breaks the pidfd's race-freedom guarantee
 //!   and makes waits fail with `ECHILD`.

@@ -83,6 +83,9 @@ impl ProcessHandle {
     }
 
     /// Sends `signal`; `Ok(false)` if the child had already exited. Marks it killed on success.
+    ///
+    /// For [`Target::Group`], `ESRCH` is returned as an error: the child is not reaped (we
+    /// hold the status lock), so it exists and the group does not.
     pub(crate) fn kill(&self, signal: i32, target: Target) -> io::Result<bool> {
         let status = self.lock();
         if status.is_some() {
@@ -98,7 +101,9 @@ impl ProcessHandle {
                 self.killed.store(true, Ordering::Release);
                 Ok(true)
             }
-            Err(e) if e.raw_os_error() == Some(libc::ESRCH) => Ok(false),
+            Err(e) if e.raw_os_error() == Some(libc::ESRCH) && target == Target::Process => {
+                Ok(false)
+            }
             Err(e) => Err(e),
         }
     }

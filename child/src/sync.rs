@@ -188,9 +188,14 @@ enum Role {
 /// or the child closed its end (it does not want the rest).
 fn feed_stdin(stdin: &mut Option<OwnedFd>, input: &[u8], written: &mut usize) {
     if let Some(fd) = stdin.as_ref() {
-        match nix::unistd::write(fd, &input[*written..]) {
+        match sys::write_no_sigpipe(fd.as_fd(), &input[*written..]) {
             Ok(n) => *written += n,
-            Err(Errno::EAGAIN | Errno::EINTR) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                ) => {}
+            // EPIPE: the child closed its stdin and does not want the rest.
             Err(_) => *written = input.len(),
         }
     }

@@ -386,7 +386,7 @@ pub(crate) fn open_null() -> io::Result<OwnedFd> {
         .into())
 }
 
-/// Sends `signal` to process group `pgid` (`killpg`).
+/// Sends `signal` to process group `pgid` (`killpg`); `ESRCH` means no such group exists.
 pub(crate) fn kill_group(pgid: libc::pid_t, signal: c_int) -> io::Result<()> {
     // SAFETY: a plain syscall with integer arguments.
     cvt(unsafe { libc::kill(-pgid, signal) })?;
@@ -424,4 +424,55 @@ pub(crate) fn register_pidfd(
         )
     }
     .map_err(|e| e.into_parts().1)
+}
+
+/// Whether the current tokio runtime has its IO driver: registers a throw-away socket with
+/// it. Without the driver tokio panics (it offers no other check), so the caller runs this
+/// under `catch_unwind`, before anything is started.
+pub(crate) fn probe_io_driver() -> io::Result<()> {
+    let probe = OwnedFd::from(std::os::unix::net::UnixDatagram::unbound()?);
+    // SAFETY: the `AsyncFd` owns `probe`, which stays open and the same until the
+    // `AsyncFd` is dropped at the end of this statement.
+    unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(probe, tokio::io::Interest::READABLE)
+    }
+    .map(drop)
+    .map_err(|e| e.into_parts().1)
+}
+
+/// `write(2)` that can never raise `SIGPIPE`, whatever the process's disposition for it, and
+/// changes no disposition: `SIGPIPE` is blocked in this thread for the call, and a `SIGPIPE`
+/// that the write itself raised (it failed with `EPIPE`) is taken off the thread's pending
+/// set before the mask is restored. A closed reader is then only the `EPIPE` error.
+pub(crate) fn write_no_sigpipe(fd: BorrowedFd<'_>, data: &[u8]) -> io::Result<usize> {
+    // SAFETY: all-zero is valid for sigset_t before sigemptyset.
+    let mut pipe_only: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    let mut old: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    let mut pending: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: the sets are valid and writable; pthread_sigmask and sigpending only touch
+    // this thread's mask and read the pending set.
+    let was_pending = unsafe {
+        cvt(libc::sigemptyset(&mut pipe_only))?;
+        cvt(libc::sigaddset(&mut pipe_only, libc::SIGPIPE))?;
+        cvt_errno(libc::pthread_sigmask(libc::SIG_BLOCK, &pipe_only, &mut old))?;
+        cvt(libc::sigpending(&mut pending))?;
+        libc::sigismember(&pending, libc::SIGPIPE) == 1
+    };
+    // SAFETY: `data` is readable for its length; the fd is borrowed for the call.
+    let written = cvt(unsafe { libc::write(fd.as_raw_fd(), data.as_ptr().cast(), data.len()) });
+    let written = written.map(|n| n as usize);
+    if !was_pending && matches!(&written, Err(e) if e.raw_os_error() == Some(libc::EPIPE)) {
+        let zero = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: `pipe_only` is a valid set, the timeout is zero and no siginfo is wanted;
+        // SIGPIPE is blocked, so the SIGPIPE this write queued is consumed, not delivered.
+        unsafe { libc::sigtimedwait(&pipe_only, ptr::null_mut(), &zero) };
+    }
+    // SAFETY: restores the mask saved above for this thread.
+    cvt_errno(unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &old, ptr::null_mut()) })?;
+    written
 }

@@ -1,8 +1,15 @@
 //! `exec`, `exec_file` and the blocking variants: max buffer, timeout, errors, exit codes.
 
+use std::future::Future;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use child::{CancellationToken, ExecErrorKind, ExecOptions, Signal, SpawnErrorKind, StreamName};
+use child::{
+    CancellationToken, ExecError, ExecErrorKind, ExecOptions, Output, Signal, SpawnErrorKind,
+    StreamName,
+};
+
+use super::{KillOnDrop, assert_reaped, run_child_parent};
 
 const MIB: usize = 1024 * 1024;
 
@@ -200,4 +207,67 @@ fn sync_timeout_and_max_buffer_are_error_kinds() {
         (err.kind(), err.stdout().len()),
         (ExecErrorKind::MaxBufferExceeded(StreamName::Stdout), MIB)
     );
+}
+
+/// A fresh path in the temporary directory for a test's pid file.
+fn pid_file(test: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("child-{test}-{}.pid", std::process::id()))
+}
+
+/// Waits until the shell has written its pid to `path` (it renames a whole file into place).
+async fn read_pid(path: &Path) -> u32 {
+    loop {
+        if let Ok(text) = std::fs::read_to_string(path) {
+            return text.trim().parse().expect("a pid");
+        }
+        tokio::task::yield_now().await;
+    }
+}
+
+/// A shell script that publishes its pid in `path`, then becomes `sleep 30`.
+fn publish_pid_then_sleep(path: &Path) -> String {
+    let path = path.display();
+    format!("echo $$ > {path}.tmp && mv {path}.tmp {path} && exec sleep 30")
+}
+
+/// Polls `run` until its child has published its pid, drops it, and checks that the child
+/// is gone (killed and reaped) although its timeout is far away.
+async fn check_dropping_ends_the_child(
+    run: impl Future<Output = Result<Output, ExecError>>,
+    path: &Path,
+) {
+    let mut run = Box::pin(run);
+    let waited = tokio::time::timeout(Duration::from_secs(10), async {
+        tokio::select! {
+            result = &mut run => panic!("the run ended early: {result:?}"),
+            pid = read_pid(path) => pid,
+        }
+    });
+    let pid = waited.await.expect("the child published its pid");
+    let _ = std::fs::remove_file(path);
+    let _guard = KillOnDrop(pid as i32);
+    drop(run);
+    assert_reaped(pid);
+}
+
+#[tokio::test]
+async fn a_dropped_exec_future_ends_its_child() {
+    let path = pid_file("dropped-exec");
+    let options = ExecOptions::new().timeout(Duration::from_secs(60));
+    check_dropping_ends_the_child(child::exec(&publish_pid_then_sleep(&path), options), &path)
+        .await;
+    let path = pid_file("dropped-exec-file");
+    let token = CancellationToken::new();
+    let options = ExecOptions::new().cancel_token(token.clone());
+    let script = publish_pid_then_sleep(&path);
+    check_dropping_ends_the_child(child::exec_file("/bin/sh", ["-c", &script], options), &path)
+        .await;
+    token.cancel();
+}
+
+#[test]
+fn feeding_input_to_a_child_that_closed_stdin_never_raises_sigpipe() {
+    // The helper restores SIGPIPE's default disposition, as a C host or a CLI does.
+    assert_eq!(run_child_parent("sigpipe-async"), "ok\n");
+    assert_eq!(run_child_parent("sigpipe-sync"), "ok\n");
 }

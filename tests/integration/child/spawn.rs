@@ -242,3 +242,56 @@ async fn wait_closed_drains_the_pipes_and_returns_the_status() {
     assert_eq!(child.wait_closed().await.unwrap(), ExitStatus::Exited(5));
     assert!(child.stdout.is_none() && child.stderr.is_none() && child.stdin.is_none());
 }
+
+/// Processes whose command line contains `marker`.
+fn processes_with(marker: &str) -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .expect("/proc")
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|cmdline| String::from_utf8_lossy(&cmdline).contains(marker))
+        })
+        .collect()
+}
+
+#[test]
+fn spawning_on_a_runtime_without_io_is_no_runtime_and_starts_nothing() {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .unwrap();
+    // A unique sleep length marks the processes this test could start.
+    let marker = format!("3600.{}", std::process::id());
+    let spawned = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        runtime.block_on(async {
+            let spawned = child::spawn("sleep", [&marker], quiet_options()).map(|c| c.pid());
+            let exec = child::exec(&format!("sleep {marker}"), child::ExecOptions::new()).await;
+            (spawned, exec.map(|o| o.status))
+        })
+    }));
+    let leftovers = processes_with(&marker);
+    for pid in &leftovers {
+        drop(KillOnDrop(*pid as i32));
+    }
+    let (spawned, exec) = spawned.expect("spawn must not panic");
+    assert!(matches!(spawned, Err(Error::NoRuntime)), "{spawned:?}");
+    let err = exec.unwrap_err();
+    let source = std::error::Error::source(&err).and_then(|s| s.downcast_ref::<Error>());
+    assert!(matches!(source, Some(Error::NoRuntime)), "{err:?}");
+    assert_eq!(leftovers, Vec::<u32>::new(), "no process was started");
+}
+
+#[tokio::test]
+async fn kill_group_of_a_child_that_leads_no_group_is_an_error_not_an_exit() {
+    let sleeper = child::spawn("sleep", ["30"], quiet_options()).unwrap();
+    let err = sleeper
+        .kill_group(Signal::SIGTERM)
+        .expect_err("the child leads no process group");
+    assert!(
+        err.to_string().contains("does not lead a process group"),
+        "{err}"
+    );
+    assert_eq!(sleeper.try_wait().unwrap(), None, "it still runs");
+    assert!(!sleeper.killed());
+}
