@@ -81,7 +81,8 @@ impl ExecOptions {
         self
     }
 
-    /// Kills the child with the kill signal after this long.
+    /// Kills the child with the kill signal after this long; `Duration::ZERO` means no
+    /// timeout, as in Node.
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.spawn = self.spawn.timeout(timeout);
         self

@@ -131,10 +131,12 @@ impl Drop for SpawnAttr {
 
 /// Starts a process with `posix_spawn` (glibc: `clone(CLONE_VM | CLONE_VFORK)`, no fork).
 ///
-/// The child gets an empty signal mask and the default disposition for `SIGPIPE` (which Rust
-/// programs ignore); handled signals reset to default at exec and other ignored signals stay
-/// ignored, as with std (resetting all 64, as libuv does, costs the child 64 syscalls while
-/// the parent waits). Its fds are placed by `dup2` (which clears close-on-exec on the target), and every
+/// The child gets an empty signal mask and every signal at its default disposition
+/// (`POSIX_SPAWN_SETSIGDEF` with a full set), as Node (libuv) and this crate's fork path do:
+/// signals this process ignores (`SIGPIPE` in Rust programs, `SIGINT` under `nohup`-like
+/// hosts) are not ignored in the child. glibc resets them in the child before exec, one
+/// `sigaction` each, a few microseconds. Its fds are placed by `dup2` (which clears
+/// close-on-exec on the target), and every
 /// other fd closed. Exec failures (`ENOENT`, `EACCES`, ...) come back as the error.
 pub(crate) fn posix_spawn(req: &SpawnRequest<'_>) -> io::Result<libc::pid_t> {
     let mut actions = FileActions::new()?;
@@ -167,14 +169,13 @@ pub(crate) fn posix_spawn(req: &SpawnRequest<'_>) -> io::Result<libc::pid_t> {
     // SAFETY: all-zero is a valid sigset_t to pass to sigemptyset.
     let mut empty: libc::sigset_t = unsafe { std::mem::zeroed() };
     // SAFETY: as above.
-    let mut pipe_only: libc::sigset_t = unsafe { std::mem::zeroed() };
+    let mut all: libc::sigset_t = unsafe { std::mem::zeroed() };
     // SAFETY: the sets and `attr` are valid and initialised; the setters copy the sets.
     unsafe {
         cvt(libc::sigemptyset(&mut empty))?;
-        cvt(libc::sigemptyset(&mut pipe_only))?;
-        cvt(libc::sigaddset(&mut pipe_only, libc::SIGPIPE))?;
+        cvt(libc::sigfillset(&mut all))?;
         cvt_errno(libc::posix_spawnattr_setsigmask(&mut attr.0, &empty))?;
-        cvt_errno(libc::posix_spawnattr_setsigdefault(&mut attr.0, &pipe_only))?;
+        cvt_errno(libc::posix_spawnattr_setsigdefault(&mut attr.0, &all))?;
         cvt_errno(libc::posix_spawnattr_setflags(&mut attr.0, flags))?;
     }
 

@@ -271,3 +271,27 @@ fn feeding_input_to_a_child_that_closed_stdin_never_raises_sigpipe() {
     assert_eq!(run_child_parent("sigpipe-async"), "ok\n");
     assert_eq!(run_child_parent("sigpipe-sync"), "ok\n");
 }
+
+#[tokio::test]
+async fn a_zero_timeout_means_no_timeout_as_in_node() {
+    for _ in 0..5 {
+        let output = child::exec("echo hi", ExecOptions::new().timeout(Duration::ZERO))
+            .await
+            .unwrap();
+        assert_eq!(output.stdout, b"hi\n");
+    }
+    let output = child::exec_sync("echo hi", ExecOptions::new().timeout(Duration::ZERO)).unwrap();
+    assert_eq!(output.stdout, b"hi\n");
+}
+
+#[test]
+fn signals_the_parent_ignores_are_reset_in_the_child() {
+    // The helper ignores SIGINT, SIGQUIT and SIGUSR1, then prints cat's SigIgn mask.
+    let out = run_child_parent("sigign");
+    let (mask, rest) = out.split_once('\n').expect("two lines");
+    assert_eq!(rest, "ok\n");
+    let mask = u64::from_str_radix(mask, 16).expect("a hex mask");
+    // Bit n - 1 is signal n. glibc's posix_spawn leaves its own internal signals 32 and 33
+    // ignored (it cannot be asked otherwise); no standard signal may be.
+    assert_eq!(mask & 0x7fff_ffff, 0, "ignored in the child: {mask:#x}");
+}
