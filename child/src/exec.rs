@@ -2,7 +2,10 @@
 //! max buffer, timeout and error rules.
 //!
 //! Capture stops when the process has exited AND both pipes reached end-of-file, as Node's
-//! `'close'`. When we kill the child (timeout, cancellation, max buffer), we wait for its
+//! `'close'`. A child that gets the kill signal at its timeout but handles it and exits 0
+//! is a success, as in Node's `exec` (what the child did wins); exiting any other way after
+//! the timeout is [`ExecErrorKind::TimedOut`]. Cancellation and max buffer are errors
+//! whatever the exit. When we kill the child (timeout, cancellation, max buffer), we wait for its
 //! exit and keep only what is already readable: a grandchild holding the pipes open cannot
 //! make a killed run hang (Node would wait for it).
 
@@ -155,7 +158,9 @@ pub(crate) struct Limits {
 /// Runs `command` with `/bin/sh -c` and captures its output: Node's `child_process.exec`.
 ///
 /// A non-zero exit is an [`ExecError`] of kind [`ExecErrorKind::Failed`] (a missing command
-/// is exit code 127 from the shell).
+/// is exit code 127 from the shell). A child killed at its timeout is
+/// [`ExecErrorKind::TimedOut`], unless it handled the kill signal and exited 0: then, as in
+/// Node, the run succeeds with what the child printed.
 ///
 /// ```
 /// # #[tokio::main(flavor = "current_thread")]
@@ -380,6 +385,16 @@ async fn capture(child: &mut Child, cmd: &str, limits: Limits) -> Result<Output,
     let status = child.wait().await.ok();
     out.drain(max);
     err.drain(max);
+    if let (ExecErrorKind::TimedOut, Some(status)) = (kind, status)
+        && status.success()
+    {
+        // Node reports what the child did: it handled the signal and exited 0.
+        return Ok(Output {
+            status,
+            stdout: out.buf,
+            stderr: err.buf,
+        });
+    }
     let mut error = ExecError::new(kind, cmd.to_owned(), limits.kill_signal);
     error.inner.status = status;
     error.inner.killed = killed || child.killed();

@@ -19,7 +19,9 @@ use crate::sys;
 
 /// Runs `program` with `args` to completion and captures stdout and stderr, blocking the
 /// thread: Node's `spawnSync`. A non-zero exit is NOT an error (read `output.status`);
-/// timeout and max buffer are ([`ExecErrorKind::TimedOut`], [`ExecErrorKind::MaxBufferExceeded`]).
+/// timeout and max buffer are ([`ExecErrorKind::TimedOut`], [`ExecErrorKind::MaxBufferExceeded`]),
+/// except that a child which handles the timeout's kill signal and exits 0 succeeds, as with
+/// [`exec`](crate::exec).
 ///
 /// The cancellation token of the options is ignored here: a blocked thread cannot observe it.
 ///
@@ -166,6 +168,16 @@ fn run_sync(
     for stream in [&mut out, &mut err] {
         let _ = stream.read(limits.max_buffer, true);
         stream.buf.truncate(limits.max_buffer);
+    }
+    if let (ExecErrorKind::TimedOut, Some(status)) = (stop, status)
+        && status.success()
+    {
+        // As the async capture: the child handled the signal and exited 0.
+        return Ok(Output {
+            status,
+            stdout: out.buf,
+            stderr: err.buf,
+        });
     }
     let mut error = ExecError::new(stop, cmd, kill_signal);
     error.inner.status = status;

@@ -34,7 +34,9 @@ pub enum ExecErrorKind {
     Spawn,
     /// It exited with a non-zero code or was ended by a signal it did not get from us.
     Failed,
-    /// The timeout passed; it was killed with the kill signal (Node's `ETIMEDOUT`).
+    /// The timeout passed; it was killed with the kill signal (Node's `ETIMEDOUT`) and did
+    /// not then exit 0 (a child that handles the signal and exits 0 is a success, as in
+    /// Node's `exec`).
     TimedOut,
     /// The cancellation token fired; it was killed with the kill signal (Node's `AbortError`).
     Cancelled,

@@ -295,3 +295,27 @@ fn signals_the_parent_ignores_are_reset_in_the_child() {
     // ignored (it cannot be asked otherwise); no standard signal may be.
     assert_eq!(mask & 0x7fff_ffff, 0, "ignored in the child: {mask:#x}");
 }
+
+#[tokio::test]
+async fn a_child_that_exits_0_after_its_timeout_signal_succeeds_as_in_node() {
+    // The trap is the script's first command; the timeout leaves it ample time to be set.
+    let script = "trap 'kill $!; echo bye; exit 0' TERM; sleep 30 & wait";
+    let options = || ExecOptions::new().timeout(Duration::from_millis(500));
+    let output = child::exec(script, options()).await.unwrap();
+    assert_eq!(
+        (output.status.code(), output.stdout_lossy()),
+        (Some(0), "bye\n".into())
+    );
+    let output = child::exec_sync(script, options()).unwrap();
+    assert_eq!(
+        (output.status.code(), output.stdout_lossy()),
+        (Some(0), "bye\n".into())
+    );
+    // Exiting non-zero after the signal is still a timeout.
+    let script = "trap 'kill $!; exit 3' TERM; sleep 30 & wait";
+    let err = child::exec(script, options()).await.unwrap_err();
+    assert_eq!(
+        (err.kind(), err.code(), err.killed()),
+        (ExecErrorKind::TimedOut, Some(3), true)
+    );
+}
