@@ -113,17 +113,26 @@ pub(crate) fn launch(
         .collect();
 
     let pid = if options.uid.is_none() && options.gid.is_none() {
-        spawn_fast(
-            &path,
-            &argv,
-            &env,
-            cwd,
-            &dup2s,
-            &closes,
-            min_fd,
-            options.detached,
-        )
-        .map_err(fail)?
+        let spawn = |path: &Path, argv: &[OsString]| {
+            spawn_fast(
+                path,
+                argv,
+                &env,
+                cwd,
+                &dup2s,
+                &closes,
+                min_fd,
+                options.detached,
+            )
+        };
+        match spawn(&path, &argv) {
+            // An executable without `#!`: run it with the shell, as execvp (and so Node)
+            // does. The fork path's exec already does this.
+            Err(e) if e.raw_os_error() == Some(libc::ENOEXEC) => {
+                spawn(Path::new(SHELL), &script_argv(&path, &argv)).map_err(fail)?
+            }
+            result => result.map_err(fail)?,
+        }
     } else {
         spawn_slow(&path, &argv, &env, options, dup2s, closes, min_fd).map_err(fail)?
     };
@@ -148,6 +157,19 @@ pub(crate) fn launch(
         extra: ends.extra,
         ipc: ends.ipc,
     })
+}
+
+/// The shell that runs an executable file that is not a binary and has no `#!` line.
+const SHELL: &str = "/bin/sh";
+
+/// execvp's argv for running the script at `path` with [`SHELL`]: the shell, the script,
+/// then the script's arguments (its argv0 is dropped).
+fn script_argv(path: &Path, argv: &[OsString]) -> Vec<OsString> {
+    let mut shell_argv = Vec::with_capacity(argv.len() + 1);
+    shell_argv.push(OsString::from(SHELL));
+    shell_argv.push(path.as_os_str().to_owned());
+    shell_argv.extend(argv.iter().skip(1).cloned());
+    shell_argv
 }
 
 /// The file to execute and the full argv (with argv0), applying `shell`.
@@ -351,6 +373,20 @@ mod tests {
         assert_eq!(
             resolve(OsStr::new("./x"), &env, None).unwrap(),
             Path::new("./x")
+        );
+    }
+
+    #[test]
+    fn a_script_runs_as_the_shell_with_the_script_path_first() {
+        let argv = [OsString::from("argv0"), "a".into(), "b".into()];
+        assert_eq!(
+            script_argv(Path::new("/tmp/s"), &argv),
+            vec![
+                OsString::from("/bin/sh"),
+                "/tmp/s".into(),
+                "a".into(),
+                "b".into()
+            ]
         );
     }
 

@@ -12,7 +12,9 @@
 //! - [`spawn`] starts the program with `posix_spawn` (glibc: `clone(CLONE_VFORK)`, no copy of
 //!   the parent). File actions place every stdio slot with `dup2` and close every other fd,
 //!   then `pidfd_open` takes a handle on the un-reaped child. Only uid/gid need the slower
-//!   `fork` + `exec` path (`std::process::Command`).
+//!   `fork` + `exec` path (`std::process::Command`). An executable file that the kernel
+//!   cannot run (`ENOEXEC`: a script without `#!`) is run with `/bin/sh`, as `execvp` and
+//!   Node do.
 //! - Waiting is the pidfd becoming readable in tokio's reactor, then `waitid(P_PIDFD)`. No
 //!   `SIGCHLD` handler, no reaper thread until a handle is dropped before its child exits.
 //! - Killing is `pidfd_send_signal`: a pid reused by another process is never signalled.

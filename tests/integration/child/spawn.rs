@@ -295,3 +295,30 @@ async fn kill_group_of_a_child_that_leads_no_group_is_an_error_not_an_exit() {
     assert_eq!(sleeper.try_wait().unwrap(), None, "it still runs");
     assert!(!sleeper.killed());
 }
+
+#[tokio::test]
+async fn an_executable_script_without_a_shebang_runs_with_bin_sh() {
+    use std::os::unix::fs::PermissionsExt;
+    let path = std::env::temp_dir().join(format!("child-no-shebang-{}", std::process::id()));
+    std::fs::write(&path, "echo \"script ran with $1\"\n").unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let path_text = path.to_str().unwrap().to_owned();
+    let result = child::spawn(&path_text, ["arg"], quiet_options());
+    let (out, status) = match result {
+        Ok(child) => {
+            let output = child.wait_with_output().await.unwrap();
+            (output.stdout_lossy().into_owned(), output.status)
+        }
+        Err(e) => {
+            let _ = std::fs::remove_file(&path);
+            panic!("spawn failed: {e}");
+        }
+    };
+    let sync = child::exec_file_sync(&path_text, ["sync"], child::ExecOptions::new());
+    let _ = std::fs::remove_file(&path);
+    assert_eq!(
+        (out.as_str(), status.code()),
+        ("script ran with arg\n", Some(0))
+    );
+    assert_eq!(sync.unwrap().stdout, b"script ran with sync\n");
+}
