@@ -112,6 +112,12 @@ pub(crate) fn launch(
         .map(|(fd, target)| (fd.as_raw_fd(), *target))
         .collect();
 
+    // A failure to enter the working directory looks like the program's (ENOENT, ...):
+    // say which it was.
+    let fail = |e: io::Error| match cwd {
+        Some(dir) if !cwd_usable(dir) => SpawnError::new(program, args, e).in_cwd(dir),
+        _ => SpawnError::new(program, args, e),
+    };
     let pid = if options.uid.is_none() && options.gid.is_none() {
         let spawn = |path: &Path, argv: &[OsString]| {
             spawn_fast(
@@ -157,6 +163,11 @@ pub(crate) fn launch(
         extra: ends.extra,
         ipc: ends.ipc,
     })
+}
+
+/// Whether `dir` is a directory this process may enter.
+fn cwd_usable(dir: &Path) -> bool {
+    dir.is_dir() && nix::unistd::access(dir, nix::unistd::AccessFlags::X_OK).is_ok()
 }
 
 /// The shell that runs an executable file that is not a binary and has no `#!` line.

@@ -82,7 +82,7 @@ async fn timeout_kills_with_sigterm_and_sigkill_when_asked() {
     assert_eq!((err.code(), err.signal()), (None, Some(Signal::SIGTERM)));
     assert_eq!(
         err.to_string(),
-        "Command failed: sleep 30 (timed out, killed with SIGTERM)\n"
+        "Command failed: sleep 30 (timed out, killed with SIGTERM)"
     );
     let options = ExecOptions::new()
         .timeout(Duration::from_millis(50))

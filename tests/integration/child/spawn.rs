@@ -77,7 +77,11 @@ async fn spawn_failures_are_typed_and_name_the_program() {
     assert_eq!(err.kind(), SpawnErrorKind::NotFound);
     assert_eq!(err.program(), "no-such-program-xyz");
     assert_eq!(err.args(), ["a", "b"]);
-    assert_eq!(err.to_string(), "spawn no-such-program-xyz: not found");
+    assert_eq!(
+        err.to_string(),
+        "spawn no-such-program-xyz ENOENT: not found"
+    );
+    assert_eq!(err.cwd(), None);
     let Err(Error::Spawn(err)) = child::spawn("/etc/passwd", [] as [&str; 0], options()) else {
         panic!("expected a spawn error");
     };
@@ -88,6 +92,17 @@ async fn spawn_failures_are_typed_and_name_the_program() {
         panic!("expected a spawn error");
     };
     assert_eq!(err.kind(), SpawnErrorKind::NotFound);
+    assert_eq!(err.cwd(), Some(std::path::Path::new("/no/such/dir")));
+    assert_eq!(
+        err.to_string(),
+        "spawn /bin/true ENOENT: working directory /no/such/dir not found"
+    );
+    let err =
+        child::exec_file_sync("no-such-program-xyz", ["a"], child::ExecOptions::new()).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "could not start `no-such-program-xyz a`: ENOENT"
+    );
 }
 
 #[tokio::test]
