@@ -83,6 +83,8 @@ pub struct Child {
 enum Channel {
     Fd(OwnedFd),
     Ready(Box<ipc::Channel>),
+    /// The child closed its end: `recv` saw the end of the stream or a send found it closed.
+    Disconnected,
 }
 
 /// Starts `program` with `args`: Node's `child_process.spawn`.
@@ -333,16 +335,37 @@ impl Child {
         })
     }
 
-    /// Sends one message on the IPC channel (Node's `subprocess.send`).
+    /// Sends one message on the IPC channel (Node's `subprocess.send`). Once the child has
+    /// disconnected this is [`ipc::Error::Closed`].
     pub async fn send<T: serde::Serialize + ?Sized>(&mut self, message: &T) -> Result<(), Error> {
-        self.channel()?.send(message).await?;
-        Ok(())
+        self.send_with_fds(message, Vec::new()).await
+    }
+
+    /// Sends one message with descriptors attached (Node's `subprocess.send(message,
+    /// sendHandle)`); the child gets its own copies and these are closed once sent.
+    pub async fn send_with_fds<T: serde::Serialize + ?Sized>(
+        &mut self,
+        message: &T,
+        fds: Vec<OwnedFd>,
+    ) -> Result<(), Error> {
+        let sent = self.channel()?.send_with_fds(message, fds).await;
+        if let Err(ipc::Error::Closed) = sent {
+            self.channel = Some(Channel::Disconnected);
+        }
+        Ok(sent?)
     }
 
     /// Receives the next message on the IPC channel; `None` once the child disconnected
-    /// (Node's `'disconnect'` event).
+    /// (Node's `'disconnect'` event), and from then on.
     pub async fn recv(&mut self) -> Result<Option<ipc::Received>, Error> {
-        Ok(self.channel()?.recv().await?)
+        if let Some(Channel::Disconnected) = self.channel {
+            return Ok(None);
+        }
+        let received = self.channel()?.recv().await?;
+        if received.is_none() {
+            self.channel = Some(Channel::Disconnected);
+        }
+        Ok(received)
     }
 
     /// The IPC channel itself, to split it or use it from another task (`NoChannel` if
@@ -364,18 +387,27 @@ impl Child {
         }
         match &mut self.channel {
             Some(Channel::Ready(channel)) => Ok(channel),
+            Some(Channel::Disconnected) => Err(Error::Ipc(ipc::Error::Closed)),
             _ => Err(Error::NoChannel),
         }
     }
 
-    /// Whether this handle still holds an IPC channel (Node's `subprocess.connected`).
+    /// Whether this handle holds an IPC channel that is still open (Node's
+    /// `subprocess.connected`): false after [`disconnect`](Child::disconnect),
+    /// [`take_channel`](Child::take_channel), or once the child has closed its end, which
+    /// this handle learns when [`recv`](Child::recv) sees the end of the stream or a send
+    /// finds the channel closed.
     pub fn connected(&self) -> bool {
-        self.channel.is_some()
+        matches!(self.channel, Some(Channel::Fd(_) | Channel::Ready(_)))
     }
 
     /// Closes the IPC channel; the child sees end-of-stream (Node's `subprocess.disconnect`).
+    /// [`Error::NoChannel`] if it is not connected.
     pub fn disconnect(&mut self) -> Result<(), Error> {
-        self.channel.take().map(drop).ok_or(Error::NoChannel)
+        match self.channel.take() {
+            Some(Channel::Fd(_) | Channel::Ready(_)) => Ok(()),
+            _ => Err(Error::NoChannel),
+        }
     }
 
     pub(crate) fn process(&self) -> &Arc<AsyncProcess> {

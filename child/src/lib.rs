@@ -94,6 +94,23 @@
 //!   keeps only the output already readable, rather than waiting for grandchildren that may
 //!   hold the pipes open. Without a kill, it waits for the pipes to close, like Node.
 
+//!
+//! # Logging
+//!
+//! Through `tracing` (target `child::...`), only for what no caller can be told through a
+//! returned error:
+//!
+//! - `WARN` "failed to kill child at its deadline" (`pid`, `error`): a [`SpawnOptions`]
+//!   timeout or token fired but the signal could not be sent.
+//! - `WARN` "ignoring a malformed CHILD_PARENT_DEATH_SIGNAL" and "could not set the
+//!   parent-death signal" (`error`), in a forked child's [`parent_channel`].
+//! - `WARN` "orphan reaper unavailable" (`pid`): no reaper thread could be started; a plain
+//!   thread reaps that child instead.
+//! - `ERROR` "orphan reaper poll failed" (`error`): the reaper thread stopped; children
+//!   dropped afterwards are reaped by init once this process exits.
+//!
+//! Spawns, exits and kills are not logged: they are the caller's results.
+
 mod channel_env;
 mod child;
 mod error;
@@ -115,5 +132,10 @@ pub use crate::fork::{ForkOptions, fork, parent_channel};
 pub use crate::options::{SpawnOptions, Stdio};
 pub use crate::status::{ExitStatus, Output};
 pub use crate::sync::{exec_file_sync, exec_sync, spawn_sync};
+pub use ipc::Received;
+
+/// An empty argument list for [`spawn`], [`fork`] and the exec functions, so that no
+/// `[] as [&str; 0]` is needed: `child::spawn("cat", child::NO_ARGS, options)`.
+pub const NO_ARGS: [&str; 0] = [];
 pub use nix::sys::signal::Signal;
 pub use tokio_util::sync::CancellationToken;
