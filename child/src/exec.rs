@@ -31,13 +31,18 @@ pub const DEFAULT_MAX_BUFFER: usize = 1024 * 1024;
 /// Options for [`exec`], [`exec_file`] and the `*_sync` functions.
 ///
 /// Wraps [`SpawnOptions`] (stdio slots 0-2 are set by the capture: input on stdin, pipes
-/// on stdout and stderr) and adds the max buffer and the input.
+/// on stdout and stderr, unless [`stdin`](ExecOptions::stdin), [`stdout`](ExecOptions::stdout),
+/// [`stderr`](ExecOptions::stderr) or [`inherit_stdio`](ExecOptions::inherit_stdio) say
+/// otherwise) and adds the max buffer and the input.
 #[derive(Debug)]
 pub struct ExecOptions {
     pub(crate) spawn: SpawnOptions,
     pub(crate) max_buffer: usize,
     pub(crate) input: Option<Vec<u8>>,
     pub(crate) shell: PathBuf,
+    /// Overrides of slots 0-2 (`None`: stdin `/dev/null` or the input pipe, stdout and
+    /// stderr captured).
+    pub(crate) stdio: [Option<Stdio>; 3],
 }
 
 impl Default for ExecOptions {
@@ -47,6 +52,7 @@ impl Default for ExecOptions {
             max_buffer: DEFAULT_MAX_BUFFER,
             input: None,
             shell: "/bin/sh".into(),
+            stdio: [None, None, None],
         }
     }
 }
@@ -76,6 +82,35 @@ impl ExecOptions {
     pub fn input(mut self, input: impl Into<Vec<u8>>) -> Self {
         self.input = Some(input.into());
         self
+    }
+
+    /// Where the child's stdin comes from when no [`input`](ExecOptions::input) is given
+    /// (default `/dev/null`); with an input, stdin is always the pipe that feeds it.
+    pub fn stdin(mut self, stdio: Stdio) -> Self {
+        self.stdio[0] = Some(stdio);
+        self
+    }
+
+    /// Where the child's stdout goes (default [`Stdio::Pipe`]: captured). Anything else is
+    /// not captured: the output's `stdout` stays empty.
+    pub fn stdout(mut self, stdio: Stdio) -> Self {
+        self.stdio[1] = Some(stdio);
+        self
+    }
+
+    /// Where the child's stderr goes (default [`Stdio::Pipe`]: captured), as for stdout.
+    pub fn stderr(mut self, stdio: Stdio) -> Self {
+        self.stdio[2] = Some(stdio);
+        self
+    }
+
+    /// Node's `stdio: 'inherit'`: the child uses this process's stdin, stdout and stderr
+    /// and nothing is captured, as in `spawn_sync("make", ..., ExecOptions::new().inherit_stdio())`
+    /// to run a build and show its output. Max buffer then has nothing to limit.
+    pub fn inherit_stdio(self) -> Self {
+        self.stdin(Stdio::Inherit)
+            .stdout(Stdio::Inherit)
+            .stderr(Stdio::Inherit)
     }
 
     /// The shell [`exec`] and [`exec_sync`](crate::exec_sync) run the command with.
@@ -124,16 +159,16 @@ impl ExecOptions {
     /// Sets the pipes the capture needs and takes the deadlines out of the spawn options.
     pub(crate) fn prepare(mut self) -> (SpawnOptions, Limits) {
         let (timeout, cancel) = self.spawn.take_deadlines();
-        let stdin = if self.input.is_some() {
-            Stdio::Pipe
-        } else {
-            Stdio::Null
+        let [stdin, stdout, stderr] = self.stdio;
+        let stdin = match (&self.input, stdin) {
+            (Some(_), _) => Stdio::Pipe,
+            (None, stdin) => stdin.unwrap_or(Stdio::Null),
         };
         let spawn = self
             .spawn
             .stdin(stdin)
-            .stdout(Stdio::Pipe)
-            .stderr(Stdio::Pipe);
+            .stdout(stdout.unwrap_or(Stdio::Pipe))
+            .stderr(stderr.unwrap_or(Stdio::Pipe));
         let limits = Limits {
             max_buffer: self.max_buffer,
             timeout,

@@ -319,3 +319,11 @@ async fn a_child_that_exits_0_after_its_timeout_signal_succeeds_as_in_node() {
         (ExecErrorKind::TimedOut, Some(3), true)
     );
 }
+
+#[test]
+fn spawn_sync_can_inherit_stdio_as_node_spawn_sync_does() {
+    assert_eq!(
+        run_child_parent("inherit"),
+        "through the inherited stdout\ncaptured 0 bytes\nok\n"
+    );
+}

@@ -6,6 +6,8 @@
 //!   a child that closes its stdin at once.
 //! - `sigign`: with `SIGINT`, `SIGQUIT` and `SIGUSR1` ignored, prints the `SigIgn` mask of a
 //!   spawned `cat /proc/self/status`.
+//! - `inherit`: runs `spawn_sync` with inherited stdio; the child's line goes straight to
+//!   this program's stdout.
 
 #![allow(clippy::print_stdout)]
 
@@ -44,6 +46,15 @@ fn main() -> anyhow::Result<()> {
                 .find_map(|l| l.strip_prefix("SigIgn:"))
                 .ok_or_else(|| anyhow::anyhow!("no SigIgn line"))?;
             println!("{}", mask.trim());
+        }
+        "inherit" => {
+            let output = child::spawn_sync(
+                "/bin/sh",
+                ["-c", "echo through the inherited stdout"],
+                ExecOptions::new().inherit_stdio(),
+            )?;
+            anyhow::ensure!(output.status.success(), "{:?}", output.status);
+            println!("captured {} bytes", output.stdout.len());
         }
         other => anyhow::bail!("unknown case {other:?}"),
     }
