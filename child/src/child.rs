@@ -18,7 +18,7 @@ use crate::options::SpawnOptions;
 use crate::process::{ProcessHandle, Target};
 use crate::reaper;
 use crate::status::{ExitStatus, Output};
-use crate::sys::PidfdSource;
+use crate::sys::SharedFd;
 
 /// The parent's end of a child's stdin pipe.
 pub type ChildStdin = pipe::Sender;
@@ -30,13 +30,13 @@ pub type ChildStderr = pipe::Receiver;
 /// A process's pidfd registered with the tokio reactor.
 #[derive(Debug)]
 pub(crate) struct AsyncProcess {
-    readiness: AsyncFd<PidfdSource>,
+    readiness: AsyncFd<SharedFd>,
     handle: Arc<ProcessHandle>,
 }
 
 impl AsyncProcess {
     fn new(handle: Arc<ProcessHandle>) -> io::Result<Self> {
-        let readiness = crate::sys::register_pidfd(Arc::clone(&handle))?;
+        let readiness = crate::sys::register_pidfd(handle.shared_pidfd())?;
         Ok(Self { readiness, handle })
     }
 
@@ -74,7 +74,8 @@ pub struct Child {
     pub stderr: Option<ChildStderr>,
     extra: Vec<(usize, OwnedFd)>,
     channel: Option<Channel>,
-    kill_on_drop: bool,
+    /// The signal a still-running child gets when this handle is dropped.
+    pub(crate) kill_on_drop: Option<Signal>,
 }
 
 /// The parent's end of the IPC channel, registered with the reactor on first use.
@@ -82,6 +83,8 @@ pub struct Child {
 enum Channel {
     Fd(OwnedFd),
     Ready(Box<ipc::Channel>),
+    /// The child closed its end: `recv` saw the end of the stream or a send found it closed.
+    Disconnected,
 }
 
 /// Starts `program` with `args`: Node's `child_process.spawn`.
@@ -116,7 +119,7 @@ pub(crate) fn spawn_with(
     args: &[OsString],
     mut options: SpawnOptions,
 ) -> Result<Child, Error> {
-    if tokio::runtime::Handle::try_current().is_err() {
+    if !io_driver_available() {
         return Err(Error::NoRuntime);
     }
     let launched = launch(program, args, &mut options)?;
@@ -138,7 +141,7 @@ pub(crate) fn spawn_with(
             return Err(SpawnError::new(program, args, e).into());
         }
     };
-    child.kill_on_drop = options.kill_on_drop;
+    child.kill_on_drop = options.kill_on_drop.then_some(Signal::SIGKILL);
     let (timeout, cancel) = options.take_deadlines();
     if timeout.is_some() || cancel.is_some() {
         tokio::spawn(enforce_deadline(
@@ -149,6 +152,27 @@ pub(crate) fn spawn_with(
         ));
     }
     Ok(child)
+}
+
+/// Whether a tokio runtime with IO enabled is current, which a `Child` needs for its pidfd.
+/// Checked before anything is started, once per runtime and thread.
+fn io_driver_available() -> bool {
+    thread_local! {
+        static CHECKED: std::cell::Cell<Option<(tokio::runtime::Id, bool)>> =
+            const { std::cell::Cell::new(None) };
+    }
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        return false;
+    };
+    let id = runtime.id();
+    if let Some((checked, available)) = CHECKED.get()
+        && checked == id
+    {
+        return available;
+    }
+    let available = std::panic::catch_unwind(crate::sys::probe_io_driver).is_ok_and(|r| r.is_ok());
+    CHECKED.set(Some((id, available)));
+    available
 }
 
 /// Kills the child with `signal` at the timeout or on cancellation, unless it exits first.
@@ -204,7 +228,7 @@ impl Child {
                 .transpose()?,
             extra,
             channel,
-            kill_on_drop: false,
+            kill_on_drop: None,
         })
     }
 
@@ -239,14 +263,17 @@ impl Child {
     }
 
     /// Sends `signal` to the child's whole process group (Node's `process.kill(-pid)`); the
-    /// child must lead a group, which a `detached` child does. `Ok(false)` if it had exited.
+    /// child must lead a group, which a `detached` child does. `Ok(false)` if it had exited
+    /// and was reaped; [`Error::NotGroupLeader`] if it runs (or is an unreaped zombie) but
+    /// leads no group (`ESRCH` from `kill(-pid)`), in which case nothing was signalled.
     pub fn kill_group(&self, signal: Signal) -> Result<bool, Error> {
+        let pid = self.pid();
         self.process
             .handle
             .kill(signal as i32, Target::Group)
-            .map_err(|source| Error::Kill {
-                pid: self.pid(),
-                source,
+            .map_err(|source| match source.raw_os_error() {
+                Some(libc::ESRCH) => Error::NotGroupLeader { pid },
+                _ => Error::Kill { pid, source },
             })
     }
 
@@ -308,16 +335,37 @@ impl Child {
         })
     }
 
-    /// Sends one message on the IPC channel (Node's `subprocess.send`).
+    /// Sends one message on the IPC channel (Node's `subprocess.send`). Once the child has
+    /// disconnected this is [`ipc::Error::Closed`].
     pub async fn send<T: serde::Serialize + ?Sized>(&mut self, message: &T) -> Result<(), Error> {
-        self.channel()?.send(message).await?;
-        Ok(())
+        self.send_with_fds(message, Vec::new()).await
+    }
+
+    /// Sends one message with descriptors attached (Node's `subprocess.send(message,
+    /// sendHandle)`); the child gets its own copies and these are closed once sent.
+    pub async fn send_with_fds<T: serde::Serialize + ?Sized>(
+        &mut self,
+        message: &T,
+        fds: Vec<OwnedFd>,
+    ) -> Result<(), Error> {
+        let sent = self.channel()?.send_with_fds(message, fds).await;
+        if let Err(ipc::Error::Closed) = sent {
+            self.channel = Some(Channel::Disconnected);
+        }
+        Ok(sent?)
     }
 
     /// Receives the next message on the IPC channel; `None` once the child disconnected
-    /// (Node's `'disconnect'` event).
+    /// (Node's `'disconnect'` event), and from then on.
     pub async fn recv(&mut self) -> Result<Option<ipc::Received>, Error> {
-        Ok(self.channel()?.recv().await?)
+        if let Some(Channel::Disconnected) = self.channel {
+            return Ok(None);
+        }
+        let received = self.channel()?.recv().await?;
+        if received.is_none() {
+            self.channel = Some(Channel::Disconnected);
+        }
+        Ok(received)
     }
 
     /// The IPC channel itself, to split it or use it from another task (`NoChannel` if
@@ -339,18 +387,27 @@ impl Child {
         }
         match &mut self.channel {
             Some(Channel::Ready(channel)) => Ok(channel),
+            Some(Channel::Disconnected) => Err(Error::Ipc(ipc::Error::Closed)),
             _ => Err(Error::NoChannel),
         }
     }
 
-    /// Whether this handle still holds an IPC channel (Node's `subprocess.connected`).
+    /// Whether this handle holds an IPC channel that is still open (Node's
+    /// `subprocess.connected`): false after [`disconnect`](Child::disconnect),
+    /// [`take_channel`](Child::take_channel), or once the child has closed its end, which
+    /// this handle learns when [`recv`](Child::recv) sees the end of the stream or a send
+    /// finds the channel closed.
     pub fn connected(&self) -> bool {
-        self.channel.is_some()
+        matches!(self.channel, Some(Channel::Fd(_) | Channel::Ready(_)))
     }
 
     /// Closes the IPC channel; the child sees end-of-stream (Node's `subprocess.disconnect`).
+    /// [`Error::NoChannel`] if it is not connected.
     pub fn disconnect(&mut self) -> Result<(), Error> {
-        self.channel.take().map(drop).ok_or(Error::NoChannel)
+        match self.channel.take() {
+            Some(Channel::Fd(_) | Channel::Ready(_)) => Ok(()),
+            _ => Err(Error::NoChannel),
+        }
     }
 
     pub(crate) fn process(&self) -> &Arc<AsyncProcess> {
@@ -372,8 +429,8 @@ impl Drop for Child {
         if handle.status().is_some() {
             return;
         }
-        if self.kill_on_drop {
-            let _ = handle.kill(libc::SIGKILL, Target::Process);
+        if let Some(signal) = self.kill_on_drop {
+            let _ = handle.kill(signal as i32, Target::Process);
         }
         reaper::adopt(Arc::clone(handle));
     }

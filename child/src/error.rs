@@ -3,6 +3,7 @@
 use std::ffi::{OsStr, OsString};
 use std::fmt;
 use std::io;
+use std::path::{Path, PathBuf};
 
 /// An error from [`spawn`](crate::spawn) or a [`Child`](crate::Child) method.
 #[derive(Debug, thiserror::Error)]
@@ -12,6 +13,7 @@ pub enum Error {
     #[error(transparent)]
     Spawn(#[from] SpawnError),
     /// An async child needs a tokio runtime with IO enabled (the `*_sync` functions do not).
+    /// Checked before anything is started.
     #[error("no tokio runtime with io enabled is running")]
     NoRuntime,
     /// Waiting for the child failed.
@@ -31,6 +33,14 @@ pub enum Error {
         /// The `pidfd_send_signal` or `kill` error.
         #[source]
         source: io::Error,
+    },
+    /// [`Child::kill_group`](crate::Child::kill_group) found no process group led by the
+    /// child (it was not started `detached`); nothing was signalled. The child has not
+    /// exited: an exited child gives `Ok(false)`.
+    #[error("process {pid} does not lead a process group")]
+    NotGroupLeader {
+        /// The child's pid.
+        pid: u32,
     },
     /// The child has no IPC channel (it was not spawned with [`Stdio::Ipc`](crate::Stdio::Ipc)).
     #[error("the child has no ipc channel")]
@@ -70,14 +80,36 @@ impl fmt::Display for SpawnErrorKind {
 
 /// A process could not be started: names the program and its arguments, like Node's
 /// `spawn <file> ENOENT` error with its `path` and `spawnargs`.
+///
+/// Displayed as `spawn <program> <ERRNO>: <kind>` (`spawn gitx ENOENT: not found`), or
+/// `spawn <program> <ERRNO>: working directory <dir> <kind>` when the working directory is
+/// what failed.
 #[derive(Debug, thiserror::Error)]
-#[error("spawn {}: {kind}", .program.to_string_lossy())]
+#[error(
+    "spawn {}{}: {}{kind}",
+    .program.to_string_lossy(),
+    errno_name(.source),
+    cwd_text(.cwd.as_deref())
+)]
 pub struct SpawnError {
     program: OsString,
     args: Vec<OsString>,
     kind: SpawnErrorKind,
+    cwd: Option<PathBuf>,
     #[source]
     source: io::Error,
+}
+
+/// ` ENOENT` for an OS error, nothing for another.
+fn errno_name(err: &io::Error) -> String {
+    err.raw_os_error()
+        .map(|n| format!(" {:?}", nix::errno::Errno::from_raw(n)))
+        .unwrap_or_default()
+}
+
+fn cwd_text(cwd: Option<&Path>) -> String {
+    cwd.map(|dir| format!("working directory {} ", dir.display()))
+        .unwrap_or_default()
 }
 
 impl SpawnError {
@@ -96,8 +128,21 @@ impl SpawnError {
             program: program.to_owned(),
             args: args.to_vec(),
             kind,
+            cwd: None,
             source,
         }
+    }
+
+    /// Marks the working directory `cwd` as the cause.
+    pub(crate) fn in_cwd(mut self, cwd: &Path) -> Self {
+        self.cwd = Some(cwd.to_owned());
+        self
+    }
+
+    /// The working directory, when it (not the program) is why the spawn failed: it does
+    /// not exist, is not a directory or cannot be entered.
+    pub fn cwd(&self) -> Option<&Path> {
+        self.cwd.as_deref()
     }
 
     pub(crate) fn invalid(program: &OsStr, args: &[OsString], why: &'static str) -> Self {
@@ -141,7 +186,8 @@ mod tests {
             io::Error::from_raw_os_error(errno),
         );
         assert_eq!(err.kind(), kind);
-        assert_eq!(err.to_string(), format!("spawn prog: {kind}"));
+        let name = format!("{:?}", nix::errno::Errno::from_raw(errno));
+        assert_eq!(err.to_string(), format!("spawn prog {name}: {kind}"));
         assert_eq!(err.args(), &[OsString::from("a")]);
     }
 

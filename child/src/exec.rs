@@ -2,7 +2,10 @@
 //! max buffer, timeout and error rules.
 //!
 //! Capture stops when the process has exited AND both pipes reached end-of-file, as Node's
-//! `'close'`. When we kill the child (timeout, cancellation, max buffer), we wait for its
+//! `'close'`. A child that gets the kill signal at its timeout but handles it and exits 0
+//! is a success, as in Node's `exec` (what the child did wins); exiting any other way after
+//! the timeout is [`ExecErrorKind::TimedOut`]. Cancellation and max buffer are errors
+//! whatever the exit. When we kill the child (timeout, cancellation, max buffer), we wait for its
 //! exit and keep only what is already readable: a grandchild holding the pipes open cannot
 //! make a killed run hang (Node would wait for it).
 
@@ -14,11 +17,11 @@ use std::pin::pin;
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 use tokio_util::sync::CancellationToken;
 
 use self::error::{ExecError, ExecErrorKind, StreamName};
-use crate::child::{Child, ChildStdout, spawn_with};
+use crate::child::{Child, ChildStdin, ChildStdout, spawn_with};
 use crate::options::{SpawnOptions, Stdio};
 use crate::status::Output;
 
@@ -28,13 +31,18 @@ pub const DEFAULT_MAX_BUFFER: usize = 1024 * 1024;
 /// Options for [`exec`], [`exec_file`] and the `*_sync` functions.
 ///
 /// Wraps [`SpawnOptions`] (stdio slots 0-2 are set by the capture: input on stdin, pipes
-/// on stdout and stderr) and adds the max buffer and the input.
+/// on stdout and stderr, unless [`stdin`](ExecOptions::stdin), [`stdout`](ExecOptions::stdout),
+/// [`stderr`](ExecOptions::stderr) or [`inherit_stdio`](ExecOptions::inherit_stdio) say
+/// otherwise) and adds the max buffer and the input.
 #[derive(Debug)]
 pub struct ExecOptions {
     pub(crate) spawn: SpawnOptions,
     pub(crate) max_buffer: usize,
     pub(crate) input: Option<Vec<u8>>,
     pub(crate) shell: PathBuf,
+    /// Overrides of slots 0-2 (`None`: stdin `/dev/null` or the input pipe, stdout and
+    /// stderr captured).
+    pub(crate) stdio: [Option<Stdio>; 3],
 }
 
 impl Default for ExecOptions {
@@ -44,6 +52,7 @@ impl Default for ExecOptions {
             max_buffer: DEFAULT_MAX_BUFFER,
             input: None,
             shell: "/bin/sh".into(),
+            stdio: [None, None, None],
         }
     }
 }
@@ -75,13 +84,43 @@ impl ExecOptions {
         self
     }
 
+    /// Where the child's stdin comes from when no [`input`](ExecOptions::input) is given
+    /// (default `/dev/null`); with an input, stdin is always the pipe that feeds it.
+    pub fn stdin(mut self, stdio: Stdio) -> Self {
+        self.stdio[0] = Some(stdio);
+        self
+    }
+
+    /// Where the child's stdout goes (default [`Stdio::Pipe`]: captured). Anything else is
+    /// not captured: the output's `stdout` stays empty.
+    pub fn stdout(mut self, stdio: Stdio) -> Self {
+        self.stdio[1] = Some(stdio);
+        self
+    }
+
+    /// Where the child's stderr goes (default [`Stdio::Pipe`]: captured), as for stdout.
+    pub fn stderr(mut self, stdio: Stdio) -> Self {
+        self.stdio[2] = Some(stdio);
+        self
+    }
+
+    /// Node's `stdio: 'inherit'`: the child uses this process's stdin, stdout and stderr
+    /// and nothing is captured, as in `spawn_sync("make", ..., ExecOptions::new().inherit_stdio())`
+    /// to run a build and show its output. Max buffer then has nothing to limit.
+    pub fn inherit_stdio(self) -> Self {
+        self.stdin(Stdio::Inherit)
+            .stdout(Stdio::Inherit)
+            .stderr(Stdio::Inherit)
+    }
+
     /// The shell [`exec`] and [`exec_sync`](crate::exec_sync) run the command with.
     pub fn shell(mut self, shell: impl Into<PathBuf>) -> Self {
         self.shell = shell.into();
         self
     }
 
-    /// Kills the child with the kill signal after this long.
+    /// Kills the child with the kill signal after this long; `Duration::ZERO` means no
+    /// timeout, as in Node.
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.spawn = self.spawn.timeout(timeout);
         self
@@ -120,16 +159,16 @@ impl ExecOptions {
     /// Sets the pipes the capture needs and takes the deadlines out of the spawn options.
     pub(crate) fn prepare(mut self) -> (SpawnOptions, Limits) {
         let (timeout, cancel) = self.spawn.take_deadlines();
-        let stdin = if self.input.is_some() {
-            Stdio::Pipe
-        } else {
-            Stdio::Null
+        let [stdin, stdout, stderr] = self.stdio;
+        let stdin = match (&self.input, stdin) {
+            (Some(_), _) => Stdio::Pipe,
+            (None, stdin) => stdin.unwrap_or(Stdio::Null),
         };
         let spawn = self
             .spawn
             .stdin(stdin)
-            .stdout(Stdio::Pipe)
-            .stderr(Stdio::Pipe);
+            .stdout(stdout.unwrap_or(Stdio::Pipe))
+            .stderr(stderr.unwrap_or(Stdio::Pipe));
         let limits = Limits {
             max_buffer: self.max_buffer,
             timeout,
@@ -154,7 +193,9 @@ pub(crate) struct Limits {
 /// Runs `command` with `/bin/sh -c` and captures its output: Node's `child_process.exec`.
 ///
 /// A non-zero exit is an [`ExecError`] of kind [`ExecErrorKind::Failed`] (a missing command
-/// is exit code 127 from the shell).
+/// is exit code 127 from the shell). A child killed at its timeout is
+/// [`ExecErrorKind::TimedOut`], unless it handled the kill signal and exited 0: then, as in
+/// Node, the run succeeds with what the child printed.
 ///
 /// ```
 /// # #[tokio::main(flavor = "current_thread")]
@@ -218,6 +259,9 @@ async fn run(
         }
     };
     let kill_signal = limits.kill_signal;
+    // If this future is dropped before the end, the child must not run on without its
+    // timeout: dropping the handle ends it with the kill signal (then it is reaped).
+    child.kill_on_drop.get_or_insert(kill_signal);
     let output = capture(&mut child, &cmd, limits).await?;
     check_exit(output, cmd, kill_signal)
 }
@@ -274,6 +318,22 @@ impl Capture {
     }
 }
 
+/// Writes all of `input` to the child's stdin, never raising `SIGPIPE` in this process
+/// (`EPIPE` is the error when the child closed its end).
+async fn feed_input(stdin: &ChildStdin, input: &[u8]) -> std::io::Result<()> {
+    let mut written = 0;
+    while written < input.len() {
+        stdin.writable().await?;
+        let fd = std::os::fd::AsFd::as_fd(stdin);
+        match stdin.try_io(|| crate::sys::write_no_sigpipe(fd, &input[written..])) {
+            Ok(n) => written += n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
 /// Captures stdout and stderr of a child started with `ExecOptions::prepare`'s options
 /// until exit and close, enforcing `limits`. Returns the output (any exit status), or the
 /// error for a kill or an I/O failure.
@@ -294,9 +354,9 @@ async fn capture(child: &mut Child, cmd: &str, limits: Limits) -> Result<Output,
     let stdin = child.stdin.take();
     let input = limits.input;
     let mut feed = pin!(async move {
-        if let Some(mut stdin) = stdin {
+        if let Some(stdin) = stdin {
             // A child that exits without reading its input is not an error (EPIPE).
-            let _ = stdin.write_all(&input).await;
+            let _ = feed_input(&stdin, &input).await;
         }
     });
     let mut timer = pin!(async {
@@ -360,6 +420,16 @@ async fn capture(child: &mut Child, cmd: &str, limits: Limits) -> Result<Output,
     let status = child.wait().await.ok();
     out.drain(max);
     err.drain(max);
+    if let (ExecErrorKind::TimedOut, Some(status)) = (kind, status)
+        && status.success()
+    {
+        // Node reports what the child did: it handled the signal and exited 0.
+        return Ok(Output {
+            status,
+            stdout: out.buf,
+            stderr: err.buf,
+        });
+    }
     let mut error = ExecError::new(kind, cmd.to_owned(), limits.kill_signal);
     error.inner.status = status;
     error.inner.killed = killed || child.killed();

@@ -15,14 +15,10 @@ use std::ffi::{OsStr, OsString};
 
 use nix::sys::signal::Signal;
 
+use crate::channel_env::{PARENT_DEATH_ENV, ParentDeath};
 use crate::child::{Child, spawn_with};
 use crate::error::Error;
 use crate::options::{SpawnOptions, Stdio};
-
-/// The variable that holds the child's channel fd (the `ipc` crate's name).
-pub(crate) const CHANNEL_FD_ENV: &str = ipc::CHANNEL_FD_ENV;
-/// The variable that asks a forked child for a parent-death signal: `"<signo>:<ppid>"`.
-pub(crate) const PARENT_DEATH_ENV: &str = "CHILD_PARENT_DEATH_SIGNAL";
 
 /// Options for [`fork`]: Node's defaults are stdio `[inherit, inherit, inherit, ipc]`.
 #[derive(Debug)]
@@ -109,7 +105,7 @@ fn apply_parent_death_signal() {
     let Some(value) = std::env::var_os(PARENT_DEATH_ENV) else {
         return;
     };
-    let Some((signal, parent)) = parse_parent_death(&value) else {
+    let Some(ParentDeath { signal, parent }) = ParentDeath::parse(&value) else {
         tracing::warn!(value = %value.to_string_lossy(), "ignoring a malformed {PARENT_DEATH_ENV}");
         return;
     };
@@ -122,25 +118,9 @@ fn apply_parent_death_signal() {
     }
 }
 
-fn parse_parent_death(value: &OsStr) -> Option<(Signal, i32)> {
-    let (signal, parent) = value.to_str()?.split_once(':')?;
-    let signal = Signal::try_from(signal.parse::<i32>().ok()?).ok()?;
-    Some((signal, parent.parse().ok()?))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn parent_death_value_round_trips() {
-        assert_eq!(
-            parse_parent_death(OsStr::new("9:1234")),
-            Some((Signal::SIGKILL, 1234))
-        );
-        assert_eq!(parse_parent_death(OsStr::new("9")), None);
-        assert_eq!(parse_parent_death(OsStr::new("999:1")), None);
-    }
 
     #[test]
     fn default_stdio_is_inherit_with_ipc_at_three() {

@@ -16,8 +16,8 @@ use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 
+use crate::channel_env::{CHANNEL_FD_ENV, PARENT_DEATH_ENV, ParentDeath};
 use crate::error::SpawnError;
-use crate::fork::{CHANNEL_FD_ENV, PARENT_DEATH_ENV};
 use crate::options::{SpawnOptions, Stdio};
 use crate::sys;
 
@@ -112,18 +112,33 @@ pub(crate) fn launch(
         .map(|(fd, target)| (fd.as_raw_fd(), *target))
         .collect();
 
+    // A failure to enter the working directory looks like the program's (ENOENT, ...):
+    // say which it was.
+    let fail = |e: io::Error| match cwd {
+        Some(dir) if !cwd_usable(dir) => SpawnError::new(program, args, e).in_cwd(dir),
+        _ => SpawnError::new(program, args, e),
+    };
     let pid = if options.uid.is_none() && options.gid.is_none() {
-        spawn_fast(
-            &path,
-            &argv,
-            &env,
-            cwd,
-            &dup2s,
-            &closes,
-            min_fd,
-            options.detached,
-        )
-        .map_err(fail)?
+        let spawn = |path: &Path, argv: &[OsString]| {
+            spawn_fast(
+                path,
+                argv,
+                &env,
+                cwd,
+                &dup2s,
+                &closes,
+                min_fd,
+                options.detached,
+            )
+        };
+        match spawn(&path, &argv) {
+            // An executable without `#!`: run it with the shell, as execvp (and so Node)
+            // does. The fork path's exec already does this.
+            Err(e) if e.raw_os_error() == Some(libc::ENOEXEC) => {
+                spawn(Path::new(SHELL), &script_argv(&path, &argv)).map_err(fail)?
+            }
+            result => result.map_err(fail)?,
+        }
     } else {
         spawn_slow(&path, &argv, &env, options, dup2s, closes, min_fd).map_err(fail)?
     };
@@ -148,6 +163,24 @@ pub(crate) fn launch(
         extra: ends.extra,
         ipc: ends.ipc,
     })
+}
+
+/// Whether `dir` is a directory this process may enter.
+fn cwd_usable(dir: &Path) -> bool {
+    dir.is_dir() && nix::unistd::access(dir, nix::unistd::AccessFlags::X_OK).is_ok()
+}
+
+/// The shell that runs an executable file that is not a binary and has no `#!` line.
+const SHELL: &str = "/bin/sh";
+
+/// execvp's argv for running the script at `path` with [`SHELL`]: the shell, the script,
+/// then the script's arguments (its argv0 is dropped).
+fn script_argv(path: &Path, argv: &[OsString]) -> Vec<OsString> {
+    let mut shell_argv = Vec::with_capacity(argv.len() + 1);
+    shell_argv.push(OsString::from(SHELL));
+    shell_argv.push(path.as_os_str().to_owned());
+    shell_argv.extend(argv.iter().skip(1).cloned());
+    shell_argv
 }
 
 /// The file to execute and the full argv (with argv0), applying `shell`.
@@ -198,8 +231,9 @@ fn environment(options: &SpawnOptions, ipc_slot: Option<usize>) -> BTreeMap<OsSt
     if let Some(slot) = ipc_slot {
         env.insert(CHANNEL_FD_ENV.into(), slot.to_string().into());
         if let Some(signal) = options.parent_death_signal {
-            let value = format!("{}:{}", signal as i32, std::process::id());
-            env.insert(PARENT_DEATH_ENV.into(), value.into());
+            let parent = std::process::id() as i32;
+            let value = ParentDeath { signal, parent }.to_value();
+            env.insert(PARENT_DEATH_ENV.into(), value);
         }
     }
     env
@@ -350,6 +384,20 @@ mod tests {
         assert_eq!(
             resolve(OsStr::new("./x"), &env, None).unwrap(),
             Path::new("./x")
+        );
+    }
+
+    #[test]
+    fn a_script_runs_as_the_shell_with_the_script_path_first() {
+        let argv = [OsString::from("argv0"), "a".into(), "b".into()];
+        assert_eq!(
+            script_argv(Path::new("/tmp/s"), &argv),
+            vec![
+                OsString::from("/bin/sh"),
+                "/tmp/s".into(),
+                "a".into(),
+                "b".into()
+            ]
         );
     }
 

@@ -12,7 +12,9 @@
 //! - [`spawn`] starts the program with `posix_spawn` (glibc: `clone(CLONE_VFORK)`, no copy of
 //!   the parent). File actions place every stdio slot with `dup2` and close every other fd,
 //!   then `pidfd_open` takes a handle on the un-reaped child. Only uid/gid need the slower
-//!   `fork` + `exec` path (`std::process::Command`).
+//!   `fork` + `exec` path (`std::process::Command`). An executable file that the kernel
+//!   cannot run (`ENOEXEC`: a script without `#!`) is run with `/bin/sh`, as `execvp` and
+//!   Node do.
 //! - Waiting is the pidfd becoming readable in tokio's reactor, then `waitid(P_PIDFD)`. No
 //!   `SIGCHLD` handler, no reaper thread until a handle is dropped before its child exits.
 //! - Killing is `pidfd_send_signal`: a pid reused by another process is never signalled.
@@ -67,6 +69,20 @@
 //!   first, the orphans are re-parented to init, which reaps them.
 //! - A timeout or cancellation token set on [`SpawnOptions`] is enforced by a tokio task that
 //!   lives until the child exits, even if the handle is dropped, as long as the runtime runs.
+//! - Dropping an [`exec`] or [`exec_file`] future before it completes ends its child: the
+//!   child gets the kill signal (default `SIGTERM`) at once and is reaped in the background,
+//!   so no child outlives its timeout or cancellation token because its future went away.
+//!   (A child that ignores the kill signal runs on until it exits, and is then reaped.)
+//! - An async function on a runtime without IO enabled returns [`Error::NoRuntime`] before
+//!   anything is started. tokio offers no way to ask, so the first spawn on each runtime
+//!   and thread registers a throw-away socket under `catch_unwind`: on such a runtime a
+//!   panic hook sees tokio's "IO is disabled" panic once, and with `panic = "abort"` the
+//!   process aborts there (still before any child exists).
+//! - The crate's own writes to a child (`exec`'s [`ExecOptions::input`], sync or async)
+//!   never raise `SIGPIPE`, whatever this process's disposition for it, and change no
+//!   disposition: a child that closes its stdin early just gets no more input. Writes you
+//!   make yourself to [`ChildStdin`] are plain `write(2)`s: Rust programs ignore `SIGPIPE`,
+//!   but a program that restores its default must expect it.
 //! - Something else in the process that reaps children behind this crate's back
 //!   (`waitpid(-1)`, `SIGCHLD` set to `SIG_IGN`) breaks the pidfd's race-freedom guarantee
 //!   and makes waits fail with `ECHILD`.
@@ -78,6 +94,24 @@
 //!   keeps only the output already readable, rather than waiting for grandchildren that may
 //!   hold the pipes open. Without a kill, it waits for the pipes to close, like Node.
 
+//!
+//! # Logging
+//!
+//! Through `tracing` (target `child::...`), only for what no caller can be told through a
+//! returned error:
+//!
+//! - `WARN` "failed to kill child at its deadline" (`pid`, `error`): a [`SpawnOptions`]
+//!   timeout or token fired but the signal could not be sent.
+//! - `WARN` "ignoring a malformed CHILD_PARENT_DEATH_SIGNAL" and "could not set the
+//!   parent-death signal" (`error`), in a forked child's [`parent_channel`].
+//! - `WARN` "orphan reaper unavailable" (`pid`): no reaper thread could be started; a plain
+//!   thread reaps that child instead.
+//! - `ERROR` "orphan reaper poll failed" (`error`): the reaper thread stopped; children
+//!   dropped afterwards are reaped by init once this process exits.
+//!
+//! Spawns, exits and kills are not logged: they are the caller's results.
+
+mod channel_env;
 mod child;
 mod error;
 mod exec;
@@ -98,5 +132,10 @@ pub use crate::fork::{ForkOptions, fork, parent_channel};
 pub use crate::options::{SpawnOptions, Stdio};
 pub use crate::status::{ExitStatus, Output};
 pub use crate::sync::{exec_file_sync, exec_sync, spawn_sync};
+pub use ipc::Received;
+
+/// An empty argument list for [`spawn`], [`fork`] and the exec functions, so that no
+/// `[] as [&str; 0]` is needed: `child::spawn("cat", child::NO_ARGS, options)`.
+pub const NO_ARGS: [&str; 0] = [];
 pub use nix::sys::signal::Signal;
 pub use tokio_util::sync::CancellationToken;

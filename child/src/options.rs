@@ -204,8 +204,9 @@ impl SpawnOptions {
     }
 
     /// Kills the child with the kill signal if it is still running after this long.
+    /// `Duration::ZERO` means no timeout, as `timeout: 0` (the default) does in Node.
     pub fn timeout(mut self, timeout: Duration) -> Self {
-        self.timeout = Some(timeout);
+        self.timeout = (!timeout.is_zero()).then_some(timeout);
         self
     }
 

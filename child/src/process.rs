@@ -8,7 +8,7 @@
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use crate::status::ExitStatus;
 use crate::sys::{self, WaitHow};
@@ -26,7 +26,7 @@ pub(crate) enum Target {
 #[derive(Debug)]
 pub(crate) struct ProcessHandle {
     pid: u32,
-    pidfd: OwnedFd,
+    pidfd: Arc<OwnedFd>,
     status: Mutex<Option<ExitStatus>>,
     killed: AtomicBool,
 }
@@ -35,7 +35,7 @@ impl ProcessHandle {
     pub(crate) fn new(pid: u32, pidfd: OwnedFd) -> Self {
         Self {
             pid,
-            pidfd,
+            pidfd: Arc::new(pidfd),
             status: Mutex::new(None),
             killed: AtomicBool::new(false),
         }
@@ -47,6 +47,11 @@ impl ProcessHandle {
 
     pub(crate) fn pidfd(&self) -> BorrowedFd<'_> {
         self.pidfd.as_fd()
+    }
+
+    /// The pidfd itself, shared, for a reactor registration that must keep it open.
+    pub(crate) fn shared_pidfd(&self) -> Arc<OwnedFd> {
+        Arc::clone(&self.pidfd)
     }
 
     fn lock(&self) -> MutexGuard<'_, Option<ExitStatus>> {
@@ -78,6 +83,9 @@ impl ProcessHandle {
     }
 
     /// Sends `signal`; `Ok(false)` if the child had already exited. Marks it killed on success.
+    ///
+    /// For [`Target::Group`], `ESRCH` is returned as an error: the child is not reaped (we
+    /// hold the status lock), so it exists and the group does not.
     pub(crate) fn kill(&self, signal: i32, target: Target) -> io::Result<bool> {
         let status = self.lock();
         if status.is_some() {
@@ -93,7 +101,9 @@ impl ProcessHandle {
                 self.killed.store(true, Ordering::Release);
                 Ok(true)
             }
-            Err(e) if e.raw_os_error() == Some(libc::ESRCH) => Ok(false),
+            Err(e) if e.raw_os_error() == Some(libc::ESRCH) && target == Target::Process => {
+                Ok(false)
+            }
             Err(e) => Err(e),
         }
     }

@@ -5,7 +5,7 @@
 //! becomes readable. It needs no tokio runtime (a runtime may shut down with orphans
 //! pending) and no `SIGCHLD` handler. It starts only when the first orphan is handed over.
 
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
@@ -39,7 +39,12 @@ pub(crate) fn adopt(process: Arc<ProcessHandle>) {
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
                 .push(process);
-            let _ = (&reaper.wake).write(&[1]);
+            // MSG_NOSIGNAL: if the reaper thread has stopped, this is EPIPE, not SIGPIPE.
+            let _ = nix::sys::socket::send(
+                std::os::fd::AsRawFd::as_raw_fd(&reaper.wake),
+                &[1],
+                nix::sys::socket::MsgFlags::MSG_NOSIGNAL | nix::sys::socket::MsgFlags::MSG_DONTWAIT,
+            );
         }
         Err(kind) => {
             // No reaper thread could be started: reap on a plain thread, else log the leak.

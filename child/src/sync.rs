@@ -19,7 +19,9 @@ use crate::sys;
 
 /// Runs `program` with `args` to completion and captures stdout and stderr, blocking the
 /// thread: Node's `spawnSync`. A non-zero exit is NOT an error (read `output.status`);
-/// timeout and max buffer are ([`ExecErrorKind::TimedOut`], [`ExecErrorKind::MaxBufferExceeded`]).
+/// timeout and max buffer are ([`ExecErrorKind::TimedOut`], [`ExecErrorKind::MaxBufferExceeded`]),
+/// except that a child which handles the timeout's kill signal and exits 0 succeeds, as with
+/// [`exec`](crate::exec).
 ///
 /// The cancellation token of the options is ignored here: a blocked thread cannot observe it.
 ///
@@ -167,6 +169,16 @@ fn run_sync(
         let _ = stream.read(limits.max_buffer, true);
         stream.buf.truncate(limits.max_buffer);
     }
+    if let (ExecErrorKind::TimedOut, Some(status)) = (stop, status)
+        && status.success()
+    {
+        // As the async capture: the child handled the signal and exited 0.
+        return Ok(Output {
+            status,
+            stdout: out.buf,
+            stderr: err.buf,
+        });
+    }
     let mut error = ExecError::new(stop, cmd, kill_signal);
     error.inner.status = status;
     error.inner.killed = killed;
@@ -188,9 +200,14 @@ enum Role {
 /// or the child closed its end (it does not want the rest).
 fn feed_stdin(stdin: &mut Option<OwnedFd>, input: &[u8], written: &mut usize) {
     if let Some(fd) = stdin.as_ref() {
-        match nix::unistd::write(fd, &input[*written..]) {
+        match sys::write_no_sigpipe(fd.as_fd(), &input[*written..]) {
             Ok(n) => *written += n,
-            Err(Errno::EAGAIN | Errno::EINTR) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                ) => {}
+            // EPIPE: the child closed its stdin and does not want the rest.
             Err(_) => *written = input.len(),
         }
     }

@@ -131,10 +131,12 @@ impl Drop for SpawnAttr {
 
 /// Starts a process with `posix_spawn` (glibc: `clone(CLONE_VM | CLONE_VFORK)`, no fork).
 ///
-/// The child gets an empty signal mask and the default disposition for `SIGPIPE` (which Rust
-/// programs ignore); handled signals reset to default at exec and other ignored signals stay
-/// ignored, as with std (resetting all 64, as libuv does, costs the child 64 syscalls while
-/// the parent waits). Its fds are placed by `dup2` (which clears close-on-exec on the target), and every
+/// The child gets an empty signal mask and every signal at its default disposition
+/// (`POSIX_SPAWN_SETSIGDEF` with a full set), as Node (libuv) and this crate's fork path do:
+/// signals this process ignores (`SIGPIPE` in Rust programs, `SIGINT` under `nohup`-like
+/// hosts) are not ignored in the child. glibc resets them in the child before exec, one
+/// `sigaction` each, a few microseconds. Its fds are placed by `dup2` (which clears
+/// close-on-exec on the target), and every
 /// other fd closed. Exec failures (`ENOENT`, `EACCES`, ...) come back as the error.
 pub(crate) fn posix_spawn(req: &SpawnRequest<'_>) -> io::Result<libc::pid_t> {
     let mut actions = FileActions::new()?;
@@ -167,14 +169,13 @@ pub(crate) fn posix_spawn(req: &SpawnRequest<'_>) -> io::Result<libc::pid_t> {
     // SAFETY: all-zero is a valid sigset_t to pass to sigemptyset.
     let mut empty: libc::sigset_t = unsafe { std::mem::zeroed() };
     // SAFETY: as above.
-    let mut pipe_only: libc::sigset_t = unsafe { std::mem::zeroed() };
+    let mut all: libc::sigset_t = unsafe { std::mem::zeroed() };
     // SAFETY: the sets and `attr` are valid and initialised; the setters copy the sets.
     unsafe {
         cvt(libc::sigemptyset(&mut empty))?;
-        cvt(libc::sigemptyset(&mut pipe_only))?;
-        cvt(libc::sigaddset(&mut pipe_only, libc::SIGPIPE))?;
+        cvt(libc::sigfillset(&mut all))?;
         cvt_errno(libc::posix_spawnattr_setsigmask(&mut attr.0, &empty))?;
-        cvt_errno(libc::posix_spawnattr_setsigdefault(&mut attr.0, &pipe_only))?;
+        cvt_errno(libc::posix_spawnattr_setsigdefault(&mut attr.0, &all))?;
         cvt_errno(libc::posix_spawnattr_setflags(&mut attr.0, flags))?;
     }
 
@@ -386,7 +387,7 @@ pub(crate) fn open_null() -> io::Result<OwnedFd> {
         .into())
 }
 
-/// Sends `signal` to process group `pgid` (`killpg`).
+/// Sends `signal` to process group `pgid` (`killpg`); `ESRCH` means no such group exists.
 pub(crate) fn kill_group(pgid: libc::pid_t, signal: c_int) -> io::Result<()> {
     // SAFETY: a plain syscall with integer arguments.
     cvt(unsafe { libc::kill(-pgid, signal) })?;
@@ -400,28 +401,79 @@ pub(crate) fn set_parent_death_signal(signal: c_int) -> io::Result<()> {
     Ok(())
 }
 
-/// An `Arc<ProcessHandle>` seen as its pidfd, so an `AsyncFd` can own the handle.
+/// A shared, never-replaced descriptor seen through `AsRawFd`, so an `AsyncFd` can own it.
 #[derive(Debug)]
-pub(crate) struct PidfdSource(pub(crate) std::sync::Arc<crate::process::ProcessHandle>);
+pub(crate) struct SharedFd(std::sync::Arc<OwnedFd>);
 
-impl AsRawFd for PidfdSource {
+impl AsRawFd for SharedFd {
     fn as_raw_fd(&self) -> RawFd {
-        self.0.pidfd().as_raw_fd()
+        self.0.as_raw_fd()
     }
 }
 
 /// Registers a child's pidfd with the current tokio reactor for readability (its exit).
 pub(crate) fn register_pidfd(
-    handle: std::sync::Arc<crate::process::ProcessHandle>,
-) -> io::Result<tokio::io::unix::AsyncFd<PidfdSource>> {
-    // SAFETY: the pidfd is owned by the `ProcessHandle`, which the `PidfdSource` keeps alive
-    // inside the `AsyncFd`, and a `ProcessHandle` never closes or replaces its pidfd: the fd
-    // stays open and the same for the whole life of the `AsyncFd`.
+    pidfd: std::sync::Arc<OwnedFd>,
+) -> io::Result<tokio::io::unix::AsyncFd<SharedFd>> {
+    // SAFETY: the `SharedFd` inside the `AsyncFd` keeps the `OwnedFd` alive, and an
+    // `OwnedFd` behind an `Arc` can be neither closed nor replaced: the fd stays open and the
+    // same for the whole life of the `AsyncFd`.
     unsafe {
         tokio::io::unix::AsyncFd::register_with_interest(
-            PidfdSource(handle),
+            SharedFd(pidfd),
             tokio::io::Interest::READABLE,
         )
     }
     .map_err(|e| e.into_parts().1)
+}
+
+/// Whether the current tokio runtime has its IO driver: registers a throw-away socket with
+/// it. Without the driver tokio panics (it offers no other check), so the caller runs this
+/// under `catch_unwind`, before anything is started.
+pub(crate) fn probe_io_driver() -> io::Result<()> {
+    let probe = OwnedFd::from(std::os::unix::net::UnixDatagram::unbound()?);
+    // SAFETY: the `AsyncFd` owns `probe`, which stays open and the same until the
+    // `AsyncFd` is dropped at the end of this statement.
+    unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(probe, tokio::io::Interest::READABLE)
+    }
+    .map(drop)
+    .map_err(|e| e.into_parts().1)
+}
+
+/// `write(2)` that can never raise `SIGPIPE`, whatever the process's disposition for it, and
+/// changes no disposition: `SIGPIPE` is blocked in this thread for the call, and a `SIGPIPE`
+/// that the write itself raised (it failed with `EPIPE`) is taken off the thread's pending
+/// set before the mask is restored. A closed reader is then only the `EPIPE` error.
+pub(crate) fn write_no_sigpipe(fd: BorrowedFd<'_>, data: &[u8]) -> io::Result<usize> {
+    // SAFETY: all-zero is valid for sigset_t before sigemptyset.
+    let mut pipe_only: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    let mut old: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    let mut pending: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: the sets are valid and writable; pthread_sigmask and sigpending only touch
+    // this thread's mask and read the pending set.
+    let was_pending = unsafe {
+        cvt(libc::sigemptyset(&mut pipe_only))?;
+        cvt(libc::sigaddset(&mut pipe_only, libc::SIGPIPE))?;
+        cvt_errno(libc::pthread_sigmask(libc::SIG_BLOCK, &pipe_only, &mut old))?;
+        cvt(libc::sigpending(&mut pending))?;
+        libc::sigismember(&pending, libc::SIGPIPE) == 1
+    };
+    // SAFETY: `data` is readable for its length; the fd is borrowed for the call.
+    let written = cvt(unsafe { libc::write(fd.as_raw_fd(), data.as_ptr().cast(), data.len()) });
+    let written = written.map(|n| n as usize);
+    if !was_pending && matches!(&written, Err(e) if e.raw_os_error() == Some(libc::EPIPE)) {
+        let zero = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: `pipe_only` is a valid set, the timeout is zero and no siginfo is wanted;
+        // SIGPIPE is blocked, so the SIGPIPE this write queued is consumed, not delivered.
+        unsafe { libc::sigtimedwait(&pipe_only, ptr::null_mut(), &zero) };
+    }
+    // SAFETY: restores the mask saved above for this thread.
+    cvt_errno(unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &old, ptr::null_mut()) })?;
+    written
 }

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use tokio::io::Interest;
 use tokio::net::UnixStream;
 
-use crate::codec::{FrameCodec, Lane};
+use crate::codec::{FrameCodec, HEADER_LEN, Lane};
 use crate::{Error, sys};
 
 /// The environment variable through which a parent tells a child which inherited
@@ -25,6 +25,12 @@ pub const DEFAULT_MAX_FDS: u8 = 32;
 pub const MAX_FDS_LIMIT: u8 = 253;
 
 const READ_CHUNK: usize = 256 * 1024;
+/// The most buffer capacity a sender or receiver keeps between messages: a buffer grown
+/// past it for one large message is given back once that message is written or decoded.
+pub(crate) const RETAINED_BUFFER: usize = 1024 * 1024;
+/// A first frame length from which an oversized frame means a foreign peer: any text, such
+/// as JSON, read as a header declares at least this much (its first byte is printable).
+const FOREIGN_LEN: u64 = 1 << 28;
 const DEFAULT_WRITE_BUFFER: usize = 256 * 1024;
 const DEFAULT_SOCKET_SEND_BUFFER: usize = 4 * 1024 * 1024;
 
@@ -138,14 +144,17 @@ impl Channel {
                 buf: BytesMut::new(),
                 fds: Vec::new(),
                 high_water: config.write_buffer,
+                grown: false,
             },
             receiver: Receiver {
                 io,
                 codec: config.codec(),
                 buf: BytesMut::new(),
-                fds: VecDeque::new(),
+                received: 0,
+                batches: VecDeque::new(),
                 control: sys::ControlBuffer::for_fds(usize::from(config.max_fds)),
                 max_fds: usize::from(config.max_fds),
+                seen_frame: false,
                 eof: false,
                 broken: false,
             },
@@ -254,6 +263,8 @@ pub struct Sender {
     /// Descriptors that belong to the frame at the start of `buf`.
     fds: Vec<OwnedFd>,
     high_water: usize,
+    /// Whether `buf` grew past what it may keep (given back once it is written out).
+    grown: bool,
 }
 
 impl Sender {
@@ -301,7 +312,12 @@ impl Sender {
             // Descriptors must ride on the sendmsg that starts their frame.
             self.flush().await?;
         }
-        self.codec.encode(lane, fds.len(), message, &mut self.buf)?;
+        let encoded = self.codec.encode(lane, fds.len(), message, &mut self.buf);
+        self.grown |= self.buf.capacity() > self.high_water.max(RETAINED_BUFFER);
+        if let Err(err) = encoded {
+            self.give_back();
+            return Err(err);
+        }
         if !fds.is_empty() {
             self.fds = fds;
         }
@@ -322,7 +338,16 @@ impl Sender {
             self.fds.clear();
             self.buf.advance(written);
         }
+        self.give_back();
         Ok(())
+    }
+
+    /// Drops a buffer grown for a large message once nothing is left in it.
+    fn give_back(&mut self) {
+        if self.grown && self.buf.is_empty() {
+            self.buf = BytesMut::new();
+            self.grown = false;
+        }
     }
 
     /// Flushes, then shuts down the writing side: the peer's receiver sees the end of
@@ -348,20 +373,36 @@ pub struct Receiver {
     io: Arc<UnixStream>,
     codec: FrameCodec,
     buf: BytesMut,
-    /// Received descriptors not yet handed to a frame, in arrival order.
-    fds: VecDeque<OwnedFd>,
+    /// Bytes read from the socket so far: the stream offset just past `buf`.
+    received: u64,
+    /// Received descriptors not yet handed to a frame, one batch per `recvmsg`, in order.
+    batches: VecDeque<FdBatch>,
     control: sys::ControlBuffer,
     max_fds: usize,
+    /// Whether a whole frame has been decoded (until then a bad header may mean a foreign
+    /// peer).
+    seen_frame: bool,
     eof: bool,
     broken: bool,
+}
+
+/// The descriptors of one `recvmsg` and the stream bytes `[start, end)` it read.
+///
+/// The peer sends a frame's descriptors with the frame's first byte, and Linux ends a read
+/// after the chunk that carries descriptors, so their frame starts inside `[start, end)`.
+#[derive(Debug)]
+struct FdBatch {
+    start: u64,
+    end: u64,
+    fds: Vec<OwnedFd>,
 }
 
 impl Receiver {
     /// Receives the next message of either lane, or `None` when the peer closed the
     /// channel cleanly between two messages.
     ///
-    /// A framing error (oversized frame, unknown lane, missing or excess descriptors,
-    /// end of stream inside a frame) is returned once; afterwards every call returns
+    /// A framing error (oversized frame, a foreign peer's first bytes, unknown lane, missing
+    /// or unclaimed descriptors, end of stream inside a frame) is returned once; afterwards every call returns
     /// [`Error::Broken`] and all queued descriptors are closed.
     pub async fn recv(&mut self) -> Result<Option<Received>, Error> {
         if self.broken {
@@ -388,28 +429,84 @@ impl Receiver {
         if let Err(err) = result {
             if err.is_fatal_on_receive() {
                 self.broken = true;
-                self.fds.clear();
+                self.batches.clear();
                 self.buf = BytesMut::new();
             }
         }
     }
 
     fn decode_buffered(&mut self) -> Result<Option<Received>, Error> {
-        let Some(frame) = self.codec.decode(&mut self.buf)? else {
-            return Ok(None);
+        let frame = match self.codec.decode(&mut self.buf) {
+            Ok(Some(frame)) => frame,
+            Ok(None) => return Ok(None),
+            // An oversized first frame that is also gigantic or names no lane is not a
+            // frame at all: the peer is no `ipc` channel (Node's JSON starts with `{"`).
+            Err(Error::FrameTooLarge { len, max })
+                if !self.seen_frame && (len >= FOREIGN_LEN || self.buf[4] > 1) =>
+            {
+                let mut head = [0; HEADER_LEN];
+                head.copy_from_slice(&self.buf[..HEADER_LEN]);
+                return Err(Error::ForeignProtocol { head, len, max });
+            }
+            Err(err) => return Err(err),
         };
-        let declared = usize::from(frame.fd_count);
-        if self.fds.len() < declared {
-            return Err(Error::MissingFds {
-                declared,
-                received: self.fds.len(),
-            });
+        self.seen_frame = true;
+        let end = self.received - self.buf.len() as u64;
+        let start = end - (HEADER_LEN + frame.payload.len()) as u64;
+        let fds = self.claim_fds(start, end, usize::from(frame.fd_count))?;
+        if frame.payload.len() > RETAINED_BUFFER {
+            // The payload shares the buffer's allocation: keep only the bytes after it, so
+            // the large allocation goes away with the message.
+            self.buf = BytesMut::from(&self.buf[..]);
         }
         Ok(Some(Received {
             lane: frame.lane,
             payload: frame.payload,
-            fds: self.fds.drain(..declared).collect(),
+            fds,
         }))
+    }
+
+    /// The descriptors of the frame at stream bytes `[start, end)`, which declares
+    /// `declared` of them.
+    fn claim_fds(&mut self, start: u64, end: u64, declared: usize) -> Result<Vec<OwnedFd>, Error> {
+        let Some(batch) = self.batches.front() else {
+            return match declared {
+                0 => Ok(Vec::new()),
+                _ => Err(Error::MissingFds {
+                    declared,
+                    received: 0,
+                }),
+            };
+        };
+        let count = batch.fds.len();
+        if batch.end <= start {
+            // They came with bytes that all precede this frame, and no frame took them.
+            return Err(Error::UnclaimedFds { count });
+        }
+        if batch.start > start {
+            // They came after this frame's first byte: they belong to a later frame.
+            return match declared {
+                0 => Ok(Vec::new()),
+                _ => Err(Error::MissingFds {
+                    declared,
+                    received: 0,
+                }),
+            };
+        }
+        // They came with this frame's first byte, so they are this frame's, unless a later
+        // frame starts in the same read.
+        match declared {
+            0 if end < batch.end => Ok(Vec::new()),
+            0 => Err(Error::UnclaimedFds { count }),
+            _ if count < declared => Err(Error::MissingFds {
+                declared,
+                received: count,
+            }),
+            _ if count > declared => Err(Error::UnclaimedFds {
+                count: count - declared,
+            }),
+            _ => Ok(self.batches.pop_front().map(|b| b.fds).unwrap_or_default()),
+        }
     }
 
     async fn next_message(&mut self) -> Result<Option<Received>, Error> {
@@ -418,34 +515,54 @@ impl Receiver {
                 return Ok(Some(received));
             }
             if self.eof {
-                return if self.buf.is_empty() && self.codec.is_between_frames() {
-                    Ok(None)
-                } else {
+                return if !(self.buf.is_empty() && self.codec.is_between_frames()) {
                     Err(Error::UnexpectedEof {
                         buffered: self.buf.len(),
                     })
+                } else if !self.batches.is_empty() {
+                    Err(Error::UnclaimedFds {
+                        count: self.batches.iter().map(|b| b.fds.len()).sum(),
+                    })
+                } else {
+                    Ok(None)
                 };
             }
-            // Descriptors come with the first byte of their frame, so more than one
-            // frame's worth waiting for bytes means the peer sent descriptors that no
-            // frame claims.
-            if self.fds.len() > self.max_fds {
+            // Descriptors come with the first byte of their frame, and every whole frame
+            // was decoded above: more than one batch waiting, or more than one frame's worth
+            // of descriptors, means the peer sent descriptors that no frame claims.
+            let queued: usize = self.batches.iter().map(|b| b.fds.len()).sum();
+            if queued > self.max_fds {
                 return Err(Error::TooManyFds {
-                    count: self.fds.len(),
+                    count: queued,
                     max: self.max_fds,
                 });
             }
+            if self.batches.len() > 1 {
+                return Err(Error::UnclaimedFds {
+                    count: self.batches[0].fds.len(),
+                });
+            }
             let want = self.codec.bytes_wanted(self.buf.len()).max(READ_CHUNK);
-            let (io, buf, fds, control) =
-                (&self.io, &mut self.buf, &mut self.fds, &mut self.control);
+            let mut fds = Vec::new();
+            let (io, buf, control) = (&self.io, &mut self.buf, &mut self.control);
             let received = io
                 .async_io(Interest::READABLE, || {
-                    sys::recv(io.as_fd(), buf, want, fds, control)
+                    sys::recv(io.as_fd(), buf, want, &mut fds, control)
                 })
                 .await?;
             match received {
                 sys::Received::Bytes(0) => self.eof = true,
-                sys::Received::Bytes(_) => {}
+                sys::Received::Bytes(n) => {
+                    let start = self.received;
+                    self.received += n as u64;
+                    if !fds.is_empty() {
+                        self.batches.push_back(FdBatch {
+                            start,
+                            end: self.received,
+                            fds,
+                        });
+                    }
+                }
                 sys::Received::ControlTruncated => return Err(Error::ControlTruncated),
             }
         }
@@ -476,6 +593,15 @@ impl Received {
     }
 
     /// Decodes the body as a `T`.
+    ///
+    /// # Caveats
+    ///
+    /// postcard is not self-describing: the payload holds values, not their types, so a
+    /// message of another type can decode without error as a `T` with wrong values (a
+    /// `Request::Add { a, b }` sent by a peer can come out as a `Response::Sum(..)`, or a
+    /// short message as an empty `String`). [`Error::Decode`] catches only bytes that fit no
+    /// `T` at all. Both ends must agree on the types; put a protocol name and version in a
+    /// first message (a hello) to find out when they do not.
     pub fn decode<'de, T: Deserialize<'de>>(&'de self) -> Result<T, Error> {
         postcard::from_bytes(&self.payload).map_err(|source| Error::Decode {
             lane: self.lane,

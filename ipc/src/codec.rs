@@ -198,7 +198,10 @@ impl FrameCodec {
 
     /// Appends one frame holding `message` to `dst`.
     ///
-    /// On error `dst` is left exactly as it was.
+    /// A message longer than the limit is refused as soon as encoding passes the limit, so it
+    /// never takes more than about the limit in memory; the error's `len` is then the length
+    /// reached when encoding stopped, not the whole message's. On error `dst` holds exactly
+    /// what it held before (its capacity may have grown, up to the limit).
     pub fn encode<T: Serialize + ?Sized>(
         &self,
         lane: Lane,
@@ -214,18 +217,25 @@ impl FrameCodec {
         }
         let start = dst.len();
         dst.put_bytes(0, HEADER_LEN);
-        if let Err(source) = postcard::serialize_with_flavor(message, BytesMutFlavor(dst)) {
+        let mut flavor = BoundedFlavor {
+            dst,
+            room: self.max_frame_len as usize,
+            wanted: 0,
+        };
+        let encoded = postcard::serialize_with_flavor(message, &mut flavor);
+        let wanted = flavor.wanted;
+        if let Err(source) = encoded {
             dst.truncate(start);
-            return Err(Error::Encode(source));
-        }
-        let len = dst.len() - start - HEADER_LEN;
-        if len > self.max_frame_len as usize {
-            dst.truncate(start);
-            return Err(Error::FrameTooLarge {
-                len: len as u64,
-                max: self.max_frame_len,
+            return Err(if wanted > self.max_frame_len as usize {
+                Error::FrameTooLarge {
+                    len: wanted as u64,
+                    max: self.max_frame_len,
+                }
+            } else {
+                Error::Encode(source)
             });
         }
+        let len = dst.len() - start - HEADER_LEN;
         let head = &mut dst[start..start + HEADER_LEN];
         head[..4].copy_from_slice(&(len as u32).to_be_bytes());
         head[4] = lane as u8;
@@ -243,19 +253,40 @@ impl Decoder for FrameCodec {
     }
 }
 
-/// A postcard output flavor that appends to a `BytesMut` a slice at a time.
-struct BytesMutFlavor<'a>(&'a mut BytesMut);
+/// A postcard output flavor that appends to a `BytesMut` a slice at a time and stops as
+/// soon as the payload would pass `room` bytes, before copying (or allocating for) the
+/// slice that passes it: a refused message never costs more memory than the limit.
+struct BoundedFlavor<'a> {
+    dst: &'a mut BytesMut,
+    /// Payload bytes still allowed.
+    room: usize,
+    /// Payload bytes asked for so far, including a refused slice.
+    wanted: usize,
+}
 
-impl postcard::ser_flavors::Flavor for BytesMutFlavor<'_> {
+impl BoundedFlavor<'_> {
+    fn take(&mut self, len: usize) -> postcard::Result<()> {
+        self.wanted = self.wanted.saturating_add(len);
+        if len > self.room {
+            return Err(postcard::Error::SerializeBufferFull);
+        }
+        self.room -= len;
+        Ok(())
+    }
+}
+
+impl postcard::ser_flavors::Flavor for &mut BoundedFlavor<'_> {
     type Output = ();
 
     fn try_push(&mut self, data: u8) -> postcard::Result<()> {
-        self.0.put_u8(data);
+        self.take(1)?;
+        self.dst.put_u8(data);
         Ok(())
     }
 
     fn try_extend(&mut self, data: &[u8]) -> postcard::Result<()> {
-        self.0.extend_from_slice(data);
+        self.take(data.len())?;
+        self.dst.extend_from_slice(data);
         Ok(())
     }
 

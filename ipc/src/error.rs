@@ -16,7 +16,8 @@ pub enum Error {
     /// A frame's payload is longer than the configured limit.
     #[error("frame of {len} bytes exceeds the limit of {max} bytes")]
     FrameTooLarge {
-        /// The length the frame has or declares.
+        /// The length the frame declares, or for a refused send the length reached when
+        /// encoding stopped (at least one byte over the limit).
         len: u64,
         /// The limit in force.
         max: u32,
@@ -36,6 +37,29 @@ pub enum Error {
         declared: usize,
         /// How many were waiting in the queue of received descriptors.
         received: usize,
+    },
+    /// Descriptors arrived that no frame declares: with a frame whose header counts fewer,
+    /// or with no frame at all before the end of the stream.
+    #[error("the peer sent {count} file descriptors that no frame declares")]
+    UnclaimedFds {
+        /// How many descriptors were left without a frame.
+        count: usize,
+    },
+    /// The first bytes from the peer are not a frame header of this crate: read as one,
+    /// they declare a payload over the limit and either name no lane or declare 256 MiB or
+    /// more (what any text does). The peer is not an `ipc` channel: Node's JSON channel,
+    /// for example, starts with `{"`.
+    #[error(
+        "the peer speaks another protocol: its first bytes {head:02x?} read as a frame of {len} bytes, over the limit of {max}{}",
+        foreign_hint(head)
+    )]
+    ForeignProtocol {
+        /// The first six bytes received, read as a frame header.
+        head: [u8; 6],
+        /// The payload length they declare.
+        len: u64,
+        /// The limit in force.
+        max: u32,
     },
     /// The kernel dropped descriptors because the control buffer was too small
     /// (`MSG_CTRUNC`): the peer sent more than the configured limit in one message.
@@ -92,6 +116,15 @@ impl From<io::Error> for Error {
             Some(libc::EPIPE) | Some(libc::ECONNRESET) => Error::Closed,
             _ => Error::Io(err),
         }
+    }
+}
+
+/// What the first bytes of a foreign peer suggest.
+fn foreign_hint(head: &[u8; 6]) -> &'static str {
+    if head.starts_with(b"{\"") || head.starts_with(b"[") {
+        " (they look like JSON, as a Node channel writes)"
+    } else {
+        ""
     }
 }
 

@@ -37,12 +37,32 @@
 //!   [`Config::max_fds`] descriptors; a sender buffers at most one write buffer and waits
 //!   for the socket (back-pressure) instead of queueing.
 //! - Received descriptors are close-on-exec (`MSG_CMSG_CLOEXEC`); a truncated control
-//!   message (`MSG_CTRUNC`), a frame declaring descriptors that did not arrive, or
-//!   descriptors no frame claims are errors, never silently dropped.
+//!   message (`MSG_CTRUNC`), a frame declaring descriptors that did not arrive with its
+//!   first byte, or descriptors no frame claims ([`Error::UnclaimedFds`], caught at the
+//!   frame they came with or at the end of the stream) are errors, never silently dropped
+//!   or handed to the wrong message.
+//! - Memory: a refused oversized message costs at most the frame limit while it is
+//!   encoded. Between messages a [`Sender`] keeps at most its write buffer or 1 MiB of
+//!   buffer capacity, whichever is larger, and a [`Receiver`] about 1 MiB; a larger message's
+//!   buffer is given back once it is written, or lives only as long as its [`Received`].
 //! - Nothing a peer sends can make this crate panic. A payload that does not decode is an
 //!   error for that message only; a broken frame ends the channel with a typed [`Error`].
 //! - A clean end of stream between frames is `Ok(None)`; an end inside a frame is
 //!   [`Error::UnexpectedEof`].
+//!
+//! # Caveats
+//!
+//! - postcard is not self-describing: a payload holds values, not their types. Two ends
+//!   that disagree on the message types are not detected by [`Received::decode`], which may
+//!   turn a message of another type into wrong values (see its docs). Version your
+//!   messages, for example with a hello carrying a protocol name and version on the
+//!   control lane.
+//! - A peer that is not an `ipc` channel at all (Node's JSON lines) is caught on its first
+//!   frame: [`Error::ForeignProtocol`] says "the peer speaks another protocol".
+//!
+//! # Logging
+//!
+//! `ipc` logs nothing: every failure is returned as an [`Error`] to the caller.
 //!
 //! # Example
 //!

@@ -1,7 +1,6 @@
 //! Linux socket calls: `sendmsg`/`recvmsg` with `SCM_RIGHTS`, and adoption of an
 //! inherited descriptor. All of the crate's `unsafe` code lives here.
 
-use std::collections::VecDeque;
 use std::io::{self, IoSlice};
 use std::mem::{self, MaybeUninit};
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
@@ -72,7 +71,7 @@ pub(crate) fn recv(
     sock: BorrowedFd<'_>,
     buf: &mut BytesMut,
     want: usize,
-    fds: &mut VecDeque<OwnedFd>,
+    fds: &mut Vec<OwnedFd>,
     control: &mut ControlBuffer,
 ) -> io::Result<Received> {
     buf.reserve(want);
@@ -116,7 +115,7 @@ pub(crate) fn recv(
                 let raw = unsafe { data.add(i).read_unaligned() };
                 // SAFETY: SCM_RIGHTS installed `raw` in this process as a new descriptor
                 // that nothing else owns.
-                fds.push_back(unsafe { OwnedFd::from_raw_fd(raw) });
+                fds.push(unsafe { OwnedFd::from_raw_fd(raw) });
             }
         }
         // SAFETY: as for CMSG_FIRSTHDR above.

@@ -64,12 +64,37 @@ fn wait_for_state(pid: u32, done: impl Fn(Option<char>) -> bool) {
     }
 }
 
+/// Runs the `child_parent` helper in `case` (a std child, so the crate under test is not
+/// the one that starts it) and returns its stdout, or panics with how it ended.
+#[track_caller]
+fn run_child_parent(case: &str) -> String {
+    let out = crate::support::Reaped::new(
+        std::process::Command::new(helper("child_parent"))
+            .arg(case)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn child_parent"),
+    )
+    .wait_with_output();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "child_parent {case} ended with {:?}: {stdout}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
 /// Path of a helper binary of this crate.
 fn helper(name: &str) -> &'static str {
     match name {
         "child_fds" => env!("CARGO_BIN_EXE_child_fds"),
         "child_forked" => env!("CARGO_BIN_EXE_child_forked"),
         "child_detach" => env!("CARGO_BIN_EXE_child_detach"),
+        "child_parent" => env!("CARGO_BIN_EXE_child_parent"),
         other => panic!("no helper {other}"),
     }
 }

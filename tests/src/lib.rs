@@ -1,5 +1,7 @@
 //! Helpers shared by the integration tests and their helper binaries.
 
+pub mod sys;
+
 pub mod ipc_proto {
     //! Messages of the `ipc_fd_child` helper.
 

@@ -34,7 +34,9 @@ pub enum ExecErrorKind {
     Spawn,
     /// It exited with a non-zero code or was ended by a signal it did not get from us.
     Failed,
-    /// The timeout passed; it was killed with the kill signal (Node's `ETIMEDOUT`).
+    /// The timeout passed; it was killed with the kill signal (Node's `ETIMEDOUT`) and did
+    /// not then exit 0 (a child that handles the signal and exits 0 is a success, as in
+    /// Node's `exec`).
     TimedOut,
     /// The cancellation token fired; it was killed with the kill signal (Node's `AbortError`).
     Cancelled,
@@ -153,7 +155,22 @@ impl ExecError {
 impl fmt::Display for ExecError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let why = match self.inner.kind {
-            ExecErrorKind::Spawn => return write!(f, "could not start `{}`", self.inner.cmd),
+            ExecErrorKind::Spawn => {
+                // Name the cause at the top, as Node's `spawn gitx ENOENT`.
+                let cause = match &self.inner.source {
+                    Some(Error::Spawn(e)) => {
+                        let errno = e.raw_os_error().map(nix::errno::Errno::from_raw);
+                        match (e.cwd(), errno) {
+                            (Some(_), Some(errno)) => format!(": working directory {errno:?}"),
+                            (None, Some(errno)) => format!(": {errno:?}"),
+                            (_, None) => format!(": {}", e.kind()),
+                        }
+                    }
+                    Some(Error::NoRuntime) => ": no tokio runtime with io enabled".into(),
+                    _ => String::new(),
+                };
+                return write!(f, "could not start `{}`{cause}", self.inner.cmd);
+            }
             ExecErrorKind::Io => return write!(f, "failed to run `{}`", self.inner.cmd),
             ExecErrorKind::MaxBufferExceeded(stream) => {
                 return write!(f, "{stream} maxBuffer length exceeded");
@@ -172,12 +189,11 @@ impl fmt::Display for ExecError {
                 )
             }
         };
-        write!(
-            f,
-            "Command failed: {}{why}\n{}",
-            self.inner.cmd,
-            self.stderr_lossy()
-        )
+        write!(f, "Command failed: {}{why}", self.inner.cmd)?;
+        if !self.inner.stderr.is_empty() {
+            write!(f, "\n{}", self.stderr_lossy())?;
+        }
+        Ok(())
     }
 }
 
@@ -216,5 +232,18 @@ mod tests {
             "stdout maxBuffer length exceeded",
         );
         check(ExecErrorKind::Spawn, "could not start `ls /nope`");
+        let mut err = ExecError::new(ExecErrorKind::TimedOut, "sleep 9".into(), Signal::SIGKILL);
+        assert_eq!(
+            err.to_string(),
+            "Command failed: sleep 9 (timed out, killed with SIGKILL)",
+            "no blank line without stderr"
+        );
+        err.inner.kind = ExecErrorKind::Spawn;
+        err.inner.source = Some(Error::Spawn(crate::SpawnError::new(
+            "gitx".as_ref(),
+            &[],
+            std::io::Error::from_raw_os_error(libc::ENOENT),
+        )));
+        assert_eq!(err.to_string(), "could not start `sleep 9`: ENOENT");
     }
 }

@@ -246,16 +246,140 @@ fn descriptors_no_frame_claims_are_an_error() {
         for _ in 0..3 {
             raw_send(&peer, &frame_bytes(Lane::User, 0, &Msg::Ping(0)), &raw);
         }
-        let mut result = Ok(None);
-        for _ in 0..3 {
-            result = ours.recv().await;
-            if result.is_err() {
+        let err = ours.recv().await.unwrap_err();
+        assert!(matches!(err, Error::UnclaimedFds { count: 2 }), "{err:?}");
+        assert!(matches!(ours.recv().await, Err(Error::Broken)));
+    });
+}
+
+#[test]
+fn a_descriptor_on_a_frame_that_declares_none_is_caught_at_that_frame() {
+    runtime().block_on(async {
+        let (mut ours, peer) = channel_with_raw_peer(&Config::default());
+        let (stray, _) = pipe_fds(1);
+        let (own, _) = pipe_fds(1);
+        raw_send(
+            &peer,
+            &frame_bytes(Lane::User, 0, &Msg::Ping(1)),
+            &[stray[0].as_raw_fd()],
+        );
+        raw_send(
+            &peer,
+            &frame_bytes(Lane::User, 1, &Msg::Ping(2)),
+            &[own[0].as_raw_fd()],
+        );
+        // Without the check, Ping(1) comes out clean and Ping(2) gets the stray descriptor.
+        let err = ours.recv().await.unwrap_err();
+        assert!(matches!(err, Error::UnclaimedFds { count: 1 }), "{err:?}");
+        assert!(matches!(ours.recv().await, Err(Error::Broken)));
+    });
+}
+
+#[test]
+fn stray_descriptors_before_the_end_of_stream_are_an_error() {
+    runtime().block_on(async {
+        let (mut ours, peer) = channel_with_raw_peer(&Config::default());
+        let (stray, _) = pipe_fds(1);
+        let mut bytes = frame_bytes(Lane::User, 0, &Msg::Ping(1));
+        bytes.extend_from_slice(&frame_bytes(Lane::User, 0, &Msg::Ping(2)));
+        raw_send(&peer, &bytes, &[stray[0].as_raw_fd()]);
+        drop(peer);
+        let mut results = Vec::new();
+        loop {
+            let result = ours.recv().await;
+            let done = !matches!(result, Ok(Some(_)));
+            results.push(result.map(|m| m.map(|m| m.decode::<Msg>().unwrap())));
+            if done {
                 break;
             }
         }
         assert!(
-            matches!(result, Err(Error::TooManyFds { count: 4, max: 2 })),
-            "{result:?}"
+            matches!(results.last(), Some(Err(Error::UnclaimedFds { count: 1 }))),
+            "{results:?}"
+        );
+    });
+}
+
+#[test]
+fn a_json_peer_is_told_apart_from_an_oversized_frame() {
+    runtime().block_on(async {
+        let (mut ours, peer) = channel_with_raw_peer(&Config::default());
+        // What a Node parent writes on its channel.
+        raw_send(&peer, b"{\"cmd\":\"NODE_HANDLE_ACK\"}\n", &[]);
+        let err = ours.recv().await.unwrap_err();
+        let text = err.to_string();
+        assert!(matches!(err, Error::ForeignProtocol { .. }), "{err:?}");
+        assert!(
+            text.starts_with("the peer speaks another protocol") && text.contains("JSON"),
+            "{text}"
+        );
+        // After a first good frame, a gigantic length is an oversized frame as before.
+        let (mut ours, peer) = channel_with_raw_peer(&Config::new().max_frame_len(16));
+        raw_send(&peer, &frame_bytes(Lane::User, 0, &Msg::Ping(1)), &[]);
+        raw_send(&peer, &[0xff, 0xff, 0xff, 0xff, 0, 0], &[]);
+        assert!(ours.recv().await.unwrap().is_some());
+        let err = ours.recv().await.unwrap_err();
+        assert!(matches!(err, Error::FrameTooLarge { .. }), "{err:?}");
+    });
+}
+
+/// A message that serializes to `len` u64s without holding them.
+struct Endless {
+    len: usize,
+}
+
+impl Serialize for Endless {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_seq((0..self.len).map(|_| u64::MAX))
+    }
+}
+
+#[test]
+fn a_refused_oversized_send_allocates_no_more_than_the_limit() {
+    runtime().block_on(async {
+        const LIMIT: usize = 1024 * 1024;
+        let config = Config::new().max_frame_len(LIMIT as u32);
+        let (mut a, mut b) = Channel::pair_with(&config).unwrap();
+        // 64 MiB of varints, produced on the fly.
+        let err = a.send(&Endless { len: 6 << 20 }).await.unwrap_err();
+        assert!(matches!(err, Error::FrameTooLarge { .. }), "{err:?}");
+        assert!(
+            a.sender.buf.capacity() <= 2 * LIMIT,
+            "{} bytes kept",
+            a.sender.buf.capacity()
+        );
+        // One slice far over the limit is refused without copying it.
+        let blob = Msg::Blob(vec![0; 8 * LIMIT]);
+        let err = a.send(&blob).await.unwrap_err();
+        assert!(matches!(err, Error::FrameTooLarge { .. }), "{err:?}");
+        assert!(
+            a.sender.buf.capacity() <= 2 * LIMIT,
+            "{} bytes kept",
+            a.sender.buf.capacity()
+        );
+        a.send(&Msg::Ping(1)).await.unwrap();
+        let got = b.recv().await.unwrap().unwrap();
+        assert_eq!(got.decode::<Msg>().unwrap(), Msg::Ping(1));
+    });
+}
+
+#[test]
+fn a_large_message_leaves_no_large_buffer_behind() {
+    runtime().block_on(async {
+        let (mut a, mut b) = Channel::pair().unwrap();
+        let big = Msg::Blob(vec![5; 15 << 20]);
+        let (sent, got) = tokio::join!(a.send(&big), b.recv());
+        sent.unwrap();
+        assert_eq!(got.unwrap().unwrap().decode::<Msg>().unwrap(), big);
+        // A small message afterwards, so each buffer has been reused once.
+        a.send(&Msg::Ping(1)).await.unwrap();
+        let got = b.recv().await.unwrap().unwrap();
+        assert_eq!(got.decode::<Msg>().unwrap(), Msg::Ping(1));
+        drop(got);
+        let kept = (a.sender.buf.capacity(), b.receiver.buf.capacity());
+        assert!(
+            kept.0 <= RETAINED_BUFFER && kept.1 <= RETAINED_BUFFER,
+            "buffers kept after a 15 MiB message: {kept:?}"
         );
     });
 }

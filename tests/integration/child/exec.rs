@@ -1,8 +1,15 @@
 //! `exec`, `exec_file` and the blocking variants: max buffer, timeout, errors, exit codes.
 
+use std::future::Future;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use child::{CancellationToken, ExecErrorKind, ExecOptions, Signal, SpawnErrorKind, StreamName};
+use child::{
+    CancellationToken, ExecError, ExecErrorKind, ExecOptions, Output, Signal, SpawnErrorKind,
+    StreamName,
+};
+
+use super::{KillOnDrop, assert_reaped, run_child_parent};
 
 const MIB: usize = 1024 * 1024;
 
@@ -75,7 +82,7 @@ async fn timeout_kills_with_sigterm_and_sigkill_when_asked() {
     assert_eq!((err.code(), err.signal()), (None, Some(Signal::SIGTERM)));
     assert_eq!(
         err.to_string(),
-        "Command failed: sleep 30 (timed out, killed with SIGTERM)\n"
+        "Command failed: sleep 30 (timed out, killed with SIGTERM)"
     );
     let options = ExecOptions::new()
         .timeout(Duration::from_millis(50))
@@ -199,5 +206,124 @@ fn sync_timeout_and_max_buffer_are_error_kinds() {
     assert_eq!(
         (err.kind(), err.stdout().len()),
         (ExecErrorKind::MaxBufferExceeded(StreamName::Stdout), MIB)
+    );
+}
+
+/// A fresh path in the temporary directory for a test's pid file.
+fn pid_file(test: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("child-{test}-{}.pid", std::process::id()))
+}
+
+/// Waits until the shell has written its pid to `path` (it renames a whole file into place).
+async fn read_pid(path: &Path) -> u32 {
+    loop {
+        if let Ok(text) = std::fs::read_to_string(path) {
+            return text.trim().parse().expect("a pid");
+        }
+        tokio::task::yield_now().await;
+    }
+}
+
+/// A shell script that publishes its pid in `path`, then becomes `sleep 30`.
+fn publish_pid_then_sleep(path: &Path) -> String {
+    let path = path.display();
+    format!("echo $$ > {path}.tmp && mv {path}.tmp {path} && exec sleep 30")
+}
+
+/// Polls `run` until its child has published its pid, drops it, and checks that the child
+/// is gone (killed and reaped) although its timeout is far away.
+async fn check_dropping_ends_the_child(
+    run: impl Future<Output = Result<Output, ExecError>>,
+    path: &Path,
+) {
+    let mut run = Box::pin(run);
+    let waited = tokio::time::timeout(Duration::from_secs(10), async {
+        tokio::select! {
+            result = &mut run => panic!("the run ended early: {result:?}"),
+            pid = read_pid(path) => pid,
+        }
+    });
+    let pid = waited.await.expect("the child published its pid");
+    let _ = std::fs::remove_file(path);
+    let _guard = KillOnDrop(pid as i32);
+    drop(run);
+    assert_reaped(pid);
+}
+
+#[tokio::test]
+async fn a_dropped_exec_future_ends_its_child() {
+    let path = pid_file("dropped-exec");
+    let options = ExecOptions::new().timeout(Duration::from_secs(60));
+    check_dropping_ends_the_child(child::exec(&publish_pid_then_sleep(&path), options), &path)
+        .await;
+    let path = pid_file("dropped-exec-file");
+    let token = CancellationToken::new();
+    let options = ExecOptions::new().cancel_token(token.clone());
+    let script = publish_pid_then_sleep(&path);
+    check_dropping_ends_the_child(child::exec_file("/bin/sh", ["-c", &script], options), &path)
+        .await;
+    token.cancel();
+}
+
+#[test]
+fn feeding_input_to_a_child_that_closed_stdin_never_raises_sigpipe() {
+    // The helper restores SIGPIPE's default disposition, as a C host or a CLI does.
+    assert_eq!(run_child_parent("sigpipe-async"), "ok\n");
+    assert_eq!(run_child_parent("sigpipe-sync"), "ok\n");
+}
+
+#[tokio::test]
+async fn a_zero_timeout_means_no_timeout_as_in_node() {
+    for _ in 0..5 {
+        let output = child::exec("echo hi", ExecOptions::new().timeout(Duration::ZERO))
+            .await
+            .unwrap();
+        assert_eq!(output.stdout, b"hi\n");
+    }
+    let output = child::exec_sync("echo hi", ExecOptions::new().timeout(Duration::ZERO)).unwrap();
+    assert_eq!(output.stdout, b"hi\n");
+}
+
+#[test]
+fn signals_the_parent_ignores_are_reset_in_the_child() {
+    // The helper ignores SIGINT, SIGQUIT and SIGUSR1, then prints cat's SigIgn mask.
+    let out = run_child_parent("sigign");
+    let (mask, rest) = out.split_once('\n').expect("two lines");
+    assert_eq!(rest, "ok\n");
+    let mask = u64::from_str_radix(mask, 16).expect("a hex mask");
+    // Bit n - 1 is signal n. glibc's posix_spawn leaves its own internal signals 32 and 33
+    // ignored (it cannot be asked otherwise); no standard signal may be.
+    assert_eq!(mask & 0x7fff_ffff, 0, "ignored in the child: {mask:#x}");
+}
+
+#[tokio::test]
+async fn a_child_that_exits_0_after_its_timeout_signal_succeeds_as_in_node() {
+    // The trap is the script's first command; the timeout leaves it ample time to be set.
+    let script = "trap 'kill $!; echo bye; exit 0' TERM; sleep 30 & wait";
+    let options = || ExecOptions::new().timeout(Duration::from_millis(500));
+    let output = child::exec(script, options()).await.unwrap();
+    assert_eq!(
+        (output.status.code(), output.stdout_lossy()),
+        (Some(0), "bye\n".into())
+    );
+    let output = child::exec_sync(script, options()).unwrap();
+    assert_eq!(
+        (output.status.code(), output.stdout_lossy()),
+        (Some(0), "bye\n".into())
+    );
+    // Exiting non-zero after the signal is still a timeout.
+    let script = "trap 'kill $!; exit 3' TERM; sleep 30 & wait";
+    let err = child::exec(script, options()).await.unwrap_err();
+    assert_eq!(
+        (err.kind(), err.code(), err.killed()),
+        (ExecErrorKind::TimedOut, Some(3), true)
+    );
+}
+
+#[test]
+fn spawn_sync_can_inherit_stdio_as_node_spawn_sync_does() {
+    assert_eq!(
+        run_child_parent("inherit"),
+        "through the inherited stdout\ncaptured 0 bytes\nok\n"
     );
 }

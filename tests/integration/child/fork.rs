@@ -77,3 +77,52 @@ async fn a_forked_child_dies_with_its_parent_when_asked() {
     assert!(parent.wait().await.unwrap().success());
     super::assert_dead(pid as u32);
 }
+
+#[tokio::test]
+async fn connected_turns_false_when_the_child_disconnects() {
+    let options = ForkOptions::new().map_spawn_options(|o| o.kill_on_drop(true));
+    let mut forked = child::fork(helper("child_forked"), ["disconnect"], options).unwrap();
+    assert!(recv_string(&mut forked).await.unwrap().starts_with("ready"));
+    assert!(forked.connected());
+    assert_eq!(
+        recv_string(&mut forked).await,
+        None,
+        "the child closed its end"
+    );
+    assert!(
+        !forked.connected(),
+        "Node's 'disconnect' sets connected to false"
+    );
+    assert!(
+        forked.recv().await.unwrap().is_none(),
+        "and stays disconnected"
+    );
+    assert!(forked.send("late").await.is_err());
+    assert!(forked.wait().await.unwrap().success());
+}
+
+#[tokio::test]
+async fn the_child_handle_sends_descriptors() {
+    let options = ForkOptions::new().map_spawn_options(|o| o.kill_on_drop(true));
+    let mut forked = child::fork(helper("child_forked"), child::NO_ARGS, options).unwrap();
+    assert!(recv_string(&mut forked).await.unwrap().starts_with("ready"));
+    let (read_end, write_end) = std::io::pipe().unwrap();
+    forked
+        .send_with_fds("through the pipe", vec![write_end.into()])
+        .await
+        .unwrap();
+    assert_eq!(
+        recv_string(&mut forked).await.as_deref(),
+        Some("through the pipe")
+    );
+    let mut text = String::new();
+    tokio::task::spawn_blocking(move || {
+        std::io::Read::read_to_string(&mut { read_end }, &mut text).map(|_| text)
+    })
+    .await
+    .unwrap()
+    .map(|text| assert_eq!(text, "through the pipe"))
+    .unwrap();
+    forked.disconnect().unwrap();
+    assert!(forked.wait().await.unwrap().success());
+}

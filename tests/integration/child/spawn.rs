@@ -77,7 +77,11 @@ async fn spawn_failures_are_typed_and_name_the_program() {
     assert_eq!(err.kind(), SpawnErrorKind::NotFound);
     assert_eq!(err.program(), "no-such-program-xyz");
     assert_eq!(err.args(), ["a", "b"]);
-    assert_eq!(err.to_string(), "spawn no-such-program-xyz: not found");
+    assert_eq!(
+        err.to_string(),
+        "spawn no-such-program-xyz ENOENT: not found"
+    );
+    assert_eq!(err.cwd(), None);
     let Err(Error::Spawn(err)) = child::spawn("/etc/passwd", [] as [&str; 0], options()) else {
         panic!("expected a spawn error");
     };
@@ -88,6 +92,17 @@ async fn spawn_failures_are_typed_and_name_the_program() {
         panic!("expected a spawn error");
     };
     assert_eq!(err.kind(), SpawnErrorKind::NotFound);
+    assert_eq!(err.cwd(), Some(std::path::Path::new("/no/such/dir")));
+    assert_eq!(
+        err.to_string(),
+        "spawn /bin/true ENOENT: working directory /no/such/dir not found"
+    );
+    let err =
+        child::exec_file_sync("no-such-program-xyz", ["a"], child::ExecOptions::new()).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "could not start `no-such-program-xyz a`: ENOENT"
+    );
 }
 
 #[tokio::test]
@@ -241,4 +256,84 @@ async fn wait_closed_drains_the_pipes_and_returns_the_status() {
     let mut child = child::spawn("/bin/sh", ["-c", script], options()).unwrap();
     assert_eq!(child.wait_closed().await.unwrap(), ExitStatus::Exited(5));
     assert!(child.stdout.is_none() && child.stderr.is_none() && child.stdin.is_none());
+}
+
+/// Processes whose command line contains `marker`.
+fn processes_with(marker: &str) -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .expect("/proc")
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|cmdline| String::from_utf8_lossy(&cmdline).contains(marker))
+        })
+        .collect()
+}
+
+#[test]
+fn spawning_on_a_runtime_without_io_is_no_runtime_and_starts_nothing() {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .unwrap();
+    // A unique sleep length marks the processes this test could start.
+    let marker = format!("3600.{}", std::process::id());
+    let spawned = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        runtime.block_on(async {
+            let spawned = child::spawn("sleep", [&marker], quiet_options()).map(|c| c.pid());
+            let exec = child::exec(&format!("sleep {marker}"), child::ExecOptions::new()).await;
+            (spawned, exec.map(|o| o.status))
+        })
+    }));
+    let leftovers = processes_with(&marker);
+    for pid in &leftovers {
+        drop(KillOnDrop(*pid as i32));
+    }
+    let (spawned, exec) = spawned.expect("spawn must not panic");
+    assert!(matches!(spawned, Err(Error::NoRuntime)), "{spawned:?}");
+    let err = exec.unwrap_err();
+    let source = std::error::Error::source(&err).and_then(|s| s.downcast_ref::<Error>());
+    assert!(matches!(source, Some(Error::NoRuntime)), "{err:?}");
+    assert_eq!(leftovers, Vec::<u32>::new(), "no process was started");
+}
+
+#[tokio::test]
+async fn kill_group_of_a_child_that_leads_no_group_is_an_error_not_an_exit() {
+    let sleeper = child::spawn("sleep", ["30"], quiet_options()).unwrap();
+    let err = sleeper
+        .kill_group(Signal::SIGTERM)
+        .expect_err("the child leads no process group");
+    assert!(
+        err.to_string().contains("does not lead a process group"),
+        "{err}"
+    );
+    assert_eq!(sleeper.try_wait().unwrap(), None, "it still runs");
+    assert!(!sleeper.killed());
+}
+
+#[tokio::test]
+async fn an_executable_script_without_a_shebang_runs_with_bin_sh() {
+    use std::os::unix::fs::PermissionsExt;
+    let path = std::env::temp_dir().join(format!("child-no-shebang-{}", std::process::id()));
+    std::fs::write(&path, "echo \"script ran with $1\"\n").unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let path_text = path.to_str().unwrap().to_owned();
+    let result = child::spawn(&path_text, ["arg"], quiet_options());
+    let (out, status) = match result {
+        Ok(child) => {
+            let output = child.wait_with_output().await.unwrap();
+            (output.stdout_lossy().into_owned(), output.status)
+        }
+        Err(e) => {
+            let _ = std::fs::remove_file(&path);
+            panic!("spawn failed: {e}");
+        }
+    };
+    let sync = child::exec_file_sync(&path_text, ["sync"], child::ExecOptions::new());
+    let _ = std::fs::remove_file(&path);
+    assert_eq!(
+        (out.as_str(), status.code()),
+        ("script ran with arg\n", Some(0))
+    );
+    assert_eq!(sync.unwrap().stdout, b"script ran with sync\n");
 }
