@@ -68,16 +68,16 @@ fn wait_for_state(pid: u32, done: impl Fn(Option<char>) -> bool) {
 /// the one that starts it) and returns its stdout, or panics with how it ended.
 #[track_caller]
 fn run_child_parent(case: &str) -> String {
-    let out = crate::support::Reaped::new(
+    let out = KillOnDrop::spawn(
         std::process::Command::new(helper("child_parent"))
             .arg(case)
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .expect("spawn child_parent"),
+            .stderr(std::process::Stdio::piped()),
     )
-    .wait_with_output();
+    .expect("spawn child_parent")
+    .wait_with_output()
+    .expect("wait for child_parent");
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
         out.status.success(),

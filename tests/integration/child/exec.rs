@@ -9,7 +9,7 @@ use child::{
     StreamName,
 };
 
-use super::{KillOnDrop, assert_reaped, run_child_parent};
+use super::{assert_reaped, kill_on_drop, run_child_parent};
 
 const MIB: usize = 1024 * 1024;
 
@@ -245,7 +245,7 @@ async fn check_dropping_ends_the_child(
     });
     let pid = waited.await.expect("the child published its pid");
     let _ = std::fs::remove_file(path);
-    let _guard = KillOnDrop(pid as i32);
+    let _guard = kill_on_drop(pid as i32);
     drop(run);
     assert_reaped(pid);
 }

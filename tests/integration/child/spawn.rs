@@ -287,7 +287,7 @@ fn spawning_on_a_runtime_without_io_is_no_runtime_and_starts_nothing() {
     }));
     let leftovers = processes_with(&marker);
     for pid in &leftovers {
-        drop(KillOnDrop(*pid as i32));
+        drop(kill_on_drop(*pid as i32));
     }
     let (spawned, exec) = spawned.expect("spawn must not panic");
     assert!(matches!(spawned, Err(Error::NoRuntime)), "{spawned:?}");
