@@ -8,6 +8,7 @@
 mod lifecycle;
 mod process;
 mod resilience;
+mod worker_life;
 
 use std::net::SocketAddr;
 use std::time::Duration;

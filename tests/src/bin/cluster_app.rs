@@ -5,8 +5,14 @@
 //! is `panic`, else writes `echo <line>\n` and closes. `CLUSTER_APP_MODE_<id>` (or
 //! `CLUSTER_APP_MODE`) changes that: `exit:<code>` exits at once, `refuse` refuses every
 //! hand-off, `stall` listens but never accepts, `double` listens twice on port 0,
-//! `hostile` sends a malformed control frame. A failed listen is reported to the primary
-//! as the user message `listen-error <errno>`, then the worker exits with code 3.
+//! `hostile` sends a malformed control frame, `flood` listens on port 0 until the primary
+//! stops it, `lazy` never reads user messages until asked to stop and then reports what
+//! it kept (`kept <n> dropped <n> first <message>`, up to the message `end`), `args`
+//! reports its arguments (`args <a> <b> ...`), `env` reports `env <CLUSTER_APP_X> slot
+//! <slot>`, `chatty` prints a line to stdout and one to stderr, `self-disconnect` serves
+//! one connection then disconnects itself, `report-stop` prints `stop <reason>` on stdout
+//! when it is told to stop. A failed listen is reported to the primary as the user message
+//! `listen-error <errno>`, then the worker exits with code 3.
 //!
 //! As a primary (`cluster_app <workers>`) it runs until a signal and prints each event as
 //! a line on stdout: `fork <id> <pid>`, `listening <id> <address>`,
@@ -82,6 +88,38 @@ async fn worker(id: cluster::WorkerId) -> anyhow::Result<()> {
     if let Some(code) = mode.strip_prefix("exit:") {
         std::process::exit(code.parse()?);
     }
+    match mode.as_str() {
+        "flood" => {
+            let mut held = Vec::new();
+            while let Ok(listener) = worker.listen("127.0.0.1:0".parse()?).await {
+                held.push(listener);
+            }
+            worker.stopping().await;
+            return Ok(());
+        }
+        "lazy" => return lazy(&worker).await,
+        "args" => {
+            let args: Vec<String> = std::env::args().skip(1).collect();
+            worker.send(&format!("args {}", args.join(" "))).await?;
+            worker.stopping().await;
+            return Ok(());
+        }
+        "env" => {
+            let x = std::env::var("CLUSTER_APP_X").unwrap_or_default();
+            let slot = worker.slot().map_or(-1, |s| s as i64);
+            worker.send(&format!("env {x} slot {slot}")).await?;
+        }
+        "chatty" => {
+            writeln!(std::io::stdout(), "hello stdout from {id}")?;
+            eprintln!("hello stderr from {id}");
+        }
+        "report-stop" => {
+            let reason = worker.stopping().await;
+            writeln!(std::io::stdout(), "stop {reason:?}")?;
+            return Ok(());
+        }
+        _ => {}
+    }
     let address: SocketAddr = std::env::var("CLUSTER_APP_LISTEN")
         .unwrap_or_else(|_| "127.0.0.1:0".into())
         .parse()?;
@@ -103,8 +141,11 @@ async fn worker(id: cluster::WorkerId) -> anyhow::Result<()> {
         worker.stopping().await;
         return Ok(());
     }
+    let self_disconnect = mode == "self-disconnect";
+    let worker = std::sync::Arc::new(worker);
     let mut accepting = JoinSet::new();
     for mut listener in listeners {
+        let worker = std::sync::Arc::clone(&worker);
         let greeting = format!(
             "worker {id} pid {} port {}\n",
             std::process::id(),
@@ -114,6 +155,9 @@ async fn worker(id: cluster::WorkerId) -> anyhow::Result<()> {
             let mut connections = JoinSet::new();
             while let Ok(Some(stream)) = listener.accept().await {
                 connections.spawn(serve(stream, greeting.clone()));
+                if self_disconnect {
+                    worker.disconnect();
+                }
             }
             // Stopping: finish the connections in flight.
             while connections.join_next().await.is_some() {}
@@ -123,6 +167,27 @@ async fn worker(id: cluster::WorkerId) -> anyhow::Result<()> {
     if worker.panicked() {
         std::process::exit(1);
     }
+    Ok(())
+}
+
+/// Reads nothing until asked to stop, then reports what the bounded queue kept.
+async fn lazy(worker: &cluster::Worker) -> anyhow::Result<()> {
+    worker.stopping().await;
+    let mut kept = 0;
+    let mut first = None;
+    while let Some(message) = worker.recv().await {
+        let text: String = message.decode()?;
+        kept += 1;
+        first.get_or_insert_with(|| text.clone());
+        if text == "end" {
+            break;
+        }
+    }
+    let first = first.unwrap_or_default();
+    let dropped = worker.dropped_messages();
+    worker
+        .send(&format!("kept {kept} dropped {dropped} first {first}"))
+        .await?;
     Ok(())
 }
 

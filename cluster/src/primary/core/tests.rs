@@ -147,6 +147,18 @@ fn a_worker_asking_for_too_many_servers_or_the_same_one_twice_is_killed_and_repl
 }
 
 #[test]
+fn a_worker_whose_control_queue_is_full_is_killed_and_replaced() {
+    let mut sim = serving(2, Policy::RoundRobin);
+    sim.input(Input::SendFailed { id: id(1) });
+    assert_eq!(sim.misbehaved, [id(1)]);
+    assert!(!sim.procs[&id(1)].alive, "killed");
+    sim.settle(100);
+    assert_eq!(sim.listening_current(), 2, "replaced; worker 2 untouched");
+    assert!(sim.procs[&id(2)].alive);
+    sim.stop_and_check();
+}
+
+#[test]
 fn a_connection_in_flight_to_a_dying_worker_goes_to_another() {
     let mut sim = serving(2, Policy::RoundRobin);
     sim.connect(0);
