@@ -81,31 +81,31 @@ async fn a_worker_that_disconnects_itself_is_replaced_at_once_and_is_no_crash() 
     };
     for _ in 0..4 {
         assert_eq!(request(address).await.expect("request"), current.get());
-        // The replacement starts before the worker that left has exited.
-        let (replacement, exit) = {
-            let mut replacement = None;
-            loop {
-                match expect(&mut primary, Some).await {
-                    Event::Fork { id, .. } => replacement = Some(id),
-                    Event::Exit {
-                        id,
-                        exited_after_disconnect,
-                        status,
-                    } => {
-                        assert_eq!(id, current);
-                        break (replacement, (status.code(), exited_after_disconnect));
-                    }
-                    Event::SlotFailed { .. } => panic!("a self-disconnect counted as a crash"),
-                    _ => {}
+        // The replacement starts before the worker that left has exited; it may be
+        // listening before or after that exit.
+        let (mut replacement, mut exit, mut ready) = (None, None, None);
+        while exit.is_none() || ready.is_none() {
+            match expect(&mut primary, Some).await {
+                Event::Fork { id, .. } => {
+                    assert!(exit.is_none(), "forked after the exit");
+                    replacement = Some(id);
                 }
+                Event::Listening { id, .. } => ready = Some(id),
+                Event::Exit {
+                    id,
+                    exited_after_disconnect,
+                    status,
+                } => {
+                    assert_eq!(id, current);
+                    exit = Some((status.code(), exited_after_disconnect));
+                }
+                Event::SlotFailed { .. } => panic!("a self-disconnect counted as a crash"),
+                _ => {}
             }
-        };
-        assert_eq!(exit, (Some(0), true));
-        let replacement = replacement.expect("forked before the exit");
-        let [(id, _)] = listening(&mut primary, 1).await[..] else {
-            unreachable!()
-        };
-        assert_eq!(id, replacement);
+        }
+        assert_eq!(exit, Some((Some(0), true)));
+        let id = replacement.expect("forked before the exit");
+        assert_eq!(ready, Some(id));
         current = id;
     }
     assert!(
