@@ -99,6 +99,9 @@ async fn primary(args: Args) -> anyhow::Result<()> {
         .workers(workers)
         .policy(args.policy.into())
         .restart(RestartPolicy::new())
+        // Workers' output comes through the primary, each line prefixed with the worker's
+        // id (as PM2 does), so interleaved logs still say who wrote them.
+        .silent(true)
         // The primary's deadline is a little longer than the workers' own grace, so a
         // worker that drains in time is never killed.
         .drain_deadline(grace + Duration::from_secs(1));
@@ -109,6 +112,10 @@ async fn primary(args: Args) -> anyhow::Result<()> {
     let log_events = tokio::spawn(async move {
         let mut announced = false;
         while let Some(event) = events.recv().await {
+            if let Event::Output { id, stream, line } = &event {
+                print_worker_line(*id, *stream, line);
+                continue;
+            }
             if let Event::Listening { address, .. } = &event {
                 if !announced {
                     announced = true;
@@ -126,6 +133,14 @@ async fn primary(args: Args) -> anyhow::Result<()> {
     result.context("running the cluster")?;
     tracing::info!("primary exiting");
     Ok(())
+}
+
+/// One line of a worker's output, on the primary's stream of the same kind.
+fn print_worker_line(id: cluster::WorkerId, stream: cluster::OutputStream, line: &str) {
+    let _ = match stream {
+        cluster::OutputStream::Stdout => writeln!(std::io::stdout().lock(), "worker {id} | {line}"),
+        _ => writeln!(std::io::stderr().lock(), "worker {id} | {line}"),
+    };
 }
 
 fn log_event(event: &Event) {

@@ -71,6 +71,15 @@ fn every_route_answers() {
 }
 
 #[test]
+fn worker_lines_reach_the_primarys_log_prefixed_with_the_worker_id() {
+    let server = Server::start(&[]);
+    let worker = check(&server, "GET", "/worker", 200).worker();
+    let (_, line) = server.log.wait_for(0, &format!("worker {} | ", worker.id));
+    assert!(line.contains("worker running"), "{line}");
+    assert!(line.contains(&format!("pid={}", worker.pid)), "{line}");
+}
+
+#[test]
 fn crash_route_is_off_by_default() {
     let server = Server::start(&[]);
     // One connection, so every request goes to the same worker.
