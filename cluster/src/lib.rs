@@ -5,7 +5,12 @@
 //!
 //! The top library of the workspace: it builds on `child` (which starts a worker with an
 //! IPC channel, Node's `fork`, never `fork(2)`) and `ipc` (whose control lane carries the
-//! [`protocol`]). It knows TCP listeners and processes, nothing about HTTP.
+//! cluster's own protocol: online, queryServer and its reply, listening, newconn and
+//! accepted, close, disconnect). It knows TCP listeners and processes, nothing about HTTP.
+//!
+//! Inside, the primary is a pure state machine (no I/O, no clock: events in, effects out,
+//! model-checked with proptest) and a thin async driver that performs the effects; see
+//! `ARCHITECTURE.md`.
 //!
 //! # Roles
 //!
@@ -24,14 +29,41 @@
 //!
 //! - A round-robin connection is delivered to exactly one worker, or closed: a hand-off
 //!   refused, or in flight to a worker that dies or stops first, goes to another worker
-//!   (see [`scheduler`]); with no worker alive, connections are held for
-//!   [`Settings::hold_connections`].
+//!   (Node's `RoundRobinHandle` with the holes closed); with no worker alive, connections
+//!   are held for [`Settings::hold_connections`].
 //! - A worker has at most one round-robin hand-off in flight.
+//! - Every forked worker produces exactly one [`Event::Exit`], after its
+//!   [`Event::Disconnect`]; a worker's events come in Node's order: fork, online,
+//!   listening, disconnect, exit.
 //! - Worker ids are never reused; a replacement gets a new id.
 //! - Nothing a worker sends can crash the primary: a malformed or unexpected control
 //!   frame gets the worker killed and replaced.
-//! - Every worker dies with its primary: channel end-of-stream makes it exit, and a
-//!   parent-death signal (`SIGKILL`) covers a primary killed outright.
+//! - Every worker dies with its primary: channel end-of-stream makes [`Worker::stopping`]
+//!   resolve ([`StopReason::PrimaryGone`]), and a parent-death signal (`SIGKILL`) covers a
+//!   primary killed outright.
+//!
+//! # Bounds
+//!
+//! Every queue is bounded, with a policy for when it is full:
+//!
+//! - the primary's control queue to each worker holds what the protocol allows (a reply
+//!   and a hand-off per server, a disconnect); a worker that lets it fill, asks twice for
+//!   the same server or for more than [`MAX_SERVERS_PER_WORKER`] is misbehaving: killed
+//!   and replaced ([`Event::Misbehaved`]), the others unaffected;
+//! - [`Primary::send`] waits while the worker's socket is full (back-pressure); a worker
+//!   keeps at most [`USER_QUEUE_CAPACITY`] unread user messages and drops the oldest;
+//! - events wait in a queue of [`EVENT_CAPACITY`]; when nobody reads it, later events are
+//!   dropped with a log line, never blocking the primary;
+//! - a worker's hand-offs waiting for `accept` are bounded; past it they are refused and go
+//!   to another worker.
+//!
+//! # Logging
+//!
+//! Through `tracing`, target `cluster::*`: `info` for workers restarted and reloads
+//! (`restarting a worker`, `reload: replacing a worker`), `warn` for a worker that broke the
+//! protocol, went down (panicked), overran its drain deadline, dropped events or
+//! connections no worker took in time, `error` for failed forks, crash loops (`the slot
+//! is given up`) and failed reloads, `debug` for each fork, exit and refused listen.
 //!
 //! # Example
 //!
@@ -84,8 +116,8 @@
 //!   that socket's backlog are reset.
 //! - The panic hook fires for every panic of a worker process, including ones that a
 //!   `catch_unwind` or a tokio task would have contained.
-//! - Events go through a bounded queue ([`EVENT_CAPACITY`]); if nobody reads them, later
-//!   ones are dropped (with a log line), never blocking the primary.
+//! - [`Primary::kill`] is Node's `worker.kill()`: the worker is disconnected first and is
+//!   not replaced. A worker killed from outside (by its pid) crashed and is replaced.
 //!
 //! # Platform
 //!

@@ -50,8 +50,13 @@ pub struct UnknownPolicy(pub String);
 /// the window; each further crash in a row waits a delay that starts at
 /// [`backoff_min`](RestartPolicy::backoff_min) and doubles up to
 /// [`backoff_max`](RestartPolicy::backoff_max). A stable run resets the delay. More than
-/// [`max_restarts`](RestartPolicy::max_restarts) crashes of one slot within
-/// [`window`](RestartPolicy::window) mark the slot failed: it is no longer restarted.
+/// the [`crash_loop_limit`](RestartPolicy::crash_loop_limit) of crashes of one slot within
+/// its window mark the slot failed: it is no longer restarted.
+///
+/// A crash is any exit the primary did not ask for, whatever its code: a worker that
+/// returns `Ok(())` at once, again and again, is a crash loop too. Exits after a
+/// disconnect (asked by the primary, or [`Worker::disconnect`](crate::Worker::disconnect))
+/// are not crashes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RestartPolicy {
     pub(crate) enabled: bool,
