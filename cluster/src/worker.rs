@@ -3,6 +3,7 @@
 //! its read loop), `worker/listener.rs` the listener and its hand-off queue,
 //! `worker/messages.rs` the bounded queue of user messages, `worker/panic.rs` the hook.
 
+mod handoff;
 mod link;
 mod listener;
 mod messages;

@@ -14,10 +14,12 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use child::{ForkOptions, Signal, Stdio};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt};
 use tokio::sync::mpsc;
 use tokio_util::time::{DelayQueue, delay_queue};
 
+mod tasks;
+
+use self::tasks::{forward_output, read_worker, wait_worker, write_control};
 use super::core::{
     CONTROL_QUEUE, Command as CoreCommand, Config, ConnId, Core, Effect, FdRef, Input, Outcome,
     RequestId, Timer,
@@ -31,9 +33,6 @@ use crate::settings::Settings;
 /// How many messages from the per-worker tasks wait for the driver; a full queue makes
 /// those tasks wait (back-pressure on the workers' channels).
 const INTERNAL_QUEUE: usize = 1024;
-
-/// The longest output line forwarded as one event; longer lines are split.
-const MAX_OUTPUT_LINE: usize = 64 * 1024;
 
 /// What the per-worker tasks tell the driver.
 #[derive(Debug)]
@@ -495,75 +494,6 @@ impl Drop for Driver {
         // reaper, once the last handle drops) reap them.
         for link in self.links.values() {
             let _ = link.child.kill(Signal::SIGKILL);
-        }
-    }
-}
-
-async fn write_control(sender: UserSender, mut rx: mpsc::Receiver<(ToWorker, Vec<OwnedFd>)>) {
-    while let Some((message, fds)) = rx.recv().await {
-        if let Err(e) = sender.lock().await.send_control(&message, fds).await {
-            tracing::debug!(error = %e, "channel to a worker closed");
-            return;
-        }
-    }
-}
-
-async fn read_worker(id: WorkerId, mut receiver: ipc::Receiver, internal: mpsc::Sender<Internal>) {
-    let broken = loop {
-        match receiver.recv().await {
-            Ok(Some(message)) => {
-                if internal.send(Internal::Message(id, message)).await.is_err() {
-                    return;
-                }
-            }
-            Ok(None) | Err(ipc::Error::Closed | ipc::Error::UnexpectedEof { .. }) => break None,
-            Err(e) => break Some(format!("broken channel: {e}")),
-        }
-    };
-    let _ = internal.send(Internal::ChannelClosed(id, broken)).await;
-}
-
-async fn wait_worker(id: WorkerId, child: Arc<child::Child>, internal: mpsc::Sender<Internal>) {
-    let status = match child.wait().await {
-        Ok(status) => status,
-        Err(e) => {
-            tracing::error!(%id, error = %e, "waiting for a worker failed");
-            child::ExitStatus::Exited(-1)
-        }
-    };
-    let _ = internal.send(Internal::Exited(id, status)).await;
-}
-
-/// Forwards a silent worker's output, line by line (split past [`MAX_OUTPUT_LINE`]).
-async fn forward_output(
-    id: WorkerId,
-    stream: OutputStream,
-    pipe: child::ChildStdout,
-    internal: mpsc::Sender<Internal>,
-) {
-    let mut reader = tokio::io::BufReader::new(pipe);
-    let mut line = Vec::new();
-    loop {
-        line.clear();
-        let read = {
-            let mut limited = (&mut reader).take(MAX_OUTPUT_LINE as u64);
-            limited.read_until(b'\n', &mut line).await
-        };
-        match read {
-            Ok(0) | Err(_) => return,
-            Ok(_) => {
-                if line.last() == Some(&b'\n') {
-                    line.pop();
-                }
-                let text = String::from_utf8_lossy(&line).into_owned();
-                if internal
-                    .send(Internal::Output(id, stream, text))
-                    .await
-                    .is_err()
-                {
-                    return;
-                }
-            }
         }
     }
 }

@@ -12,7 +12,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use super::StopReason;
-use super::listener::HandoffQueue;
+use super::handoff::HandoffQueue;
 use super::messages::UserQueue;
 use crate::protocol::{AddressFamily, Granted, HandleKey, ToPrimary, ToWorker};
 

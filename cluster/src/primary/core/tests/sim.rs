@@ -1,6 +1,8 @@
 //! A simulated world around [`Core`]: worker processes that answer (or not), a clock,
 //! timers, sockets that bind, accepted connections. It performs effects as the driver
-//! does and checks, after every step, what must hold whatever happens.
+//! does and checks (`sim/checks.rs`), after every step, what must hold whatever happens.
+
+mod checks;
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
@@ -11,7 +13,6 @@ use child::{ExitStatus, Signal};
 use super::super::{
     Command, Config, ConnId, Core, Effect, FdRef, Input, Outcome, RequestId, Timer,
 };
-use crate::Event;
 use crate::protocol::{AddressFamily, Granted, HandleKey, ToPrimary, ToWorker, WorkerId};
 use crate::settings::{Policy, RestartPolicy};
 
@@ -399,84 +400,6 @@ impl Sim {
         );
     }
 
-    fn record(&mut self, event: &Event) {
-        let (id, kind) = match event {
-            Event::Fork { id, .. } => (*id, "fork"),
-            Event::Online { id } => (*id, "online"),
-            Event::Listening { id, .. } => (*id, "listening"),
-            Event::Disconnect { id } => (*id, "disconnect"),
-            Event::Exit {
-                id,
-                status,
-                exited_after_disconnect,
-            } => {
-                self.exits.insert(*id, (*status, *exited_after_disconnect));
-                (*id, "exit")
-            }
-            Event::Misbehaved { id, .. } => {
-                self.misbehaved.push(*id);
-                (*id, "other")
-            }
-            Event::GoingDown { id, .. } => (*id, "other"),
-            Event::ReloadFailed { slot, .. } => {
-                self.reload_failed.push(*slot);
-                return;
-            }
-            Event::SlotFailed { slot, .. } => {
-                *self.slot_failed.entry(*slot).or_default() += 1;
-                return;
-            }
-            Event::Message { .. } | Event::Output { .. } => return,
-        };
-        let seen = self.events.entry(id).or_default();
-        let rank = |k: &str| match k {
-            "fork" => 0,
-            "online" => 1,
-            "listening" => 2,
-            "disconnect" => 3,
-            _ => 4,
-        };
-        match kind {
-            "fork" => assert!(seen.is_empty(), "{id}: fork after {seen:?}"),
-            _ => assert_eq!(seen.first(), Some(&"fork"), "{id}: {kind} before fork"),
-        }
-        // GoingDown and Misbehaved may come at any time before the exit.
-        if let Some(last) = seen.iter().copied().rfind(|k| *k != "other")
-            && kind != "other"
-        {
-            assert!(
-                rank(kind) >= rank(last),
-                "{id}: {kind} after {last}: {seen:?}"
-            );
-        }
-        for once in ["fork", "online", "disconnect", "exit"] {
-            assert!(
-                !(kind == once && seen.contains(&once)),
-                "{id}: {once} twice"
-            );
-        }
-        assert!(!seen.contains(&"exit"), "{id}: {kind} after exit");
-        seen.push(kind);
-    }
-
-    /// What holds after every step.
-    fn check(&self) {
-        assert_eq!(
-            &self.timers,
-            self.core.timers(),
-            "the driver's timers and the core's"
-        );
-        for (slot, count) in &self.slot_failed {
-            assert_eq!(*count, 1, "slot {slot} given up {count} times");
-        }
-        for id in self.core.workers.keys() {
-            assert!(
-                !self.events.get(id).is_some_and(|e| e.contains(&"exit")),
-                "{id} exited but is still in the table"
-            );
-        }
-    }
-
     /// Plays every worker cooperatively until nothing moves: reads every message,
     /// goes online, listens once, exits 0 when asked; then fires timers.
     pub(super) fn settle(&mut self, max_steps: usize) {
@@ -504,28 +427,6 @@ impl Sim {
                 return;
             }
         }
-    }
-
-    /// Stops the primary and checks that it ends clean.
-    pub(super) fn stop_and_check(&mut self) {
-        let stop = self.command(Command::Stop);
-        self.settle(10_000);
-        assert!(self.finished, "the stop did not finish: {:?}", self.core);
-        assert_eq!(self.replies.get(&stop), Some(&Outcome::Done));
-        assert!(self.core.workers.is_empty());
-        assert!(self.core.handles.is_empty());
-        assert!(self.timers.is_empty(), "timers left: {:?}", self.timers);
-        for (id, events) in &self.events {
-            let exits = events.iter().filter(|k| **k == "exit").count();
-            assert_eq!(exits, 1, "{id}: {events:?}");
-        }
-        let held: HashSet<ConnId> = self
-            .conns
-            .iter()
-            .filter(|(_, s)| **s == ConnState::Held)
-            .map(|(c, _)| *c)
-            .collect();
-        assert!(held.is_empty(), "connections never closed: {held:?}");
     }
 
     /// How many slots' current workers are listening and not stopping.

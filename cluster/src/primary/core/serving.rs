@@ -1,0 +1,253 @@
+//! The core's listening handles: queries and grants, binds, round-robin connections and
+//! their hand-offs, closes and the hold timer.
+
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use super::handles::{ConnId, Handle, HandleKind};
+use super::lifecycle::Phase;
+use super::{Core, Effect, FdRef, MAX_SERVERS_PER_WORKER, Timer};
+use crate::protocol::{Granted, HandleKey, ToWorker, WorkerId};
+
+impl Core {
+    pub(super) fn query_server(&mut self, id: WorkerId, seq: u64, key: HandleKey, backlog: u32) {
+        let Some(worker) = self.workers.get(&id) else {
+            return;
+        };
+        let slot = worker.slot;
+        let held = worker.keys.len()
+            + self
+                .handles
+                .values()
+                .flat_map(|h| h.binding.values().flatten())
+                .filter(|(w, _)| *w == id)
+                .count();
+        let asked_twice = worker.keys.contains(&key)
+            || self
+                .handles
+                .get(&key)
+                .is_some_and(|h| h.binding.values().flatten().any(|(w, _)| *w == id));
+        if asked_twice {
+            return self.misbehaved(id, format!("asked twice for the server {key}"));
+        }
+        if held >= MAX_SERVERS_PER_WORKER {
+            return self.misbehaved(
+                id,
+                format!("asked for more than {MAX_SERVERS_PER_WORKER} servers"),
+            );
+        }
+        let (policy, hold) = (self.config.policy, self.config.hold);
+        let handle = self
+            .handles
+            .entry(key.clone())
+            .or_insert_with(|| Handle::new(policy, backlog, hold));
+        if handle.has_socket(slot) {
+            return self.grant(id, seq, &key, slot);
+        }
+        let socket = handle.socket_for(slot);
+        let waiters = handle.binding.entry(socket).or_default();
+        waiters.push((id, seq));
+        if waiters.len() == 1 {
+            let (address, backlog) = (handle.address, handle.backlog);
+            self.out.push(Effect::Bind {
+                key,
+                socket,
+                address,
+                backlog,
+            });
+        }
+    }
+
+    /// Lets `id` listen on the bound handle `key`.
+    pub(super) fn grant(&mut self, id: WorkerId, seq: u64, key: &HandleKey, slot: usize) {
+        let (Some(worker), Some(handle)) = (self.workers.get_mut(&id), self.handles.get_mut(key))
+        else {
+            return;
+        };
+        let Some(address) = handle.address else {
+            return;
+        };
+        worker.keys.insert(key.clone());
+        handle.workers.insert(id);
+        let accepting = matches!(worker.phase, Phase::Forked { .. } | Phase::Online { .. });
+        let (granted, fd) = match &mut handle.kind {
+            HandleKind::RoundRobin(rr) => {
+                if accepting {
+                    rr.add_worker(id);
+                }
+                (Granted::RoundRobin, None)
+            }
+            HandleKind::Shared => (
+                Granted::Socket,
+                Some(FdRef::Listener {
+                    key: key.clone(),
+                    socket: None,
+                }),
+            ),
+            HandleKind::ReusePort { .. } => (
+                Granted::Socket,
+                Some(FdRef::Listener {
+                    key: key.clone(),
+                    socket: Some(slot),
+                }),
+            ),
+        };
+        let result = Ok((granted, address));
+        self.send(id, ToWorker::QueryReply { seq, result }, fd);
+        self.dispatch(key);
+    }
+
+    pub(super) fn on_bound(
+        &mut self,
+        key: &HandleKey,
+        socket: Option<usize>,
+        result: Result<SocketAddr, i32>,
+        now: Instant,
+    ) {
+        let Some(handle) = self.handles.get_mut(key) else {
+            return;
+        };
+        let waiters = handle.binding.remove(&socket).unwrap_or_default();
+        match result {
+            Ok(address) => {
+                handle.address.get_or_insert(address);
+                if let (HandleKind::ReusePort { slots }, Some(slot)) = (&mut handle.kind, socket) {
+                    slots.insert(slot);
+                }
+                for (id, seq) in waiters {
+                    let slot = self.workers.get(&id).map(|w| w.slot);
+                    if let Some(slot) = slot {
+                        self.grant(id, seq, key, slot);
+                    }
+                }
+            }
+            Err(errno) => {
+                tracing::debug!(%key, errno, "listen refused");
+                if handle.address.is_none() && handle.is_unused() {
+                    self.handles.remove(key);
+                }
+                for (id, seq) in waiters {
+                    let result = Err(errno);
+                    self.send(id, ToWorker::QueryReply { seq, result }, None);
+                }
+            }
+        }
+        self.update_hold(key, now);
+    }
+
+    pub(super) fn on_connection(&mut self, key: HandleKey, conn: ConnId, now: Instant) {
+        match self.handles.get_mut(&key).and_then(Handle::round_robin) {
+            Some(rr) => {
+                rr.push_connection(conn, now);
+                self.dispatch(&key);
+                self.update_hold(&key, now);
+            }
+            None => self.out.push(Effect::CloseConn(conn)),
+        }
+    }
+
+    pub(super) fn on_accepted(
+        &mut self,
+        id: WorkerId,
+        key: &HandleKey,
+        seq: u64,
+        accepted: bool,
+        now: Instant,
+    ) {
+        let Some(rr) = self.handles.get_mut(key).and_then(Handle::round_robin) else {
+            return;
+        };
+        // An accepted connection is the worker's now: our copy closes.
+        if let Some(conn) = rr.reply(id, seq, accepted) {
+            self.out.push(Effect::CloseConn(conn));
+        }
+        if !accepted {
+            let expired = rr.expire(now);
+            self.out.extend(expired.into_iter().map(Effect::CloseConn));
+        }
+        self.dispatch(key);
+        self.update_hold(key, now);
+    }
+
+    pub(super) fn on_close(&mut self, id: WorkerId, key: &HandleKey, now: Instant) {
+        if let Some(worker) = self.workers.get_mut(&id) {
+            worker.keys.remove(key);
+        }
+        let Some(handle) = self.handles.get_mut(key) else {
+            return;
+        };
+        handle.remove_worker(id);
+        if handle.is_unused() && self.running() {
+            // The application closed its last server on this handle.
+            self.close_handle(key);
+        } else {
+            self.dispatch(key);
+            self.update_hold(key, now);
+        }
+    }
+
+    pub(super) fn close_handle(&mut self, key: &HandleKey) {
+        let Some(mut handle) = self.handles.remove(key) else {
+            return;
+        };
+        if let Some(rr) = handle.round_robin() {
+            let conns = rr.drain();
+            self.out.extend(conns.into_iter().map(Effect::CloseConn));
+        }
+        self.cancel_timer(Timer::Hold(key.clone()));
+        self.out.push(Effect::CloseHandle(key.clone()));
+    }
+
+    /// Sends queued connections of a round-robin handle to idle workers.
+    pub(super) fn dispatch(&mut self, key: &HandleKey) {
+        let Some(rr) = self.handles.get_mut(key).and_then(Handle::round_robin) else {
+            return;
+        };
+        while let Some(handoff) = rr.next_handoff() {
+            let (id, seq, conn) = (handoff.worker, handoff.seq, *handoff.conn);
+            if let Some(worker) = self.workers.get_mut(&id) {
+                worker.handed += 1;
+            }
+            self.out.push(Effect::Send {
+                id,
+                message: ToWorker::NewConn {
+                    key: key.clone(),
+                    seq,
+                },
+                fd: Some(FdRef::Conn(conn)),
+            });
+        }
+    }
+
+    pub(super) fn dispatch_all(&mut self, now: Instant) {
+        let keys: Vec<HandleKey> = self.handles.keys().cloned().collect();
+        for key in keys {
+            self.dispatch(&key);
+            self.update_hold(&key, now);
+        }
+    }
+
+    /// Keeps the `Hold` timer of `key` at its scheduler's next deadline.
+    pub(super) fn update_hold(&mut self, key: &HandleKey, now: Instant) {
+        let deadline = self
+            .handles
+            .get_mut(key)
+            .and_then(Handle::round_robin)
+            .and_then(|rr| rr.next_deadline());
+        let timer = Timer::Hold(key.clone());
+        match deadline {
+            Some(at) if self.timers.get(&timer) != Some(&at) => {
+                self.start_timer(timer, at.max(now));
+            }
+            Some(_) => {}
+            None => self.cancel_timer(timer),
+        }
+    }
+
+    /// Takes `id` out of every handle, queueing its in-flight hand-offs again.
+    pub(super) fn forget_worker(&mut self, id: WorkerId) {
+        for handle in self.handles.values_mut() {
+            handle.remove_worker(id);
+        }
+    }
+}

@@ -1,0 +1,389 @@
+//! The core's worker and slot lifecycle: forking into a slot, crashes and restarts,
+//! control messages, draining, misbehaviour, channel ends and exits.
+
+use std::ffi::OsString;
+use std::time::{Duration, Instant};
+
+use child::Signal;
+
+use super::handles::HandleKind;
+use super::lifecycle::{Occupant, Phase, Slot, StopCause, Worker};
+use super::{Core, Effect, Event, Outcome, Timer};
+use crate::primary::restart::{Decision, RestartTracker};
+use crate::protocol::{ToPrimary, ToWorker, WorkerId};
+
+impl Core {
+    pub(super) fn new_slot(&mut self, env: Vec<(OsString, OsString)>) -> usize {
+        let slot = self.next_slot;
+        self.next_slot += 1;
+        let tracker = RestartTracker::new(self.config.restart.clone());
+        self.slots.insert(
+            slot,
+            Slot {
+                occupant: Occupant::Respawning,
+                tracker,
+                env,
+            },
+        );
+        slot
+    }
+
+    /// Starts a worker as the current one of `slot`.
+    pub(super) fn fork_into(&mut self, slot: usize, now: Instant) -> WorkerId {
+        let id = WorkerId(self.next_id);
+        self.next_id += 1;
+        let (env, restarts) = match self.slots.get_mut(&slot) {
+            Some(s) => {
+                s.occupant = Occupant::Worker(id);
+                (s.env.clone(), s.tracker.restarts())
+            }
+            None => (Vec::new(), 0),
+        };
+        self.workers.insert(
+            id,
+            Worker {
+                slot,
+                started: now,
+                phase: Phase::Starting,
+                keys: Default::default(),
+                handed: 0,
+                restarts,
+            },
+        );
+        self.out.push(Effect::Fork { id, slot, env });
+        id
+    }
+
+    pub(super) fn on_forked(&mut self, id: WorkerId, pid: u32) {
+        let Some(worker) = self.workers.get_mut(&id) else {
+            return;
+        };
+        if worker.phase != Phase::Starting {
+            return;
+        }
+        worker.phase = Phase::Forked { pid };
+        tracing::debug!(%id, pid, slot = worker.slot, "forked a worker");
+        self.emit(Event::Fork { id, pid });
+        if let Some(request) = self.adding.remove(&id) {
+            self.out.push(Effect::Reply(request, Outcome::Added(id)));
+        }
+    }
+
+    pub(super) fn on_fork_failed(&mut self, id: WorkerId, now: Instant) {
+        let Some(worker) = self.workers.remove(&id) else {
+            return;
+        };
+        let slot = worker.slot;
+        if let Some(request) = self.adding.remove(&id) {
+            self.slots.remove(&slot);
+            self.out
+                .push(Effect::Reply(request, Outcome::AddFailed(id)));
+            return;
+        }
+        tracing::error!(slot, "could not start a worker");
+        if self.slot_current(slot) == Some(id) {
+            self.on_crash(slot, id, now, Duration::ZERO);
+        }
+    }
+
+    pub(super) fn slot_current(&self, slot: usize) -> Option<WorkerId> {
+        self.slots.get(&slot).and_then(Slot::current)
+    }
+
+    /// A slot's current worker died (or could not start): restart it, or give it up.
+    pub(super) fn on_crash(&mut self, slot: usize, id: WorkerId, now: Instant, uptime: Duration) {
+        let Some(decision) = self
+            .slots
+            .get_mut(&slot)
+            .map(|s| s.tracker.on_crash(now, uptime))
+        else {
+            return;
+        };
+        let running = self.running();
+        match decision {
+            Decision::RestartAfter(delay) if delay.is_zero() && running => {
+                tracing::info!(slot, "restarting a worker at once");
+                self.fork_into(slot, now);
+            }
+            Decision::RestartAfter(delay) => {
+                self.set_occupant(slot, Occupant::Respawning);
+                if running {
+                    tracing::info!(slot, ?delay, "restarting a worker");
+                    self.start_timer(Timer::Respawn(slot), now + delay);
+                }
+            }
+            Decision::Failed => match self.reload_keeps_old(slot) {
+                Some(old) => {
+                    // The new code crash-loops: the old worker keeps the slot, with a
+                    // fresh crash history.
+                    tracing::error!(slot, %old, "reload failed for this slot; keeping the old worker");
+                    if let Some(s) = self.slots.get_mut(&slot) {
+                        s.occupant = Occupant::Worker(old);
+                        s.tracker = RestartTracker::new(self.config.restart.clone());
+                    }
+                    self.emit(Event::ReloadFailed {
+                        slot,
+                        id,
+                        kept: old,
+                    });
+                }
+                None => {
+                    self.set_occupant(slot, Occupant::Failed { last: id });
+                    tracing::error!(slot, "crash loop: the slot is given up");
+                    self.emit(Event::SlotFailed { slot, id });
+                }
+            },
+            Decision::Never => self.remove_slot(slot),
+        }
+        self.advance_reload(now);
+    }
+
+    pub(super) fn set_occupant(&mut self, slot: usize, occupant: Occupant) {
+        if let Some(s) = self.slots.get_mut(&slot) {
+            s.occupant = occupant;
+        }
+    }
+
+    /// Forgets a slot; its socket (reuseport) closes once none of its workers is left.
+    pub(super) fn remove_slot(&mut self, slot: usize) {
+        if self.slots.remove(&slot).is_some() {
+            self.cancel_timer(Timer::Respawn(slot));
+            self.close_slot_sockets(slot);
+        }
+    }
+
+    pub(super) fn close_slot_sockets(&mut self, slot: usize) {
+        if self.slots.contains_key(&slot) || self.workers.values().any(|w| w.slot == slot) {
+            return;
+        }
+        for (key, handle) in &mut self.handles {
+            if let HandleKind::ReusePort { slots } = &mut handle.kind
+                && slots.remove(&slot)
+            {
+                self.out.push(Effect::CloseSocket {
+                    key: key.clone(),
+                    socket: slot,
+                });
+            }
+        }
+    }
+
+    pub(super) fn on_message(&mut self, id: WorkerId, message: ToPrimary, now: Instant) {
+        let Some(worker) = self.workers.get_mut(&id) else {
+            return;
+        };
+        if !worker.phase.talks() {
+            return;
+        }
+        match (worker.phase, message) {
+            (Phase::Forked { pid }, ToPrimary::Online) => {
+                worker.phase = Phase::Online { pid, listening: 0 };
+                self.emit(Event::Online { id });
+                self.advance_reload(now);
+            }
+            (_, ToPrimary::Online) => self.misbehaved(id, "reported online twice".into()),
+            (Phase::Forked { .. }, _) => self.misbehaved(id, "spoke before it was online".into()),
+            (_, ToPrimary::QueryServer { seq, key, backlog }) => {
+                self.query_server(id, seq, key, backlog)
+            }
+            (_, ToPrimary::Listening { key, address }) => {
+                if let Phase::Online { listening, .. } | Phase::Draining { listening, .. } =
+                    &mut worker.phase
+                {
+                    *listening += 1;
+                }
+                self.emit(Event::Listening { id, address, key });
+                self.advance_reload(now);
+            }
+            (_, ToPrimary::Accepted { key, seq, accepted }) => {
+                self.on_accepted(id, &key, seq, accepted, now)
+            }
+            (_, ToPrimary::Close { key }) => self.on_close(id, &key, now),
+            (_, ToPrimary::GoingDown { reason }) => {
+                let (slot, uptime) = (worker.slot, now.saturating_duration_since(worker.started));
+                tracing::warn!(%id, ?reason, "worker is going down");
+                self.emit(Event::GoingDown { id, reason });
+                self.begin_drain(id, StopCause::Panicked, now);
+                if self.running() && self.slot_current(slot) == Some(id) {
+                    self.on_crash(slot, id, now, uptime);
+                }
+            }
+            (_, ToPrimary::Disconnecting) => {
+                let slot = worker.slot;
+                tracing::info!(%id, "worker disconnected itself");
+                self.begin_drain(id, StopCause::WorkerDisconnected, now);
+                if self.running() && self.slot_current(slot) == Some(id) {
+                    self.fork_into(slot, now);
+                }
+            }
+        }
+    }
+
+    /// Asks `id` to stop: no new connections, `Disconnect`, and a kill at the deadline.
+    pub(super) fn begin_drain(&mut self, id: WorkerId, cause: StopCause, now: Instant) {
+        let Some(worker) = self.workers.get_mut(&id) else {
+            return;
+        };
+        match &mut worker.phase {
+            Phase::Forked { pid } => {
+                worker.phase = Phase::Draining {
+                    pid: *pid,
+                    listening: 0,
+                    cause,
+                };
+            }
+            Phase::Online { pid, listening } => {
+                worker.phase = Phase::Draining {
+                    pid: *pid,
+                    listening: *listening,
+                    cause,
+                };
+            }
+            Phase::Draining { cause: old, .. } => {
+                *old = old.merge(cause);
+                return;
+            }
+            Phase::Disconnected { cause: old, .. } | Phase::Exited { cause: old, .. } => {
+                *old = Some(old.map_or(cause, |old| old.merge(cause)));
+                return;
+            }
+            Phase::Starting => return,
+        }
+        self.send(id, ToWorker::Disconnect, None);
+        self.start_timer(Timer::DrainDeadline(id), now + self.config.drain_deadline);
+        for handle in self.handles.values_mut() {
+            handle.retire_worker(id);
+        }
+    }
+
+    pub(super) fn misbehaved(&mut self, id: WorkerId, reason: String) {
+        let Some(worker) = self.workers.get_mut(&id) else {
+            return;
+        };
+        let phase = worker.phase;
+        if phase.cause() == Some(StopCause::Misbehaved) || phase == Phase::Starting {
+            return;
+        }
+        worker.phase = match phase {
+            Phase::Forked { pid } => Phase::Draining {
+                pid,
+                listening: 0,
+                cause: StopCause::Misbehaved,
+            },
+            Phase::Online { pid, listening } | Phase::Draining { pid, listening, .. } => {
+                Phase::Draining {
+                    pid,
+                    listening,
+                    cause: StopCause::Misbehaved,
+                }
+            }
+            Phase::Disconnected { pid, .. } => Phase::Disconnected {
+                pid,
+                cause: Some(StopCause::Misbehaved),
+            },
+            Phase::Exited { pid, status, .. } => Phase::Exited {
+                pid,
+                status,
+                cause: Some(StopCause::Misbehaved),
+            },
+            Phase::Starting => return,
+        };
+        tracing::warn!(%id, %reason, "worker broke the protocol, killing it");
+        self.emit(Event::Misbehaved { id, reason });
+        let signal = Signal::SIGKILL;
+        self.out.push(Effect::Kill {
+            id,
+            signal,
+            request: None,
+        });
+        self.forget_worker(id);
+    }
+
+    pub(super) fn on_channel_closed(&mut self, id: WorkerId, broken: Option<String>, now: Instant) {
+        if let Some(reason) = broken {
+            self.misbehaved(id, reason);
+        }
+        let Some(worker) = self.workers.get_mut(&id) else {
+            return;
+        };
+        match worker.phase {
+            Phase::Exited { status, cause, .. } => {
+                self.cancel_timer(Timer::ExitGrace(id));
+                return self.finalize(id, status, cause, false, now);
+            }
+            Phase::Starting | Phase::Disconnected { .. } => return,
+            Phase::Forked { pid } | Phase::Online { pid, .. } | Phase::Draining { pid, .. } => {
+                worker.phase = Phase::Disconnected {
+                    pid,
+                    cause: worker.phase.cause(),
+                };
+            }
+        }
+        self.emit(Event::Disconnect { id });
+        // It can no longer answer: its in-flight hand-offs go to others.
+        self.forget_worker(id);
+        self.dispatch_all(now);
+        // A process that closed its channel but lives on is ended at the deadline.
+        let timer = Timer::DrainDeadline(id);
+        if !self.timers.contains_key(&timer) {
+            self.start_timer(timer, now + self.config.drain_deadline);
+        }
+    }
+
+    pub(super) fn on_exited(&mut self, id: WorkerId, status: child::ExitStatus, now: Instant) {
+        let Some(worker) = self.workers.get_mut(&id) else {
+            return;
+        };
+        match worker.phase {
+            Phase::Disconnected { cause, .. } => self.finalize(id, status, cause, true, now),
+            Phase::Exited { .. } | Phase::Starting => {}
+            Phase::Forked { pid } | Phase::Online { pid, .. } | Phase::Draining { pid, .. } => {
+                // Messages it sent before exiting come first: wait for the end of its
+                // channel, for a bounded time (a descendant may hold it open).
+                let cause = worker.phase.cause();
+                worker.phase = Phase::Exited { pid, status, cause };
+                for handle in self.handles.values_mut() {
+                    handle.retire_worker(id);
+                }
+                self.cancel_timer(Timer::DrainDeadline(id));
+                self.start_timer(Timer::ExitGrace(id), now + self.config.exit_grace);
+            }
+        }
+    }
+
+    /// The worker is gone: report it, refill or give up its slot.
+    pub(super) fn finalize(
+        &mut self,
+        id: WorkerId,
+        status: child::ExitStatus,
+        cause: Option<StopCause>,
+        disconnected: bool,
+        now: Instant,
+    ) {
+        let Some(worker) = self.workers.remove(&id) else {
+            return;
+        };
+        self.cancel_timer(Timer::DrainDeadline(id));
+        self.cancel_timer(Timer::ExitGrace(id));
+        self.forget_worker(id);
+        if !disconnected {
+            self.emit(Event::Disconnect { id });
+        }
+        tracing::debug!(%id, %status, "worker exited");
+        let exited_after_disconnect = cause.is_some_and(StopCause::exited_after_disconnect);
+        self.emit(Event::Exit {
+            id,
+            status,
+            exited_after_disconnect,
+        });
+        let slot = worker.slot;
+        if self.running() && self.slot_current(slot) == Some(id) {
+            let uptime = now.saturating_duration_since(worker.started);
+            self.on_crash(slot, id, now, uptime);
+        }
+        self.close_slot_sockets(slot);
+        self.dispatch_all(now);
+        self.advance_reload(now);
+        self.check_stopped();
+    }
+}
