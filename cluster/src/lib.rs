@@ -113,7 +113,9 @@
 //!   runtime whose threads live as long as the workers (any tokio runtime's worker
 //!   threads do; `spawn_blocking` threads do not).
 //! - Under [`Policy::ReusePort`], removing a slot closes its socket: connections still in
-//!   that socket's backlog are reset.
+//!   that socket's backlog are reset. A primary refuses (`EADDRINUSE`) a fixed port that
+//!   another program's reuseport group holds, rather than joining it; the check and the
+//!   bind are two steps, so a program binding exactly in between still joins.
 //! - The panic hook fires for every panic of a worker process, including ones that a
 //!   `catch_unwind` or a tokio task would have contained.
 //! - [`Primary::kill`] is Node's `worker.kill()`: the worker is disconnected first and is
@@ -137,8 +139,8 @@ pub use env::{WORKER_ID_ENV, WORKER_SLOT_ENV};
 pub use error::{Error, ListenError};
 pub use ipc::Received;
 pub use primary::{
-    EVENT_CAPACITY, Event, Events, MAX_SERVERS_PER_WORKER, OutputStream, Primary, Signal, Stats,
-    WorkerState, WorkerStats,
+    EVENT_CAPACITY, Event, Events, MAX_SERVERS_PER_WORKER, OutputStream, Primary, ReloadFailure,
+    Signal, SlotFailure, Stats, WorkerState, WorkerStats,
 };
 pub use protocol::{AddressFamily, HandleKey, WorkerId};
 pub use settings::{Policy, RestartPolicy, SCHED_POLICY_ENV, Settings, UnknownPolicy};

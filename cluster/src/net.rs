@@ -28,6 +28,21 @@ pub(crate) fn bind_listener(
     Ok(socket.into())
 }
 
+/// Fails with `EADDRINUSE` if a socket already holds `address` (a listening
+/// `SO_REUSEPORT` one included), by binding, without listening, a socket that does not
+/// set `SO_REUSEPORT`. A reuseport socket bound afterwards would otherwise silently join
+/// another program's port group. The check and that bind are not atomic: a program that
+/// binds in between still joins (documented under the crate's caveats).
+pub(crate) fn check_unowned(address: SocketAddr) -> io::Result<()> {
+    let socket = Socket::new(
+        Domain::for_address(address),
+        Type::STREAM,
+        Some(Protocol::TCP),
+    )?;
+    socket.set_reuse_address(true)?;
+    socket.bind(&address.into())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -38,6 +53,16 @@ mod tests {
         let taken = first.local_addr().expect("addr");
         let err = bind_listener(taken, 16, false).expect_err("in use");
         assert_eq!(err.raw_os_error(), Some(libc::EADDRINUSE));
+    }
+
+    #[test]
+    fn a_port_held_by_a_reuseport_group_is_not_unowned() {
+        let group = bind_listener("127.0.0.1:0".parse().expect("addr"), 16, true).expect("bind");
+        let taken = group.local_addr().expect("addr");
+        let err = check_unowned(taken).expect_err("owned");
+        assert_eq!(err.raw_os_error(), Some(libc::EADDRINUSE));
+        drop(group);
+        check_unowned(taken).expect("free once the group is gone");
     }
 
     #[test]

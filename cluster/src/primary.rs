@@ -37,6 +37,49 @@ pub const MAX_SERVERS_PER_WORKER: usize = core::MAX_SERVERS_PER_WORKER;
 /// (its last messages are read first; a descendant may hold the channel open).
 const EXIT_GRACE: Duration = Duration::from_secs(1);
 
+/// Why a slot was given up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum SlotFailure {
+    /// Its workers crashed past the crash-loop limit.
+    CrashLoop,
+    /// Its worker could not listen for a reason that retrying will not change (the
+    /// address is in use by another program, not local, or needs privileges), and then
+    /// exited: restarting would only fail again.
+    Listen {
+        /// The primary's key of the server it asked for (`127.0.0.1:80:4:undefined:0`).
+        key: HandleKey,
+        /// The `bind`/`listen` errno (`EADDRINUSE`, `EADDRNOTAVAIL`, `EACCES`).
+        errno: i32,
+    },
+}
+
+impl std::fmt::Display for SlotFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::CrashLoop => f.write_str("its workers keep crashing"),
+            Self::Listen { key, errno } => {
+                let error = std::io::Error::from_raw_os_error(*errno);
+                write!(f, "listen on {}:{}: {error}", key.address, key.port)
+            }
+        }
+    }
+}
+
+/// Why a rolling reload could not replace a slot's worker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ReloadFailure {
+    /// The new workers crashed past the crash-loop limit.
+    CrashLoop,
+    /// The new worker was not listening on as many servers as the old one within
+    /// [`Settings::reload_timeout`](crate::Settings::reload_timeout).
+    NotListening {
+        /// How long it was given.
+        waited: Duration,
+    },
+}
+
 /// Which output stream of a worker a line came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OutputStream {
@@ -107,22 +150,26 @@ pub enum Event {
         /// What it did.
         reason: String,
     },
-    /// A slot crashed too often and is no longer restarted.
+    /// A slot is given up: it is no longer restarted.
     SlotFailed {
         /// The slot.
         slot: usize,
         /// The last worker of the slot.
         id: WorkerId,
+        /// Why.
+        cause: SlotFailure,
     },
-    /// A rolling reload could not replace this slot's worker: the new ones crashed too
-    /// often. The old worker keeps serving the slot (it is not given up).
+    /// A rolling reload could not replace this slot's worker. The old worker keeps
+    /// serving the slot (it is not given up); the reload goes on with the next slot.
     ReloadFailed {
         /// The slot.
         slot: usize,
-        /// The last new worker that crashed.
+        /// The last new worker (crashed, or stopped for not listening in time).
         id: WorkerId,
         /// The old worker, still serving.
         kept: WorkerId,
+        /// Why.
+        reason: ReloadFailure,
     },
     /// A line a [`silent`](crate::Settings::silent) worker wrote, without its newline
     /// (lines over 64 KiB arrive in pieces). Output may still arrive after the worker's

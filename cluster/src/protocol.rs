@@ -116,6 +116,8 @@ pub(crate) enum ToPrimary {
         key: HandleKey,
         /// The bound address.
         address: SocketAddr,
+        /// Bound by the worker itself (`exclusive`), not granted by the primary.
+        exclusive: bool,
     },
     /// The worker's answer to a [`ToWorker::NewConn`].
     Accepted {

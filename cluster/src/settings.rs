@@ -142,6 +142,7 @@ pub struct Settings {
     pub(crate) restart: RestartPolicy,
     pub(crate) drain_deadline: Duration,
     pub(crate) hold_connections: Duration,
+    pub(crate) reload_timeout: Duration,
     pub(crate) silent: bool,
 }
 
@@ -156,6 +157,7 @@ impl Default for Settings {
             restart: RestartPolicy::default(),
             drain_deadline: Duration::from_secs(30),
             hold_connections: Duration::from_secs(10),
+            reload_timeout: Duration::from_secs(60),
             silent: false,
         }
     }
@@ -226,6 +228,15 @@ impl Settings {
     /// worker is alive, for instance between a crash and its replacement).
     pub fn hold_connections(mut self, hold: Duration) -> Self {
         self.hold_connections = hold;
+        self
+    }
+
+    /// How long a rolling reload waits for a new worker to listen on as many servers as
+    /// the one it replaces (default 60 s). Past it, the new worker is stopped, the old one
+    /// keeps serving, [`Event::ReloadFailed`](crate::Event::ReloadFailed) says why, and the
+    /// reload goes on with the next slot.
+    pub fn reload_timeout(mut self, timeout: Duration) -> Self {
+        self.reload_timeout = timeout;
         self
     }
 

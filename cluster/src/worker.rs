@@ -181,7 +181,7 @@ impl Worker {
             let bound = listener
                 .local_addr()
                 .map_err(|e| ListenError::from_io(address, e))?;
-            return Ok(self.announce(key, bound, Kind::Socket(listener)));
+            return Ok(self.announce(key, bound, Kind::Socket(listener), true));
         }
         let (tx, reply) = oneshot::channel();
         self.inner.answers().insert(seq, tx);
@@ -195,23 +195,30 @@ impl Worker {
         match (answer.result, answer.fd, answer.queue) {
             (Err(errno), _, _) => Err(ListenError::from_errno(address, errno)),
             (Ok((Granted::RoundRobin, bound)), _, Some(queue)) => {
-                Ok(self.announce(key, bound, Kind::RoundRobin(queue)))
+                Ok(self.announce(key, bound, Kind::RoundRobin(queue), false))
             }
             (Ok((Granted::Socket, _)), Some(fd), _) => {
                 let listener = into_tokio(fd).map_err(|e| ListenError::from_io(address, e))?;
                 let bound = listener
                     .local_addr()
                     .map_err(|e| ListenError::from_io(address, e))?;
-                Ok(self.announce(key, bound, Kind::Socket(listener)))
+                Ok(self.announce(key, bound, Kind::Socket(listener), false))
             }
             _ => Err(ListenError::NoReply { address }),
         }
     }
 
-    fn announce(&self, key: crate::HandleKey, address: SocketAddr, kind: Kind) -> Listener {
+    fn announce(
+        &self,
+        key: crate::HandleKey,
+        address: SocketAddr,
+        kind: Kind,
+        exclusive: bool,
+    ) -> Listener {
         self.inner.send_control(ToPrimary::Listening {
             key: key.clone(),
             address,
+            exclusive,
         });
         Listener::new(key, address, kind, Arc::clone(&self.inner))
     }

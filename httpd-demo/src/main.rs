@@ -109,9 +109,20 @@ async fn primary(args: Args) -> anyhow::Result<()> {
         .await
         .context("starting the cluster")?;
     let mut events = primary.take_events().context("events already taken")?;
+    // Why to give up, like nginx: a listen that retrying cannot fix, or every slot lost.
+    let (fatal, mut fatal_rx) = tokio::sync::mpsc::channel::<String>(1);
     let log_events = tokio::spawn(async move {
         let mut announced = false;
+        let mut failed_slots = 0;
         while let Some(event) = events.recv().await {
+            if let Event::SlotFailed { cause, .. } = &event {
+                failed_slots += 1;
+                if matches!(cause, cluster::SlotFailure::Listen { .. }) {
+                    let _ = fatal.try_send(cause.to_string());
+                } else if failed_slots >= workers {
+                    let _ = fatal.try_send(format!("every worker keeps crashing ({cause})"));
+                }
+            }
             if let Event::Output { id, stream, line } = &event {
                 print_worker_line(*id, *stream, line);
                 continue;
@@ -127,10 +138,21 @@ async fn primary(args: Args) -> anyhow::Result<()> {
             log_event(&event);
         }
     });
-    let result = primary.run_until_signal().await;
+    let fatal = tokio::select! {
+        result = primary.run_until_signal() => {
+            result.context("running the cluster")?;
+            None
+        }
+        Some(reason) = fatal_rx.recv() => Some(reason),
+    };
+    if fatal.is_some() {
+        primary.stop().await.context("stopping the cluster")?;
+    }
     drop(primary);
     let _ = log_events.await;
-    result.context("running the cluster")?;
+    if let Some(reason) = fatal {
+        anyhow::bail!("cannot serve: {reason}");
+    }
     tracing::info!("primary exiting");
     Ok(())
 }
@@ -159,8 +181,8 @@ fn log_event(event: &Event) {
             tracing::warn!(%id, ?reason, "worker crashed, starting a replacement")
         }
         Event::Misbehaved { id, reason } => tracing::warn!(%id, ?reason, "worker misbehaved"),
-        Event::SlotFailed { slot, id } => {
-            tracing::error!(slot, %id, "worker keeps crashing, slot given up")
+        Event::SlotFailed { slot, id, cause } => {
+            tracing::error!(slot, %id, %cause, "slot given up")
         }
         other => tracing::debug!(?other, "cluster event"),
     }

@@ -80,6 +80,33 @@ fn worker_lines_reach_the_primarys_log_prefixed_with_the_worker_id() {
 }
 
 #[test]
+fn a_port_in_use_ends_the_server_at_once_with_the_error() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = taken.local_addr().expect("address").port().to_string();
+    let mut server = testkit::KillOnDrop::spawn(
+        std::process::Command::new(env!("CARGO_BIN_EXE_httpd-demo"))
+            .args(["--workers", "2", "--port", &port])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped()),
+    )
+    .expect("spawn httpd-demo");
+    let status = server
+        .wait_timeout(std::time::Duration::from_secs(20))
+        .expect("wait")
+        .expect("it gave up instead of running on without a listener");
+    let mut stderr = String::new();
+    let pipe = server.child_mut().stderr.as_mut().expect("stderr");
+    std::io::Read::read_to_string(pipe, &mut stderr).expect("read stderr");
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!("cannot serve: listen on 127.0.0.1:{port}")),
+        "{stderr}"
+    );
+    assert!(stderr.contains("in use"), "{stderr}");
+}
+
+#[test]
 fn crash_route_is_off_by_default() {
     let server = Server::start(&[]);
     // One connection, so every request goes to the same worker.

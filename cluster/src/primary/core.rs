@@ -35,9 +35,9 @@ use child::Signal;
 pub(crate) use self::handles::ConnId;
 use self::handles::Handle;
 pub(crate) use self::lifecycle::StopCause;
-use self::lifecycle::{Occupant, Phase, Slot, Worker};
+use self::lifecycle::{Occupant, Slot, Worker};
 use self::reload::Reload;
-use super::{Event, Stats, WorkerStats};
+use super::{Event, ReloadFailure, SlotFailure, Stats, WorkerStats};
 use crate::protocol::{HandleKey, ToPrimary, ToWorker, WorkerId};
 use crate::settings::{Policy, RestartPolicy};
 
@@ -47,6 +47,10 @@ pub(crate) const MAX_SERVERS_PER_WORKER: usize = 128;
 /// How many control messages can be waiting for one worker at most, by the protocol:
 /// a reply per server asked for, a hand-off in flight per server, and a disconnect.
 pub(crate) const CONTROL_QUEUE: usize = 2 * MAX_SERVERS_PER_WORKER + 2;
+
+/// How long to wait before retrying a fork that failed for lack of resources (EMFILE,
+/// ENFILE, EAGAIN, ENOMEM).
+pub(crate) const RESOURCE_RETRY: Duration = Duration::from_millis(250);
 
 /// What the core needs to know of the settings.
 #[derive(Debug, Clone)]
@@ -58,6 +62,8 @@ pub(crate) struct Config {
     pub(crate) hold: Duration,
     /// How long an exited worker's channel may stay open before the exit is reported.
     pub(crate) exit_grace: Duration,
+    /// How long a reload step may wait for the new worker to listen.
+    pub(crate) reload_timeout: Duration,
 }
 
 /// A command's tag; the driver keeps the reply channel.
@@ -98,9 +104,11 @@ pub(crate) enum Input {
         id: WorkerId,
         pid: u32,
     },
-    /// The driver could not start it.
+    /// The driver could not start it; `transient` when for lack of resources (EMFILE,
+    /// ENFILE, EAGAIN, ENOMEM), which is not the program's fault.
     ForkFailed {
         id: WorkerId,
+        transient: bool,
     },
     /// A decoded control message.
     Message {
@@ -157,6 +165,10 @@ pub(crate) enum Timer {
     ExitGrace(WorkerId),
     /// Close round-robin connections held too long.
     Hold(HandleKey),
+    /// Give up the reload step in progress.
+    Reload,
+    /// Close a handle no worker has taken up again since its last one left.
+    HandleIdle(HandleKey),
 }
 
 /// A descriptor the driver attaches to a message.
@@ -241,11 +253,14 @@ pub(crate) struct Core {
     adding: HashMap<WorkerId, RequestId>,
     reload: Option<Reload>,
     run: Run,
+    /// When the input being handled happened (the core reads no clock).
+    now: Instant,
     out: Vec<Effect>,
 }
 
 impl Core {
-    pub(crate) fn new(config: Config) -> Self {
+    /// A core whose first input comes at or after `now`.
+    pub(crate) fn new(config: Config, now: Instant) -> Self {
         Self {
             config,
             next_id: 1,
@@ -257,12 +272,14 @@ impl Core {
             adding: HashMap::new(),
             reload: None,
             run: Run::Running,
+            now,
             out: Vec::new(),
         }
     }
 
     /// Forks the configured workers.
     pub(crate) fn start(&mut self, now: Instant) -> Vec<Effect> {
+        self.now = now;
         for _ in 0..self.config.workers {
             let slot = self.new_slot(Vec::new());
             self.fork_into(slot, now);
@@ -272,9 +289,10 @@ impl Core {
 
     /// Reacts to `input`, which happened at `now`; returns what to do, in order.
     pub(crate) fn handle(&mut self, now: Instant, input: Input) -> Vec<Effect> {
+        self.now = now;
         match input {
             Input::Forked { id, pid } => self.on_forked(id, pid),
-            Input::ForkFailed { id } => self.on_fork_failed(id, now),
+            Input::ForkFailed { id, transient } => self.on_fork_failed(id, transient, now),
             Input::Message { id, message } => self.on_message(id, message, now),
             Input::Malformed { id, reason } => self.misbehaved(id, reason),
             Input::SendFailed { id } => self.misbehaved(id, "its control queue is full".into()),
@@ -340,7 +358,7 @@ impl Core {
                 id: *id,
                 pid: worker.phase.pid().unwrap_or_default(),
                 slot: worker.slot,
-                state: worker.phase.state(),
+                state: worker.state(),
                 handed: worker.handed,
                 in_flight,
                 restarts: worker.restarts,
@@ -354,9 +372,8 @@ impl Core {
         matches!(self.run, Run::Running)
             && !self.slots.is_empty()
             && self.slots.values().all(|s| {
-                s.current().is_some_and(|id| {
-                    matches!(self.workers[&id].phase, Phase::Online { listening, .. } if listening > 0)
-                })
+                s.current()
+                    .is_some_and(|id| self.workers.get(&id).is_some_and(|w| w.serves(1)))
             })
     }
 

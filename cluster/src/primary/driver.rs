@@ -108,11 +108,12 @@ impl Driver {
             drain_deadline: settings.drain_deadline,
             hold: settings.hold_connections,
             exit_grace: super::EXIT_GRACE,
+            reload_timeout: settings.reload_timeout,
         };
         let (internal, internal_rx) = mpsc::channel(INTERNAL_QUEUE);
         let (accepted, accepted_rx) = mpsc::channel(INTERNAL_QUEUE);
         let mut driver = Driver {
-            core: Core::new(config),
+            core: Core::new(config, Instant::now()),
             program,
             args,
             env: settings.env.clone(),
@@ -447,9 +448,10 @@ impl Driver {
         let (mut child, channel) = match started {
             Ok(started) => started,
             Err(e) => {
-                tracing::error!(%id, slot, error = %e, "could not fork a worker");
+                let transient = lacks_resources(&e);
+                tracing::error!(%id, slot, error = %e, transient, "could not fork a worker");
                 self.fork_errors.insert(id, e);
-                return Input::ForkFailed { id };
+                return Input::ForkFailed { id, transient };
             }
         };
         let (sender, receiver) = channel.into_split();
@@ -486,6 +488,20 @@ impl Driver {
         );
         Input::Forked { id, pid }
     }
+}
+
+/// Whether a fork failed for lack of resources (descriptors, processes, memory), which
+/// passes, rather than because of the program.
+fn lacks_resources(error: &child::Error) -> bool {
+    let errno = match error {
+        child::Error::Spawn(e) => e.raw_os_error(),
+        child::Error::Ipc(ipc::Error::Io(e)) => e.raw_os_error(),
+        _ => None,
+    };
+    matches!(
+        errno,
+        Some(libc::EMFILE | libc::ENFILE | libc::EAGAIN | libc::ENOMEM)
+    )
 }
 
 impl Drop for Driver {

@@ -77,11 +77,19 @@ impl Listeners {
         backlog: u32,
     ) -> Result<SocketAddr, i32> {
         let errno = |e: io::Error| e.raw_os_error().unwrap_or(libc::EINVAL);
+        let reuse_port = self.policy == Policy::ReusePort;
         let address = match address {
             Some(address) => address,
-            None => requested(key).map_err(errno)?,
+            None => {
+                let address = requested(key).map_err(errno)?;
+                // The first socket of a reuseport handle on a fixed port: the port must
+                // not belong to another program's group.
+                if reuse_port && address.port() != 0 {
+                    crate::net::check_unowned(address).map_err(errno)?;
+                }
+                address
+            }
         };
-        let reuse_port = self.policy == Policy::ReusePort;
         let listener = bind_listener(address, backlog, reuse_port).map_err(errno)?;
         let bound = listener.local_addr().map_err(errno)?;
         let sockets = self.handles.entry(key.clone()).or_default();

@@ -43,6 +43,8 @@ impl Core {
                     self.finalize(id, status, cause, false, now);
                 }
             }
+            Timer::Reload => self.reload_timed_out(now),
+            Timer::HandleIdle(key) => self.handle_idle(&key),
             Timer::Hold(key) => {
                 if let Some(rr) = self.handles.get_mut(&key).and_then(Handle::round_robin) {
                     let expired = rr.expire(now);

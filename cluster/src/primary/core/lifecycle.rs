@@ -1,7 +1,7 @@
 //! A worker's life and a slot's occupant, each one enum whose variants carry their data.
 //!
 //! ```text
-//!  Starting --Forked--> Forked --Online--> Online{listening} --drain--> Draining{cause}
+//!  Starting --Forked--> Forked --Online--> Online ------------drain--> Draining{cause}
 //!      |                  |                    |                            |
 //!      |                  +-------- channel closed ----------+--------------+
 //!      |                  |                                  v
@@ -14,7 +14,7 @@
 //!
 //! A worker leaves the table exactly once, and that is when its `Exit` event is emitted.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::time::Instant;
 
 use crate::WorkerState;
@@ -60,14 +60,10 @@ pub(crate) enum Phase {
     Starting,
     /// Running, not online yet.
     Forked { pid: u32 },
-    /// Online; `listening` servers reported listening.
-    Online { pid: u32, listening: usize },
+    /// Online and serving (its servers are in [`Worker::servers`]).
+    Online { pid: u32 },
     /// Asked to stop (or going down): no new connections, a deadline to exit by.
-    Draining {
-        pid: u32,
-        listening: usize,
-        cause: StopCause,
-    },
+    Draining { pid: u32, cause: StopCause },
     /// Its channel closed (`Disconnect` emitted); waiting for the process to end.
     Disconnected { pid: u32, cause: Option<StopCause> },
     /// The process ended but its channel is still open: its last messages come first,
@@ -116,17 +112,17 @@ impl Phase {
     pub(crate) fn connected(&self) -> bool {
         !matches!(self, Self::Starting | Self::Disconnected { .. })
     }
+}
 
-    /// The public view of the phase.
-    pub(crate) fn state(&self) -> WorkerState {
-        match self {
-            Self::Starting | Self::Forked { .. } => WorkerState::Forked,
-            Self::Online { listening: 0, .. } => WorkerState::Online,
-            Self::Online { .. } => WorkerState::Listening,
-            Self::Draining { .. } | Self::Exited { .. } => WorkerState::Disconnecting,
-            Self::Disconnected { .. } => WorkerState::Disconnected,
-        }
-    }
+/// Where one of a worker's servers stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Server {
+    /// The primary granted the handle; the worker has not reported it listening yet.
+    Granted,
+    /// Granted and reported listening.
+    Listening,
+    /// Bound by the worker itself (`exclusive`) and reported listening.
+    Exclusive,
 }
 
 /// One worker in the table.
@@ -135,12 +131,41 @@ pub(crate) struct Worker {
     pub(crate) slot: usize,
     pub(crate) started: Instant,
     pub(crate) phase: Phase,
-    /// The handles it was granted and has not closed.
-    pub(crate) keys: HashSet<HandleKey>,
+    /// Its servers: the handles it was granted (or bound itself) and has not closed.
+    pub(crate) servers: HashMap<HandleKey, Server>,
     /// Connections handed to it by round-robin.
     pub(crate) handed: u64,
     /// How many replacements its slot had before it.
     pub(crate) restarts: u32,
+    /// A listen it was refused for a reason retrying will not change: if it then dies,
+    /// its slot is given up at once instead of crash-looping.
+    pub(crate) listen_failed: Option<(HandleKey, i32)>,
+}
+
+impl Worker {
+    /// How many of its servers are listening.
+    pub(crate) fn listening(&self) -> usize {
+        self.servers
+            .values()
+            .filter(|s| **s != Server::Granted)
+            .count()
+    }
+
+    /// Whether it is online and serving on at least `target` servers.
+    pub(crate) fn serves(&self, target: usize) -> bool {
+        matches!(self.phase, Phase::Online { .. }) && self.listening() >= target
+    }
+
+    /// The public view of its phase.
+    pub(crate) fn state(&self) -> WorkerState {
+        match self.phase {
+            Phase::Starting | Phase::Forked { .. } => WorkerState::Forked,
+            Phase::Online { .. } if self.listening() == 0 => WorkerState::Online,
+            Phase::Online { .. } => WorkerState::Listening,
+            Phase::Draining { .. } | Phase::Exited { .. } => WorkerState::Disconnecting,
+            Phase::Disconnected { .. } => WorkerState::Disconnected,
+        }
+    }
 }
 
 /// Who holds a slot.

@@ -4,16 +4,17 @@
 //! ```text
 //!  pending slots --next--> Step { slot, old, target } --new worker listening >= target-->
 //!       ^                        |                          drain old, next slot
-//!       |                        +-- new workers crash-loop: the old worker stays
-//!       |                            (`ReloadFailed`; the slot is not given up)
-//!       +-- every slot done: reply to the waiters
+//!       |                        +-- new workers crash-loop, or the step times out: the
+//!       |                            old worker stays (`ReloadFailed`; not given up)
+//!       +-- every slot done: reply to the waiters; a reload asked meanwhile starts a
+//!           new pass, so every slot ends on the newest code
 //! ```
 
 use std::collections::VecDeque;
 use std::time::Instant;
 
 use super::lifecycle::{Occupant, Phase};
-use super::{Core, Effect, Outcome, RequestId, StopCause};
+use super::{Core, Effect, Event, Outcome, ReloadFailure, RequestId, StopCause, Timer};
 use crate::protocol::WorkerId;
 
 /// A reload in progress.
@@ -25,6 +26,8 @@ pub(crate) struct Reload {
     step: Option<Step>,
     /// Who waits for the end.
     pub(crate) waiters: Vec<RequestId>,
+    /// Reloads asked during this one: a new pass starts when this one ends.
+    pub(crate) again: Vec<RequestId>,
 }
 
 /// One slot being replaced.
@@ -49,17 +52,27 @@ impl Core {
             self.out.push(Effect::Reply(request, Outcome::Done));
             return;
         }
-        let slots = &self.slots;
-        let reload = self.reload.get_or_insert_with(|| Reload {
-            pending: slots
+        match &mut self.reload {
+            // Slots already replaced would keep older code: queue a new pass.
+            Some(reload) => reload.again.push(request),
+            None => self.reload = Some(self.new_pass(vec![request])),
+        }
+        self.advance_reload(now);
+    }
+
+    /// A pass over every slot that has a worker.
+    fn new_pass(&self, waiters: Vec<RequestId>) -> Reload {
+        Reload {
+            pending: self
+                .slots
                 .iter()
                 .filter(|(_, s)| s.current().is_some())
                 .map(|(slot, _)| *slot)
                 .collect(),
-            ..Reload::default()
-        });
-        reload.waiters.push(request);
-        self.advance_reload(now);
+            step: None,
+            waiters,
+            again: Vec::new(),
+        }
     }
 
     /// Moves the reload on as far as it can go now.
@@ -74,19 +87,30 @@ impl Core {
                         self.reload = Some(reload);
                         return;
                     }
-                    Progress::Done => reload.step = None,
+                    Progress::Done => {
+                        reload.step = None;
+                        self.cancel_timer(Timer::Reload);
+                    }
                 }
             }
             let Some(slot) = reload.pending.pop_front() else {
                 for waiter in reload.waiters {
                     self.out.push(Effect::Reply(waiter, Outcome::Done));
                 }
-                return;
+                if reload.again.is_empty() {
+                    return;
+                }
+                reload = self.new_pass(std::mem::take(&mut reload.again));
+                continue;
             };
             let Some(old) = self.slot_current(slot) else {
                 continue;
             };
-            let Some(Phase::Online { listening, .. }) = self.workers.get(&old).map(|w| w.phase)
+            let Some(listening) = self
+                .workers
+                .get(&old)
+                .filter(|w| w.serves(0))
+                .map(|w| w.listening())
             else {
                 continue; // not serving yet, or already stopping: nothing to replace
             };
@@ -97,7 +121,33 @@ impl Core {
                 old,
                 target: listening,
             });
+            self.start_timer(Timer::Reload, now + self.config.reload_timeout);
         }
+    }
+
+    /// The step in progress took too long: stop its new worker, keep the old one.
+    pub(super) fn reload_timed_out(&mut self, now: Instant) {
+        let Some(step) = self.reload.as_mut().and_then(|r| r.step.take()) else {
+            return;
+        };
+        let Step { slot, old, .. } = step;
+        let new = self.slot_current(slot).filter(|new| *new != old);
+        let old_serving = self.workers.get(&old).is_some_and(|w| w.serves(0));
+        if let (Some(new), true) = (new, old_serving) {
+            let waited = self.config.reload_timeout;
+            tracing::error!(slot, %new, ?waited, "reload: the new worker is not listening; keeping the old one");
+            if let Some(s) = self.slots.get_mut(&slot) {
+                s.occupant = Occupant::Worker(old);
+            }
+            self.begin_drain(new, StopCause::Asked, now);
+            self.emit(Event::ReloadFailed {
+                slot,
+                id: new,
+                kept: old,
+                reason: ReloadFailure::NotListening { waited },
+            });
+        }
+        self.advance_reload(now);
     }
 
     /// The old worker of `slot` if a reload is replacing it and it still serves.
@@ -120,9 +170,7 @@ impl Core {
             // Given up although the old worker was not serving any more.
             Occupant::Failed { .. } => Progress::Done,
             Occupant::Worker(new) if new != old => {
-                let ready = self.workers.get(&new).is_some_and(
-                    |w| matches!(w.phase, Phase::Online { listening, .. } if listening >= target),
-                );
+                let ready = self.workers.get(&new).is_some_and(|w| w.serves(target));
                 if !ready {
                     return Progress::Waiting;
                 }

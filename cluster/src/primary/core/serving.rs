@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::time::Instant;
 
 use super::handles::{ConnId, Handle, HandleKind};
-use super::lifecycle::Phase;
+use super::lifecycle::{Phase, Server};
 use super::{Core, Effect, FdRef, MAX_SERVERS_PER_WORKER, Timer};
 use crate::protocol::{Granted, HandleKey, ToWorker, WorkerId};
 
@@ -15,14 +15,14 @@ impl Core {
             return;
         };
         let slot = worker.slot;
-        let held = worker.keys.len()
+        let held = worker.servers.len()
             + self
                 .handles
                 .values()
                 .flat_map(|h| h.binding.values().flatten())
                 .filter(|(w, _)| *w == id)
                 .count();
-        let asked_twice = worker.keys.contains(&key)
+        let asked_twice = worker.servers.contains_key(&key)
             || self
                 .handles
                 .get(&key)
@@ -67,7 +67,7 @@ impl Core {
         let Some(address) = handle.address else {
             return;
         };
-        worker.keys.insert(key.clone());
+        worker.servers.insert(key.clone(), Server::Granted);
         handle.workers.insert(id);
         let accepting = matches!(worker.phase, Phase::Forked { .. } | Phase::Online { .. });
         let (granted, fd) = match &mut handle.kind {
@@ -94,6 +94,7 @@ impl Core {
         };
         let result = Ok((granted, address));
         self.send(id, ToWorker::QueryReply { seq, result }, fd);
+        self.cancel_timer(Timer::HandleIdle(key.clone()));
         self.dispatch(key);
     }
 
@@ -123,10 +124,20 @@ impl Core {
             }
             Err(errno) => {
                 tracing::debug!(%key, errno, "listen refused");
+                // Retrying will not change these (another program holds the port, the
+                // address is not ours, privileges are missing).
+                let lasting = handle.address.is_none()
+                    && matches!(
+                        errno,
+                        libc::EADDRINUSE | libc::EADDRNOTAVAIL | libc::EACCES | libc::EPERM
+                    );
                 if handle.address.is_none() && handle.is_unused() {
                     self.handles.remove(key);
                 }
                 for (id, seq) in waiters {
+                    if let Some(worker) = self.workers.get_mut(&id).filter(|_| lasting) {
+                        worker.listen_failed = Some((key.clone(), errno));
+                    }
                     let result = Err(errno);
                     self.send(id, ToWorker::QueryReply { seq, result }, None);
                 }
@@ -171,7 +182,7 @@ impl Core {
 
     pub(super) fn on_close(&mut self, id: WorkerId, key: &HandleKey, now: Instant) {
         if let Some(worker) = self.workers.get_mut(&id) {
-            worker.keys.remove(key);
+            worker.servers.remove(key);
         }
         let Some(handle) = self.handles.get_mut(key) else {
             return;
@@ -248,6 +259,35 @@ impl Core {
     pub(super) fn forget_worker(&mut self, id: WorkerId) {
         for handle in self.handles.values_mut() {
             handle.remove_worker(id);
+        }
+        self.idle_handles();
+    }
+
+    /// Starts the idle timer of every handle no worker holds: unless a worker takes it up
+    /// again within the hold time (a replacement, say), it closes, so its port refuses
+    /// connections instead of holding them for nobody.
+    pub(super) fn idle_handles(&mut self) {
+        if !self.running() {
+            return;
+        }
+        let idle: Vec<HandleKey> = self
+            .handles
+            .iter()
+            .filter(|(key, h)| {
+                h.is_unused() && !self.timers.contains_key(&Timer::HandleIdle((*key).clone()))
+            })
+            .map(|(key, _)| key.clone())
+            .collect();
+        for key in idle {
+            self.start_timer(Timer::HandleIdle(key), self.now + self.config.hold);
+        }
+    }
+
+    /// The idle timer of `key` fired: close it if still nobody holds it.
+    pub(super) fn handle_idle(&mut self, key: &HandleKey) {
+        if self.handles.get(key).is_some_and(Handle::is_unused) {
+            tracing::info!(%key, "no worker holds this server any more: closing it");
+            self.close_handle(key);
         }
     }
 }

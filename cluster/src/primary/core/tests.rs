@@ -11,7 +11,7 @@ use proptest::prelude::*;
 
 use self::sim::{Sim, config, signaled};
 use super::{Command, Input, MAX_SERVERS_PER_WORKER, Outcome};
-use crate::protocol::{ToPrimary, WorkerId};
+use crate::protocol::{ToPrimary, ToWorker, WorkerId};
 use crate::settings::Policy;
 
 fn id(n: u64) -> WorkerId {
@@ -204,6 +204,104 @@ fn a_reload_replaces_every_worker_and_keeps_the_old_one_when_the_new_code_crash_
 }
 
 #[test]
+fn a_worker_is_trusted_only_for_what_it_was_granted() {
+    let mut sim = serving(3, Policy::RoundRobin);
+    let address = sim::BOUND.parse().expect("address");
+    let lie = |key| ToPrimary::Listening {
+        key,
+        address,
+        exclusive: false,
+    };
+    sim.worker_says(id(1), lie(sim::key(7)));
+    sim.worker_says(id(2), lie(sim::key(0)));
+    let exclusive = ToPrimary::Listening {
+        key: sim::key(5),
+        address,
+        exclusive: true,
+    };
+    sim.worker_says(id(3), exclusive);
+    assert_eq!(
+        sim.misbehaved,
+        [id(1), id(2)],
+        "a server never given, a second claim"
+    );
+    assert_eq!(
+        sim.events[&id(3)]
+            .iter()
+            .filter(|e| **e == "listening")
+            .count(),
+        2
+    );
+    sim.stop_and_check();
+}
+
+#[test]
+fn a_reload_step_that_cannot_progress_times_out_and_keeps_the_old_worker() {
+    let mut sim = serving(2, Policy::Shared);
+    let reload = sim.command(Command::Reload);
+    // The new worker of slot 0 (id 3) comes online but never listens.
+    sim.online(id(3));
+    assert!(sim.fire_timer(), "the reload timer");
+    assert_eq!(sim.reload_failed, [0]);
+    assert!(
+        sim.procs[&id(3)]
+            .inbox
+            .iter()
+            .any(|(m, _)| *m == ToWorker::Disconnect)
+    );
+    // The reload goes on with slot 1 and ends.
+    sim.settle(1000);
+    assert_eq!(sim.replies.get(&reload), Some(&Outcome::Done));
+    assert!(sim.procs[&id(1)].alive, "slot 0 kept its old worker");
+    assert!(!sim.procs[&id(2)].alive, "slot 1 was replaced");
+    sim.stop_and_check();
+}
+
+#[test]
+fn a_reload_asked_during_a_reload_runs_a_new_pass_over_every_slot() {
+    let mut sim = serving(2, Policy::RoundRobin);
+    let first = sim.command(Command::Reload);
+    sim.settle(1); // slot 0 replaced (worker 3), slot 1 in progress
+    let second = sim.command(Command::Reload);
+    sim.settle(1000);
+    assert_eq!(sim.replies.get(&first), Some(&Outcome::Done));
+    assert_eq!(sim.replies.get(&second), Some(&Outcome::Done));
+    let alive: Vec<u64> = sim
+        .procs
+        .iter()
+        .filter(|(_, p)| p.alive)
+        .map(|(id, _)| id.get())
+        .collect();
+    assert_eq!(alive.len(), 2);
+    assert!(
+        alive.iter().all(|n| *n > 4),
+        "both slots reloaded twice: {alive:?}"
+    );
+    sim.stop_and_check();
+}
+
+#[test]
+fn a_server_whose_last_worker_is_gone_closes_after_the_hold_time_unless_taken_up() {
+    let mut sim = serving(1, Policy::RoundRobin);
+    // Worker 1 opens a second server (key 1), then dies; its replacement opens only key 0.
+    sim.listen(id(1));
+    while sim.deliver(id(1), true) {}
+    assert_eq!(sim.core.handles.len(), 2);
+    sim.exit(id(1), signaled(Signal::SIGKILL), Some(true));
+    sim.settle(100); // fires timers once nobody moves: the idle one closes key 1
+    assert!(
+        sim.core.handles.contains_key(&sim::key(0)),
+        "taken up by the replacement"
+    );
+    assert!(
+        !sim.core.handles.contains_key(&sim::key(1)),
+        "closed: nobody holds it"
+    );
+    assert!(sim.timers.is_empty(), "{:?}", sim.timers);
+    sim.stop_and_check();
+}
+
+#[test]
 fn a_failed_fork_is_retried_and_a_failed_add_is_reported() {
     let mut sim = serving(1, Policy::RoundRobin);
     sim.fail_next_fork = true;
@@ -214,6 +312,40 @@ fn a_failed_fork_is_retried_and_a_failed_add_is_reported() {
     sim.exit(id(1), ExitStatus::Exited(1), Some(true));
     sim.settle(100);
     assert_eq!(sim.listening_current(), 1, "the respawn is retried");
+    sim.stop_and_check();
+}
+
+#[test]
+fn a_fork_that_fails_for_lack_of_resources_is_retried_and_never_counts_as_a_crash() {
+    let mut sim = serving(1, Policy::RoundRobin);
+    sim.fork_failure_transient = true;
+    sim.fail_next_fork = true;
+    sim.exit(id(1), signaled(Signal::SIGKILL), Some(true)); // one real crash
+    // Out of descriptors twenty times in a row, past the crash-loop limit of 4.
+    for _ in 0..20 {
+        sim.fail_next_fork = true;
+        assert!(sim.fire_timer(), "a retry is scheduled");
+    }
+    assert!(sim.fire_timer(), "the retry that works");
+    sim.settle(100);
+    assert!(
+        sim.slot_failed.is_empty(),
+        "no crash loop: {:?}",
+        sim.slot_failed
+    );
+    assert_eq!(sim.listening_current(), 1);
+    sim.stop_and_check();
+}
+
+#[test]
+fn a_listen_that_retrying_cannot_fix_gives_the_slot_up_at_once() {
+    let mut sim = Sim::new(config(1, Policy::RoundRobin));
+    sim.fail_next_bind = Some(libc::EADDRINUSE);
+    sim.settle(100);
+    // The worker was refused, then (as an app does) exited non-zero.
+    sim.exit(id(1), ExitStatus::Exited(1), Some(true));
+    assert_eq!(sim.slot_failed.get(&0), Some(&1));
+    assert_eq!(sim.procs.len(), 1, "not restarted");
     sim.stop_and_check();
 }
 
@@ -243,6 +375,7 @@ enum Op {
     SelfDisconnect(u8),
     CloseServer(u8, u32),
     Garbage(u8),
+    Claim(u8, u32, bool),
     Add,
     Remove,
     Disconnect(u8),
@@ -268,6 +401,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => w().prop_map(Op::SelfDisconnect),
         1 => (w(), 0u32..2).prop_map(|(w, k)| Op::CloseServer(w, k)),
         1 => w().prop_map(Op::Garbage),
+        1 => (w(), 0u32..8, any::<bool>()).prop_map(|(w, k, x)| Op::Claim(w, k, x)),
         1 => Just(Op::Add),
         1 => Just(Op::Remove),
         1 => w().prop_map(Op::Disconnect),
@@ -334,6 +468,20 @@ fn play(sim: &mut Sim, op: Op) {
                 sim.input(Input::Malformed { id, reason });
             }
         }
+        Op::Claim(w, index, exclusive) => {
+            if let Some(id) = pick(sim, w) {
+                let key = sim::key(index);
+                let address = sim::BOUND.parse().expect("address");
+                sim.worker_says(
+                    id,
+                    ToPrimary::Listening {
+                        key,
+                        address,
+                        exclusive,
+                    },
+                );
+            }
+        }
         Op::Add => drop(sim.command(Command::AddWorker { env: Vec::new() })),
         Op::Remove => drop(sim.command(Command::RemoveWorker)),
         Op::Disconnect(w) => {
@@ -389,7 +537,8 @@ proptest! {
                 sim.connect(0);
             }
             // One cooperative move of one worker: read a message, come online, listen,
-            // or exit when asked; timers fire when nobody moves.
+            // or exit when asked. Timers fire only in the final settle, once nobody can
+            // move: cooperative workers never meet a deadline.
             let Some(id) = sim.pick(w) else { break };
             let p = &sim.procs[&id];
             if !p.online {
@@ -397,8 +546,8 @@ proptest! {
                 sim.listen(id);
             } else if p.asked {
                 sim.exit(id, ExitStatus::Exited(0), Some(w % 2 == 0));
-            } else if !sim.deliver(id, true) {
-                sim.fire_timer();
+            } else {
+                sim.deliver(id, true);
             }
             prop_assert!(sim.listening_current() + 1 >= workers, "too few listening");
         }

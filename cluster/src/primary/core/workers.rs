@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 use child::Signal;
 
 use super::handles::HandleKind;
-use super::lifecycle::{Occupant, Phase, Slot, StopCause, Worker};
-use super::{Core, Effect, Event, Outcome, Timer};
+use super::lifecycle::{Occupant, Phase, Server, Slot, StopCause, Worker};
+use super::{Core, Effect, Event, Outcome, RESOURCE_RETRY, ReloadFailure, SlotFailure, Timer};
 use crate::primary::restart::{Decision, RestartTracker};
 use crate::protocol::{ToPrimary, ToWorker, WorkerId};
 
@@ -45,9 +45,10 @@ impl Core {
                 slot,
                 started: now,
                 phase: Phase::Starting,
-                keys: Default::default(),
+                servers: Default::default(),
                 handed: 0,
                 restarts,
+                listen_failed: None,
             },
         );
         self.out.push(Effect::Fork { id, slot, env });
@@ -69,7 +70,7 @@ impl Core {
         }
     }
 
-    pub(super) fn on_fork_failed(&mut self, id: WorkerId, now: Instant) {
+    pub(super) fn on_fork_failed(&mut self, id: WorkerId, transient: bool, now: Instant) {
         let Some(worker) = self.workers.remove(&id) else {
             return;
         };
@@ -80,8 +81,20 @@ impl Core {
                 .push(Effect::Reply(request, Outcome::AddFailed(id)));
             return;
         }
-        tracing::error!(slot, "could not start a worker");
-        if self.slot_current(slot) == Some(id) {
+        if self.slot_current(slot) != Some(id) {
+            return;
+        }
+        if transient {
+            // Out of descriptors or memory for now: not the program's fault, no crash;
+            // try again a little later.
+            tracing::warn!(slot, "no resources to start a worker now; retrying");
+            self.set_occupant(slot, Occupant::Respawning);
+            if self.running() {
+                self.start_timer(Timer::Respawn(slot), now + RESOURCE_RETRY);
+            }
+            self.advance_reload(now);
+        } else {
+            tracing::error!(slot, "could not start a worker");
             self.on_crash(slot, id, now, Duration::ZERO);
         }
     }
@@ -125,13 +138,10 @@ impl Core {
                         slot,
                         id,
                         kept: old,
+                        reason: ReloadFailure::CrashLoop,
                     });
                 }
-                None => {
-                    self.set_occupant(slot, Occupant::Failed { last: id });
-                    tracing::error!(slot, "crash loop: the slot is given up");
-                    self.emit(Event::SlotFailed { slot, id });
-                }
+                None => self.give_up(slot, id, SlotFailure::CrashLoop),
             },
             Decision::Never => self.remove_slot(slot),
         }
@@ -142,6 +152,13 @@ impl Core {
         if let Some(s) = self.slots.get_mut(&slot) {
             s.occupant = occupant;
         }
+    }
+
+    /// Marks `slot` failed (no more restarts) and says why.
+    pub(super) fn give_up(&mut self, slot: usize, id: WorkerId, cause: SlotFailure) {
+        self.set_occupant(slot, Occupant::Failed { last: id });
+        tracing::error!(slot, %cause, "the slot is given up");
+        self.emit(Event::SlotFailed { slot, id, cause });
     }
 
     /// Forgets a slot; its socket (reuseport) closes once none of its workers is left.
@@ -177,7 +194,7 @@ impl Core {
         }
         match (worker.phase, message) {
             (Phase::Forked { pid }, ToPrimary::Online) => {
-                worker.phase = Phase::Online { pid, listening: 0 };
+                worker.phase = Phase::Online { pid };
                 self.emit(Event::Online { id });
                 self.advance_reload(now);
             }
@@ -186,14 +203,30 @@ impl Core {
             (_, ToPrimary::QueryServer { seq, key, backlog }) => {
                 self.query_server(id, seq, key, backlog)
             }
-            (_, ToPrimary::Listening { key, address }) => {
-                if let Phase::Online { listening, .. } | Phase::Draining { listening, .. } =
-                    &mut worker.phase
-                {
-                    *listening += 1;
+            (
+                _,
+                ToPrimary::Listening {
+                    key,
+                    address,
+                    exclusive,
+                },
+            ) => {
+                // Trust only what was granted: a claim for a handle it was not given, or a
+                // second claim, is a lie.
+                let claim = match (worker.servers.get(&key), exclusive) {
+                    (Some(Server::Granted), false) => Ok(Server::Listening),
+                    (None, true) => Ok(Server::Exclusive),
+                    (None, false) => Err("claims a server it was not given"),
+                    (Some(_), _) => Err("claims a server twice"),
+                };
+                match claim {
+                    Ok(server) => {
+                        worker.servers.insert(key.clone(), server);
+                        self.emit(Event::Listening { id, address, key });
+                        self.advance_reload(now);
+                    }
+                    Err(lie) => self.misbehaved(id, format!("{lie}: {key}")),
                 }
-                self.emit(Event::Listening { id, address, key });
-                self.advance_reload(now);
             }
             (_, ToPrimary::Accepted { key, seq, accepted }) => {
                 self.on_accepted(id, &key, seq, accepted, now)
@@ -225,19 +258,8 @@ impl Core {
             return;
         };
         match &mut worker.phase {
-            Phase::Forked { pid } => {
-                worker.phase = Phase::Draining {
-                    pid: *pid,
-                    listening: 0,
-                    cause,
-                };
-            }
-            Phase::Online { pid, listening } => {
-                worker.phase = Phase::Draining {
-                    pid: *pid,
-                    listening: *listening,
-                    cause,
-                };
+            Phase::Forked { pid } | Phase::Online { pid } => {
+                worker.phase = Phase::Draining { pid: *pid, cause };
             }
             Phase::Draining { cause: old, .. } => {
                 *old = old.merge(cause);
@@ -265,15 +287,9 @@ impl Core {
             return;
         }
         worker.phase = match phase {
-            Phase::Forked { pid } => Phase::Draining {
-                pid,
-                listening: 0,
-                cause: StopCause::Misbehaved,
-            },
-            Phase::Online { pid, listening } | Phase::Draining { pid, listening, .. } => {
+            Phase::Forked { pid } | Phase::Online { pid } | Phase::Draining { pid, .. } => {
                 Phase::Draining {
                     pid,
-                    listening,
                     cause: StopCause::Misbehaved,
                 }
             }
@@ -378,8 +394,14 @@ impl Core {
         });
         let slot = worker.slot;
         if self.running() && self.slot_current(slot) == Some(id) {
-            let uptime = now.saturating_duration_since(worker.started);
-            self.on_crash(slot, id, now, uptime);
+            match worker.listen_failed {
+                // Restarting would fail the same way: say so now, not after a crash loop.
+                Some((key, errno)) => self.give_up(slot, id, SlotFailure::Listen { key, errno }),
+                None => {
+                    let uptime = now.saturating_duration_since(worker.started);
+                    self.on_crash(slot, id, now, uptime);
+                }
+            }
         }
         self.close_slot_sockets(slot);
         self.dispatch_all(now);

@@ -62,6 +62,10 @@ pub(super) struct Sim {
     pub(super) misbehaved: Vec<WorkerId>,
     pub(super) reload_failed: Vec<usize>,
     pub(super) fail_next_fork: bool,
+    /// Whether that failure is for lack of resources.
+    pub(super) fork_failure_transient: bool,
+    /// The errno the next first bind of a handle fails with.
+    pub(super) fail_next_bind: Option<i32>,
     pub(super) finished: bool,
     inputs: VecDeque<Input>,
 }
@@ -78,6 +82,7 @@ pub(super) fn config(workers: usize, policy: Policy) -> Config {
         drain_deadline: Duration::from_secs(3),
         hold: Duration::from_secs(2),
         exit_grace: Duration::from_secs(1),
+        reload_timeout: Duration::from_secs(20),
     }
 }
 
@@ -93,8 +98,8 @@ pub(super) fn key(index: u32) -> HandleKey {
 
 impl Sim {
     pub(super) fn new(config: Config) -> Self {
-        let mut core = Core::new(config);
         let now = Instant::now();
+        let mut core = Core::new(config, now);
         let effects = core.start(now);
         let mut sim = Sim {
             core,
@@ -111,6 +116,8 @@ impl Sim {
             misbehaved: Vec::new(),
             reload_failed: Vec::new(),
             fail_next_fork: false,
+            fork_failure_transient: false,
+            fail_next_bind: None,
             finished: false,
             inputs: VecDeque::new(),
         };
@@ -205,6 +212,7 @@ impl Sim {
                     ToPrimary::Listening {
                         key: key(index),
                         address,
+                        exclusive: false,
                     },
                 );
             }
@@ -301,7 +309,8 @@ impl Sim {
                     assert!(!self.procs.contains_key(&id), "{id} forked twice");
                     assert!(!self.finished, "fork after the end");
                     if std::mem::take(&mut self.fail_next_fork) {
-                        Some(Input::ForkFailed { id })
+                        let transient = self.fork_failure_transient;
+                        Some(Input::ForkFailed { id, transient })
                     } else {
                         let alive = true;
                         let channel = true;
@@ -348,11 +357,17 @@ impl Sim {
                     }
                     None
                 }
-                Effect::Bind { key, socket, .. } => Some(Input::Bound {
-                    key,
-                    socket,
-                    result: Ok(BOUND.parse::<SocketAddr>().expect("address")),
-                }),
+                Effect::Bind { key, socket, .. } => {
+                    let result = match self.fail_next_bind.take() {
+                        Some(errno) => Err(errno),
+                        None => Ok(BOUND.parse::<SocketAddr>().expect("address")),
+                    };
+                    Some(Input::Bound {
+                        key,
+                        socket,
+                        result,
+                    })
+                }
                 Effect::CloseHandle(_) | Effect::CloseSocket { .. } => None,
                 Effect::CloseConn(conn) => {
                     let state = self.conns.get_mut(&conn).expect("a known connection");
