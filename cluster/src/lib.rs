@@ -132,6 +132,7 @@ mod primary;
 mod protocol;
 mod scheduler;
 mod settings;
+mod sys;
 mod worker;
 
 pub use child::ExitStatus;

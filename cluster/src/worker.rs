@@ -173,6 +173,20 @@ impl Worker {
             return Err(ListenError::Stopping { address });
         }
         let (key, seq) = self.inner.core().new_listen(address);
+        let listening = self.listen_key(key.clone(), seq, address, options).await;
+        if listening.is_err() {
+            self.inner.core().close(&key); // its index is free again
+        }
+        listening
+    }
+
+    async fn listen_key(
+        &self,
+        key: crate::HandleKey,
+        seq: u64,
+        address: SocketAddr,
+        options: ListenOptions,
+    ) -> Result<Listener, ListenError> {
         if options.exclusive {
             let listener = net::bind_listener(address, options.backlog, false)
                 .map_err(|e| ListenError::from_io(address, e))?;
@@ -198,11 +212,17 @@ impl Worker {
                 Ok(self.announce(key, bound, Kind::RoundRobin(queue), false))
             }
             (Ok((Granted::Socket, _)), Some(fd), _) => {
-                let listener = into_tokio(fd).map_err(|e| ListenError::from_io(address, e))?;
-                let bound = listener
-                    .local_addr()
-                    .map_err(|e| ListenError::from_io(address, e))?;
-                Ok(self.announce(key, bound, Kind::Socket(listener), false))
+                let listener = into_tokio(fd).and_then(|l| Ok((l.local_addr()?, l)));
+                match listener {
+                    Ok((bound, listener)) => {
+                        Ok(self.announce(key, bound, Kind::Socket(listener), false))
+                    }
+                    Err(e) => {
+                        // Granted but unusable here: give it back.
+                        self.inner.send_control(ToPrimary::Close { key });
+                        Err(ListenError::from_io(address, e))
+                    }
+                }
             }
             _ => Err(ListenError::NoReply { address }),
         }

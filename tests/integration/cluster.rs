@@ -5,6 +5,7 @@
 //! Tests synchronise on events and on lines read from sockets, never on sleeps. Dropping
 //! the `Primary` (or the test's runtime) kills and reaps every worker.
 
+mod faults;
 mod lifecycle;
 mod process;
 mod resilience;

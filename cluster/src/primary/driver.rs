@@ -24,7 +24,7 @@ use super::core::{
     CONTROL_QUEUE, Command as CoreCommand, Config, ConnId, Core, Effect, FdRef, Input, Outcome,
     RequestId, Timer,
 };
-use super::sockets::{Accepted, Listeners};
+use super::sockets::Listeners;
 use super::{Command, Event, OutputStream, Reply, UserSender};
 use crate::error::Error;
 use crate::protocol::{ToPrimary, ToWorker, WorkerId};
@@ -111,7 +111,6 @@ impl Driver {
             reload_timeout: settings.reload_timeout,
         };
         let (internal, internal_rx) = mpsc::channel(INTERNAL_QUEUE);
-        let (accepted, accepted_rx) = mpsc::channel(INTERNAL_QUEUE);
         let mut driver = Driver {
             core: Core::new(config, Instant::now()),
             program,
@@ -119,7 +118,7 @@ impl Driver {
             env: settings.env.clone(),
             silent: settings.silent,
             links: HashMap::new(),
-            listeners: Listeners::new(policy, accepted),
+            listeners: Listeners::new(policy),
             conns: HashMap::new(),
             next_conn: 0,
             timers: DelayQueue::new(),
@@ -137,7 +136,7 @@ impl Driver {
         if let Some((_, error)) = driver.fork_errors.drain().next() {
             return Err(Error::Fork(error)); // dropping the driver kills the others
         }
-        tokio::spawn(driver.run(commands, internal_rx, accepted_rx));
+        tokio::spawn(driver.run(commands, internal_rx));
         Ok(())
     }
 
@@ -145,18 +144,19 @@ impl Driver {
         mut self,
         mut commands: mpsc::Receiver<Command>,
         mut internal: mpsc::Receiver<Internal>,
-        mut accepted: mpsc::Receiver<Accepted>,
     ) {
         while !self.finished {
             let timers = &mut self.timers;
             let has_timers = !timers.is_empty();
+            let listeners = &mut self.listeners;
+            let accepts = listeners.accepts();
             tokio::select! {
                 command = commands.recv() => match command {
                     Some(command) => self.command(command),
                     None => break,
                 },
                 Some(message) = internal.recv() => self.internal(message),
-                Some((key, stream)) = accepted.recv() => {
+                (key, stream) = std::future::poll_fn(|cx| listeners.poll_accept(cx)), if accepts => {
                     let conn = ConnId(self.next_conn);
                     self.next_conn += 1;
                     self.conns.insert(conn, stream);

@@ -1,43 +1,53 @@
-//! The driver's listening sockets, one entry per [`HandleKey`], and the round-robin
-//! accept loops. What to bind and close is decided by the core; this only does it.
+//! The driver's listening sockets, one entry per [`HandleKey`], and accepting on the
+//! round-robin ones. What to bind and close is decided by the core; this only does it.
+//!
+//! The driver polls the round-robin listeners itself ([`Listeners::poll_accept`]), so
+//! closing a handle closes its socket at once (a listen right after can bind the same
+//! port), and accepted sockets are never registered with the reactor: each readiness
+//! drains the backlog with `accept4`, and the connection only passes through here on its
+//! way to a worker.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
+use std::future::Future;
 use std::io;
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::OwnedFd;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
-use tokio::sync::mpsc;
-use tokio::task::JoinHandle;
+use tokio::io::unix::AsyncFd;
 
 use crate::net::bind_listener;
 use crate::protocol::HandleKey;
 use crate::settings::Policy;
 
-/// A connection accepted on a round-robin handle, for the driver.
-pub(crate) type Accepted = (HandleKey, TcpStream);
-
-/// How long an accept loop pauses after an error (EMFILE and friends) before retrying.
+/// How long accepting on a handle pauses after an error (EMFILE and friends) before it
+/// tries again: the backlog keeps the connections meanwhile.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
+
+/// How many connections one readiness of a listener may accept at most, so that one busy
+/// handle does not starve the driver's other work.
+const ACCEPT_BATCH: usize = 64;
+
+/// A round-robin handle's socket, accepted on by the driver.
+#[derive(Debug)]
+struct Accepting {
+    listener: AsyncFd<TcpListener>,
+    /// Set after an accept error: no accept until it fires.
+    paused: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Accept errors since the last one logged (one log line per pause at most).
+    errors: u64,
+}
 
 #[derive(Debug, Default)]
 struct Sockets {
-    /// The handle's only socket (shared), or `None` under round-robin (the accept loop
-    /// owns it) and reuseport.
+    /// The handle's only socket (shared).
     main: Option<TcpListener>,
     /// Reuseport: one socket per slot.
     slots: HashMap<usize, TcpListener>,
-    /// Round-robin: the task accepting on the handle's socket.
-    accept: Option<JoinHandle<()>>,
-}
-
-impl Drop for Sockets {
-    fn drop(&mut self) {
-        // The accept task owns the round-robin socket: aborting it closes the port.
-        if let Some(accept) = &self.accept {
-            accept.abort();
-        }
-    }
+    /// Round-robin: the socket the driver accepts on.
+    accepting: Option<Accepting>,
 }
 
 /// Every listening socket of the primary.
@@ -45,7 +55,8 @@ impl Drop for Sockets {
 pub(crate) struct Listeners {
     policy: Policy,
     handles: HashMap<HandleKey, Sockets>,
-    accepted: mpsc::Sender<Accepted>,
+    /// Connections accepted and not yet taken by the driver, in order.
+    ready: VecDeque<(HandleKey, TcpStream)>,
 }
 
 /// The address a key asks for.
@@ -58,12 +69,11 @@ fn requested(key: &HandleKey) -> io::Result<SocketAddr> {
 }
 
 impl Listeners {
-    /// Round-robin accept loops send their connections to `accepted`.
-    pub(crate) fn new(policy: Policy, accepted: mpsc::Sender<Accepted>) -> Self {
+    pub(crate) fn new(policy: Policy) -> Self {
         Self {
             policy,
             handles: HashMap::new(),
-            accepted,
+            ready: VecDeque::new(),
         }
     }
 
@@ -95,9 +105,12 @@ impl Listeners {
         let sockets = self.handles.entry(key.clone()).or_default();
         match (self.policy, socket) {
             (Policy::RoundRobin, _) => {
-                let listener = tokio::net::TcpListener::from_std(listener).map_err(errno)?;
-                let task = accept_loop(key.clone(), listener, self.accepted.clone());
-                sockets.accept = Some(tokio::spawn(task));
+                let listener = crate::sys::readable_listener(listener).map_err(errno)?;
+                sockets.accepting = Some(Accepting {
+                    listener,
+                    paused: None,
+                    errors: 0,
+                });
             }
             (_, Some(slot)) => {
                 sockets.slots.insert(slot, listener);
@@ -118,9 +131,42 @@ impl Listeners {
         Ok(listener.try_clone()?.into())
     }
 
-    /// Closes every socket of `key`.
+    /// Closes every socket of `key`, now.
     pub(crate) fn close(&mut self, key: &HandleKey) {
         self.handles.remove(key);
+        self.ready.retain(|(k, _)| k != key);
+    }
+
+    /// Whether any round-robin socket is open (so [`poll_accept`](Self::poll_accept) can
+    /// ever be ready).
+    pub(crate) fn accepts(&self) -> bool {
+        !self.ready.is_empty() || self.handles.values().any(|s| s.accepting.is_some())
+    }
+
+    /// The next connection accepted on a round-robin handle. Each readiness of a socket
+    /// drains up to [`ACCEPT_BATCH`] connections from its backlog. An accept error (out of
+    /// descriptors, say) pauses that socket for [`ACCEPT_BACKOFF`] with one log line: the
+    /// kernel keeps the backlog, and accepting resumes by itself once descriptors are free.
+    pub(crate) fn poll_accept(&mut self, cx: &mut Context<'_>) -> Poll<(HandleKey, TcpStream)> {
+        if let Some(next) = self.ready.pop_front() {
+            return Poll::Ready(next);
+        }
+        for (key, sockets) in &mut self.handles {
+            let Some(accepting) = &mut sockets.accepting else {
+                continue;
+            };
+            if let Some(paused) = &mut accepting.paused {
+                if paused.as_mut().poll(cx).is_pending() {
+                    continue;
+                }
+                accepting.paused = None;
+            }
+            accept_ready(key, accepting, &mut self.ready, cx);
+        }
+        match self.ready.pop_front() {
+            Some(next) => Poll::Ready(next),
+            None => Poll::Pending,
+        }
     }
 
     /// Closes one reuseport slot's socket of `key`.
@@ -131,26 +177,40 @@ impl Listeners {
     }
 }
 
-async fn accept_loop(
-    key: HandleKey,
-    listener: tokio::net::TcpListener,
-    accepted: mpsc::Sender<Accepted>,
+/// Accepts what one readiness of `accepting` offers, into `ready`.
+fn accept_ready(
+    key: &HandleKey,
+    accepting: &mut Accepting,
+    ready: &mut VecDeque<(HandleKey, TcpStream)>,
+    cx: &mut Context<'_>,
 ) {
-    loop {
-        match listener.accept().await {
-            Ok((stream, _)) => {
-                let Ok(stream) = stream.into_std() else {
-                    continue;
-                };
-                if accepted.send((key.clone(), stream)).await.is_err() {
-                    return;
+    let mut taken = 0;
+    while taken < ACCEPT_BATCH {
+        let Poll::Ready(Ok(mut guard)) = accepting.listener.poll_read_ready(cx) else {
+            return;
+        };
+        match guard.try_io(|listener| listener.get_ref().accept()) {
+            Ok(Ok((stream, _))) => {
+                ready.push_back((key.clone(), stream));
+                taken += 1;
+            }
+            Ok(Err(e)) => {
+                // EMFILE and friends: pause instead of spinning; log once per pause.
+                accepting.errors += 1;
+                if accepting.errors == 1 || accepting.errors.is_power_of_two() {
+                    let errors = accepting.errors;
+                    tracing::warn!(%key, error = %e, errors, "accept failed; pausing this server");
                 }
+                let mut pause = Box::pin(tokio::time::sleep(ACCEPT_BACKOFF));
+                // Register the timer's waker now, so the pause ends by itself.
+                let _ = pause.as_mut().poll(cx);
+                accepting.paused = Some(pause);
+                return;
             }
-            Err(e) => {
-                // EMFILE and friends: back off instead of spinning.
-                tracing::warn!(%key, error = %e, "accept failed");
-                tokio::time::sleep(ACCEPT_BACKOFF).await;
-            }
+            // Drained: the guard's readiness is cleared; the next poll registers interest.
+            Err(_would_block) => continue,
         }
     }
+    // More may wait: come back after the driver's other work.
+    cx.waker().wake_by_ref();
 }

@@ -38,12 +38,21 @@ pub(crate) enum Handoff {
     Refuse,
 }
 
+/// The indexes of one `address:port:family`, as Node keeps them: each listen takes the
+/// next; a close frees its own, and once none is live the count starts again at 0.
+#[derive(Debug, Default)]
+struct Indexes {
+    next: u32,
+    live: std::collections::BTreeSet<u32>,
+}
+
 /// The pure part of the link: sequence numbers, Node's handle indexes, and which keys
 /// have a listener. No I/O, no locks; [`Inner`] keeps it behind a mutex.
 #[derive(Debug, Default)]
 pub(crate) struct LinkCore {
     next_seq: u64,
-    indexes: HashMap<(String, u16, AddressFamily), u32>,
+    /// Node's handle indexes per `address:port:family`: the next index and the live ones.
+    indexes: HashMap<(String, u16, AddressFamily), Indexes>,
     /// Queries waiting for their reply: seq -> key.
     queries: HashMap<u64, HandleKey>,
     /// Round-robin listeners, by key.
@@ -56,18 +65,20 @@ impl LinkCore {
     pub(crate) fn new_listen(&mut self, address: SocketAddr) -> (HandleKey, u64) {
         let family = AddressFamily::of(&address);
         let ip = address.ip().to_string();
-        let index = self
+        let indexes = self
             .indexes
             .entry((ip.clone(), address.port(), family))
-            .or_insert(0);
+            .or_default();
+        let index = indexes.next;
+        indexes.next += 1;
+        indexes.live.insert(index);
         let key = HandleKey {
             address: ip,
             port: address.port(),
             family,
             fd: None,
-            index: *index,
+            index,
         };
-        *index += 1;
         let seq = self.next_seq;
         self.next_seq += 1;
         (key, seq)
@@ -107,9 +118,17 @@ impl LinkCore {
         self.listeners.get(key).cloned()
     }
 
-    /// The listener of `key` closed.
+    /// The server of `key` closed (or its listen failed): its hand-offs stop and its index
+    /// is free again (Node's `removeIndexesKey`).
     pub(crate) fn close(&mut self, key: &HandleKey) {
         self.listeners.remove(key);
+        let family_key = (key.address.clone(), key.port, key.family);
+        if let Some(indexes) = self.indexes.get_mut(&family_key) {
+            indexes.live.remove(&key.index);
+            if indexes.live.is_empty() {
+                self.indexes.remove(&family_key);
+            }
+        }
     }
 
     /// Every listener, to refuse what they hold when the worker stops.
@@ -244,18 +263,20 @@ pub(crate) async fn read_loop(
         match message.decode::<ToWorker>() {
             Ok(ToWorker::QueryReply { seq, result }) => {
                 let fd = message.take_fds().pop();
-                let Some((_, queue)) = inner.core().on_reply(seq, &result) else {
+                let Some((key, queue)) = inner.core().on_reply(seq, &result) else {
                     continue;
                 };
-                let Some(answer) = inner.answers().remove(&seq) else {
-                    continue;
+                let granted = result.is_ok();
+                let abandoned = match inner.answers().remove(&seq) {
+                    Some(answer) => answer.send(QueryAnswer { result, fd, queue }).is_err(),
+                    None => true,
                 };
-                if let Err(answer) = answer.send(QueryAnswer { result, fd, queue })
-                    && let Some(queue) = answer.queue
-                {
-                    // The listen was abandoned: refuse what comes for it.
-                    inner.core().close(&queue.key);
-                    queue.close();
+                if abandoned {
+                    // The listen was dropped before its reply: give the server back.
+                    inner.core().close(&key);
+                    if granted {
+                        inner.send_control(ToPrimary::Close { key });
+                    }
                 }
             }
             Ok(ToWorker::NewConn { key, seq }) => {
@@ -297,6 +318,20 @@ mod tests {
         assert_eq!((a.index, b.index, c.index), (0, 1, 0));
         assert_ne!(s0, s1);
         assert_eq!(b.to_string(), "127.0.0.1:0:4:undefined:1");
+    }
+
+    #[test]
+    fn a_closed_index_is_freed_and_the_count_restarts_once_none_is_live() {
+        let mut core = LinkCore::default();
+        let (a, _) = core.new_listen(addr("127.0.0.1:8080"));
+        let (b, _) = core.new_listen(addr("127.0.0.1:8080"));
+        core.close(&a);
+        let (c, _) = core.new_listen(addr("127.0.0.1:8080"));
+        assert_eq!((a.index, b.index, c.index), (0, 1, 2), "b is still live");
+        core.close(&b);
+        core.close(&c);
+        let (d, _) = core.new_listen(addr("127.0.0.1:8080"));
+        assert_eq!(d, a, "listen, close, listen: the same key again");
     }
 
     #[test]

@@ -99,11 +99,15 @@ impl Listener {
         }
     }
 
-    /// Stops listening: hand-offs not yet accepted go to other workers.
+    /// Stops listening: its index is free again, hand-offs not yet accepted go to other
+    /// workers.
     fn close(&mut self) {
-        if let Some(Kind::RoundRobin(queue)) = self.kind.take() {
+        let Some(kind) = self.kind.take() else {
+            return;
+        };
+        self.inner.core().close(&self.key);
+        if let Kind::RoundRobin(queue) = kind {
             queue.close();
-            self.inner.core().close(&self.key);
             self.inner.refuse_queue(&queue);
         }
     }

@@ -10,7 +10,8 @@
 //! it kept (`kept <n> dropped <n> first <message>`, up to the message `end`), `args`
 //! reports its arguments (`args <a> <b> ...`), `env` reports `env <CLUSTER_APP_X> slot
 //! <slot>`, `chatty` prints a line to stdout and one to stderr, `self-disconnect` serves
-//! one connection then disconnects itself, `report-stop` prints `stop <reason>` on stdout
+//! one connection then disconnects itself, `relisten` listens, closes and listens again
+//! (then reports `relisten <port>`), `report-stop` prints `stop <reason>` on stdout
 //! when it is told to stop. A failed listen is reported to the primary as the user message
 //! `listen-error <errno>`, then the worker exits with code 3.
 //!
@@ -123,6 +124,11 @@ async fn worker(id: cluster::WorkerId) -> anyhow::Result<()> {
     let address: SocketAddr = std::env::var("CLUSTER_APP_LISTEN")
         .unwrap_or_else(|_| "127.0.0.1:0".into())
         .parse()?;
+    if mode == "relisten" {
+        // Listen, close, listen again on the same address (Node's close + listen).
+        let first = worker.listen(address).await;
+        drop(first);
+    }
     let mut listeners = Vec::new();
     for _ in 0..if mode == "double" { 2 } else { 1 } {
         match worker.listen(address).await {
@@ -133,6 +139,10 @@ async fn worker(id: cluster::WorkerId) -> anyhow::Result<()> {
                 std::process::exit(3);
             }
         }
+    }
+    if mode == "relisten" {
+        let port = listeners[0].local_addr().port();
+        worker.send(&format!("relisten {port}")).await?;
     }
     if mode == "refuse" {
         listeners.iter().for_each(|l| l.set_refusing(true));

@@ -181,20 +181,37 @@ impl Core {
     }
 
     pub(super) fn on_close(&mut self, id: WorkerId, key: &HandleKey, now: Instant) {
-        if let Some(worker) = self.workers.get_mut(&id) {
+        let Some(slot) = self.workers.get_mut(&id).map(|worker| {
             worker.servers.remove(key);
-        }
+            worker.slot
+        }) else {
+            return;
+        };
+        let running = self.running();
         let Some(handle) = self.handles.get_mut(key) else {
             return;
         };
         handle.remove_worker(id);
-        if handle.is_unused() && self.running() {
+        if handle.is_unused() && running {
             // The application closed its last server on this handle.
-            self.close_handle(key);
-        } else {
-            self.dispatch(key);
-            self.update_hold(key, now);
+            return self.close_handle(key);
         }
+        // Under reuseport the slot's socket leaves the group with its last holder, or
+        // the kernel would keep sending it connections that nobody accepts.
+        let workers = &self.workers;
+        let slot_holds = handle
+            .workers
+            .iter()
+            .any(|w| workers.get(w).is_some_and(|w| w.slot == slot));
+        if let HandleKind::ReusePort { slots } = &mut handle.kind
+            && !slot_holds
+            && slots.remove(&slot)
+        {
+            let (key, socket) = (key.clone(), slot);
+            self.out.push(Effect::CloseSocket { key, socket });
+        }
+        self.dispatch(key);
+        self.update_hold(key, now);
     }
 
     pub(super) fn close_handle(&mut self, key: &HandleKey) {

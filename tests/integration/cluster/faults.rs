@@ -1,0 +1,104 @@
+//! The cluster under faults, with real processes: a server closed and opened again, a
+//! worker that lies about its servers, a server whose last worker is gone.
+
+use std::time::Duration;
+
+use ::cluster::{Event, Policy, Primary, RestartPolicy, WorkerId};
+
+use super::{expect, listening, request, runtime, settings};
+
+/// The next user message of any worker, decoded as text.
+async fn next_message(primary: &mut Primary) -> (WorkerId, String) {
+    expect(primary, |e| match e {
+        Event::Message { id, message } => message.decode::<String>().ok().map(|m| (id, m)),
+        _ => None,
+    })
+    .await
+}
+
+/// One request, bounded in time: a connection left hanging fails it.
+async fn bounded_request(address: std::net::SocketAddr) -> u64 {
+    tokio::time::timeout(Duration::from_secs(5), request(address))
+        .await
+        .expect("a request hung")
+        .expect("request")
+}
+
+#[track_caller]
+fn check_close_then_listen_again(policy: Policy) {
+    runtime().block_on(async {
+        // A fixed port, as a server has: a second bind of it while the first socket is
+        // open is EADDRINUSE.
+        let port = {
+            let probe = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+            probe.local_addr().expect("address").port()
+        };
+        let settings = settings(2)
+            .policy(policy)
+            .env("CLUSTER_APP_MODE", "relisten")
+            .env("CLUSTER_APP_LISTEN", format!("127.0.0.1:{port}"));
+        let mut primary = Primary::start(settings).await.expect("start");
+        let (_, first) = next_message(&mut primary).await;
+        let (_, second) = next_message(&mut primary).await;
+        assert!(first.starts_with("relisten "), "{first}");
+        assert_eq!(first, format!("relisten {port}"));
+        assert_eq!(first, second, "both workers serve the port again");
+        let address = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+        let mut served = std::collections::HashSet::new();
+        for _ in 0..30 {
+            served.insert(bounded_request(address).await);
+        }
+        if policy == Policy::RoundRobin {
+            assert_eq!(served.len(), 2, "round-robin uses both workers");
+        }
+        primary.stop().await.expect("stop");
+    });
+}
+
+#[test]
+fn close_then_listen_again_works_under_round_robin() {
+    check_close_then_listen_again(Policy::RoundRobin);
+}
+
+#[test]
+fn close_then_listen_again_works_under_shared() {
+    check_close_then_listen_again(Policy::Shared);
+}
+
+#[test]
+fn close_then_listen_again_works_under_reuseport() {
+    check_close_then_listen_again(Policy::ReusePort);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_extra_port_of_a_dead_worker_refuses_connections_after_the_hold_time() {
+    let settings = settings(1)
+        .restart(RestartPolicy::new().backoff_min(Duration::from_millis(20)))
+        .hold_connections(Duration::from_millis(200))
+        .env("CLUSTER_APP_MODE_1", "double");
+    let mut primary = Primary::start(settings).await.expect("start");
+    let seen = listening(&mut primary, 2).await;
+    let extra = seen[1].1;
+    assert_ne!(seen[0].1, extra);
+    let pid = primary.stats().await.expect("stats").workers[0].pid;
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(pid).expect("pid"));
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL).expect("kill");
+    // The replacement listens once: on the first port only.
+    let [(replacement, address)] = listening(&mut primary, 1).await[..] else {
+        unreachable!()
+    };
+    assert_eq!(address, seen[0].1);
+    assert_eq!(bounded_request(address).await, replacement.get());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match tokio::net::TcpStream::connect(extra).await {
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => break,
+            _ => assert!(
+                tokio::time::Instant::now() < deadline,
+                "the extra port still accepts"
+            ),
+        }
+        tokio::task::yield_now().await;
+    }
+    primary.stop().await.expect("stop");
+}
