@@ -8,7 +8,9 @@
 //!
 //! Signals on the primary: SIGTERM/SIGINT graceful stop, SIGHUP rolling reload,
 //! SIGTTIN/SIGTTOU one worker more/less. Once the first worker listens, the primary prints
-//! `listening on http://ADDR` on standard output; logs go to standard error.
+//! `listening on http://ADDR` on standard output; logs go to standard error, among them
+//! `cluster ready` / `cluster not ready` when the primary-level readiness changes.
+//! Workers answer `GET /healthz` and `GET /readyz` (503 once their stop begins).
 
 mod app;
 mod serve;
@@ -106,26 +108,65 @@ async fn primary(args: Args) -> anyhow::Result<()> {
         .await
         .context("starting the cluster")?;
     let mut events = primary.take_events().context("events already taken")?;
-    let log_events = tokio::spawn(async move {
-        let mut announced = false;
-        while let Some(event) = events.recv().await {
-            if let Event::Listening { address, .. } = &event {
-                if !announced {
-                    announced = true;
-                    let mut stdout = std::io::stdout().lock();
-                    let _ = writeln!(stdout, "listening on http://{address}");
-                    let _ = stdout.flush();
-                }
-            }
-            log_event(&event);
+    let primary = primary;
+    let result = {
+        let logging = log_events(&primary, &mut events);
+        tokio::pin!(logging);
+        tokio::select! {
+            result = primary.run_until_signal() => result,
+            () = &mut logging => Ok(()),
         }
-    });
-    let result = primary.run_until_signal().await;
+    };
     drop(primary);
-    let _ = log_events.await;
+    // The last exits, after the stop.
+    while let Some(event) = events.recv().await {
+        log_event(&event);
+    }
     result.context("running the cluster")?;
     tracing::info!("primary exiting");
     Ok(())
+}
+
+/// Logs every event, prints the address once the first worker listens, and logs each
+/// change of the cluster's readiness (`cluster ready` / `cluster not ready`, from
+/// [`cluster::Stats::ready`]: every slot's worker listening and no stop begun).
+async fn log_events(primary: &Primary, events: &mut cluster::Events) {
+    let mut announced = false;
+    let mut ready = false;
+    while let Some(event) = events.recv().await {
+        if let Event::Listening { address, .. } = &event {
+            if !announced {
+                announced = true;
+                let mut stdout = std::io::stdout().lock();
+                let _ = writeln!(stdout, "listening on http://{address}");
+                let _ = stdout.flush();
+            }
+        }
+        log_event(&event);
+        let changes_readiness = matches!(
+            event,
+            Event::Listening { .. }
+                | Event::Disconnect { .. }
+                | Event::Exit { .. }
+                | Event::GoingDown { .. }
+                | Event::SlotFailed { .. }
+        );
+        if !changes_readiness {
+            continue;
+        }
+        let Ok(stats) = primary.stats().await else {
+            continue;
+        };
+        if stats.ready != ready {
+            ready = stats.ready;
+            let workers = stats.workers.len();
+            if ready {
+                tracing::info!(workers, "cluster ready");
+            } else {
+                tracing::info!(workers, "cluster not ready");
+            }
+        }
+    }
 }
 
 fn log_event(event: &Event) {
