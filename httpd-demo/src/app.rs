@@ -34,6 +34,11 @@ impl AppState {
         })
     }
 
+    /// The cluster's id of this worker.
+    pub(crate) fn worker_id(&self) -> u64 {
+        self.worker_id
+    }
+
     /// Watches how many requests are being handled right now.
     pub(crate) fn in_flight(&self) -> watch::Receiver<usize> {
         self.in_flight.subscribe()

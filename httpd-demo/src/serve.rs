@@ -94,6 +94,7 @@ pub(crate) async fn serve(
     drop(listener);
     let in_flight = *state.in_flight().borrow();
     tracing::info!(
+        id = state.worker_id(),
         in_flight,
         open = connections.len(),
         "draining: no new connections"
