@@ -41,6 +41,9 @@ pub(crate) struct FleetOptions {
     /// Shorter observation windows (well under two minutes in all).
     #[arg(long)]
     pub(crate) quick: bool,
+    /// Put the hosts on 127.0.0.2-4 even where network namespaces could be made.
+    #[arg(long)]
+    pub(crate) loopback: bool,
 }
 
 const HOSTS: usize = 3;
@@ -107,7 +110,7 @@ pub(crate) fn run(options: FleetOptions) -> Result<()> {
         Duration::from_secs(4)
     };
 
-    let network = Network::create(HOSTS);
+    let network = Network::create(HOSTS, options.loopback);
     let port = match network.mode {
         net::Mode::Namespaces => NAMESPACE_PORT,
         net::Mode::Loopback => host::free_port()?,

@@ -58,9 +58,15 @@ pub(crate) struct Network {
 impl Network {
     /// Namespaces for `count` hosts, or loopback addresses (with a message) where they
     /// cannot be made.
-    pub(crate) fn create(count: usize) -> Self {
+    /// `loopback` asks for the loopback addresses in any case.
+    pub(crate) fn create(count: usize, loopback: bool) -> Self {
         remove_stale();
-        match Self::namespaces(count) {
+        let made = if loopback {
+            Err(anyhow::anyhow!("--loopback"))
+        } else {
+            Self::namespaces(count)
+        };
+        match made {
             Ok(network) => network,
             Err(err) => {
                 println!(
