@@ -230,8 +230,8 @@ pub struct Stats {
     pub queued: usize,
     /// Slots given up after a crash loop.
     pub failed_slots: Vec<usize>,
-    /// Whether the cluster is ready for traffic: no stop has begun and every slot's
-    /// current worker is listening.
+    /// Whether the cluster is ready for traffic: no stop has begun and every slot has a
+    /// worker listening (during a reload step, the old worker that still serves counts).
     pub ready: bool,
 }
 

@@ -1,7 +1,6 @@
 //! The HTTP routes of the demo server, independent of how connections arrive.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -19,7 +18,8 @@ pub(crate) struct AppState {
     worker_id: u64,
     pid: u32,
     allow_crash: bool,
-    draining: AtomicBool,
+    /// Whether a stop has begun; watched so a test can see the moment it starts.
+    draining: watch::Sender<bool>,
     in_flight: watch::Sender<usize>,
 }
 
@@ -29,9 +29,14 @@ impl AppState {
             worker_id,
             pid: std::process::id(),
             allow_crash,
-            draining: AtomicBool::new(false),
+            draining: watch::Sender::new(false),
             in_flight: watch::Sender::new(0),
         })
+    }
+
+    /// The cluster's id of this worker.
+    pub(crate) fn worker_id(&self) -> u64 {
+        self.worker_id
     }
 
     /// Watches how many requests are being handled right now.
@@ -39,13 +44,19 @@ impl AppState {
         self.in_flight.subscribe()
     }
 
-    /// From now on every response says `Connection: close`.
+    /// From now on every response says `Connection: close` and `/readyz` answers 503.
     pub(crate) fn start_draining(&self) {
-        self.draining.store(true, Ordering::Release);
+        self.draining.send_replace(true);
+    }
+
+    /// Watches whether draining has started.
+    #[cfg(test)]
+    pub(crate) fn draining(&self) -> watch::Receiver<bool> {
+        self.draining.subscribe()
     }
 
     fn is_draining(&self) -> bool {
-        self.draining.load(Ordering::Acquire)
+        *self.draining.borrow()
     }
 }
 
@@ -53,6 +64,12 @@ impl AppState {
 ///
 /// `GET /` says hello, `GET /worker` names the worker, `GET /sleep?ms=N` answers after N
 /// milliseconds, `GET /crash` panics when crashing is allowed (404 otherwise).
+///
+/// `GET /healthz` is 200 while the process can serve (also while it drains: a liveness
+/// probe must not kill a worker that is finishing its requests). `GET /readyz` is 200
+/// while the worker takes new work and 503 from the moment its stop begins, so a
+/// balancer that checks it sends no new connections to a stopping worker. Both bodies
+/// name the worker: `{"status": "ready", "id": 3, "pid": 1234}`.
 pub(crate) async fn handle<B>(req: Request<B>, state: Arc<AppState>) -> Response<Full<Bytes>> {
     let _counted = InFlight::enter(&state);
     let mut response = route(&req, &state).await;
@@ -82,7 +99,10 @@ impl Drop for InFlight<'_> {
 
 async fn route<B>(req: &Request<B>, state: &AppState) -> Response<Full<Bytes>> {
     let path = req.uri().path();
-    if !matches!(path, "/" | "/worker" | "/sleep" | "/crash") {
+    if !matches!(
+        path,
+        "/" | "/worker" | "/sleep" | "/crash" | "/healthz" | "/readyz"
+    ) {
         return text(StatusCode::NOT_FOUND, "not found\n");
     }
     if req.method() != Method::GET {
@@ -90,14 +110,15 @@ async fn route<B>(req: &Request<B>, state: &AppState) -> Response<Full<Bytes>> {
     }
     match path {
         "/" => text(StatusCode::OK, "hello world\n"),
-        "/worker" => {
-            let body = format!("{{\"id\": {}, \"pid\": {}}}\n", state.worker_id, state.pid);
-            let mut response = Response::new(Full::new(Bytes::from(body)));
-            response
-                .headers_mut()
-                .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-            response
+        "/worker" => json(
+            StatusCode::OK,
+            format!("{{\"id\": {}, \"pid\": {}}}\n", state.worker_id, state.pid),
+        ),
+        "/healthz" => status(StatusCode::OK, "healthy", state),
+        "/readyz" if state.is_draining() => {
+            status(StatusCode::SERVICE_UNAVAILABLE, "draining", state)
         }
+        "/readyz" => status(StatusCode::OK, "ready", state),
         "/sleep" => match sleep_millis(req.uri().query()) {
             Some(ms) => {
                 let wait = Duration::from_millis(ms).min(MAX_SLEEP);
@@ -119,6 +140,24 @@ fn sleep_millis(query: Option<&str>) -> Option<u64> {
         .split('&')
         .find_map(|pair| pair.strip_prefix("ms="))
         .and_then(|v| v.parse().ok())
+}
+
+/// A `/healthz` or `/readyz` answer naming the worker.
+fn status(code: StatusCode, word: &str, state: &AppState) -> Response<Full<Bytes>> {
+    let body = format!(
+        "{{\"status\": \"{word}\", \"id\": {}, \"pid\": {}}}\n",
+        state.worker_id, state.pid
+    );
+    json(code, body)
+}
+
+fn json(code: StatusCode, body: String) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = code;
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response
 }
 
 /// A plain-text response; a `&'static str` body is served without a copy.
@@ -226,6 +265,38 @@ mod tests {
             handle(req, state).await.status(),
             StatusCode::METHOD_NOT_ALLOWED
         );
+    }
+
+    #[tokio::test]
+    async fn health_and_readiness_name_the_worker() {
+        let state = AppState::new(5, false);
+        let pid = std::process::id();
+        let body = |word: &str| format!("{{\"status\": \"{word}\", \"id\": 5, \"pid\": {pid}}}\n");
+        check(
+            get("/healthz", &state).await,
+            StatusCode::OK,
+            &body("healthy"),
+        );
+        check(get("/readyz", &state).await, StatusCode::OK, &body("ready"));
+    }
+
+    #[tokio::test]
+    async fn readiness_fails_from_the_moment_a_stop_begins() {
+        let state = AppState::new(5, false);
+        let mut draining = state.draining();
+        assert!(!*draining.borrow_and_update());
+        state.start_draining();
+        assert!(draining.has_changed().unwrap());
+        let pid = std::process::id();
+        let ready = get("/readyz", &state).await;
+        assert_eq!(ready.2.as_deref(), Some("close"));
+        check(
+            ready,
+            StatusCode::SERVICE_UNAVAILABLE,
+            &format!("{{\"status\": \"draining\", \"id\": 5, \"pid\": {pid}}}\n"),
+        );
+        // Still alive: a liveness probe must not kill a draining worker.
+        assert_eq!(get("/healthz", &state).await.0, StatusCode::OK);
     }
 
     #[tokio::test]

@@ -8,7 +8,9 @@
 //!
 //! Signals on the primary: SIGTERM/SIGINT graceful stop, SIGHUP rolling reload,
 //! SIGTTIN/SIGTTOU one worker more/less. Once the first worker listens, the primary prints
-//! `listening on http://ADDR` on standard output; logs go to standard error.
+//! `listening on http://ADDR` on standard output; logs go to standard error, among them
+//! `cluster ready` / `cluster not ready` when the primary-level readiness changes.
+//! Workers answer `GET /healthz` and `GET /readyz` (503 once their stop begins).
 
 mod app;
 mod serve;
@@ -109,47 +111,24 @@ async fn primary(args: Args) -> anyhow::Result<()> {
         .await
         .context("starting the cluster")?;
     let mut events = primary.take_events().context("events already taken")?;
-    // Why to give up, like nginx: a listen that retrying cannot fix, or every slot lost.
-    let (fatal, mut fatal_rx) = tokio::sync::mpsc::channel::<String>(1);
-    let log_events = tokio::spawn(async move {
-        let mut announced = false;
-        let mut failed_slots = 0;
-        while let Some(event) = events.recv().await {
-            if let Event::SlotFailed { cause, .. } = &event {
-                failed_slots += 1;
-                if matches!(cause, cluster::SlotFailure::Listen { .. }) {
-                    let _ = fatal.try_send(cause.to_string());
-                } else if failed_slots >= workers {
-                    let _ = fatal.try_send(format!("every worker keeps crashing ({cause})"));
-                }
-            }
-            if let Event::Output { id, stream, line } = &event {
-                print_worker_line(*id, *stream, line);
-                continue;
-            }
-            if let Event::Listening { address, .. } = &event {
-                if !announced {
-                    announced = true;
-                    let mut stdout = std::io::stdout().lock();
-                    let _ = writeln!(stdout, "listening on http://{address}");
-                    let _ = stdout.flush();
-                }
-            }
-            log_event(&event);
+    let primary = primary;
+    let (result, fatal) = {
+        let logging = log_events(&primary, &mut events, workers);
+        tokio::pin!(logging);
+        tokio::select! {
+            result = primary.run_until_signal() => (result, None),
+            fatal = &mut logging => (Ok(()), fatal),
         }
-    });
-    let fatal = tokio::select! {
-        result = primary.run_until_signal() => {
-            result.context("running the cluster")?;
-            None
-        }
-        Some(reason) = fatal_rx.recv() => Some(reason),
     };
     if fatal.is_some() {
         primary.stop().await.context("stopping the cluster")?;
     }
     drop(primary);
-    let _ = log_events.await;
+    // The last exits, after the stop.
+    while let Some(event) = events.recv().await {
+        show(&event);
+    }
+    result.context("running the cluster")?;
     if let Some(reason) = fatal {
         anyhow::bail!("cannot serve: {reason}");
     }
@@ -163,6 +142,73 @@ fn print_worker_line(id: cluster::WorkerId, stream: cluster::OutputStream, line:
         cluster::OutputStream::Stdout => writeln!(std::io::stdout().lock(), "worker {id} | {line}"),
         _ => writeln!(std::io::stderr().lock(), "worker {id} | {line}"),
     };
+}
+
+/// A worker's output line is printed with its id, any other event logged.
+fn show(event: &Event) {
+    match event {
+        Event::Output { id, stream, line } => print_worker_line(*id, *stream, line),
+        event => log_event(event),
+    }
+}
+
+/// Shows every event, prints the address once the first worker listens, and logs each
+/// change of the cluster's readiness (`cluster ready` / `cluster not ready`, from
+/// [`cluster::Stats::ready`]: every slot's worker listening and no stop begun). Returns
+/// why to give up, like nginx: a listen that retrying cannot fix, or every slot lost;
+/// `None` once the events end.
+async fn log_events(
+    primary: &Primary,
+    events: &mut cluster::Events,
+    workers: usize,
+) -> Option<String> {
+    let mut announced = false;
+    let mut ready = false;
+    let mut failed_slots = 0;
+    while let Some(event) = events.recv().await {
+        if let Event::Listening { address, .. } = &event {
+            if !announced {
+                announced = true;
+                let mut stdout = std::io::stdout().lock();
+                let _ = writeln!(stdout, "listening on http://{address}");
+                let _ = stdout.flush();
+            }
+        }
+        show(&event);
+        if let Event::SlotFailed { cause, .. } = &event {
+            failed_slots += 1;
+            if matches!(cause, cluster::SlotFailure::Listen { .. }) {
+                return Some(cause.to_string());
+            }
+            if failed_slots >= workers {
+                return Some(format!("every worker keeps crashing ({cause})"));
+            }
+        }
+        let changes_readiness = matches!(
+            event,
+            Event::Listening { .. }
+                | Event::Disconnect { .. }
+                | Event::Exit { .. }
+                | Event::GoingDown { .. }
+                | Event::SlotFailed { .. }
+        );
+        if !changes_readiness {
+            continue;
+        }
+        let Ok(stats) = primary.stats().await else {
+            continue;
+        };
+        if stats.ready != ready {
+            ready = stats.ready;
+            let workers = stats.workers.len();
+            if ready {
+                tracing::info!(workers, "cluster ready");
+            } else {
+                tracing::info!(workers, "cluster not ready");
+            }
+        }
+    }
+    None
 }
 
 fn log_event(event: &Event) {

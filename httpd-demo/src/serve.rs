@@ -10,16 +10,15 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulConnection;
-use std::sync::atomic::{AtomicBool, Ordering};
-
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use crate::app::{self, AppState};
 
-/// How long a connection accepted just before a drain may take to send its first request.
-const FIRST_REQUEST_WAIT: Duration = Duration::from_secs(1);
+mod activity;
+
+use activity::{ActivityCell, DrainStep, IDLE_CLOSE};
 
 /// How a serve loop ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -43,8 +42,9 @@ impl Accept for tokio::net::TcpListener {
 }
 
 /// Serves every connection that `listener` yields until `stopping` resolves or the
-/// listener closes, then drains: no new connections, in-flight requests finish with
-/// `Connection: close`, idle keep-alive connections are closed, and whatever is still open
+/// listener closes, then drains: no new connections, `/readyz` answers 503, every
+/// response says `Connection: close` (a keep-alive connection's next request is still
+/// answered), connections idle for [`IDLE_CLOSE`] are closed, and whatever is still open
 /// after `grace` is dropped.
 pub(crate) async fn serve(
     mut listener: impl Accept,
@@ -74,22 +74,27 @@ pub(crate) async fn serve(
             Some(_) = connections.join_next(), if !connections.is_empty() => continue,
         };
         let _ = stream.set_nodelay(true);
-        let served = Arc::new(AtomicBool::new(false));
+        let activity = ActivityCell::new();
         let service = service_fn({
-            let (state, served) = (Arc::clone(&state), Arc::clone(&served));
+            let (state, activity) = (Arc::clone(&state), activity.clone());
             move |req| {
-                served.store(true, Ordering::Release);
-                let state = Arc::clone(&state);
-                async move { Ok::<_, Infallible>(app::handle(req, state).await) }
+                activity.busy();
+                let (state, activity) = (Arc::clone(&state), activity.clone());
+                async move {
+                    let response = app::handle(req, state).await;
+                    activity.idle();
+                    Ok::<_, Infallible>(response)
+                }
             }
         });
         let connection = http.serve_connection(TokioIo::new(stream), service);
-        connections.spawn(watch_connection(connection, served, draining.clone()));
+        connections.spawn(watch_connection(connection, activity, draining.clone()));
     }
     state.start_draining();
     drop(listener);
     let in_flight = *state.in_flight().borrow();
     tracing::info!(
+        id = state.worker_id(),
         in_flight,
         open = connections.len(),
         "draining: no new connections"
@@ -102,16 +107,15 @@ pub(crate) async fn serve(
     }
 }
 
-/// Drives one connection; once draining starts, lets it end gracefully.
+/// Drives one connection; once draining starts, ends it without losing a request.
 ///
-/// A connection that has served a request is shut down gracefully at once: an idle one
-/// closes, a busy one finishes its response with `Connection: close`. A connection that
-/// has not sent its first request yet was accepted just before the drain and its request
-/// is almost surely on the way: it gets `FIRST_REQUEST_WAIT` to arrive and is answered
-/// (with `Connection: close`) instead of being closed under the client's feet.
+/// The rule is [`activity::drain_step`]: a connection in use is left open, so that its
+/// next request is answered with `Connection: close` (after which hyper stops reading and
+/// closes); one idle for [`IDLE_CLOSE`] is shut down (hyper closes an idle connection at
+/// once). `serve` drops whatever is left at the grace deadline.
 async fn watch_connection<C>(
     connection: C,
-    served: Arc<AtomicBool>,
+    activity: ActivityCell,
     mut draining: watch::Receiver<bool>,
 ) where
     C: GracefulConnection,
@@ -120,28 +124,24 @@ async fn watch_connection<C>(
     tokio::pin!(connection);
     let mut drain_seen = false;
     let mut shut_down = false;
-    // When draining started before the first request: how long it may still take to come.
-    let first_request_deadline = tokio::time::sleep(Duration::ZERO);
-    tokio::pin!(first_request_deadline);
-    let mut waiting_for_first = false;
+    let recheck = tokio::time::sleep(Duration::ZERO);
+    tokio::pin!(recheck);
     let result = loop {
         tokio::select! {
             result = connection.as_mut() => break result,
             _ = draining.wait_for(|d| *d), if !drain_seen => {
                 drain_seen = true;
-                if served.load(Ordering::Acquire) {
-                    connection.as_mut().graceful_shutdown();
-                    shut_down = true;
-                } else {
-                    waiting_for_first = true;
-                    first_request_deadline
-                        .as_mut()
-                        .reset(tokio::time::Instant::now() + FIRST_REQUEST_WAIT);
-                }
+                recheck.as_mut().reset(tokio::time::Instant::now());
             }
-            () = first_request_deadline.as_mut(), if waiting_for_first && !shut_down => {
-                connection.as_mut().graceful_shutdown();
-                shut_down = true;
+            () = recheck.as_mut(), if drain_seen && !shut_down => {
+                let now = tokio::time::Instant::now();
+                match activity::drain_step(activity.get(), now, IDLE_CLOSE) {
+                    DrainStep::Close => {
+                        connection.as_mut().graceful_shutdown();
+                        shut_down = true;
+                    }
+                    DrainStep::Recheck(at) => recheck.as_mut().reset(at),
+                }
             }
         }
     };
@@ -254,6 +254,56 @@ mod tests {
         let mut rest = Vec::new();
         assert_eq!(busy.read_to_end(&mut rest).await.unwrap(), 0);
         assert_eq!(idle.read_to_end(&mut rest).await.unwrap(), 0);
+        assert_eq!(server.done.await.unwrap(), Drained::Clean);
+    }
+
+    /// A keep-alive connection served once, and the server told to stop.
+    /// Returns it and when its request was sent.
+    async fn used_connection_then_stop(
+        server: &mut Server,
+    ) -> (BufReader<TcpStream>, tokio::time::Instant) {
+        let mut conn = BufReader::new(TcpStream::connect(server.addr).await.unwrap());
+        let sent = tokio::time::Instant::now();
+        conn.get_mut()
+            .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        read_response(&mut conn).await;
+        let mut draining = server.state.draining();
+        server.stop.take().unwrap().send(()).unwrap();
+        draining.wait_for(|d| *d).await.unwrap();
+        (conn, sent)
+    }
+
+    #[tokio::test]
+    async fn drain_answers_the_next_request_of_a_keep_alive_connection() {
+        let mut server = start(Duration::from_secs(10)).await;
+        let (mut conn, _) = used_connection_then_stop(&mut server).await;
+        // The client sends its next request after the drain began: it is answered, with
+        // `Connection: close`, and only then is the connection closed.
+        conn.get_mut()
+            .write_all(b"GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let (head, body) = read_response(&mut conn).await;
+        assert!(head.starts_with("http/1.1 503"), "{head}");
+        assert!(head.contains("connection: close"), "{head}");
+        assert!(body.contains("\"status\": \"draining\""), "{body}");
+        let mut rest = Vec::new();
+        assert_eq!(conn.read_to_end(&mut rest).await.unwrap(), 0);
+        assert_eq!(server.done.await.unwrap(), Drained::Clean);
+    }
+
+    #[tokio::test]
+    async fn drain_closes_a_connection_once_it_has_been_idle_for_the_threshold() {
+        let mut server = start(Duration::from_secs(10)).await;
+        let (mut conn, sent) = used_connection_then_stop(&mut server).await;
+        let answered = tokio::time::Instant::now();
+        let mut rest = Vec::new();
+        assert_eq!(conn.read_to_end(&mut rest).await.unwrap(), 0);
+        // Idle from between `sent` and `answered`: closed IDLE_CLOSE after that.
+        assert!(sent.elapsed() >= IDLE_CLOSE, "closed too early");
+        assert!(answered.elapsed() <= IDLE_CLOSE + Duration::from_millis(500));
         assert_eq!(server.done.await.unwrap(), Drained::Clean);
     }
 

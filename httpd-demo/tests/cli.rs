@@ -8,6 +8,8 @@
 
 #[path = "cli/http.rs"]
 mod http;
+#[path = "cli/keep_alive.rs"]
+mod keep_alive;
 #[path = "cli/server.rs"]
 mod server;
 
@@ -64,6 +66,10 @@ fn every_route_answers() {
     check(&server, "GET", "/sleep?ms=50", 200);
     check(&server, "GET", "/nope", 404);
     check(&server, "POST", "/", 405);
+    for path in ["/healthz", "/readyz"] {
+        let body = check(&server, "GET", path, 200).body;
+        assert!(body.contains("\"id\": "), "{path}: {body}");
+    }
     let worker = check(&server, "GET", "/worker", 200).worker();
     assert!(server.workers().contains(&worker), "{worker:?}");
     assert!(is_running(worker.pid));

@@ -14,6 +14,8 @@
 //!   by the benches and read back by `cargo xtask bench`.
 //! - [`node_available`], [`node_timing`]: Node 20 as a peer.
 //! - [`WorkerInfo`]: which `httpd-demo` worker answered.
+//! - [`KeepAliveLoad`]: a bounded keep-alive HTTP/1.1 client load that records every
+//!   request's outcome, and [`http_get`] for readiness checks.
 //!
 //! ```
 //! use std::process::{Command, Stdio};
@@ -37,6 +39,7 @@
 
 mod bench_line;
 mod guard;
+mod load;
 mod log;
 mod node;
 mod proc_stat;
@@ -45,6 +48,7 @@ mod worker_info;
 
 pub use bench_line::{BenchArgs, BenchLine, Benchmark, Subject, Unit};
 pub use guard::{KillOnDrop, kill_all_groups};
+pub use load::{KeepAliveLoad, LoadConfig, Outcome, Sample, http_get};
 pub use log::{Line, LineLog, LogError};
 pub use node::{NODE_INSTALL_HINT, NodeError, node_available, node_timing};
 pub use proc_stat::{ProcStat, children_of, is_running};

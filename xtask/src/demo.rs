@@ -182,7 +182,7 @@ pub(crate) fn run() -> Result<()> {
     Ok(())
 }
 
-fn build_release() -> Result<PathBuf> {
+pub(crate) fn build_release() -> Result<PathBuf> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let root = crate::workspace_root();
     let status = Command::new(cargo)

@@ -6,6 +6,7 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod demo;
+mod fleet;
 mod http;
 
 #[derive(Debug, Parser)]
@@ -21,12 +22,15 @@ enum Command {
     Demo,
     /// Run the side-by-side benchmarks.
     Bench(bench::BenchOptions),
+    /// Three hosts behind nginx: rolling deploy, graceful stop, a dead host, recovery.
+    Fleet(fleet::FleetOptions),
 }
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Demo => demo::run(),
         Command::Bench(options) => bench::run(options),
+        Command::Fleet(options) => fleet::run(options),
     }
 }
 

@@ -367,14 +367,19 @@ impl Core {
         stats
     }
 
-    /// Whether every slot has a worker listening and no stop has begun.
+    /// Whether every slot has a worker listening and no stop has begun. During a reload
+    /// step the slot's old worker, still serving, counts for it.
     fn ready(&self) -> bool {
+        let serving = |id: Option<WorkerId>| {
+            id.and_then(|id| self.workers.get(&id))
+                .is_some_and(|w| w.serves(1))
+        };
         matches!(self.run, Run::Running)
             && !self.slots.is_empty()
-            && self.slots.values().all(|s| {
-                s.current()
-                    .is_some_and(|id| self.workers.get(&id).is_some_and(|w| w.serves(1)))
-            })
+            && self
+                .slots
+                .iter()
+                .all(|(slot, s)| serving(s.current()) || serving(self.reload_keeps_old(*slot)))
     }
 
     fn running(&self) -> bool {

@@ -532,6 +532,7 @@ proptest! {
         let mut sim = serving(workers, policy);
         let before: Vec<WorkerId> = sim.core.workers.keys().copied().collect();
         let reload = sim.command(Command::Reload);
+        prop_assert!(sim.core.stats().ready);
         for (w, connect) in steps {
             if connect {
                 sim.connect(0);
@@ -550,6 +551,7 @@ proptest! {
                 sim.deliver(id, true);
             }
             prop_assert!(sim.listening_current() + 1 >= workers, "too few listening");
+            prop_assert!(sim.core.stats().ready, "a reload never makes the cluster unready");
         }
         sim.settle(10_000);
         prop_assert_eq!(sim.replies.get(&reload), Some(&Outcome::Done));
