@@ -224,6 +224,11 @@ impl Worker {
                     }
                 }
             }
+            (Ok((Granted::Socket, _)), None, _) => {
+                // Its descriptor was lost on the way (this process is out of them).
+                self.inner.send_control(ToPrimary::Close { key });
+                Err(ListenError::from_errno(address, libc::EMFILE))
+            }
             _ => Err(ListenError::NoReply { address }),
         }
     }

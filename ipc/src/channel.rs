@@ -395,6 +395,9 @@ struct FdBatch {
     start: u64,
     end: u64,
     fds: Vec<OwnedFd>,
+    /// The kernel could not install them (this process was out of descriptors): the frame
+    /// that claims them gets none and says so ([`Received::fds_lost`]).
+    lost: bool,
 }
 
 impl Receiver {
@@ -453,7 +456,7 @@ impl Receiver {
         self.seen_frame = true;
         let end = self.received - self.buf.len() as u64;
         let start = end - (HEADER_LEN + frame.payload.len()) as u64;
-        let fds = self.claim_fds(start, end, usize::from(frame.fd_count))?;
+        let (fds, fds_lost) = self.claim_fds(start, end, usize::from(frame.fd_count))?;
         if frame.payload.len() > RETAINED_BUFFER {
             // The payload shares the buffer's allocation: keep only the bytes after it, so
             // the large allocation goes away with the message.
@@ -463,12 +466,38 @@ impl Receiver {
             lane: frame.lane,
             payload: frame.payload,
             fds,
+            fds_lost,
         }))
     }
 
     /// The descriptors of the frame at stream bytes `[start, end)`, which declares
-    /// `declared` of them.
-    fn claim_fds(&mut self, start: u64, end: u64, declared: usize) -> Result<Vec<OwnedFd>, Error> {
+    /// `declared` of them, and whether they were lost (see [`Received::fds_lost`]).
+    fn claim_fds(
+        &mut self,
+        start: u64,
+        end: u64,
+        declared: usize,
+    ) -> Result<(Vec<OwnedFd>, bool), Error> {
+        if let Some(batch) = self.batches.front()
+            && batch.lost
+            && batch.start <= start
+            && (declared > 0 || end >= batch.end)
+        {
+            // Lost with this frame's first byte: it gets none (a frame that declared none
+            // and ends the read leaves nothing behind either).
+            self.batches.pop_front();
+            return Ok((Vec::new(), declared > 0));
+        }
+        self.claim_received_fds(start, end, declared)
+            .map(|fds| (fds, false))
+    }
+
+    fn claim_received_fds(
+        &mut self,
+        start: u64,
+        end: u64,
+        declared: usize,
+    ) -> Result<Vec<OwnedFd>, Error> {
         let Some(batch) = self.batches.front() else {
             return match declared {
                 0 => Ok(Vec::new()),
@@ -560,10 +589,28 @@ impl Receiver {
                             start,
                             end: self.received,
                             fds,
+                            lost: false,
                         });
                     }
                 }
-                sys::Received::ControlTruncated => return Err(Error::ControlTruncated),
+                sys::Received::Truncated(n) => {
+                    // A full buffer means the peer sent more than allowed. Fewer means this
+                    // process ran out of descriptors: the bytes are intact and the frame
+                    // that claims the lost descriptors is delivered without them, so that
+                    // the application can refuse it and carry on.
+                    if fds.len() >= self.max_fds {
+                        return Err(Error::ControlTruncated);
+                    }
+                    drop(fds);
+                    let start = self.received;
+                    self.received += n as u64;
+                    self.batches.push_back(FdBatch {
+                        start,
+                        end: self.received,
+                        fds: Vec::new(),
+                        lost: true,
+                    });
+                }
             }
         }
     }
@@ -579,6 +626,7 @@ pub struct Received {
     lane: Lane,
     payload: Bytes,
     fds: Vec<OwnedFd>,
+    fds_lost: bool,
 }
 
 impl Received {
@@ -590,6 +638,15 @@ impl Received {
     /// The encoded body.
     pub fn payload(&self) -> &[u8] {
         &self.payload
+    }
+
+    /// Whether the peer sent descriptors with this message that this process could not
+    /// receive: it was out of descriptors (`EMFILE`, `ENFILE`) and the kernel closed them.
+    /// The message itself is intact and the channel goes on; [`fds`](Received::fds) is
+    /// empty. Treat it as a message whose descriptors are gone (a cluster worker refuses
+    /// such a hand-off, so the primary gives it to another worker).
+    pub fn fds_lost(&self) -> bool {
+        self.fds_lost
     }
 
     /// Decodes the body as a `T`.

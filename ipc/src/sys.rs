@@ -60,8 +60,10 @@ impl ControlBuffer {
 pub(crate) enum Received {
     /// `n` bytes were appended to the buffer (0 means end of stream).
     Bytes(usize),
-    /// The kernel truncated the control message; the descriptors that fit were closed.
-    ControlTruncated,
+    /// `n` bytes were appended, but the kernel truncated the control message: the
+    /// descriptors it could install are in `fds`, the others were closed. Either the peer
+    /// sent more than the buffer holds, or this process is out of descriptors.
+    Truncated(usize),
 }
 
 /// Reads up to `want` bytes into the spare capacity of `buf` without blocking, appending
@@ -122,7 +124,7 @@ pub(crate) fn recv(
         cmsg = unsafe { libc::CMSG_NXTHDR(&msg, cmsg) };
     }
     if msg.msg_flags & libc::MSG_CTRUNC != 0 {
-        return Ok(Received::ControlTruncated);
+        return Ok(Received::Truncated(n));
     }
     Ok(Received::Bytes(n))
 }

@@ -6,6 +6,7 @@
 //! the `Primary` (or the test's runtime) kills and reaps every worker.
 
 mod faults;
+mod fds;
 mod lifecycle;
 mod process;
 mod resilience;

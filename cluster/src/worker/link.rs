@@ -280,6 +280,9 @@ pub(crate) async fn read_loop(
                 }
             }
             Ok(ToWorker::NewConn { key, seq }) => {
+                if message.fds_lost() {
+                    tracing::warn!(%key, "out of descriptors: refusing a hand-off");
+                }
                 let fd = message.take_fds().pop();
                 let stopping = inner.stop_token().is_cancelled();
                 let decision = inner.core().on_handoff(&key, fd.is_some(), stopping);

@@ -4,6 +4,7 @@
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
 
@@ -17,6 +18,20 @@ pub(crate) enum Kind {
     Socket(TcpListener),
 }
 
+/// The first pause after an accept fails for lack of resources; it doubles up to
+/// [`MAX_ACCEPT_PAUSE`] and resets on the next success.
+const ACCEPT_PAUSE: Duration = Duration::from_millis(10);
+const MAX_ACCEPT_PAUSE: Duration = Duration::from_secs(1);
+
+/// Whether an accept error passes by itself (descriptors or memory run out, or the
+/// client gave up): wait and try again rather than fail the listener.
+fn passes(error: &io::Error) -> bool {
+    matches!(
+        error.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM | libc::ECONNABORTED)
+    )
+}
+
 /// A listening server in a worker: yields accepted connections whatever the policy.
 #[derive(Debug)]
 pub struct Listener {
@@ -24,6 +39,8 @@ pub struct Listener {
     address: SocketAddr,
     kind: Option<Kind>,
     inner: Arc<Inner>,
+    /// Accept errors in a row that pass by themselves, for the pause and the log.
+    shortages: u32,
 }
 
 impl Listener {
@@ -33,6 +50,7 @@ impl Listener {
             address,
             kind: Some(kind),
             inner,
+            shortages: 0,
         }
     }
 
@@ -49,6 +67,11 @@ impl Listener {
     /// The next connection, or `Ok(None)` once the worker is stopping (and forever after).
     /// Under round-robin, taking a connection is what tells the primary it was accepted;
     /// connections not taken before the worker stops are handed to another worker.
+    ///
+    /// Out of descriptors or memory (`EMFILE`, `ENFILE`, `ENOBUFS`, `ENOMEM`), it does not
+    /// fail and does not spin: it pauses (10 ms doubling to 1 s, one log line each time the
+    /// count of errors doubles) while the kernel keeps the backlog, and goes on once
+    /// resources are free. Other errors are returned.
     pub async fn accept(&mut self) -> io::Result<Option<TcpStream>> {
         loop {
             let stop = self.inner.stop_token().clone();
@@ -59,9 +82,17 @@ impl Listener {
             match &self.kind {
                 None => return Ok(None),
                 Some(Kind::Socket(listener)) => {
-                    tokio::select! {
-                        accepted = listener.accept() => return accepted.map(|(s, _)| Some(s)),
-                        () = stop.cancelled() => {}
+                    let accepted = tokio::select! {
+                        accepted = listener.accept() => accepted,
+                        () = stop.cancelled() => continue,
+                    };
+                    match accepted {
+                        Ok((stream, _)) => {
+                            self.shortages = 0;
+                            return Ok(Some(stream));
+                        }
+                        Err(e) if passes(&e) => self.pause(&e, &stop).await,
+                        Err(e) => return Err(e),
                     }
                 }
                 Some(Kind::RoundRobin(queue)) => {
@@ -84,6 +115,21 @@ impl Listener {
                     }
                 }
             }
+        }
+    }
+
+    /// Waits out a shortage (see [`accept`](Listener::accept)), or until the worker stops.
+    async fn pause(&mut self, error: &io::Error, stop: &tokio_util::sync::CancellationToken) {
+        self.shortages = self.shortages.saturating_add(1);
+        if self.shortages.is_power_of_two() {
+            tracing::warn!(key = %self.key, %error, errors = self.shortages, "accept failed; pausing");
+        }
+        let pause = ACCEPT_PAUSE
+            .saturating_mul(1 << (self.shortages - 1).min(7))
+            .min(MAX_ACCEPT_PAUSE);
+        tokio::select! {
+            () = tokio::time::sleep(pause) => {}
+            () = stop.cancelled() => {}
         }
     }
 

@@ -10,7 +10,7 @@ use tokio::io::{AsyncBufReadExt, BufReader, Lines};
 
 use super::{EVENT_TIMEOUT, request};
 
-type StdoutLines = Lines<BufReader<child::ChildStdout>>;
+pub(super) type StdoutLines = Lines<BufReader<child::ChildStdout>>;
 
 fn start_primary(workers: usize) -> (child::Child, StdoutLines) {
     let options = SpawnOptions::new()
@@ -30,7 +30,11 @@ fn start_primary(workers: usize) -> (child::Child, StdoutLines) {
 
 /// Reads lines until one starts with `prefix`; returns its words after the prefix. Adopts
 /// each forked worker into `pids`, which kills them when dropped, whatever happened.
-async fn line(lines: &mut StdoutLines, prefix: &str, pids: &mut KillOnDrop) -> Vec<String> {
+pub(super) async fn line(
+    lines: &mut StdoutLines,
+    prefix: &str,
+    pids: &mut KillOnDrop,
+) -> Vec<String> {
     let wait = async {
         loop {
             let line = lines.next_line().await.expect("read").expect("a line");

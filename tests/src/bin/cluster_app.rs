@@ -13,7 +13,9 @@
 //! one connection then disconnects itself, `relisten` listens, closes and listens again
 //! (then reports `relisten <port>`), `report-stop` prints `stop <reason>` on stdout
 //! when it is told to stop. A failed listen is reported to the primary as the user message
-//! `listen-error <errno>`, then the worker exits with code 3.
+//! `listen-error <errno>`, then the worker exits with code 3. With
+//! `CLUSTER_APP_RAISE_NOFILE` set, a worker raises its descriptor limit to the hard one;
+//! with `CLUSTER_APP_NOFILE=<n>`, it lowers it to `n`.
 //!
 //! As a primary (`cluster_app <workers>`) it runs until a signal and prints each event as
 //! a line on stdout: `fork <id> <pid>`, `listening <id> <address>`,
@@ -77,6 +79,20 @@ async fn primary() -> anyhow::Result<()> {
 }
 
 async fn worker(id: cluster::WorkerId) -> anyhow::Result<()> {
+    {
+        // Which side runs short of descriptors is the test's choice.
+        use nix::sys::resource::{Resource, getrlimit, setrlimit};
+        let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
+        if std::env::var_os("CLUSTER_APP_RAISE_NOFILE").is_some() {
+            setrlimit(Resource::RLIMIT_NOFILE, hard, hard)?;
+        }
+        if let Some(soft) = std::env::var("CLUSTER_APP_NOFILE")
+            .ok()
+            .and_then(|n| n.parse().ok())
+        {
+            setrlimit(Resource::RLIMIT_NOFILE, soft, hard)?;
+        }
+    }
     let mode = std::env::var(format!("CLUSTER_APP_MODE_{id}"))
         .or_else(|_| std::env::var("CLUSTER_APP_MODE"))
         .unwrap_or_else(|_| "serve".into());
