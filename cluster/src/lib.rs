@@ -51,9 +51,11 @@
 //!   the same server or for more than [`MAX_SERVERS_PER_WORKER`] is misbehaving: killed
 //!   and replaced ([`Event::Misbehaved`]), the others unaffected;
 //! - [`Primary::send`] waits while the worker's socket is full (back-pressure); a worker
-//!   keeps at most [`USER_QUEUE_CAPACITY`] unread user messages and drops the oldest;
-//! - events wait in a queue of [`EVENT_CAPACITY`]; when nobody reads it, later events are
-//!   dropped with a log line, never blocking the primary;
+//!   keeps at most [`USER_QUEUE_CAPACITY`] unread user messages and [`USER_QUEUE_BYTES`]
+//!   of them, and drops the oldest;
+//! - events wait in a queue of [`EVENT_CAPACITY`] events and [`EVENT_BYTES`] of message
+//!   and output bytes; when nobody reads it, later events are dropped with a log line
+//!   (kind and size), never blocking the primary;
 //! - a worker's hand-offs waiting for `accept` are bounded; past it they are refused and go
 //!   to another worker.
 //!
@@ -121,6 +123,13 @@
 //! - [`Primary::kill`] is Node's `worker.kill()`: the worker is disconnected first and is
 //!   not replaced. A worker killed from outside (by its pid) crashed and is replaced.
 //!
+//! - Known limits: a worker whose *main* task panics may exit before its going-down
+//!   notice is written (the exit is then reported as a crash, which it is); a worker that
+//!   starts a frame on its channel and never finishes it is not timed out (its hand-offs
+//!   wait; a drain deadline or its exit ends it); a SIGTTIN whose fork fails for lack of
+//!   descriptors is reported (`SIGTTIN: could not add a worker`) and not retried, while a
+//!   replacement's failed fork is; [`Error::Fork`] carries the cause as its `source`.
+//!
 //! # Platform
 //!
 //! Linux.
@@ -140,13 +149,14 @@ pub use env::{WORKER_ID_ENV, WORKER_SLOT_ENV};
 pub use error::{Error, ListenError};
 pub use ipc::Received;
 pub use primary::{
-    EVENT_CAPACITY, Event, Events, MAX_SERVERS_PER_WORKER, OutputStream, Primary, ReloadFailure,
-    Signal, SlotFailure, Stats, WorkerState, WorkerStats,
+    BROADCAST_WAIT, EVENT_BYTES, EVENT_CAPACITY, Event, Events, MAX_SERVERS_PER_WORKER,
+    OutputStream, Primary, ReloadFailure, Signal, SlotFailure, Stats, WorkerState, WorkerStats,
 };
 pub use protocol::{AddressFamily, HandleKey, WorkerId};
 pub use settings::{Policy, RestartPolicy, SCHED_POLICY_ENV, Settings, UnknownPolicy};
 pub use worker::{
-    DEFAULT_BACKLOG, ListenOptions, Listener, StopReason, USER_QUEUE_CAPACITY, Worker,
+    DEFAULT_BACKLOG, ListenOptions, Listener, StopReason, USER_QUEUE_BYTES, USER_QUEUE_CAPACITY,
+    Worker,
 };
 
 /// Which part this process plays.

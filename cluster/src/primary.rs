@@ -9,6 +9,7 @@
 
 mod core;
 mod driver;
+mod events;
 mod restart;
 mod sockets;
 
@@ -26,8 +27,10 @@ use crate::settings::Settings;
 
 pub use child::Signal;
 
-/// How many events wait for a reader before later ones are dropped (and logged).
-pub const EVENT_CAPACITY: usize = 4096;
+pub use self::events::{EVENT_BYTES, EVENT_CAPACITY, Events};
+
+/// How long [`Primary::broadcast`] waits for one worker whose channel is full.
+pub const BROADCAST_WAIT: Duration = Duration::from_secs(1);
 
 /// How many servers (`listen` calls not closed) one worker may hold; a worker that asks
 /// for more is treated as misbehaving: killed and replaced.
@@ -184,6 +187,25 @@ pub enum Event {
     },
 }
 
+impl Event {
+    /// The event's name, for logs (`"exit"`, `"message"`, ...).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Fork { .. } => "fork",
+            Self::Online { .. } => "online",
+            Self::Listening { .. } => "listening",
+            Self::Disconnect { .. } => "disconnect",
+            Self::Exit { .. } => "exit",
+            Self::Message { .. } => "message",
+            Self::GoingDown { .. } => "going-down",
+            Self::Misbehaved { .. } => "misbehaved",
+            Self::SlotFailed { .. } => "slot-failed",
+            Self::ReloadFailed { .. } => "reload-failed",
+            Self::Output { .. } => "output",
+        }
+    }
+}
+
 /// Where a worker is in its life (Node's `worker.state`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
@@ -260,18 +282,6 @@ pub struct Primary {
     events: Option<Events>,
 }
 
-/// The primary's event stream, taken with [`Primary::take_events`] to read it from
-/// another task.
-#[derive(Debug)]
-pub struct Events(mpsc::Receiver<Event>);
-
-impl Events {
-    /// The next event, or `None` once the primary has stopped.
-    pub async fn recv(&mut self) -> Option<Event> {
-        self.0.recv().await
-    }
-}
-
 impl Primary {
     /// Starts the configured number of workers. Must be called within a tokio runtime,
     /// from a task whose thread lives as long as the workers (see the crate's caveats).
@@ -280,11 +290,11 @@ impl Primary {
             return Err(Error::WrongRole("primary"));
         }
         let (commands, commands_rx) = mpsc::channel(64);
-        let (events_tx, events) = mpsc::channel(EVENT_CAPACITY);
+        let (events_tx, events) = events::queue();
         driver::Driver::start(settings, events_tx, commands_rx)?;
         Ok(Primary {
             commands,
-            events: Some(Events(events)),
+            events: Some(events),
         })
     }
 
@@ -349,12 +359,16 @@ impl Primary {
         Ok(())
     }
 
-    /// Sends a user message to every live worker; returns how many it reached.
+    /// Sends a user message to every live worker; returns how many it reached. A worker
+    /// whose channel stays full for [`BROADCAST_WAIT`] (a stopped or wedged process) is
+    /// skipped and not counted, so one such worker delays a broadcast by at most that; the
+    /// message may still reach it later (a cancelled send never corrupts the channel).
     pub async fn broadcast<T: Serialize + ?Sized>(&self, message: &T) -> Result<usize, Error> {
         let senders = self.ask(|r| Command::Senders(None, r)).await?;
         let mut reached = 0;
         for sender in senders {
-            if sender.lock().await.send(message).await.is_ok() {
+            let send = async { sender.lock().await.send(message).await };
+            if let Ok(Ok(())) = tokio::time::timeout(BROADCAST_WAIT, send).await {
                 reached += 1;
             }
         }

@@ -23,8 +23,8 @@ use tokio_util::sync::CancellationToken;
 use self::link::Inner;
 use self::listener::Kind;
 pub use self::listener::Listener;
-pub use self::messages::USER_QUEUE_CAPACITY;
 use self::messages::UserQueue;
+pub use self::messages::{USER_QUEUE_BYTES, USER_QUEUE_CAPACITY};
 use crate::error::{Error, ListenError};
 use crate::protocol::{Granted, ToPrimary};
 use crate::{WorkerId, net};
@@ -255,8 +255,9 @@ impl Worker {
     }
 
     /// The next message from the primary, `None` once the channel is closed and every
-    /// message was read. At most [`USER_QUEUE_CAPACITY`] unread messages are kept: when
-    /// more arrive, the oldest are dropped (see [`dropped_messages`](Worker::dropped_messages)),
+    /// message was read. At most [`USER_QUEUE_CAPACITY`] unread messages and
+    /// [`USER_QUEUE_BYTES`] are kept (the newest always): when more arrive, the oldest are
+    /// dropped (see [`dropped_messages`](Worker::dropped_messages)),
     /// so a worker that never reads cannot grow, and hand-offs never wait behind them.
     pub async fn recv(&self) -> Option<ipc::Received> {
         self.messages.pop().await

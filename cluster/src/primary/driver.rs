@@ -24,6 +24,7 @@ use super::core::{
     CONTROL_QUEUE, Command as CoreCommand, Config, ConnId, Core, Effect, FdRef, Input, Outcome,
     RequestId, Timer,
 };
+use super::events::EventQueue;
 use super::sockets::Listeners;
 use super::{Command, Event, OutputStream, Reply, UserSender};
 use crate::error::Error;
@@ -78,8 +79,7 @@ pub(crate) struct Driver {
     next_request: u64,
     fork_errors: HashMap<WorkerId, child::Error>,
     internal: mpsc::Sender<Internal>,
-    events: mpsc::Sender<Event>,
-    dropped_events: u64,
+    events: EventQueue,
     finished: bool,
 }
 
@@ -87,7 +87,7 @@ impl Driver {
     /// Forks the configured workers and spawns the driver task.
     pub(crate) fn start(
         settings: Settings,
-        events: mpsc::Sender<Event>,
+        events: EventQueue,
         commands: mpsc::Receiver<Command>,
     ) -> Result<(), Error> {
         let program = match &settings.program {
@@ -128,7 +128,6 @@ impl Driver {
             fork_errors: HashMap::new(),
             internal,
             events,
-            dropped_events: 0,
             finished: false,
         };
         let effects = driver.core.start(Instant::now());
@@ -271,14 +270,7 @@ impl Driver {
     }
 
     fn emit(&mut self, event: Event) {
-        if let Err(mpsc::error::TrySendError::Full(event)) = self.events.try_send(event) {
-            self.dropped_events += 1;
-            tracing::warn!(
-                dropped = self.dropped_events,
-                ?event,
-                "event queue full, event dropped"
-            );
-        }
+        self.events.push(event);
     }
 
     fn reply(&mut self, request: RequestId, outcome: Outcome) {

@@ -102,3 +102,34 @@ async fn the_extra_port_of_a_dead_worker_refuses_connections_after_the_hold_time
     }
     primary.stop().await.expect("stop");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broadcast_skips_a_stopped_worker_after_a_bounded_wait() {
+    let mut primary = Primary::start(settings(2)).await.expect("start");
+    let seen = listening(&mut primary, 2).await;
+    let stopped = seen[0].0;
+    let stats = primary.stats().await.expect("stats");
+    let pid = stats
+        .workers
+        .iter()
+        .find(|w| w.id == stopped)
+        .expect("alive")
+        .pid;
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(pid).expect("pid"));
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).expect("stop");
+    // 1 MiB at a time: the stopped worker's socket fills within a few, the other reads on.
+    let big = vec![1u8; 1 << 20];
+    let skipped = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            let reached = primary.broadcast(&big).await.expect("broadcast");
+            if reached < 2 {
+                return reached;
+            }
+        }
+    })
+    .await
+    .expect("a broadcast waited on the stopped worker without end");
+    assert_eq!(skipped, 1, "the running worker got it");
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT).expect("continue");
+    primary.stop().await.expect("stop");
+}
