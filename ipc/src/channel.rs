@@ -600,8 +600,8 @@ impl Received {
     /// message of another type can decode without error as a `T` with wrong values (a
     /// `Request::Add { a, b }` sent by a peer can come out as a `Response::Sum(..)`, or a
     /// short message as an empty `String`). [`Error::Decode`] catches only bytes that fit no
-    /// `T` at all. Both ends must agree on the types; put a protocol name and version in a
-    /// first message (a hello) to find out when they do not.
+    /// `T` at all. Both ends must agree on the types; [`Channel::hello`] checks a protocol
+    /// name and version on both ends to find out when they do not.
     pub fn decode<'de, T: Deserialize<'de>>(&'de self) -> Result<T, Error> {
         postcard::from_bytes(&self.payload).map_err(|source| Error::Decode {
             lane: self.lane,

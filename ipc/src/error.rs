@@ -2,7 +2,7 @@
 
 use std::io;
 
-use crate::Lane;
+use crate::{Lane, ProtocolId};
 
 /// Everything that can go wrong on a channel.
 ///
@@ -105,6 +105,15 @@ pub enum Error {
     /// The inherited channel was already taken by an earlier call.
     #[error("the inherited channel was already taken")]
     AlreadyTaken,
+    /// The peer announced another protocol in [`Channel::hello`](crate::Channel::hello),
+    /// or its first message was not a hello (`theirs` is `None`).
+    #[error("protocol mismatch: this end speaks {ours}, the peer {}", describe_theirs(theirs.as_deref()))]
+    ProtocolMismatch {
+        /// The protocol this end announced.
+        ours: Box<ProtocolId>,
+        /// The protocol the peer announced, or `None` if its first message was no hello.
+        theirs: Option<Box<ProtocolId>>,
+    },
     /// A system call failed.
     #[error("ipc i/o error")]
     Io(#[source] io::Error),
@@ -116,6 +125,14 @@ impl From<io::Error> for Error {
             Some(libc::EPIPE) | Some(libc::ECONNRESET) => Error::Closed,
             _ => Error::Io(err),
         }
+    }
+}
+
+/// The peer's side of a protocol mismatch.
+fn describe_theirs(theirs: Option<&ProtocolId>) -> String {
+    match theirs {
+        Some(theirs) => theirs.to_string(),
+        None => "sent no hello".into(),
     }
 }
 

@@ -55,8 +55,8 @@
 //! - postcard is not self-describing: a payload holds values, not their types. Two ends
 //!   that disagree on the message types are not detected by [`Received::decode`], which may
 //!   turn a message of another type into wrong values (see its docs). Version your
-//!   messages, for example with a hello carrying a protocol name and version on the
-//!   control lane.
+//!   messages and call [`Channel::hello`] on both ends: each announces a protocol name and
+//!   version on the control lane and a disagreement is [`Error::ProtocolMismatch`] on both.
 //! - A peer that is not an `ipc` channel at all (Node's JSON lines) is caught on its first
 //!   frame: [`Error::ForeignProtocol`] says "the peer speaks another protocol".
 //!
@@ -108,6 +108,7 @@
 mod channel;
 pub mod codec;
 mod error;
+mod hello;
 mod sys;
 
 pub use channel::{
@@ -115,3 +116,4 @@ pub use channel::{
 };
 pub use codec::Lane;
 pub use error::Error;
+pub use hello::ProtocolId;
