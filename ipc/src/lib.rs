@@ -109,11 +109,14 @@ mod channel;
 pub mod codec;
 mod error;
 mod hello;
+pub mod json;
 mod sys;
 
 pub use channel::{
-    CHANNEL_FD_ENV, Channel, Config, DEFAULT_MAX_FDS, MAX_FDS_LIMIT, Received, Receiver, Sender,
+    CHANNEL_FD_ENV, Channel, Config, DEFAULT_MAX_FDS, Format, MAX_FDS_LIMIT, NODE_CHANNEL_FD_ENV,
+    NODE_CHANNEL_SERIALIZATION_MODE_ENV, Received, Receiver, Sender,
 };
 pub use codec::Lane;
 pub use error::Error;
 pub use hello::ProtocolId;
+pub use json::{HandleType, InternalMessage};
