@@ -1,11 +1,11 @@
 //! Tests of Node JSON channels over real socketpairs in one process, some against a raw
 //! peer that plays Node's side of the handle protocol by hand.
 
-use std::io::{IoSliceMut, Read, Write};
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::io::{Read, Write};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream as StdUnixStream;
 
-use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
+use nix::sys::socket::MsgFlags;
 
 use super::*;
 
@@ -30,28 +30,17 @@ fn with_raw_peer() -> (Channel, StdUnixStream) {
 
 /// Reads what is there (waiting for at least one byte), with any descriptors.
 fn raw_read(sock: &StdUnixStream) -> (String, Vec<OwnedFd>) {
-    let mut buf = vec![0u8; 64 * 1024];
-    let mut space = nix::cmsg_space!([std::os::fd::RawFd; 4]);
-    let mut iov = [IoSliceMut::new(&mut buf)];
-    let msg = recvmsg::<()>(
-        sock.as_raw_fd(),
-        &mut iov,
-        Some(&mut space),
-        MsgFlags::empty(),
-    )
-    .expect("recvmsg");
     let mut fds = Vec::new();
-    for cmsg in msg.cmsgs().expect("cmsgs") {
-        if let ControlMessageOwned::ScmRights(raw) = cmsg {
-            // SAFETY: SCM_RIGHTS installed these descriptors in this process, unowned.
-            fds.extend(
-                raw.into_iter()
-                    .map(|fd| unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) }),
-            );
-        }
-    }
-    let n = msg.bytes;
-    (String::from_utf8(buf[..n].to_vec()).expect("utf-8"), fds)
+    let mut buf = BytesMut::new();
+    let mut control = sys::ControlBuffer::for_fds(4);
+    let mut poll = [nix::poll::PollFd::new(
+        sock.as_fd(),
+        nix::poll::PollFlags::POLLIN,
+    )];
+    nix::poll::poll(&mut poll, nix::poll::PollTimeout::NONE).expect("poll");
+    let got = sys::recv(sock.as_fd(), &mut buf, 64 * 1024, &mut fds, &mut control).expect("recv");
+    assert!(matches!(got, sys::Received::Bytes(_)), "{got:?}");
+    (String::from_utf8(buf.to_vec()).expect("utf-8"), fds)
 }
 
 fn nothing_to_read(sock: &StdUnixStream) -> bool {
