@@ -9,6 +9,10 @@ use nix::sys::signal::Signal;
 /// The variable that holds the child's channel fd (the `ipc` crate's name).
 pub(crate) const CHANNEL_FD_ENV: &str = ipc::CHANNEL_FD_ENV;
 
+/// Node's variables for a JSON channel: its fd and its serialization.
+pub(crate) const NODE_CHANNEL_FD_ENV: &str = ipc::NODE_CHANNEL_FD_ENV;
+pub(crate) const NODE_SERIALIZATION_ENV: &str = ipc::NODE_CHANNEL_SERIALIZATION_MODE_ENV;
+
 /// The variable that asks a forked child for a parent-death signal: `"<signo>:<ppid>"`.
 pub(crate) const PARENT_DEATH_ENV: &str = "CHILD_PARENT_DEATH_SIGNAL";
 

@@ -74,6 +74,8 @@ pub struct Child {
     pub stderr: Option<ChildStderr>,
     extra: Vec<(usize, OwnedFd)>,
     channel: Option<Channel>,
+    /// The format of the channel (from [`SpawnOptions::serialization`]).
+    channel_format: ipc::Format,
     /// The signal a still-running child gets when this handle is dropped.
     pub(crate) kill_on_drop: Option<Signal>,
 }
@@ -142,6 +144,7 @@ pub(crate) fn spawn_with(
         }
     };
     child.kill_on_drop = options.kill_on_drop.then_some(Signal::SIGKILL);
+    child.channel_format = options.serialization;
     let (timeout, cancel) = options.take_deadlines();
     if timeout.is_some() || cancel.is_some() {
         tokio::spawn(enforce_deadline(
@@ -229,6 +232,7 @@ impl Child {
             extra,
             channel,
             kill_on_drop: None,
+            channel_format: ipc::Format::Postcard,
         })
     }
 
@@ -383,7 +387,10 @@ impl Child {
         if let Some(Channel::Fd(_)) = &self.channel
             && let Some(Channel::Fd(fd)) = self.channel.take()
         {
-            self.channel = Some(Channel::Ready(Box::new(ipc::Channel::from_fd(fd)?)));
+            let config = ipc::Config::new().format(self.channel_format);
+            self.channel = Some(Channel::Ready(Box::new(ipc::Channel::from_fd_with(
+                fd, &config,
+            )?)));
         }
         match &mut self.channel {
             Some(Channel::Ready(channel)) => Ok(channel),

@@ -21,9 +21,26 @@ use crate::error::Error;
 use crate::options::{SpawnOptions, Stdio};
 
 /// Options for [`fork`]: Node's defaults are stdio `[inherit, inherit, inherit, ipc]`.
+///
+/// To fork a Node program as Node's `fork` does, set the JSON serialization and Node as
+/// the program that runs it:
+///
+/// ```no_run
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let options = child::ForkOptions::new()
+///     .serialization(child::Format::Json) // NODE_CHANNEL_FD, serialization 'json'
+///     .exec_path("node");                 // runs `node worker.js`
+/// let mut worker = child::fork("worker.js", child::NO_ARGS, options)?;
+/// worker.send(&serde_json::json!({"job": 1})).await?; // process.on('message') in Node
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Debug)]
 pub struct ForkOptions {
     spawn: SpawnOptions,
+    exec_path: Option<OsString>,
+    exec_argv: Vec<OsString>,
 }
 
 impl Default for ForkOptions {
@@ -32,7 +49,11 @@ impl Default for ForkOptions {
             .stdin(Stdio::Inherit)
             .stdout(Stdio::Inherit)
             .stderr(Stdio::Inherit);
-        Self { spawn }
+        Self {
+            spawn,
+            exec_path: None,
+            exec_argv: Vec::new(),
+        }
     }
 }
 
@@ -57,6 +78,33 @@ impl ForkOptions {
     /// spawned, see the crate's `# Caveats`).
     pub fn parent_death_signal(mut self, signal: Signal) -> Self {
         self.spawn.parent_death_signal = Some(signal);
+        self
+    }
+
+    /// The channel's format (Node's `serialization`): [`ipc::Format::Json`] for a Node
+    /// program, which then finds `NODE_CHANNEL_FD`. The default is this workspace's
+    /// postcard frames. See [`SpawnOptions::serialization`].
+    pub fn serialization(mut self, format: ipc::Format) -> Self {
+        self.spawn = self.spawn.serialization(format);
+        self
+    }
+
+    /// The executable that runs the program (Node's `execPath`): `fork(module, args)`
+    /// then starts `exec_path <exec_argv...> module <args...>`, as Node runs
+    /// `node module`. Unset, the program itself is executed.
+    pub fn exec_path(mut self, path: impl AsRef<OsStr>) -> Self {
+        self.exec_path = Some(path.as_ref().to_owned());
+        self
+    }
+
+    /// Arguments for [`exec_path`](ForkOptions::exec_path) before the module (Node's
+    /// `execArgv`, such as `--max-old-space-size=100`). Ignored without an exec path.
+    pub fn exec_argv<I, S>(mut self, args: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        self.exec_argv = args.into_iter().map(|a| a.as_ref().to_owned()).collect();
         self
     }
 
@@ -87,12 +135,24 @@ where
     I: IntoIterator<Item = S>,
     S: AsRef<OsStr>,
 {
-    let args: Vec<OsString> = args.into_iter().map(|a| a.as_ref().to_owned()).collect();
-    spawn_with(program.as_ref(), &args, options.spawn.stdio(3, Stdio::Ipc))
+    let mut args: Vec<OsString> = args.into_iter().map(|a| a.as_ref().to_owned()).collect();
+    let spawn = options.spawn.stdio(3, Stdio::Ipc);
+    match options.exec_path {
+        Some(exec_path) => {
+            let mut argv = options.exec_argv;
+            argv.push(program.as_ref().to_owned());
+            argv.append(&mut args);
+            spawn_with(&exec_path, &argv, spawn)
+        }
+        None => spawn_with(program.as_ref(), &args, spawn),
+    }
 }
 
 /// The forked program's channel to its parent, or `None` when it was not started with one:
-/// Node's `process.send` / `process.on('message')` side. Call it once, early in `main`,
+/// Node's `process.send` / `process.on('message')` side. A parent of this workspace gives a
+/// postcard channel (`IPC_CHANNEL_FD`); a Node parent (`fork(.., {execPath})` or `spawn`
+/// with an `'ipc'` slot) gives `NODE_CHANNEL_FD` and the channel speaks
+/// [`ipc::Format::Json`] (see [`ipc::Channel::from_env`]). Call it once, early in `main`,
 /// within a tokio runtime; it also applies the parent-death signal the parent asked for.
 pub fn parent_channel() -> Result<Option<ipc::Channel>, Error> {
     apply_parent_death_signal();

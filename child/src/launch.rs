@@ -16,7 +16,9 @@ use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 
-use crate::channel_env::{CHANNEL_FD_ENV, PARENT_DEATH_ENV, ParentDeath};
+use crate::channel_env::{
+    CHANNEL_FD_ENV, NODE_CHANNEL_FD_ENV, NODE_SERIALIZATION_ENV, PARENT_DEATH_ENV, ParentDeath,
+};
 use crate::error::SpawnError;
 use crate::options::{SpawnOptions, Stdio};
 use crate::sys;
@@ -226,10 +228,24 @@ fn environment(options: &SpawnOptions, ipc_slot: Option<usize>) -> BTreeMap<OsSt
             None => env.remove(key),
         };
     }
-    env.remove(OsStr::new(CHANNEL_FD_ENV));
-    env.remove(OsStr::new(PARENT_DEATH_ENV));
+    for var in [
+        CHANNEL_FD_ENV,
+        NODE_CHANNEL_FD_ENV,
+        NODE_SERIALIZATION_ENV,
+        PARENT_DEATH_ENV,
+    ] {
+        env.remove(OsStr::new(var));
+    }
     if let Some(slot) = ipc_slot {
-        env.insert(CHANNEL_FD_ENV.into(), slot.to_string().into());
+        match options.serialization {
+            ipc::Format::Json => {
+                env.insert(NODE_CHANNEL_FD_ENV.into(), slot.to_string().into());
+                env.insert(NODE_SERIALIZATION_ENV.into(), "json".into());
+            }
+            _ => {
+                env.insert(CHANNEL_FD_ENV.into(), slot.to_string().into());
+            }
+        }
         if let Some(signal) = options.parent_death_signal {
             let parent = std::process::id() as i32;
             let value = ParentDeath { signal, parent }.to_value();
@@ -426,5 +442,21 @@ mod tests {
         assert_eq!(env.get(OsStr::new("KEEP")).unwrap(), "1");
         let env = environment(&options, Some(4));
         assert_eq!(env.get(OsStr::new(CHANNEL_FD_ENV)).unwrap(), "4");
+        assert!(!env.contains_key(OsStr::new(NODE_CHANNEL_FD_ENV)));
+    }
+
+    #[test]
+    fn a_json_channel_gets_node_variables_and_no_other() {
+        let options = SpawnOptions::new()
+            .env(NODE_CHANNEL_FD_ENV, "9")
+            .env(NODE_SERIALIZATION_ENV, "advanced")
+            .env(CHANNEL_FD_ENV, "3");
+        let env = environment(&options, None);
+        assert!(!env.contains_key(OsStr::new(NODE_CHANNEL_FD_ENV)));
+        assert!(!env.contains_key(OsStr::new(NODE_SERIALIZATION_ENV)));
+        let env = environment(&options.serialization(ipc::Format::Json), Some(3));
+        assert_eq!(env.get(OsStr::new(NODE_CHANNEL_FD_ENV)).unwrap(), "3");
+        assert_eq!(env.get(OsStr::new(NODE_SERIALIZATION_ENV)).unwrap(), "json");
+        assert!(!env.contains_key(OsStr::new(CHANNEL_FD_ENV)));
     }
 }

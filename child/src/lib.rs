@@ -132,7 +132,7 @@ pub use crate::fork::{ForkOptions, fork, parent_channel};
 pub use crate::options::{SpawnOptions, Stdio};
 pub use crate::status::{ExitStatus, Output};
 pub use crate::sync::{exec_file_sync, exec_sync, spawn_sync};
-pub use ipc::Received;
+pub use ipc::{Format, HandleType, Received};
 
 /// An empty argument list for [`spawn`], [`fork`] and the exec functions, so that no
 /// `[] as [&str; 0]` is needed: `child::spawn("cat", child::NO_ARGS, options)`.

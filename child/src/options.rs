@@ -25,7 +25,8 @@ pub enum Stdio {
     /// This fd, placed at the slot (the parent's copy is closed after spawning).
     Fd(OwnedFd),
     /// The IPC channel (at most one slot): a socket pair whose child end is at this slot and
-    /// whose number the child finds in the `ipc::CHANNEL_FD_ENV` variable. Node's `'ipc'`.
+    /// whose number the child finds in the `ipc::CHANNEL_FD_ENV` variable, or in Node's
+    /// `NODE_CHANNEL_FD` with [`SpawnOptions::serialization`] `Json`. Node's `'ipc'`.
     Ipc,
 }
 
@@ -75,6 +76,8 @@ pub struct SpawnOptions {
     pub(crate) kill_on_drop: bool,
     /// Set by `fork`: passed to the child in the environment (see `fork::channel`).
     pub(crate) parent_death_signal: Option<Signal>,
+    /// The format of the `Stdio::Ipc` channel.
+    pub(crate) serialization: ipc::Format,
 }
 
 impl Default for SpawnOptions {
@@ -93,6 +96,7 @@ impl Default for SpawnOptions {
             cancel: None,
             kill_on_drop: false,
             parent_death_signal: None,
+            serialization: ipc::Format::Postcard,
         }
     }
 }
@@ -227,6 +231,16 @@ impl SpawnOptions {
     /// still runs (it is reaped in the background either way).
     pub fn kill_on_drop(mut self, kill_on_drop: bool) -> Self {
         self.kill_on_drop = kill_on_drop;
+        self
+    }
+
+    /// The format of the [`Stdio::Ipc`] channel (Node's `serialization` option): this
+    /// workspace's postcard frames (the default, with `IPC_CHANNEL_FD` in the child's
+    /// environment) or [`ipc::Format::Json`], Node's own, with `NODE_CHANNEL_FD` and
+    /// `NODE_CHANNEL_SERIALIZATION_MODE=json`, so that a Node program finds its
+    /// `process.send`.
+    pub fn serialization(mut self, format: ipc::Format) -> Self {
+        self.serialization = format;
         self
     }
 

@@ -32,6 +32,7 @@ const CHILD_ENV: &str = "IPC_ECHO_BENCH_CHILD";
 fn main() {
     match std::env::var(CHILD_ENV).as_deref() {
         Ok("ipc") => return ipc_echo_child(),
+        Ok("json") => return json_echo_child(),
         Ok("raw") => return raw_echo_child(),
         _ => {}
     }
@@ -47,11 +48,15 @@ fn main() {
         let mut ipc = Vec::new();
         let mut raw = Vec::new();
         let mut nodes = Vec::new();
+        let mut json = Vec::new();
+        let mut json_node = Vec::new();
         for _ in 0..args.rounds() {
             ipc.push(rate(count, run_ipc(size, count)));
             raw.push(rate(count, run_raw(size, count)));
+            json.push(rate(node_count, run_json(size, node_count, Peer::Rust)));
             if node {
                 nodes.push(rate(node_count, run_node(size, node_count)));
+                json_node.push(rate(node_count, run_json(size, node_count, Peer::Node)));
             }
         }
         if args.json {
@@ -59,6 +64,8 @@ fn main() {
                 (Subject::IpcChannel, ipc),
                 (Subject::RawSocketpair, raw),
                 (Subject::NodeForkIpc, nodes),
+                (Subject::IpcJsonChannel, json),
+                (Subject::IpcJsonNodeChild, json_node),
             ] {
                 if !values.is_empty() {
                     let line = BenchLine {
@@ -73,6 +80,7 @@ fn main() {
             }
         } else {
             report(benchmark.key(), size, &ipc, &raw, &nodes);
+            report_json(size, &json, &json_node, &nodes);
         }
     }
 }
@@ -111,6 +119,124 @@ fn report(label: &str, size: usize, ipc: &[f64], raw: &[f64], node: &[f64]) {
             ipc_m / node_m
         );
     }
+}
+
+/// Node's JSON lines side by side with Node parent <-> Node child.
+fn report_json(size: usize, json: &[f64], json_node: &[f64], node: &[f64]) {
+    let mb = |r: f64| r * size as f64 / 1e6;
+    let node_m = (!node.is_empty()).then(|| median(node));
+    let ratio = |v: f64| node_m.map_or(String::new(), |n| format!("   vs node = {:.2}x", v / n));
+    for (subject, values) in [
+        (Subject::IpcJsonChannel, json),
+        (Subject::IpcJsonNodeChild, json_node),
+    ] {
+        if !values.is_empty() {
+            let m = median(values);
+            println!(
+                "  {:<20} {:>10.0} msg/s {:>8.1} MB/s{}",
+                subject.label(),
+                m,
+                mb(m),
+                ratio(m)
+            );
+        }
+    }
+}
+
+/// The other end of a JSON echo.
+#[derive(Clone, Copy)]
+enum Peer {
+    /// This binary, with `ipc::Channel::from_env` finding `NODE_CHANNEL_FD`.
+    Rust,
+    /// `node node_ipc_echo.js child`.
+    Node,
+}
+
+/// The echo of [`run_ipc`] over a [`ipc::Format::Json`] channel, with a JSON string of
+/// `size` bytes as Node's peer sends, to a Rust or a Node child.
+fn run_json(size: usize, count: usize, peer: Peer) -> Duration {
+    let (ours, theirs) = UnixStream::pair().expect("socketpair");
+    let theirs = OwnedFd::from(theirs);
+    fcntl(&theirs, FcntlArg::F_SETFD(FdFlag::empty())).expect("clear close-on-exec");
+    let mut cmd = match peer {
+        Peer::Rust => {
+            let mut cmd = Command::new(std::env::current_exe().expect("current exe"));
+            cmd.env(CHILD_ENV, "json");
+            cmd
+        }
+        Peer::Node => {
+            let mut cmd = Command::new("node");
+            cmd.arg(node_script()).arg("child");
+            cmd
+        }
+    };
+    cmd.env_remove(ipc::CHANNEL_FD_ENV)
+        .env(ipc::NODE_CHANNEL_FD_ENV, theirs.as_raw_fd().to_string())
+        .env(ipc::NODE_CHANNEL_SERIALIZATION_MODE_ENV, "json")
+        .stdin(Stdio::null());
+    let mut child = KillOnDrop::spawn(&mut cmd).expect("spawn echo child");
+    drop(theirs);
+    let config = ipc::Config::new().format(ipc::Format::Json);
+    let elapsed = runtime().block_on(async {
+        let channel = Channel::from_fd_with(ours.into(), &config).expect("channel");
+        let (mut tx, mut rx) = channel.into_split();
+        let window = Arc::new(Semaphore::new(IN_FLIGHT));
+        let payload = "x".repeat(size);
+        let start = Instant::now();
+        let writer = tokio::spawn({
+            let window = Arc::clone(&window);
+            async move {
+                for _ in 0..count {
+                    let permit = match window.try_acquire() {
+                        Ok(permit) => permit,
+                        Err(_) => {
+                            tx.flush().await.expect("flush");
+                            window.acquire().await.expect("semaphore")
+                        }
+                    };
+                    permit.forget();
+                    tx.feed(Lane::User, payload.as_str(), Vec::new())
+                        .await
+                        .expect("feed");
+                }
+                tx.flush().await.expect("flush");
+                tx
+            }
+        });
+        for _ in 0..count {
+            let msg = rx
+                .recv()
+                .await
+                .expect("recv")
+                .expect("echo child ended early");
+            assert_eq!(msg.decode::<&str>().expect("decode").len(), size);
+            window.add_permits(1);
+        }
+        let elapsed = start.elapsed();
+        drop(writer.await.expect("writer"));
+        elapsed
+    });
+    child.wait().expect("wait echo child");
+    elapsed
+}
+
+fn json_echo_child() {
+    runtime().block_on(async {
+        let channel = Channel::from_env()
+            .expect("channel")
+            .expect("NODE_CHANNEL_FD set");
+        assert_eq!(channel.format(), ipc::Format::Json);
+        let (mut tx, mut rx) = channel.into_split();
+        while let Some(first) = rx.recv().await.expect("recv") {
+            let mut msg = Some(first);
+            while let Some(m) = msg {
+                let body: &str = m.decode().expect("decode");
+                tx.feed(Lane::User, body, Vec::new()).await.expect("feed");
+                msg = rx.recv_buffered().expect("recv");
+            }
+            tx.flush().await.expect("flush");
+        }
+    });
 }
 
 /// Spawns this benchmark binary as an `ipc` echo child holding `child_end` (made inheritable

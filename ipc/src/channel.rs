@@ -10,13 +10,50 @@ use tokio::io::Interest;
 use tokio::net::UnixStream;
 
 use crate::codec::{FrameCodec, HEADER_LEN, Lane};
+use crate::json::{self, HandleType, InternalMessage, LineCodec, LineKind};
 use crate::{Error, sys};
+
+mod node_link;
+
+use node_link::{HoldBack, Line, NodeLink};
 
 /// The environment variable through which a parent tells a child which inherited
 /// descriptor is its channel: the decimal descriptor number, such as `3`.
 ///
-/// It plays the part of Node's `NODE_CHANNEL_FD`. [`Channel::from_env`] reads it.
+/// It plays the part of Node's `NODE_CHANNEL_FD` for a [`Format::Postcard`] channel.
+/// [`Channel::from_env`] reads it.
 pub const CHANNEL_FD_ENV: &str = "IPC_CHANNEL_FD";
+
+/// Node's variable for the descriptor of a child's channel: a channel found through it
+/// speaks [`Format::Json`].
+pub const NODE_CHANNEL_FD_ENV: &str = "NODE_CHANNEL_FD";
+
+/// Node's variable for the serialization of the channel in [`NODE_CHANNEL_FD_ENV`]: `json`
+/// (or unset) is [`Format::Json`]; `advanced` is refused with
+/// [`Error::UnsupportedSerialization`].
+pub const NODE_CHANNEL_SERIALIZATION_MODE_ENV: &str = "NODE_CHANNEL_SERIALIZATION_MODE";
+
+/// Which wire format a channel speaks. Both ends must speak the same.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[non_exhaustive]
+pub enum Format {
+    /// This crate's own frames (see the crate docs): a 6-byte header and a postcard
+    /// payload, any number of descriptors per message. Fast and compact; not Node's.
+    #[default]
+    Postcard,
+    /// Node's `serialization: 'json'`: one JSON value per line, at most one descriptor
+    /// per message as a `NODE_HANDLE` (see [`json`](crate::json)). What a Node peer speaks.
+    Json,
+}
+
+impl std::fmt::Display for Format {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Format::Postcard => "postcard frames",
+            Format::Json => "Node JSON lines",
+        })
+    }
+}
 
 /// The default limit on descriptors per message.
 pub const DEFAULT_MAX_FDS: u8 = 32;
@@ -33,6 +70,10 @@ pub(crate) const RETAINED_BUFFER: usize = 1024 * 1024;
 const FOREIGN_LEN: u64 = 1 << 28;
 const DEFAULT_WRITE_BUFFER: usize = 256 * 1024;
 const DEFAULT_SOCKET_SEND_BUFFER: usize = 4 * 1024 * 1024;
+const DEFAULT_HOLD_BACK: HoldBack = HoldBack {
+    messages: 1024,
+    bytes: 16 * 1024 * 1024,
+};
 
 /// Limits and buffer sizes of a channel. Both ends should use the same limits.
 #[derive(Debug, Clone)]
@@ -41,6 +82,8 @@ pub struct Config {
     max_fds: u8,
     write_buffer: usize,
     socket_send_buffer: Option<usize>,
+    format: Format,
+    hold_back: HoldBack,
 }
 
 impl Default for Config {
@@ -50,18 +93,22 @@ impl Default for Config {
             max_fds: DEFAULT_MAX_FDS,
             write_buffer: DEFAULT_WRITE_BUFFER,
             socket_send_buffer: Some(DEFAULT_SOCKET_SEND_BUFFER),
+            format: Format::Postcard,
+            hold_back: DEFAULT_HOLD_BACK,
         }
     }
 }
 
 impl Config {
-    /// The default limits: 16 MiB frames, 32 descriptors per message, 256 KiB write
-    /// buffer, 4 MiB socket send buffer.
+    /// The default limits: 16 MiB frames (or JSON lines), 32 descriptors per message, 256
+    /// KiB write buffer, 4 MiB socket send buffer, [`Format::Postcard`], a hold-back queue of
+    /// 1024 messages or 16 MiB.
     pub fn new() -> Self {
         Self::default()
     }
 
-    /// The largest payload, in bytes, that may be sent or received.
+    /// The largest payload, in bytes, that may be sent or received: a frame's payload, or a
+    /// JSON line without its newline.
     pub fn max_frame_len(mut self, bytes: u32) -> Self {
         self.max_frame_len = bytes;
         self
@@ -85,6 +132,23 @@ impl Config {
     /// `net.core.wmem_max`.
     pub fn socket_send_buffer(mut self, bytes: Option<usize>) -> Self {
         self.socket_send_buffer = bytes;
+        self
+    }
+
+    /// The wire format (default [`Format::Postcard`]).
+    pub fn format(mut self, format: Format) -> Self {
+        self.format = format;
+        self
+    }
+
+    /// Bounds the queue of messages that a [`Format::Json`] sender holds back while a
+    /// handle waits for the peer's `NODE_HANDLE_ACK` (defaults: 1024 messages, 16 MiB; one
+    /// message is always taken). When it is full, sending waits for the acknowledgement.
+    pub fn hold_back(mut self, messages: usize, bytes: usize) -> Self {
+        self.hold_back = HoldBack {
+            messages: messages.max(1),
+            bytes,
+        };
         self
     }
 
@@ -137,6 +201,10 @@ impl Channel {
                 nix::sys::socket::setsockopt(&stream, nix::sys::socket::sockopt::SndBuf, &bytes);
         }
         let io = Arc::new(UnixStream::from_std(stream)?);
+        let node = match config.format {
+            Format::Postcard => None,
+            Format::Json => Some(Arc::new(NodeLink::new(config.hold_back))),
+        };
         Ok(Channel {
             sender: Sender {
                 io: Arc::clone(&io),
@@ -145,10 +213,15 @@ impl Channel {
                 fds: Vec::new(),
                 high_water: config.write_buffer,
                 grown: false,
+                node: node.clone(),
             },
             receiver: Receiver {
                 io,
                 codec: config.codec(),
+                node: node.map(|link| NodeReceive {
+                    lines: LineCodec::new(config.max_frame_len),
+                    link,
+                }),
                 buf: BytesMut::new(),
                 received: 0,
                 batches: VecDeque::new(),
@@ -163,9 +236,14 @@ impl Channel {
 
     /// The channel this process inherited from its parent, if the parent gave it one.
     ///
-    /// Reads [`CHANNEL_FD_ENV`]. Returns `Ok(None)` when it is not set, and an error when
-    /// it does not name an open Unix stream socket or when the channel was already taken
-    /// by an earlier call: there is only one. The descriptor is made close-on-exec, so
+    /// Reads [`CHANNEL_FD_ENV`] (a [`Format::Postcard`] channel, from the `child` crate) or,
+    /// when it is not set, Node's [`NODE_CHANNEL_FD_ENV`] (a [`Format::Json`] channel, from
+    /// Node's `fork` or `spawn` with an `'ipc'` slot; a
+    /// [`NODE_CHANNEL_SERIALIZATION_MODE_ENV`] other than `json` is
+    /// [`Error::UnsupportedSerialization`]). Returns `Ok(None)` when neither is set, and an
+    /// error when it does not name an open Unix stream socket or when the channel was
+    /// already taken by an earlier call: there is only one. The format in `config` is
+    /// replaced by the one the environment names. The descriptor is made close-on-exec, so
     /// this process's own children do not inherit it. The variable stays in the
     /// environment (changing the environment of a running multi-threaded process is not
     /// sound); a parent that starts further children should leave it out of their
@@ -176,11 +254,25 @@ impl Channel {
 
     /// [`from_env`](Channel::from_env) with the given limits.
     pub fn from_env_with(config: &Config) -> Result<Option<Channel>, Error> {
-        let Some(value) = std::env::var_os(CHANNEL_FD_ENV) else {
+        let (var, value, format) = if let Some(value) = std::env::var_os(CHANNEL_FD_ENV) {
+            (CHANNEL_FD_ENV, value, Format::Postcard)
+        } else if let Some(value) = std::env::var_os(NODE_CHANNEL_FD_ENV) {
+            let mode = std::env::var_os(NODE_CHANNEL_SERIALIZATION_MODE_ENV);
+            match mode.as_ref().map(|m| m.to_string_lossy()) {
+                None => {}
+                Some(mode) if mode == "json" => {}
+                Some(mode) => {
+                    return Err(Error::UnsupportedSerialization {
+                        mode: mode.into_owned(),
+                    });
+                }
+            }
+            (NODE_CHANNEL_FD_ENV, value, Format::Json)
+        } else {
             return Ok(None);
         };
         let invalid = |reason: String| Error::InvalidInherited {
-            var: CHANNEL_FD_ENV,
+            var,
             value: value.to_string_lossy().into_owned(),
             reason,
         };
@@ -193,7 +285,33 @@ impl Channel {
             Ok(None) => return Err(Error::AlreadyTaken),
             Err(reason) => return Err(invalid(reason)),
         };
-        Self::from_fd_with(fd, config).map(Some)
+        Self::from_fd_with(fd, &config.clone().format(format)).map(Some)
+    }
+
+    /// The wire format this channel speaks.
+    pub fn format(&self) -> Format {
+        self.sender.format()
+    }
+
+    /// Sends an internal message of Node's protocol on the control lane. See
+    /// [`Sender::send_internal`].
+    pub async fn send_internal(
+        &mut self,
+        message: &InternalMessage,
+        fds: Vec<OwnedFd>,
+    ) -> Result<(), Error> {
+        self.sender.send_internal(message, fds).await
+    }
+
+    /// Sends a user message with one descriptor of a given Node handle type. See
+    /// [`Sender::send_handle`].
+    pub async fn send_handle<T: Serialize + ?Sized>(
+        &mut self,
+        message: &T,
+        fd: OwnedFd,
+        handle_type: HandleType,
+    ) -> Result<(), Error> {
+        self.sender.send_handle(message, fd, handle_type).await
     }
 
     /// Sends a user message. See [`Sender::send`].
@@ -265,9 +383,55 @@ pub struct Sender {
     high_water: usize,
     /// Whether `buf` grew past what it may keep (given back once it is written out).
     grown: bool,
+    /// The write side of a [`Format::Json`] channel, shared with the receiver (which writes
+    /// handle acknowledgements); `buf` and `fds` are unused then.
+    node: Option<Arc<NodeLink>>,
 }
 
 impl Sender {
+    /// The wire format this sender writes.
+    pub fn format(&self) -> Format {
+        match self.node {
+            None => Format::Postcard,
+            Some(_) => Format::Json,
+        }
+    }
+
+    /// Sends an internal message of Node's protocol (such as `NODE_CLUSTER`) on the
+    /// control lane, optionally with one descriptor. Only on a [`Format::Json`] channel:
+    /// elsewhere it is [`Error::WrongFormat`].
+    pub async fn send_internal(
+        &mut self,
+        message: &InternalMessage,
+        fds: Vec<OwnedFd>,
+    ) -> Result<(), Error> {
+        if self.node.is_none() {
+            return Err(Error::WrongFormat {
+                needed: Format::Json,
+                actual: Format::Postcard,
+            });
+        }
+        self.send_control(message, fds).await
+    }
+
+    /// Sends a user message with one descriptor, telling a Node peer what to make of it
+    /// (the `type` of its `NODE_HANDLE` line: a `net.Server` for a listening socket, for
+    /// example). [`send_with_fds`](Sender::send_with_fds) sends [`HandleType::NetNative`].
+    /// On a [`Format::Postcard`] channel the type is not sent.
+    pub async fn send_handle<T: Serialize + ?Sized>(
+        &mut self,
+        message: &T,
+        fd: OwnedFd,
+        handle_type: HandleType,
+    ) -> Result<(), Error> {
+        if self.node.is_none() {
+            return self.send_with_fds(message, vec![fd]).await;
+        }
+        self.feed_json(Lane::User, message, Some(fd), handle_type)
+            .await?;
+        self.flush().await
+    }
+
     /// Sends a message on the user lane and waits until the socket has taken it.
     pub async fn send<T: Serialize + ?Sized>(&mut self, message: &T) -> Result<(), Error> {
         self.feed(Lane::User, message, Vec::new()).await?;
@@ -302,12 +466,35 @@ impl Sender {
     ///
     /// An oversized message or one with too many descriptors is refused with an error
     /// and nothing is written.
+    ///
+    /// # Node JSON channels
+    ///
+    /// On a [`Format::Json`] channel a message may carry one descriptor (sent as a
+    /// [`HandleType::NetNative`] handle); a control message must be an object whose `cmd`
+    /// starts with `NODE_`, and a user message must not be one
+    /// ([`Error::InvalidNodeMessage`]). After a handle, later messages are held back until
+    /// the peer's `NODE_HANDLE_ACK`, as Node does: `feed` and `send` return once a message
+    /// is queued, and wait only when the hold-back queue ([`Config::hold_back`]) is full.
+    /// The acknowledgement is read by the [`Receiver`]: keep receiving while sending
+    /// handles (Node always reads).
     pub async fn feed<T: Serialize + ?Sized>(
         &mut self,
         lane: Lane,
         message: &T,
         fds: Vec<OwnedFd>,
     ) -> Result<(), Error> {
+        if self.node.is_some() {
+            let mut fds = fds;
+            if fds.len() > 1 {
+                return Err(Error::TooManyFds {
+                    count: fds.len(),
+                    max: 1,
+                });
+            }
+            return self
+                .feed_json(lane, message, fds.pop(), HandleType::NetNative)
+                .await;
+        }
         if !fds.is_empty() && !self.buf.is_empty() {
             // Descriptors must ride on the sendmsg that starts their frame.
             self.flush().await?;
@@ -327,8 +514,66 @@ impl Sender {
         Ok(())
     }
 
-    /// Writes everything buffered, waiting for the socket to take it.
+    /// [`feed`](Sender::feed) on a [`Format::Json`] channel.
+    async fn feed_json<T: Serialize + ?Sized>(
+        &mut self,
+        lane: Lane,
+        message: &T,
+        fd: Option<OwnedFd>,
+        handle_type: HandleType,
+    ) -> Result<(), Error> {
+        let Some(link) = self.node.clone() else {
+            unreachable!("feed_json on a postcard channel");
+        };
+        let max = self.codec.max_frame_len();
+        let handle = fd.as_ref().map(|_| handle_type);
+        // The guard lives in plain blocks only: it must never be held across an await.
+        let fast = {
+            let mut state = link.lock();
+            if handle.is_none() && state.is_open() {
+                // The common case: straight into the write buffer, no copy.
+                json::encode_line(lane, None, message, max, &mut state.buf)?;
+                Some(state.buf.len() >= self.high_water)
+            } else {
+                None
+            }
+        };
+        let full = match fast {
+            Some(full) => full,
+            None => {
+                let mut bytes = BytesMut::new();
+                json::encode_line(lane, handle, message, max, &mut bytes)?;
+                let mut line = Line::new(bytes.freeze(), fd);
+                loop {
+                    let moved = link.moved.notified();
+                    tokio::pin!(moved);
+                    moved.as_mut().enable();
+                    match link.enqueue(line)? {
+                        Ok(buffered) => break handle.is_some() || buffered >= self.high_water,
+                        Err(back) => line = back,
+                    }
+                    // Full: write what may go, then wait for an acknowledgement.
+                    self.flush().await?;
+                    moved.await;
+                }
+            }
+        };
+        if full {
+            self.flush().await?;
+        }
+        Ok(())
+    }
+
+    /// Writes everything buffered, waiting for the socket to take it. On a
+    /// [`Format::Json`] channel, messages held back behind a handle stay queued until the
+    /// peer acknowledges it.
     pub async fn flush(&mut self) -> Result<(), Error> {
+        if let Some(link) = &self.node {
+            let io = &self.io;
+            io.async_io(Interest::WRITABLE, || link.lock().write_some(io))
+                .await?;
+            return Ok(());
+        }
         while !self.buf.is_empty() {
             let (io, buf, fds) = (&self.io, &self.buf, &self.fds);
             let written = io
@@ -372,6 +617,8 @@ impl Sender {
 pub struct Receiver {
     io: Arc<UnixStream>,
     codec: FrameCodec,
+    /// The line codec and the shared write side of a [`Format::Json`] channel.
+    node: Option<NodeReceive>,
     buf: BytesMut,
     /// Bytes read from the socket so far: the stream offset just past `buf`.
     received: u64,
@@ -384,6 +631,24 @@ pub struct Receiver {
     seen_frame: bool,
     eof: bool,
     broken: bool,
+}
+
+/// The receiving state of a [`Format::Json`] channel.
+#[derive(Debug)]
+struct NodeReceive {
+    lines: LineCodec,
+    link: Arc<NodeLink>,
+}
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        if let Some(node) = &self.node {
+            // No acknowledgement will be read any more: a sender waiting for one must not
+            // wait forever.
+            node.link.lock().closed = true;
+            node.link.moved.notify_waiters();
+        }
+    }
 }
 
 /// The descriptors of one `recvmsg` and the stream bytes `[start, end)` it read.
@@ -401,8 +666,23 @@ struct FdBatch {
 }
 
 impl Receiver {
+    /// The wire format this receiver reads.
+    pub fn format(&self) -> Format {
+        match self.node {
+            None => Format::Postcard,
+            Some(_) => Format::Json,
+        }
+    }
+
     /// Receives the next message of either lane, or `None` when the peer closed the
     /// channel cleanly between two messages.
+    ///
+    /// On a [`Format::Json`] channel this also runs Node's handle protocol: a
+    /// `NODE_HANDLE` line is answered with `NODE_HANDLE_ACK` at once and delivered as its
+    /// inner message with the descriptor (or answered `NODE_HANDLE_NACK` and dropped when
+    /// the descriptor did not come, as Node does); the peer's answers to our handles are
+    /// consumed here and release the messages held back behind them. A line that is not
+    /// valid JSON is an [`Error::DecodeJson`] when decoded, for that message only.
     ///
     /// A framing error (oversized frame, a foreign peer's first bytes, unknown lane, missing
     /// or unclaimed descriptors, end of stream inside a frame) is returned once; afterwards every call returns
@@ -431,6 +711,10 @@ impl Receiver {
     fn note<T>(&mut self, result: &Result<T, Error>) {
         if let Err(err) = result {
             if err.is_fatal_on_receive() {
+                if let Some(node) = &self.node {
+                    node.link.lock().closed = true;
+                    node.link.moved.notify_waiters();
+                }
                 self.broken = true;
                 self.batches.clear();
                 self.buf = BytesMut::new();
@@ -439,6 +723,9 @@ impl Receiver {
     }
 
     fn decode_buffered(&mut self) -> Result<Option<Received>, Error> {
+        if self.node.is_some() {
+            return self.decode_line();
+        }
         let frame = match self.codec.decode(&mut self.buf) {
             Ok(Some(frame)) => frame,
             Ok(None) => return Ok(None),
@@ -467,7 +754,102 @@ impl Receiver {
             payload: frame.payload,
             fds,
             fds_lost,
+            format: Format::Postcard,
+            handle: None,
         }))
+    }
+
+    /// [`decode_buffered`](Receiver::decode_buffered) on a [`Format::Json`] channel.
+    fn decode_line(&mut self) -> Result<Option<Received>, Error> {
+        let Some(node) = &mut self.node else {
+            unreachable!("decode_line on a postcard channel");
+        };
+        let link = Arc::clone(&node.link);
+        loop {
+            if let Some(attempts) = link.lock().take_dropped() {
+                return Err(Error::HandleDropped { attempts });
+            }
+            let Some(node) = &mut self.node else {
+                unreachable!("decode_line on a postcard channel");
+            };
+            let Some(line) = node.lines.decode(&mut self.buf)? else {
+                return Ok(None);
+            };
+            let end = self.received - self.buf.len() as u64;
+            let start = end - line.len() as u64 - 1;
+            if line.len() > RETAINED_BUFFER {
+                self.buf = BytesMut::from(&self.buf[..]);
+            }
+            let kind = json::classify(&line);
+            let declared = usize::from(kind == LineKind::Handle);
+            // A handle whose descriptor did not come (or was lost for lack of descriptors)
+            // is refused with NACK below, and Node sends it again.
+            let fds = match self.claim_fds(start, end, declared) {
+                Err(Error::MissingFds { received: 0, .. }) => Vec::new(),
+                other => other?.0,
+            };
+            let lane = match kind {
+                LineKind::User => Lane::User,
+                LineKind::Internal => Lane::Control,
+                LineKind::Ack | LineKind::Nack => {
+                    let mut state = link.lock();
+                    let moved = match kind {
+                        LineKind::Ack => state.acknowledged(),
+                        _ => state.refused(),
+                    };
+                    drop(state);
+                    if moved {
+                        link.moved.notify_waiters();
+                    }
+                    self.write_answers(&link);
+                    continue;
+                }
+                LineKind::Handle => {
+                    let received = !fds.is_empty();
+                    link.lock().answer(if received {
+                        json::ACK_LINE
+                    } else {
+                        json::NACK_LINE
+                    });
+                    self.write_answers(&link);
+                    if !received {
+                        continue;
+                    }
+                    let (handle, msg) = json::parse_handle(&line)
+                        .map_err(|e| Error::InvalidHandle(e.to_string()))?;
+                    return Ok(Some(Received {
+                        lane: json::lane_of(&msg),
+                        payload: msg,
+                        fds,
+                        fds_lost: false,
+                        format: Format::Json,
+                        handle: Some(handle),
+                    }));
+                }
+            };
+            return Ok(Some(Received {
+                lane,
+                payload: line,
+                fds,
+                fds_lost: false,
+                format: Format::Json,
+                handle: None,
+            }));
+        }
+    }
+
+    /// Writes what the shared write side holds, without waiting: an acknowledgement, or
+    /// messages an acknowledgement released. What the socket does not take now is written
+    /// by the next send, flush or receive. A write error means the peer is gone: the
+    /// bytes are dropped, and reading finds the end of the stream.
+    fn write_answers(&self, link: &NodeLink) {
+        let io = &self.io;
+        let written = io.try_io(Interest::WRITABLE, || link.lock().write_some(io));
+        if let Err(err) = written {
+            if err.kind() != std::io::ErrorKind::WouldBlock {
+                link.lock().buf.clear();
+            }
+        }
     }
 
     /// The descriptors of the frame at stream bytes `[start, end)`, which declares
@@ -544,7 +926,15 @@ impl Receiver {
                 return Ok(Some(received));
             }
             if self.eof {
-                return if !(self.buf.is_empty() && self.codec.is_between_frames()) {
+                let between = match &self.node {
+                    None => self.codec.is_between_frames(),
+                    Some(node) => node.lines.is_between_lines(),
+                };
+                if let Some(node) = &self.node {
+                    node.link.lock().closed = true;
+                    node.link.moved.notify_waiters();
+                }
+                return if !(self.buf.is_empty() && between) {
                     Err(Error::UnexpectedEof {
                         buffered: self.buf.len(),
                     })
@@ -571,7 +961,27 @@ impl Receiver {
                     count: self.batches[0].fds.len(),
                 });
             }
-            let want = self.codec.bytes_wanted(self.buf.len()).max(READ_CHUNK);
+            if let Some(node) = &self.node {
+                // Answers (or released messages) the socket did not take yet: write them
+                // as soon as it takes more, while waiting for the peer.
+                let link = Arc::clone(&node.link);
+                if link.lock().has_unwritten() {
+                    let ready = self
+                        .io
+                        .ready(Interest::READABLE | Interest::WRITABLE)
+                        .await?;
+                    if ready.is_writable() {
+                        self.write_answers(&link);
+                    }
+                    if !ready.is_readable() {
+                        continue;
+                    }
+                }
+            }
+            let want = match self.node {
+                None => self.codec.bytes_wanted(self.buf.len()).max(READ_CHUNK),
+                Some(_) => READ_CHUNK,
+            };
             let mut fds = Vec::new();
             let (io, buf, control) = (&self.io, &mut self.buf, &mut self.control);
             let received = io
@@ -627,6 +1037,9 @@ pub struct Received {
     payload: Bytes,
     fds: Vec<OwnedFd>,
     fds_lost: bool,
+    format: Format,
+    /// The `type` of the `NODE_HANDLE` line the message came in, on a JSON channel.
+    handle: Option<HandleType>,
 }
 
 impl Received {
@@ -635,7 +1048,8 @@ impl Received {
         self.lane
     }
 
-    /// The encoded body.
+    /// The encoded body: postcard bytes, or a JSON text without its newline (for a
+    /// message that came with a handle, the `msg` of its `NODE_HANDLE` line).
     pub fn payload(&self) -> &[u8] {
         &self.payload
     }
@@ -649,6 +1063,34 @@ impl Received {
         self.fds_lost
     }
 
+    /// The format of the channel it came on, which [`decode`](Received::decode) uses.
+    pub fn format(&self) -> Format {
+        self.format
+    }
+
+    /// On a [`Format::Json`] channel, what the Node peer said the descriptor is (the
+    /// `type` of its `NODE_HANDLE` line); `None` for a message without one.
+    pub fn handle_type(&self) -> Option<HandleType> {
+        self.handle
+    }
+
+    /// The message as an internal message of Node's protocol, on the control lane of a
+    /// [`Format::Json`] channel ([`Error::WrongFormat`] on a postcard channel,
+    /// [`Error::InvalidNodeMessage`] for a user message).
+    pub fn internal(&self) -> Result<InternalMessage, Error> {
+        if self.format != Format::Json {
+            return Err(Error::WrongFormat {
+                needed: Format::Json,
+                actual: self.format,
+            });
+        }
+        let value = serde_json::from_slice(&self.payload).map_err(|source| Error::DecodeJson {
+            lane: self.lane,
+            source,
+        })?;
+        InternalMessage::from_value(value)
+    }
+
     /// Decodes the body as a `T`.
     ///
     /// # Caveats
@@ -657,13 +1099,26 @@ impl Received {
     /// message of another type can decode without error as a `T` with wrong values (a
     /// `Request::Add { a, b }` sent by a peer can come out as a `Response::Sum(..)`, or a
     /// short message as an empty `String`). [`Error::Decode`] catches only bytes that fit no
-    /// `T` at all. Both ends must agree on the types; put a protocol name and version in a
-    /// first message (a hello) to find out when they do not.
+    /// `T` at all. Both ends must agree on the types; [`Channel::hello`] checks a protocol
+    /// name and version on both ends to find out when they do not.
+    ///
+    /// On a [`Format::Json`] channel the body is JSON and self-describing: a message of
+    /// another shape fails with [`Error::DecodeJson`].
     pub fn decode<'de, T: Deserialize<'de>>(&'de self) -> Result<T, Error> {
-        postcard::from_bytes(&self.payload).map_err(|source| Error::Decode {
-            lane: self.lane,
-            source,
-        })
+        match self.format {
+            Format::Postcard => {
+                postcard::from_bytes(&self.payload).map_err(|source| Error::Decode {
+                    lane: self.lane,
+                    source,
+                })
+            }
+            Format::Json => {
+                serde_json::from_slice(&self.payload).map_err(|source| Error::DecodeJson {
+                    lane: self.lane,
+                    source,
+                })
+            }
+        }
     }
 
     /// The descriptors that came with the message.
@@ -677,5 +1132,7 @@ impl Received {
     }
 }
 
+#[cfg(test)]
+mod json_tests;
 #[cfg(test)]
 mod tests;

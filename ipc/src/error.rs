@@ -2,7 +2,7 @@
 
 use std::io;
 
-use crate::Lane;
+use crate::{Format, Lane, ProtocolId};
 
 /// Everything that can go wrong on a channel.
 ///
@@ -86,6 +86,67 @@ pub enum Error {
         #[source]
         source: postcard::Error,
     },
+    /// The message could not be serialized as JSON (on a Node channel): a map whose keys
+    /// are not strings, for example.
+    #[error("failed to encode message as JSON")]
+    EncodeJson(#[source] serde_json::Error),
+    /// A line from a Node peer is not valid JSON, or not a valid encoding of the requested
+    /// type. Only that message is lost: the channel goes on.
+    #[error("failed to decode JSON message on the {lane} lane")]
+    DecodeJson {
+        /// The lane of the line.
+        lane: Lane,
+        /// What serde_json reported.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// A line from a Node peer is longer than the limit (no newline within it).
+    #[error("line of at least {len} bytes exceeds the limit of {max} bytes")]
+    LineTooLong {
+        /// How many bytes were buffered without a newline, or the line's length.
+        len: u64,
+        /// The limit in force.
+        max: u32,
+    },
+    /// The first bytes from the peer of a Node channel are no JSON text.
+    #[error(
+        "the peer does not speak Node's JSON lines: its first bytes are {head:02x?}{}",
+        not_json_hint(head)
+    )]
+    NotNodeJson {
+        /// The first six bytes received.
+        head: [u8; 6],
+    },
+    /// The environment asks for a Node serialization this crate does not speak.
+    #[error(
+        "the peer uses Node's '{mode}' serialization, which is not supported: use serialization 'json'"
+    )]
+    UnsupportedSerialization {
+        /// What `NODE_CHANNEL_SERIALIZATION_MODE` says.
+        mode: String,
+    },
+    /// A message cannot be sent on a Node channel as asked.
+    #[error("invalid message for a Node channel: {0}")]
+    InvalidNodeMessage(&'static str),
+    /// A Node peer broke the handle protocol in one message, which is lost; the channel
+    /// goes on.
+    #[error("the Node peer sent an invalid handle message: {0}")]
+    InvalidHandle(String),
+    /// The peer answered `NODE_HANDLE_NACK` to a handle more often than Node retries (3
+    /// times): the handle was dropped. Reported by the receiving half; the channel goes on.
+    #[error("the peer did not receive a handle after {attempts} attempts; it was dropped")]
+    HandleDropped {
+        /// How many times the handle was sent.
+        attempts: u8,
+    },
+    /// The operation needs a channel of another format.
+    #[error("this needs a {needed} channel, and this channel speaks {actual}")]
+    WrongFormat {
+        /// The format needed.
+        needed: Format,
+        /// The channel's format.
+        actual: Format,
+    },
     /// The peer has closed the channel, so nothing more can be sent.
     #[error("channel closed by peer")]
     Closed,
@@ -105,6 +166,15 @@ pub enum Error {
     /// The inherited channel was already taken by an earlier call.
     #[error("the inherited channel was already taken")]
     AlreadyTaken,
+    /// The peer announced another protocol in [`Channel::hello`](crate::Channel::hello),
+    /// or its first message was not a hello (`theirs` is `None`).
+    #[error("protocol mismatch: this end speaks {ours}, the peer {}", describe_theirs(theirs.as_deref()))]
+    ProtocolMismatch {
+        /// The protocol this end announced.
+        ours: Box<ProtocolId>,
+        /// The protocol the peer announced, or `None` if its first message was no hello.
+        theirs: Option<Box<ProtocolId>>,
+    },
     /// A system call failed.
     #[error("ipc i/o error")]
     Io(#[source] io::Error),
@@ -116,6 +186,25 @@ impl From<io::Error> for Error {
             Some(libc::EPIPE) | Some(libc::ECONNRESET) => Error::Closed,
             _ => Error::Io(err),
         }
+    }
+}
+
+/// The peer's side of a protocol mismatch.
+fn describe_theirs(theirs: Option<&ProtocolId>) -> String {
+    match theirs {
+        Some(theirs) => theirs.to_string(),
+        None => "sent no hello".into(),
+    }
+}
+
+/// What the first bytes of a peer that does not speak JSON lines suggest.
+fn not_json_hint(head: &[u8; 6]) -> &'static str {
+    if head[4] == 0xff {
+        " (a 4-byte length and a V8 header: Node's 'advanced' serialization, which is not supported; use 'json')"
+    } else if head[4] <= 1 {
+        " (they look like this crate's postcard frames: give both ends the same format)"
+    } else {
+        ""
     }
 }
 
@@ -131,6 +220,12 @@ fn foreign_hint(head: &[u8; 6]) -> &'static str {
 impl Error {
     /// Whether this error leaves the receiving stream unusable.
     pub(crate) fn is_fatal_on_receive(&self) -> bool {
-        !matches!(self, Error::Decode { .. })
+        !matches!(
+            self,
+            Error::Decode { .. }
+                | Error::DecodeJson { .. }
+                | Error::InvalidHandle(_)
+                | Error::HandleDropped { .. }
+        )
     }
 }

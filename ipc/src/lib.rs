@@ -14,6 +14,23 @@
 //! Node does with `NODE_`-prefixed messages), so the two never mix up. A channel splits
 //! into a [`Sender`] and a [`Receiver`] for use from different tasks.
 //!
+//! # Formats: which is spoken when
+//!
+//! A channel speaks one [`Format`], chosen when it is made ([`Config::format`]) or by the
+//! environment ([`Channel::from_env`]):
+//!
+//! - [`Format::Postcard`], the default and what `child::fork` and `cluster` use between
+//!   Rust processes: the frames drawn below. **It is not Node's format**; a Node peer is
+//!   caught on its first line ([`Error::ForeignProtocol`]).
+//! - [`Format::Json`], Node's `serialization: 'json'` (module [`json`]): one JSON value per
+//!   line, an object whose `cmd` starts with `NODE_` on the control lane, one descriptor per
+//!   message as a `NODE_HANDLE` line answered by `NODE_HANDLE_ACK`, later messages held back
+//!   until then. Spoken with Node peers (`NODE_CHANNEL_FD`), or between Rust ends that want
+//!   a self-describing format. Internal messages of Node's protocol travel as
+//!   [`InternalMessage`]s ([`Sender::send_internal`], [`Received::internal`]). Node's
+//!   'advanced' serialization is refused ([`Error::UnsupportedSerialization`],
+//!   [`Error::NotNodeJson`]).
+//!
 //! # Wire format
 //!
 //! ```text
@@ -32,8 +49,9 @@
 //!
 //! # Invariants
 //!
-//! - Bounded everywhere: a frame longer than [`Config::max_frame_len`] is refused before
-//!   anything is allocated for it, on both ends; a message may carry at most
+//! - Bounded everywhere: a frame (or JSON line) longer than [`Config::max_frame_len`] is
+//!   refused before anything is allocated for it, on both ends; the JSON hold-back queue is
+//!   bounded by [`Config::hold_back`] (a full queue makes sending wait); a message may carry at most
 //!   [`Config::max_fds`] descriptors; a sender buffers at most one write buffer and waits
 //!   for the socket (back-pressure) instead of queueing.
 //! - Received descriptors are close-on-exec (`MSG_CMSG_CLOEXEC`); a truncated control
@@ -55,8 +73,8 @@
 //! - postcard is not self-describing: a payload holds values, not their types. Two ends
 //!   that disagree on the message types are not detected by [`Received::decode`], which may
 //!   turn a message of another type into wrong values (see its docs). Version your
-//!   messages, for example with a hello carrying a protocol name and version on the
-//!   control lane.
+//!   messages and call [`Channel::hello`] on both ends: each announces a protocol name and
+//!   version on the control lane and a disagreement is [`Error::ProtocolMismatch`] on both.
 //! - A peer that is not an `ipc` channel at all (Node's JSON lines) is caught on its first
 //!   frame: [`Error::ForeignProtocol`] says "the peer speaks another protocol".
 //!
@@ -108,10 +126,15 @@
 mod channel;
 pub mod codec;
 mod error;
+mod hello;
+pub mod json;
 mod sys;
 
 pub use channel::{
-    CHANNEL_FD_ENV, Channel, Config, DEFAULT_MAX_FDS, MAX_FDS_LIMIT, Received, Receiver, Sender,
+    CHANNEL_FD_ENV, Channel, Config, DEFAULT_MAX_FDS, Format, MAX_FDS_LIMIT, NODE_CHANNEL_FD_ENV,
+    NODE_CHANNEL_SERIALIZATION_MODE_ENV, Received, Receiver, Sender,
 };
 pub use codec::Lane;
 pub use error::Error;
+pub use hello::ProtocolId;
+pub use json::{HandleType, InternalMessage};

@@ -53,6 +53,10 @@ pub enum Subject {
     RawSocketpair,
     /// Node's `fork()` IPC channel.
     NodeForkIpc,
+    /// An `ipc::Channel` speaking Node's JSON lines between two Rust processes.
+    IpcJsonChannel,
+    /// An `ipc::Channel` speaking Node's JSON lines with a Node child.
+    IpcJsonNodeChild,
     /// `std::process::Command::status`.
     StdCommand,
     /// `child::spawn` and wait.
@@ -82,6 +86,8 @@ impl Subject {
             Subject::IpcChannel => "ipc channel",
             Subject::RawSocketpair => "raw socketpair",
             Subject::NodeForkIpc => "node fork() IPC",
+            Subject::IpcJsonChannel => "ipc JSON, rust child",
+            Subject::IpcJsonNodeChild => "ipc JSON, node child",
             Subject::StdCommand => "std::process::Command",
             Subject::ChildSpawn => "child::spawn",
             Subject::ChildSpawnIpc => "child::spawn + ipc slot",
@@ -99,7 +105,10 @@ impl Subject {
     pub fn needs_node(self) -> bool {
         matches!(
             self,
-            Subject::NodeForkIpc | Subject::NodeSpawn | Subject::NodeExec
+            Subject::NodeForkIpc
+                | Subject::IpcJsonNodeChild
+                | Subject::NodeSpawn
+                | Subject::NodeExec
         )
     }
 }

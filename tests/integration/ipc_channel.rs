@@ -84,3 +84,46 @@ fn an_inherited_fd_that_is_not_a_socket_is_a_typed_error() {
         "{text}"
     );
 }
+
+/// Runs `ipc_hello_child <name> <version>` on the other end of a channel, calls `hello`
+/// with `ours` here, and returns our result with the child's exit code and output.
+async fn hello_across_processes(
+    ours: (&str, u32),
+    theirs: (&str, u32),
+) -> (Result<(), ipc::Error>, Option<i32>, String) {
+    let (parent_end, child_end) = UnixStream::pair().unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_ipc_hello_child"));
+    cmd.args([theirs.0, &theirs.1.to_string()])
+        .env(ipc::CHANNEL_FD_ENV, "0")
+        .stdin(Stdio::from(OwnedFd::from(child_end)))
+        .stdout(Stdio::piped());
+    let mut child = KillOnDrop::spawn(&mut cmd).expect("spawn ipc_hello_child");
+    let mut channel = ipc::Channel::from_fd(parent_end.into()).unwrap();
+    let result = channel.hello(ours.0, ours.1).await;
+    drop(channel);
+    let out = child.wait_with_output().expect("wait");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    (result, out.status.code(), text)
+}
+
+#[tokio::test]
+async fn a_hello_between_processes_agrees_on_the_same_protocol() {
+    let (result, code, text) = hello_across_processes(("jobs", 3), ("jobs", 3)).await;
+    result.expect("the parent agrees");
+    assert_eq!((code, text.as_str()), (Some(0), "agreed\n"));
+}
+
+#[tokio::test]
+async fn a_hello_between_processes_catches_another_version_on_both_ends() {
+    let (result, code, text) = hello_across_processes(("jobs", 3), ("jobs", 4)).await;
+    let err = result.unwrap_err();
+    assert!(
+        matches!(&err, ipc::Error::ProtocolMismatch { theirs: Some(t), .. } if t.version == 4),
+        "{err:?}"
+    );
+    assert_eq!(code, Some(4), "{text}");
+    assert_eq!(
+        text,
+        "error: protocol mismatch: this end speaks \"jobs\" version 4, the peer \"jobs\" version 3\n"
+    );
+}

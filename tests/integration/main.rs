@@ -2,4 +2,5 @@
 mod child;
 mod cluster;
 mod ipc_channel;
+mod node_ipc;
 mod tidy;

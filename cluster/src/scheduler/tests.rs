@@ -114,7 +114,7 @@ fn connections_are_held_while_no_worker_exists() {
     rr.push_connection(1, now);
     rr.push_connection(2, now + Duration::from_secs(1));
     assert_eq!(rr.next_deadline(), Some(now + HOLD));
-    assert_eq!(rr.expire(now + Duration::from_secs(4)), []);
+    assert!(rr.expire(now + Duration::from_secs(4)).is_empty());
     assert_eq!(rr.expire(now + HOLD), [1]);
     rr.add_worker(9);
     assert_eq!(handoffs(&mut rr), [(9, 0, 2)]);

@@ -121,6 +121,33 @@ pub(super) fn run_ipc(ctx: &Ctx) -> Result<Vec<Workload>> {
             },
         ),
     ];
+    // Node's JSON lines: a Node child, and a Rust child, against Node <-> Node.
+    for subject in [Subject::IpcJsonNodeChild, Subject::IpcJsonChannel] {
+        for (benchmark, title, unit, to_mb) in [
+            (
+                Benchmark::IpcEcho16b,
+                "IPC echo in Node's JSON, 16-byte messages, 64 in flight",
+                Unit::MessagesPerSec,
+                false,
+            ),
+            (
+                Benchmark::IpcEcho64k,
+                "IPC echo in Node's JSON, 64 KiB messages, 64 in flight",
+                Unit::MegabytesPerSec,
+                true,
+            ),
+        ] {
+            let spec = Spec {
+                benchmark,
+                title,
+                unit,
+                to_mb,
+                subject,
+                peers: &[Subject::NodeForkIpc],
+            };
+            out.push(workload(ctx, &lines, &spec));
+        }
+    }
     for w in &mut out {
         w.notes
             .push("from `cargo bench -p ipc --bench echo -- --json`".to_owned());

@@ -1,0 +1,331 @@
+//! The write side of a Node JSON channel, shared by its sending and receiving halves: the
+//! bytes to write, the handle waiting for its acknowledgement and the messages held back
+//! behind it.
+//!
+//! Node's rule: after a `NODE_HANDLE` line, the sender writes nothing but `NODE_HANDLE_ACK`
+//! and `NODE_HANDLE_NACK` lines until the peer answered; a `NACK` makes it send the handle
+//! again (up to 3 more times). The receiving half reads the answers and writes the
+//! acknowledgements for the peer's handles, so both halves write: every write goes through
+//! this one [`LinkState`], under a mutex that is never held across an `.await`.
+
+use std::collections::VecDeque;
+use std::io;
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::{Mutex, MutexGuard};
+
+use bytes::{Buf, Bytes, BytesMut};
+use tokio::net::UnixStream;
+
+use crate::{Error, sys};
+
+/// How many times Node sends a handle again after a `NODE_HANDLE_NACK`.
+const MAX_RETRANSMISSIONS: u8 = 3;
+
+/// One encoded line (newline included) and the descriptor it carries, if any.
+#[derive(Debug)]
+pub(crate) struct Line {
+    pub(crate) bytes: Bytes,
+    pub(crate) fd: Option<OwnedFd>,
+    /// How many times a handle line was sent before (after `NODE_HANDLE_NACK`s).
+    sent: u8,
+}
+
+impl Line {
+    pub(crate) fn new(bytes: Bytes, fd: Option<OwnedFd>) -> Self {
+        Self { bytes, fd, sent: 0 }
+    }
+}
+
+/// The handle last written, kept until the peer acknowledges it.
+#[derive(Debug)]
+struct InFlight {
+    line: Bytes,
+    fd: OwnedFd,
+    attempts: u8,
+}
+
+/// Bounds of the hold-back queue.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct HoldBack {
+    /// Messages.
+    pub(crate) messages: usize,
+    /// Bytes of the messages.
+    pub(crate) bytes: usize,
+}
+
+#[derive(Debug)]
+pub(crate) struct LinkState {
+    /// Bytes to write, in order.
+    pub(crate) buf: BytesMut,
+    /// Whether the in-flight handle's descriptor goes with the first byte of `buf`.
+    fd_at_front: bool,
+    in_flight: Option<InFlight>,
+    /// Messages waiting for the in-flight handle's acknowledgement (or, for a handle, for
+    /// `buf` to be written out so that its descriptor rides on its first byte).
+    held: VecDeque<Line>,
+    held_bytes: usize,
+    limits: HoldBack,
+    /// The receiving half has seen the end of the stream or was dropped: no answer will
+    /// come, so a sender must not wait for one.
+    pub(crate) closed: bool,
+    /// A handle the peer refused too often, to be reported once by the receiving half.
+    dropped: Option<u8>,
+}
+
+/// The shared write side of a Node JSON channel.
+#[derive(Debug)]
+pub(crate) struct NodeLink {
+    state: Mutex<LinkState>,
+    /// Woken when held-back messages move on (an acknowledgement came).
+    pub(crate) moved: tokio::sync::Notify,
+}
+
+impl NodeLink {
+    pub(crate) fn new(limits: HoldBack) -> Self {
+        Self {
+            state: Mutex::new(LinkState {
+                buf: BytesMut::new(),
+                fd_at_front: false,
+                in_flight: None,
+                held: VecDeque::new(),
+                held_bytes: 0,
+                limits,
+                closed: false,
+                dropped: None,
+            }),
+            moved: tokio::sync::Notify::new(),
+        }
+    }
+
+    /// The state. A panic while it was held cannot leave it inconsistent in a way that
+    /// matters more than the panic itself, so a poisoned lock is used as is.
+    pub(crate) fn lock(&self) -> MutexGuard<'_, LinkState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// [`LinkState::enqueue`], returning the bytes then waiting to be written; the line
+    /// comes back when the hold-back queue is full, and nothing is queued once the
+    /// receiving half is gone ([`Error::Closed`]).
+    pub(crate) fn enqueue(&self, line: Line) -> Result<Result<usize, Line>, Error> {
+        let mut state = self.lock();
+        if state.closed {
+            return Err(Error::Closed);
+        }
+        Ok(state.enqueue(line).map(|()| state.buf.len()))
+    }
+}
+
+impl LinkState {
+    /// Whether a message can go straight into the write buffer: nothing held back and no
+    /// handle waiting for its answer.
+    pub(crate) fn is_open(&self) -> bool {
+        self.in_flight.is_none() && self.held.is_empty()
+    }
+
+    /// Queues a line: into the write buffer if it may go now, else behind the handle in
+    /// flight. Gives the line back when the hold-back queue is full.
+    pub(crate) fn enqueue(&mut self, line: Line) -> Result<(), Line> {
+        if self.is_open() && (line.fd.is_none() || self.buf.is_empty()) {
+            self.start(line);
+            return Ok(());
+        }
+        let full = !self.held.is_empty()
+            && (self.held.len() >= self.limits.messages
+                || self.held_bytes + line.bytes.len() > self.limits.bytes);
+        if full {
+            return Err(line);
+        }
+        self.held_bytes += line.bytes.len();
+        self.held.push_back(line);
+        Ok(())
+    }
+
+    /// Appends a line to the write buffer; a handle becomes the one in flight.
+    fn start(&mut self, line: Line) {
+        if let Some(fd) = line.fd {
+            debug_assert!(self.buf.is_empty() && self.in_flight.is_none());
+            self.in_flight = Some(InFlight {
+                line: line.bytes.clone(),
+                fd,
+                attempts: line.sent + 1,
+            });
+            self.fd_at_front = true;
+        }
+        self.buf.extend_from_slice(&line.bytes);
+    }
+
+    /// Moves held-back lines into the write buffer while they may go. Returns whether any
+    /// moved.
+    fn pump(&mut self) -> bool {
+        let mut moved = false;
+        while self.in_flight.is_none() {
+            let Some(front) = self.held.front() else {
+                break;
+            };
+            if front.fd.is_some() && !self.buf.is_empty() {
+                break;
+            }
+            let line = self.held.pop_front().expect("a front line");
+            self.held_bytes -= line.bytes.len();
+            self.start(line);
+            moved = true;
+        }
+        moved
+    }
+
+    /// Appends an acknowledgement (or a negative one) for the peer's handle. Answers are
+    /// never held back.
+    pub(crate) fn answer(&mut self, line: &[u8]) {
+        self.buf.extend_from_slice(line);
+    }
+
+    /// The peer acknowledged the handle in flight: close our copy, let the next messages
+    /// go. An answer to no handle is ignored, as Node does.
+    pub(crate) fn acknowledged(&mut self) -> bool {
+        self.in_flight = None;
+        self.pump()
+    }
+
+    /// The peer did not get the handle's descriptor: send it again, up to Node's limit.
+    pub(crate) fn refused(&mut self) -> bool {
+        if let Some(in_flight) = self.in_flight.take() {
+            if in_flight.attempts > MAX_RETRANSMISSIONS {
+                self.dropped = Some(in_flight.attempts);
+            } else if self.buf.is_empty() {
+                self.buf.extend_from_slice(&in_flight.line);
+                self.fd_at_front = true;
+                self.in_flight = Some(InFlight {
+                    attempts: in_flight.attempts + 1,
+                    ..in_flight
+                });
+                return true;
+            } else {
+                // Behind what is being written, ahead of everything held back.
+                self.held_bytes += in_flight.line.len();
+                self.held.push_front(Line {
+                    bytes: in_flight.line,
+                    fd: Some(in_flight.fd),
+                    sent: in_flight.attempts,
+                });
+                return self.pump();
+            }
+        }
+        self.pump()
+    }
+
+    /// A handle dropped after too many refusals, once.
+    pub(crate) fn take_dropped(&mut self) -> Option<u8> {
+        self.dropped.take()
+    }
+
+    /// Writes as much of the buffer as the socket takes without blocking. Returns
+    /// `Ok(true)` once the buffer is empty; `WouldBlock` when the socket is full.
+    pub(crate) fn write_some(&mut self, io: &UnixStream) -> io::Result<bool> {
+        loop {
+            if self.buf.is_empty() {
+                self.pump();
+                if self.buf.is_empty() {
+                    return Ok(true);
+                }
+            }
+            let written = match (&self.in_flight, self.fd_at_front) {
+                (Some(in_flight), true) => {
+                    sys::send(io.as_fd(), &self.buf, std::slice::from_ref(&in_flight.fd))?
+                }
+                _ => sys::send(io.as_fd(), &self.buf, &[])?,
+            };
+            self.fd_at_front = false;
+            self.buf.advance(written);
+            if self.buf.is_empty() && self.buf.capacity() > super::RETAINED_BUFFER {
+                self.buf = BytesMut::new();
+            }
+        }
+    }
+
+    /// Whether bytes wait to be written.
+    pub(crate) fn has_unwritten(&self) -> bool {
+        !self.buf.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn link() -> LinkState {
+        NodeLink::new(HoldBack {
+            messages: 2,
+            bytes: 1024,
+        })
+        .state
+        .into_inner()
+        .unwrap()
+    }
+
+    fn line(text: &str, fd: bool) -> Line {
+        Line::new(
+            Bytes::copy_from_slice(text.as_bytes()),
+            fd.then(|| std::io::pipe().expect("pipe").0.into()),
+        )
+    }
+
+    /// Takes what would be written, as the socket would.
+    fn written(state: &mut LinkState) -> String {
+        let text = String::from_utf8(state.buf.to_vec()).unwrap();
+        state.buf.clear();
+        state.fd_at_front = false;
+        state.pump();
+        text
+    }
+
+    #[test]
+    fn messages_after_a_handle_wait_for_its_acknowledgement() {
+        let mut state = link();
+        state.enqueue(line("a;", false)).unwrap();
+        // A handle waits for the bytes ahead of it so that its fd rides on its first byte.
+        state.enqueue(line("h1;", true)).unwrap();
+        state.enqueue(line("b;", false)).unwrap();
+        assert_eq!(written(&mut state), "a;");
+        assert!(
+            state.fd_at_front,
+            "the descriptor rides on the handle's first byte"
+        );
+        assert_eq!(written(&mut state), "h1;");
+        // Answers to the peer's handles are never held back.
+        state.answer(b"ack;");
+        assert_eq!(written(&mut state), "ack;");
+        assert!(state.acknowledged());
+        assert_eq!(written(&mut state), "b;");
+        assert!(state.is_open());
+    }
+
+    #[test]
+    fn the_hold_back_queue_is_bounded() {
+        let mut state = link();
+        state.enqueue(line("h;", true)).unwrap();
+        state.enqueue(line("1;", false)).unwrap();
+        state.enqueue(line("2;", false)).unwrap();
+        let refused = state.enqueue(line("3;", false)).unwrap_err();
+        assert_eq!(&refused.bytes[..], b"3;");
+        written(&mut state);
+        state.acknowledged();
+        assert_eq!(written(&mut state), "1;2;");
+        state.enqueue(refused).unwrap();
+    }
+
+    #[test]
+    fn a_refused_handle_is_sent_again_then_dropped() {
+        let mut state = link();
+        state.enqueue(line("h;", true)).unwrap();
+        state.enqueue(line("after;", false)).unwrap();
+        for _ in 0..MAX_RETRANSMISSIONS {
+            assert_eq!(written(&mut state), "h;");
+            state.refused();
+            assert!(state.fd_at_front, "the descriptor goes again");
+        }
+        assert_eq!(written(&mut state), "h;");
+        state.refused();
+        assert_eq!(state.take_dropped(), Some(MAX_RETRANSMISSIONS + 1));
+        assert_eq!(written(&mut state), "after;");
+    }
+}
