@@ -141,10 +141,12 @@ pub use error::{Error, ListenError};
 pub use ipc::Received;
 pub use primary::{
     EVENT_CAPACITY, Event, Events, MAX_SERVERS_PER_WORKER, OutputStream, Primary, ReloadFailure,
-    Signal, SlotFailure, Stats, WorkerState, WorkerStats,
+    Signal, SlotFailure, Stats, UpgradeError, WorkerState, WorkerStats,
 };
 pub use protocol::{AddressFamily, HandleKey, WorkerId};
-pub use settings::{Policy, RestartPolicy, SCHED_POLICY_ENV, Settings, UnknownPolicy};
+pub use settings::{
+    Policy, RestartPolicy, SCHED_POLICY_ENV, Settings, UnknownPolicy, executable_path,
+};
 pub use worker::{
     DEFAULT_BACKLOG, ListenOptions, Listener, StopReason, USER_QUEUE_CAPACITY, Worker,
 };
