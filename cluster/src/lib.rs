@@ -150,10 +150,13 @@ pub use error::{Error, ListenError};
 pub use ipc::Received;
 pub use primary::{
     BROADCAST_WAIT, EVENT_BYTES, EVENT_CAPACITY, Event, Events, MAX_SERVERS_PER_WORKER,
-    OutputStream, Primary, ReloadFailure, Signal, SlotFailure, Stats, WorkerState, WorkerStats,
+    OutputStream, Primary, ReloadFailure, Signal, SlotFailure, Stats, UpgradeError, WorkerState,
+    WorkerStats,
 };
 pub use protocol::{AddressFamily, HandleKey, WorkerId};
-pub use settings::{Policy, RestartPolicy, SCHED_POLICY_ENV, Settings, UnknownPolicy};
+pub use settings::{
+    Policy, RestartPolicy, SCHED_POLICY_ENV, Settings, UnknownPolicy, executable_path,
+};
 pub use worker::{
     DEFAULT_BACKLOG, ListenOptions, Listener, StopReason, USER_QUEUE_BYTES, USER_QUEUE_CAPACITY,
     Worker,

@@ -12,6 +12,10 @@ mod driver;
 mod events;
 mod restart;
 mod sockets;
+mod systemd;
+mod upgrade;
+
+pub use self::upgrade::UpgradeError;
 
 use std::ffi::OsString;
 use std::net::SocketAddr;
@@ -19,7 +23,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Serialize;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::error::Error;
 use crate::protocol::{HandleKey, WorkerId};
@@ -39,6 +43,12 @@ pub const MAX_SERVERS_PER_WORKER: usize = core::MAX_SERVERS_PER_WORKER;
 /// How long an exited worker's channel may stay open before its exit is reported anyway
 /// (its last messages are read first; a descendant may hold the channel open).
 const EXIT_GRACE: Duration = Duration::from_secs(1);
+
+/// How long a primary that hands over to an upgrade's new primary waits for the
+/// connections it accepted to reach its workers before it stops.
+const HANDOVER_WAIT: Duration = Duration::from_secs(1);
+/// How often it looks.
+const HANDOVER_POLL: Duration = Duration::from_millis(5);
 
 /// Why a slot was given up.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -270,6 +280,11 @@ pub(crate) enum Command {
     Stats(Reply<Stats>),
     Reload(Reply<()>),
     Stop(Reply<()>),
+    /// Whether the round-robin handles accept (paused once an upgrade's new primary is
+    /// ready, so that connections wait in the shared backlog for it).
+    Accepting(bool, Reply<()>),
+    /// Copies of every listening socket, for an upgrade.
+    Handover(Reply<std::io::Result<Vec<(std::os::fd::OwnedFd, String)>>>),
 }
 
 /// The primary of a cluster: starts workers, hands them connections, replaces the dead.
@@ -280,6 +295,8 @@ pub(crate) enum Command {
 pub struct Primary {
     commands: mpsc::Sender<Command>,
     events: Option<Events>,
+    ready: watch::Receiver<bool>,
+    upgrade: upgrade::UpgradeTarget,
 }
 
 impl Primary {
@@ -291,10 +308,19 @@ impl Primary {
         }
         let (commands, commands_rx) = mpsc::channel(64);
         let (events_tx, events) = events::queue();
-        driver::Driver::start(settings, events_tx, commands_rx)?;
+        // An upgrade runs this program (the file on disk now) with this process's arguments,
+        // whatever program the workers run.
+        let upgrade = upgrade::UpgradeTarget {
+            program: crate::settings::executable_path(),
+            args: std::env::args_os().skip(1).collect(),
+            timeout: settings.upgrade_timeout,
+        };
+        let ready = driver::Driver::start(settings, events_tx, commands_rx)?;
         Ok(Primary {
             commands,
             events: Some(events),
+            ready,
+            upgrade,
         })
     }
 
@@ -399,6 +425,43 @@ impl Primary {
         self.ask(Command::Stats).await
     }
 
+    /// Watches the cluster's readiness ([`Stats::ready`]): it changes as workers start
+    /// listening, die, or a stop begins.
+    pub fn readiness(&self) -> watch::Receiver<bool> {
+        self.ready.clone()
+    }
+
+    /// Starts a new primary from this program's file on disk (resolved at
+    /// [`start`](Primary::start)) with this process's arguments, passes it every
+    /// listening socket the systemd way (`LISTEN_FDS`), and waits until it is ready (every
+    /// one of its slots listening); returns its pid. This primary keeps serving meanwhile
+    /// and afterwards: stop it to finish the upgrade (as
+    /// [`run_until_signal`](Primary::run_until_signal) does on `SIGUSR2`). If the new
+    /// primary ends or is not ready within
+    /// [`Settings::upgrade_timeout`](crate::Settings::upgrade_timeout), it is killed (its
+    /// workers with it) and this one serves on.
+    pub async fn upgrade(&self) -> Result<u32, UpgradeError> {
+        let sockets = self
+            .ask(Command::Handover)
+            .await
+            .map_err(|_| UpgradeError::Stopped)?
+            .map_err(UpgradeError::Sockets)?;
+        self.upgrade.run(sockets).await
+    }
+
+    /// Before this primary stops for an upgrade: stops accepting on the round-robin
+    /// sockets, whose backlog the new primary shares, and waits (at most
+    /// [`HANDOVER_WAIT`]) until the connections already accepted have gone to a worker, so
+    /// that the stop closes none of them.
+    async fn hand_over_connections(&self) -> Result<(), Error> {
+        self.ask(|r| Command::Accepting(false, r)).await?;
+        let deadline = tokio::time::Instant::now() + HANDOVER_WAIT;
+        while self.stats().await?.queued > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(HANDOVER_POLL).await;
+        }
+        Ok(())
+    }
+
     /// Rolling reload: each worker in turn is replaced by a new one, which must be
     /// listening on as many servers as the old one before the old one is asked to stop.
     /// Resolves when every slot has been replaced.
@@ -416,8 +479,16 @@ impl Primary {
     }
 
     /// Runs until `SIGTERM` or `SIGINT`, then stops gracefully and returns `Ok(())`.
-    /// Meanwhile `SIGHUP` starts a rolling reload, `SIGTTIN` adds a worker and `SIGTTOU`
-    /// removes one.
+    /// Meanwhile `SIGHUP` starts a rolling reload, `SIGTTIN` adds a worker, `SIGTTOU`
+    /// removes one, and `SIGUSR2` [upgrades](Primary::upgrade) the primary: once the new
+    /// primary is ready, this one stops and returns `Ok(())`; if it fails, this one serves on.
+    ///
+    /// Under systemd (`NOTIFY_SOCKET`) it notifies `READY=1` whenever the cluster turns
+    /// ready, `RELOADING=1` with `MONOTONIC_USEC` at a `SIGHUP` and `READY=1` when the
+    /// reload ends, `STOPPING=1` at a stop, `STATUS=` with the worker count, `WATCHDOG=1`
+    /// every half `WATCHDOG_USEC` when the watchdog is on, and `MAINPID=` with the new
+    /// primary's pid when an upgrade succeeds (then nothing more). A primary started by an
+    /// upgrade tells the old one when it is ready.
     pub async fn run_until_signal(&self) -> Result<(), Error> {
         use tokio::signal::unix::{SignalKind, signal};
         let listen = |kind: SignalKind| signal(kind).map_err(Error::Signal);
@@ -426,20 +497,71 @@ impl Primary {
         let mut hup = listen(SignalKind::hangup())?;
         let mut ttin = listen(SignalKind::from_raw(libc::SIGTTIN))?;
         let mut ttou = listen(SignalKind::from_raw(libc::SIGTTOU))?;
+        let mut usr2 = listen(SignalKind::user_defined2())?;
+        let mut notifier = systemd::Notifier::new();
+        let mut upgraded_from = systemd::UpgradeReadiness::from_env();
+        let mut ready = self.ready.clone();
+        ready.mark_changed();
+        let mut watchdog = systemd::watchdog_interval().map(tokio::time::interval);
+        let (reloaded_tx, mut reloaded) = mpsc::channel::<()>(4);
+        let mut upgrading: Option<std::pin::Pin<Box<dyn Future<Output = _> + Send + '_>>> = None;
         loop {
             tokio::select! {
                 _ = term.recv() => break,
                 _ = int.recv() => break,
                 _ = hup.recv() => {
                     tracing::info!("SIGHUP: rolling reload");
+                    notifier.reloading();
                     // Not awaited here: signals keep being handled during the reload.
                     let (tx, rx) = oneshot::channel();
                     self.commands.send(Command::Reload(tx)).await.map_err(|_| Error::Stopped)?;
+                    let reloaded_tx = reloaded_tx.clone();
                     tokio::spawn(async move {
                         if rx.await.is_ok() {
-                            tracing::info!("rolling reload complete");
+                            let _ = reloaded_tx.send(()).await;
                         }
                     });
+                }
+                Some(()) = reloaded.recv() => {
+                    tracing::info!("rolling reload complete");
+                    let stats = self.stats().await?;
+                    match stats.ready {
+                        true => notifier.ready(stats.workers.len()),
+                        false => notifier.not_ready(stats.workers.len()),
+                    }
+                }
+                Ok(()) = ready.changed() => {
+                    let now_ready = *ready.borrow_and_update();
+                    let workers = self.stats().await?.workers.len();
+                    if now_ready {
+                        upgraded_from.ready();
+                        notifier.ready(workers);
+                    } else {
+                        notifier.not_ready(workers);
+                    }
+                }
+                _ = usr2.recv() => match upgrading {
+                    Some(_) => tracing::warn!("SIGUSR2: an upgrade is already in progress"),
+                    None => {
+                        tracing::info!(program = ?self.upgrade.program, "SIGUSR2: upgrading the primary");
+                        upgrading = Some(Box::pin(self.upgrade()));
+                    }
+                },
+                result = async { upgrading.as_mut().expect("guarded").await }, if upgrading.is_some() => {
+                    upgrading = None;
+                    match result {
+                        Ok(pid) => {
+                            tracing::info!(new_primary = pid, "upgrade: the new primary is ready; stopping this one");
+                            notifier.hand_over(pid);
+                            self.hand_over_connections().await?;
+                            self.stop().await?;
+                            return Ok(());
+                        }
+                        Err(e) => tracing::error!(error = %e, "upgrade failed; this primary keeps serving"),
+                    }
+                }
+                _ = async { watchdog.as_mut().expect("guarded").tick().await }, if watchdog.is_some() => {
+                    notifier.watchdog();
                 }
                 _ = ttin.recv() => {
                     match self.fork().await {
@@ -455,6 +577,7 @@ impl Primary {
             }
         }
         tracing::info!("stopping all workers");
+        notifier.stopping();
         self.stop().await
     }
 }

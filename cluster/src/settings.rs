@@ -144,6 +144,8 @@ pub struct Settings {
     pub(crate) hold_connections: Duration,
     pub(crate) reload_timeout: Duration,
     pub(crate) silent: bool,
+    pub(crate) inherit_listeners: bool,
+    pub(crate) upgrade_timeout: Duration,
 }
 
 impl Default for Settings {
@@ -159,6 +161,8 @@ impl Default for Settings {
             hold_connections: Duration::from_secs(10),
             reload_timeout: Duration::from_secs(60),
             silent: false,
+            inherit_listeners: true,
+            upgrade_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -171,7 +175,8 @@ impl Settings {
         Self::default()
     }
 
-    /// The program workers run (default: this executable, `/proc/self/exe`).
+    /// The program workers run (default: this executable's path, resolved once at
+    /// [`Primary::start`](crate::Primary::start); see [`executable_path`]).
     pub fn program(mut self, program: impl Into<OsString>) -> Self {
         self.program = Some(program.into());
         self
@@ -246,6 +251,28 @@ impl Settings {
         self
     }
 
+    /// Whether the primary adopts the listening sockets passed to this process the systemd
+    /// way (`LISTEN_FDS`, `LISTEN_PID`, `LISTEN_FDNAMES`; default true): a worker's
+    /// `listen(addr)` on an inherited socket's address uses that socket, under every policy.
+    /// Only the first primary of a process can adopt them.
+    pub fn inherit_listeners(mut self, inherit: bool) -> Self {
+        self.inherit_listeners = inherit;
+        self
+    }
+
+    /// How long [`Primary::upgrade`](crate::Primary::upgrade) waits for the new primary to
+    /// be ready (default 60 s) before it kills it and keeps this one.
+    pub fn upgrade_timeout(mut self, timeout: Duration) -> Self {
+        self.upgrade_timeout = timeout;
+        self
+    }
+
+    /// The program workers run: [`program`](Self::program) if set, else
+    /// [`executable_path`].
+    pub(crate) fn resolved_program(&self) -> OsString {
+        self.program.clone().unwrap_or_else(executable_path)
+    }
+
     /// The policy in force: [`SCHED_POLICY_ENV`] if set and valid, else the configured one.
     pub(crate) fn effective_policy(&self) -> Policy {
         match std::env::var(SCHED_POLICY_ENV) {
@@ -254,6 +281,33 @@ impl Settings {
                 self.policy
             }),
             Err(_) => self.policy,
+        }
+    }
+}
+
+/// This executable's path on disk, resolved from `/proc/self/exe` when called.
+///
+/// A primary resolves it once, at start, and starts every worker (and an upgrade's new
+/// primary) from that path, never from `/proc/self/exe`: once the file is replaced (a
+/// `cargo build`, a package upgrade), `/proc/self/exe` still names the old, deleted
+/// inode, while the path names the new file, which is what a reload should run. If the
+/// file was already deleted at start, the kernel's ` (deleted)` suffix is dropped, so the
+/// path is that of whatever file is installed there by the time a worker starts.
+pub fn executable_path() -> OsString {
+    match std::env::current_exe() {
+        Ok(path) => {
+            let path = path.into_os_string();
+            let bytes = std::os::unix::ffi::OsStrExt::as_bytes(path.as_os_str());
+            match bytes.strip_suffix(b" (deleted)") {
+                Some(live) => {
+                    <std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(live).to_owned()
+                }
+                None => path,
+            }
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot resolve this executable's path; using /proc/self/exe");
+            "/proc/self/exe".into()
         }
     }
 }

@@ -1,4 +1,5 @@
-//! The crate's only `unsafe`: registering a listening socket with the reactor.
+//! The crate's only `unsafe`: registering a listening socket with the reactor, and taking
+//! ownership of descriptors inherited at exec.
 
 use std::io;
 use std::net::TcpListener;
@@ -14,4 +15,19 @@ pub(crate) fn readable_listener(listener: TcpListener) -> io::Result<AsyncFd<Tcp
     // the registration.
     unsafe { AsyncFd::register_with_interest(listener, Interest::READABLE) }
         .map_err(|e| e.into_parts().1)
+}
+
+/// Takes ownership of descriptor `fd`, which this process inherited from whoever started
+/// it (systemd's `LISTEN_FDS`, an upgrading primary's readiness socket). Fails with
+/// `EBADF` if it is not open.
+pub(crate) fn adopt_inherited(fd: std::os::fd::RawFd) -> io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: `F_GETFD` only reads the flags of a descriptor number, for any number.
+    if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the descriptor is open (checked above) and nothing in this process owns it:
+    // it was passed to us at exec, and each variable naming it is read once per process
+    // (`systemd::Inherited::from_env`, `systemd::UpgradeReadiness::from_env`).
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
 }

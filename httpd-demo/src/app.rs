@@ -17,6 +17,8 @@ const MAX_SLEEP: Duration = Duration::from_secs(60);
 pub(crate) struct AppState {
     worker_id: u64,
     pid: u32,
+    /// Which code this worker runs ([`build_id`]), computed once at its start.
+    build: String,
     allow_crash: bool,
     /// Whether a stop has begun; watched so a test can see the moment it starts.
     draining: watch::Sender<bool>,
@@ -28,6 +30,7 @@ impl AppState {
         Arc::new(Self {
             worker_id,
             pid: std::process::id(),
+            build: build_id(),
             allow_crash,
             draining: watch::Sender::new(false),
             in_flight: watch::Sender::new(0),
@@ -60,9 +63,25 @@ impl AppState {
     }
 }
 
+/// Which code this process runs: the package version and the modification time (in
+/// nanoseconds since the epoch, hex) of the executable it was started from, read through
+/// `/proc/self/exe`, which names the running file even after it is replaced or deleted
+/// on disk. A rebuilt, copied or touched binary gets a new one: `0.1.0+1812f0c4a3b2d100`.
+pub(crate) fn build_id() -> String {
+    let version = env!("CARGO_PKG_VERSION");
+    let modified = std::fs::metadata("/proc/self/exe")
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok());
+    match modified {
+        Some(since) => format!("{version}+{:x}", since.as_nanos()),
+        None => format!("{version}+unknown"),
+    }
+}
+
 /// Answers one request.
 ///
-/// `GET /` says hello, `GET /worker` names the worker, `GET /sleep?ms=N` answers after N
+/// `GET /` says hello, `GET /worker` names the worker (id, pid and [`build_id`]), `GET /sleep?ms=N` answers after N
 /// milliseconds, `GET /crash` panics when crashing is allowed (404 otherwise).
 ///
 /// `GET /healthz` is 200 while the process can serve (also while it drains: a liveness
@@ -112,7 +131,10 @@ async fn route<B>(req: &Request<B>, state: &AppState) -> Response<Full<Bytes>> {
         "/" => text(StatusCode::OK, "hello world\n"),
         "/worker" => json(
             StatusCode::OK,
-            format!("{{\"id\": {}, \"pid\": {}}}\n", state.worker_id, state.pid),
+            format!(
+                "{{\"id\": {}, \"pid\": {}, \"build\": \"{}\"}}\n",
+                state.worker_id, state.pid, state.build
+            ),
         ),
         "/healthz" => status(StatusCode::OK, "healthy", state),
         "/readyz" if state.is_draining() => {
@@ -207,7 +229,11 @@ mod tests {
 
     #[tokio::test]
     async fn worker_names_id_and_pid() {
-        let expected = format!("{{\"id\": 7, \"pid\": {}}}\n", std::process::id());
+        let expected = format!(
+            "{{\"id\": 7, \"pid\": {}, \"build\": \"{}\"}}\n",
+            std::process::id(),
+            build_id()
+        );
         check(
             get("/worker", &AppState::new(7, false)).await,
             StatusCode::OK,

@@ -3,11 +3,14 @@
 //!
 //! ```text
 //! httpd-demo [--workers N] [--host ADDR] [--port PORT] [--policy rr|shared|reuseport]
-//!            [--grace SECONDS] [--allow-crash]
+//!            [--grace SECONDS] [--reload-timeout SECONDS] [--allow-crash]
 //! ```
 //!
-//! Signals on the primary: SIGTERM/SIGINT graceful stop, SIGHUP rolling reload,
-//! SIGTTIN/SIGTTOU one worker more/less. Once the first worker listens, the primary prints
+//! Signals on the primary: SIGTERM/SIGINT graceful stop, SIGHUP rolling reload (workers
+//! start from the binary on disk now), SIGTTIN/SIGTTOU one worker more/less, SIGUSR2
+//! upgrade of the primary itself (a new primary from the binary on disk takes over the
+//! listening sockets; this one drains and exits). Under systemd it adopts socket-activated
+//! listeners and notifies its state (see `systemd/` and the README). Once the first worker listens, the primary prints
 //! `listening on http://ADDR` on standard output; logs go to standard error, among them
 //! `cluster ready` / `cluster not ready` when the primary-level readiness changes.
 //! Workers answer `GET /healthz` and `GET /readyz` (503 once their stop begins).
@@ -43,6 +46,9 @@ struct Args {
     /// Seconds a stopping worker may take to finish in-flight requests.
     #[arg(long, default_value_t = 10)]
     grace: u64,
+    /// Seconds a reload waits for a new worker to listen before it keeps the old one.
+    #[arg(long, default_value_t = 60)]
+    reload_timeout: u64,
     /// Enable `GET /crash`, which makes the handling worker panic.
     #[arg(long)]
     allow_crash: bool,
@@ -94,7 +100,8 @@ async fn primary(args: Args) -> anyhow::Result<()> {
     let workers = args.workers.unwrap_or_else(|| {
         std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
     });
-    tracing::info!(pid = std::process::id(), workers, policy = ?args.policy, "primary running");
+    let build = app::build_id();
+    tracing::info!(pid = std::process::id(), workers, policy = ?args.policy, build, "primary running");
     let grace = Duration::from_secs(args.grace);
     let settings = Settings::new()
         .args(std::env::args_os().skip(1))
@@ -106,7 +113,10 @@ async fn primary(args: Args) -> anyhow::Result<()> {
         .silent(true)
         // The primary's deadline is a little longer than the workers' own grace, so a
         // worker that drains in time is never killed.
-        .drain_deadline(grace + Duration::from_secs(1));
+        .drain_deadline(grace + Duration::from_secs(1))
+        .reload_timeout(Duration::from_secs(args.reload_timeout))
+        // A new primary (SIGUSR2) gets as long as a reload step to be ready.
+        .upgrade_timeout(Duration::from_secs(args.reload_timeout));
     let mut primary = Primary::start(settings)
         .await
         .context("starting the cluster")?;
@@ -229,6 +239,21 @@ fn log_event(event: &Event) {
         Event::Misbehaved { id, reason } => tracing::warn!(%id, ?reason, "worker misbehaved"),
         Event::SlotFailed { slot, id, cause } => {
             tracing::error!(slot, %id, %cause, "slot given up")
+        }
+        Event::ReloadFailed {
+            slot,
+            id,
+            kept,
+            reason,
+        } => {
+            let reason = match reason {
+                cluster::ReloadFailure::CrashLoop => "its new workers keep crashing".to_owned(),
+                cluster::ReloadFailure::NotListening { waited } => {
+                    format!("its new worker was not listening after {waited:?}")
+                }
+                other => format!("{other:?}"),
+            };
+            tracing::error!(slot, new = %id, %kept, reason, "reload failed for a slot; the old worker keeps serving")
         }
         other => tracing::debug!(?other, "cluster event"),
     }

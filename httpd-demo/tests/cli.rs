@@ -6,6 +6,8 @@
 //! sets `CARGO_BIN_EXE_httpd-demo` only for the integration tests of the package that
 //! owns the binary. One test binary (`autotests = false`): this file and `cli/`.
 
+#[path = "cli/deploy.rs"]
+mod deploy;
 #[path = "cli/http.rs"]
 mod http;
 #[path = "cli/keep_alive.rs"]

@@ -18,15 +18,24 @@ pub struct WorkerInfo {
 struct Body {
     id: u64,
     pid: u32,
+    #[serde(default)]
+    build: Option<String>,
 }
 
 impl WorkerInfo {
-    /// Parses the body of `GET /worker`: a JSON object with exactly `id` and `pid`.
+    /// Parses the body of `GET /worker`: a JSON object with `id`, `pid` and optionally
+    /// `build`, nothing else.
     pub fn from_json(body: &str) -> Result<Self, serde_json::Error> {
+        Self::with_build(body).map(|(info, _)| info)
+    }
+
+    /// Parses the body of `GET /worker` with its `build` (which code the worker runs:
+    /// httpd-demo's version and its binary's mtime), `None` if the body has none.
+    pub fn with_build(body: &str) -> Result<(Self, Option<String>), serde_json::Error> {
         // An object first: a derived `Deserialize` would also take `[id, pid]`.
         let object: serde_json::Map<String, serde_json::Value> = serde_json::from_str(body)?;
-        let Body { id, pid } = serde_json::from_value(object.into())?;
-        Ok(Self { id, pid })
+        let Body { id, pid, build } = serde_json::from_value(object.into())?;
+        Ok((Self { id, pid }, build))
     }
 
     /// Parses the `id=N` and `pid=P` fields of the primary's `worker started` log line.
@@ -52,6 +61,10 @@ mod tests {
         assert_eq!(
             WorkerInfo::from_json("{\"id\": 4, \"pid\": 1234}\n").unwrap(),
             expected
+        );
+        assert_eq!(
+            WorkerInfo::with_build("{\"id\": 4, \"pid\": 1234, \"build\": \"0.1.0+ab\"}").unwrap(),
+            (expected, Some("0.1.0+ab".to_owned()))
         );
         for bad in [
             "{\"id\": 4}",

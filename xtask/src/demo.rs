@@ -16,6 +16,8 @@ use testkit::{KillOnDrop, LineLog, WorkerInfo, is_running};
 
 use crate::http::Client;
 
+mod upgrade;
+
 const WORKERS: usize = 3;
 const STEP_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -162,8 +164,15 @@ pub(crate) fn run() -> Result<()> {
     out.ok("primary exited with code 0");
     server.print_log(&out);
 
-    // 5. Nothing left behind.
-    out.step(5, "no process of the demo is left");
+    // 5. Deploy a new build under load: SIGHUP onto it, then SIGUSR2 for the primary.
+    out.step(
+        5,
+        "a new binary under keep-alive load: SIGHUP reloads onto it, SIGUSR2 upgrades the primary",
+    );
+    seen_pids.extend(upgrade::run(&out, &binary)?);
+
+    // 6. Nothing left behind.
+    out.step(6, "no process of the demo is left");
     seen_pids.insert(server.pid());
     let alive: Vec<u32> = seen_pids
         .iter()
@@ -425,7 +434,7 @@ impl Printer {
     fn step(&self, n: usize, text: &str) {
         self.emit(&format!(
             "\n{}",
-            self.paint("1;36", &format!("[{n}/5] {text}"))
+            self.paint("1;36", &format!("[{n}/6] {text}"))
         ));
     }
 

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use child::{ForkOptions, Signal, Stdio};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_util::time::{DelayQueue, delay_queue};
 
 mod tasks;
@@ -26,6 +26,7 @@ use super::core::{
 };
 use super::events::EventQueue;
 use super::sockets::Listeners;
+use super::systemd::{Inherited, LISTEN_ENV, NOTIFY_ENV, UPGRADE_FD_ENV};
 use super::{Command, Event, OutputStream, Reply, UserSender};
 use crate::error::Error;
 use crate::protocol::{ToPrimary, ToWorker, WorkerId};
@@ -81,6 +82,9 @@ pub(crate) struct Driver {
     internal: mpsc::Sender<Internal>,
     events: EventQueue,
     finished: bool,
+    /// The core's readiness (`Stats::ready`), published after each batch of effects that
+    /// can change it.
+    ready: watch::Sender<bool>,
 }
 
 impl Driver {
@@ -89,13 +93,9 @@ impl Driver {
         settings: Settings,
         events: EventQueue,
         commands: mpsc::Receiver<Command>,
-    ) -> Result<(), Error> {
-        let program = match &settings.program {
-            Some(program) => program.clone(),
-            None => std::env::current_exe()
-                .map(Into::into)
-                .unwrap_or_else(|_| "/proc/self/exe".into()),
-        };
+    ) -> Result<watch::Receiver<bool>, Error> {
+        // Resolved once: workers start from this path, so a reload runs the file on disk.
+        let program = settings.resolved_program();
         let args = settings
             .args
             .clone()
@@ -111,6 +111,10 @@ impl Driver {
             reload_timeout: settings.reload_timeout,
         };
         let (internal, internal_rx) = mpsc::channel(INTERNAL_QUEUE);
+        let inherited = match settings.inherit_listeners {
+            true => Inherited::from_env(),
+            false => Inherited::default(),
+        };
         let mut driver = Driver {
             core: Core::new(config, Instant::now()),
             program,
@@ -118,7 +122,7 @@ impl Driver {
             env: settings.env.clone(),
             silent: settings.silent,
             links: HashMap::new(),
-            listeners: Listeners::new(policy),
+            listeners: Listeners::new(policy, inherited),
             conns: HashMap::new(),
             next_conn: 0,
             timers: DelayQueue::new(),
@@ -129,14 +133,16 @@ impl Driver {
             internal,
             events,
             finished: false,
+            ready: watch::Sender::new(false),
         };
         let effects = driver.core.start(Instant::now());
         driver.perform(effects);
         if let Some((_, error)) = driver.fork_errors.drain().next() {
             return Err(Error::Fork(error)); // dropping the driver kills the others
         }
+        let ready = driver.ready.subscribe();
         tokio::spawn(driver.run(commands, internal_rx));
-        Ok(())
+        Ok(ready)
     }
 
     async fn run(
@@ -180,11 +186,22 @@ impl Driver {
     /// at once and their effects performed in turn.
     fn perform(&mut self, effects: Vec<Effect>) {
         let mut queue: VecDeque<Effect> = effects.into();
+        let mut readiness_may_change = false;
         while let Some(effect) = queue.pop_front() {
+            readiness_may_change |= matches!(effect, Effect::Emit(_) | Effect::Reply(..));
             if let Some(input) = self.perform_one(effect) {
                 queue.extend(self.core.handle(Instant::now(), input));
             }
         }
+        if readiness_may_change {
+            self.publish_ready();
+        }
+    }
+
+    fn publish_ready(&mut self) {
+        let ready = self.core.stats().ready;
+        self.ready
+            .send_if_modified(|was| std::mem::replace(was, ready) != ready);
     }
 
     fn perform_one(&mut self, effect: Effect) -> Option<Input> {
@@ -316,6 +333,15 @@ impl Driver {
                 let _ = reply.send(self.core.stats());
                 return;
             }
+            Command::Accepting(accepting, reply) => {
+                self.listeners.set_accepting(accepting);
+                let _ = reply.send(());
+                return;
+            }
+            Command::Handover(reply) => {
+                let _ = reply.send(self.listeners.handover());
+                return;
+            }
             Command::AddWorker(env, reply) => (CoreCommand::AddWorker { env }, Pending::Add(reply)),
             Command::RemoveWorker(reply) => (CoreCommand::RemoveWorker, Pending::Remove(reply)),
             Command::Disconnect(target, reply) => {
@@ -331,6 +357,8 @@ impl Driver {
         self.next_request += 1;
         self.pending.insert(request, pending);
         self.input(Input::Command(request, command));
+        // A stop begins without an event.
+        self.publish_ready();
     }
 
     fn internal(&mut self, message: Internal) {
@@ -422,6 +450,14 @@ impl Driver {
                     // stops the workers gracefully. The parent-death signal still ends
                     // a worker whose primary dies.
                     .detached(true);
+                // Socket activation and notification are the primary's business.
+                for key in LISTEN_ENV
+                    .iter()
+                    .chain(&NOTIFY_ENV)
+                    .chain([&UPGRADE_FD_ENV])
+                {
+                    options = options.env_remove(key);
+                }
                 for (key, value) in global.into_iter().chain(env) {
                     options = options.env(key, value);
                 }

@@ -6,6 +6,19 @@
 //! port), and accepted sockets are never registered with the reactor: each readiness
 //! drains the backlog with `accept4`, and the connection only passes through here on its
 //! way to a worker.
+//!
+//! # Inherited sockets
+//!
+//! A bind whose address is that of an inherited socket (systemd's `LISTEN_FDS`, or an
+//! upgrading primary's: see `systemd.rs`) uses a copy of that socket instead of binding;
+//! a request for port 0 takes an inherited socket on the same IP that no other handle
+//! uses. Under round-robin and shared it is the handle's socket. Under reuseport, each
+//! slot takes an inherited socket of that address not yet used by the handle (an upgrade
+//! passes one per slot); once none is left, a slot binds a sibling that joins the group if
+//! the inherited socket has `SO_REUSEPORT`, and otherwise shares the inherited socket (the
+//! workers of those slots accept on one queue, as under the shared policy). Closing a
+//! handle or a slot closes only the copy: the inherited socket stays open, with its port
+//! and its backlog, until the primary stops.
 
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
@@ -18,6 +31,7 @@ use std::time::Duration;
 
 use tokio::io::unix::AsyncFd;
 
+use super::systemd::{Inherited, OWN_SOCKET_NAME};
 use crate::net::bind_listener;
 use crate::protocol::HandleKey;
 use crate::settings::Policy;
@@ -57,6 +71,21 @@ pub(crate) struct Listeners {
     handles: HashMap<HandleKey, Sockets>,
     /// Connections accepted and not yet taken by the driver, in order.
     ready: VecDeque<(HandleKey, TcpStream)>,
+    /// Sockets passed at exec, open until the primary stops.
+    inherited: Inherited,
+    /// Which inherited socket each (handle, reuseport slot) socket is a copy of.
+    lent: HashMap<(HandleKey, Option<usize>), usize>,
+    /// Whether round-robin sockets are accepted on (paused for an upgrade's hand-over).
+    accepting: bool,
+}
+
+/// How a bind is served by an inherited socket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Adopted {
+    /// A copy of this inherited socket.
+    Copy(usize),
+    /// A new `SO_REUSEPORT` socket that joins this inherited socket's group.
+    Sibling(usize),
 }
 
 /// The address a key asks for.
@@ -69,12 +98,92 @@ fn requested(key: &HandleKey) -> io::Result<SocketAddr> {
 }
 
 impl Listeners {
-    pub(crate) fn new(policy: Policy) -> Self {
+    pub(crate) fn new(policy: Policy, inherited: Inherited) -> Self {
         Self {
             policy,
             handles: HashMap::new(),
             ready: VecDeque::new(),
+            inherited,
+            lent: HashMap::new(),
+            accepting: true,
         }
+    }
+
+    /// Pauses or resumes accepting on the round-robin sockets; while paused, connections
+    /// wait in their backlog (for another process that shares the socket, in an upgrade).
+    pub(crate) fn set_accepting(&mut self, accepting: bool) {
+        self.accepting = accepting;
+    }
+
+    /// The inherited socket that serves a bind of `key` at `address`, if any (see the
+    /// module docs).
+    fn adopt(
+        &self,
+        key: &HandleKey,
+        socket: Option<usize>,
+        address: SocketAddr,
+    ) -> Option<Adopted> {
+        let lent_elsewhere =
+            |index: usize| self.lent.iter().any(|((k, _), i)| *i == index && k != key);
+        let candidates: Vec<usize> = (self.inherited.sockets.iter().enumerate())
+            .filter(|(index, inherited)| {
+                inherited.address == address
+                    || (address.port() == 0
+                        && inherited.address.ip() == address.ip()
+                        && !lent_elsewhere(*index))
+            })
+            .map(|(index, _)| index)
+            .collect();
+        let first = *candidates.first()?;
+        if self.policy != Policy::ReusePort || socket.is_none() {
+            return Some(Adopted::Copy(first));
+        }
+        let unused = candidates
+            .iter()
+            .copied()
+            .find(|index| !self.lent.iter().any(|((k, _), i)| k == key && i == index));
+        Some(match unused {
+            Some(index) => Adopted::Copy(index),
+            None if self.inherited.sockets[first].reuse_port => Adopted::Sibling(first),
+            None => Adopted::Copy(first),
+        })
+    }
+
+    /// Copies of every listening socket, to pass to a new primary: each inherited one with
+    /// its name, then those this primary bound itself.
+    pub(crate) fn handover(&self) -> io::Result<Vec<(OwnedFd, String)>> {
+        let mut fds = Vec::new();
+        for inherited in &self.inherited.sockets {
+            fds.push((
+                inherited.listener.try_clone()?.into(),
+                inherited.name.clone(),
+            ));
+        }
+        for (fd, name) in &self.inherited.others {
+            fds.push((fd.try_clone()?, name.clone()));
+        }
+        for (key, sockets) in &self.handles {
+            let own = |socket: Option<usize>| !self.lent.contains_key(&(key.clone(), socket));
+            let accepting = sockets.accepting.as_ref().map(|a| a.listener.get_ref());
+            let mut listeners: Vec<&TcpListener> = Vec::new();
+            listeners.extend(
+                accepting
+                    .into_iter()
+                    .chain(sockets.main.as_ref())
+                    .filter(|_| own(None)),
+            );
+            let mut slots: Vec<_> = sockets
+                .slots
+                .iter()
+                .filter(|(slot, _)| own(Some(**slot)))
+                .collect();
+            slots.sort_by_key(|(slot, _)| **slot);
+            listeners.extend(slots.into_iter().map(|(_, listener)| listener));
+            for listener in listeners {
+                fds.push((listener.try_clone()?.into(), OWN_SOCKET_NAME.to_owned()));
+            }
+        }
+        Ok(fds)
     }
 
     /// Binds a socket of `key` (`socket`: a reuseport slot's) at `address`, or at the
@@ -88,20 +197,37 @@ impl Listeners {
     ) -> Result<SocketAddr, i32> {
         let errno = |e: io::Error| e.raw_os_error().unwrap_or(libc::EINVAL);
         let reuse_port = self.policy == Policy::ReusePort;
+        let first = address.is_none();
         let address = match address {
             Some(address) => address,
+            None => requested(key).map_err(errno)?,
+        };
+        let (listener, origin) = match self.adopt(key, socket, address) {
+            Some(Adopted::Copy(index)) => {
+                let inherited = &self.inherited.sockets[index].listener;
+                (inherited.try_clone().map_err(errno)?, Some(index))
+            }
+            Some(Adopted::Sibling(index)) => {
+                let address = self.inherited.sockets[index].address;
+                (bind_listener(address, backlog, true).map_err(errno)?, None)
+            }
             None => {
-                let address = requested(key).map_err(errno)?;
                 // The first socket of a reuseport handle on a fixed port: the port must
                 // not belong to another program's group.
-                if reuse_port && address.port() != 0 {
+                if first && reuse_port && address.port() != 0 {
                     crate::net::check_unowned(address).map_err(errno)?;
                 }
-                address
+                (
+                    bind_listener(address, backlog, reuse_port).map_err(errno)?,
+                    None,
+                )
             }
         };
-        let listener = bind_listener(address, backlog, reuse_port).map_err(errno)?;
         let bound = listener.local_addr().map_err(errno)?;
+        if let Some(index) = origin {
+            tracing::debug!(%key, %bound, "listening on an inherited socket");
+            self.lent.insert((key.clone(), socket), index);
+        }
         let sockets = self.handles.entry(key.clone()).or_default();
         match (self.policy, socket) {
             (Policy::RoundRobin, _) => {
@@ -134,13 +260,15 @@ impl Listeners {
     /// Closes every socket of `key`, now.
     pub(crate) fn close(&mut self, key: &HandleKey) {
         self.handles.remove(key);
+        self.lent.retain(|(k, _), _| k != key);
         self.ready.retain(|(k, _)| k != key);
     }
 
     /// Whether any round-robin socket is open (so [`poll_accept`](Self::poll_accept) can
     /// ever be ready).
     pub(crate) fn accepts(&self) -> bool {
-        !self.ready.is_empty() || self.handles.values().any(|s| s.accepting.is_some())
+        !self.ready.is_empty()
+            || (self.accepting && self.handles.values().any(|s| s.accepting.is_some()))
     }
 
     /// The next connection accepted on a round-robin handle. Each readiness of a socket
@@ -150,6 +278,9 @@ impl Listeners {
     pub(crate) fn poll_accept(&mut self, cx: &mut Context<'_>) -> Poll<(HandleKey, TcpStream)> {
         if let Some(next) = self.ready.pop_front() {
             return Poll::Ready(next);
+        }
+        if !self.accepting {
+            return Poll::Pending;
         }
         for (key, sockets) in &mut self.handles {
             let Some(accepting) = &mut sockets.accepting else {
@@ -174,6 +305,7 @@ impl Listeners {
         if let Some(sockets) = self.handles.get_mut(key) {
             sockets.slots.remove(&slot);
         }
+        self.lent.remove(&(key.clone(), Some(slot)));
     }
 }
 

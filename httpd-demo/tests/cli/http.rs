@@ -26,7 +26,15 @@ impl Response {
             .map(|(_, v)| v.as_str())
     }
 
-    /// The answer to `GET /worker`: status 200 and a JSON object with exactly `id`, `pid`.
+    /// The `build` of a `GET /worker` answer: which code the worker runs.
+    #[track_caller]
+    pub(crate) fn build(&self) -> String {
+        let (_, build) = WorkerInfo::with_build(&self.body)
+            .unwrap_or_else(|e| panic!("GET /worker body {:?}: {e}", self.body));
+        build.unwrap_or_else(|| panic!("no build in {:?}", self.body))
+    }
+
+    /// The answer to `GET /worker`: status 200 and a JSON object with `id`, `pid`, `build`.
     #[track_caller]
     pub(crate) fn worker(&self) -> WorkerInfo {
         assert_eq!(self.status, 200, "GET /worker: {self:?}");

@@ -3,7 +3,6 @@
 //! processes.
 
 use std::net::SocketAddr;
-use std::os::unix::process::CommandExt;
 use std::process::{Command, ExitStatus, Stdio};
 use std::time::Duration;
 
@@ -38,6 +37,11 @@ impl Log {
         }
     }
 
+    /// Every line from index `from` on.
+    pub(crate) fn lines_from(&self, from: usize) -> Vec<String> {
+        self.0.lines_from(from)
+    }
+
     /// Every `worker started` line from index `from` on.
     pub(crate) fn started(&self, from: usize) -> Vec<WorkerInfo> {
         let lines = self.0.lines_from(from);
@@ -67,16 +71,24 @@ pub(crate) struct Server {
 impl Server {
     /// Starts the server and returns once every worker is listening.
     pub(crate) fn start(extra_args: &[&str]) -> Self {
-        let mut process = KillOnDrop::spawn(
-            Command::new(env!("CARGO_BIN_EXE_httpd-demo"))
-                .args(["--workers", &WORKERS.to_string(), "--port", "0"])
-                .args(extra_args)
+        let mut command = Command::new(env!("CARGO_BIN_EXE_httpd-demo"));
+        command
+            .args(["--workers", &WORKERS.to_string(), "--port", "0"])
+            .args(extra_args)
+            .stdin(Stdio::null());
+        Self::spawn(&mut command)
+    }
+
+    /// Starts `command` (an `httpd-demo` primary, or a wrapper that `exec`s one) as the
+    /// leader of its own process group, so a test can signal the group as a terminal would
+    /// and dropping the server kills everything it started (an upgrade's new primary
+    /// too). Its stdin is the caller's to set. Returns once [`WORKERS`] workers are listening.
+    pub(crate) fn spawn(command: &mut Command) -> Self {
+        let mut process = KillOnDrop::spawn_group(
+            command
                 .env("RUST_LOG", "info")
                 .env("RUST_BACKTRACE", "0")
                 .env_remove(cluster::WORKER_ID_ENV)
-                // Its own process group, so a test can signal the group as a terminal would.
-                .process_group(0)
-                .stdin(Stdio::null())
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped()),
         )
@@ -89,13 +101,20 @@ impl Server {
         let addr = line
             .strip_prefix("listening on http://")
             .and_then(|addr| addr.parse().ok())
-            .unwrap_or_else(|| panic!("first line of stdout {line:?}, want the address"));
+            .unwrap_or_else(|| {
+                panic!("first line of stdout {line:?}, want the address; log: {log:?}")
+            });
         let server = Server { addr, log, process };
         let mut from = 0;
         for _ in 0..WORKERS {
             from = server.log.wait_for(from, "worker listening").0 + 1;
         }
         server
+    }
+
+    /// Kills `pid` too when the server is dropped (a process it started that is not ours).
+    pub(crate) fn adopt(&mut self, pid: u32) {
+        self.process.adopt(pid);
     }
 
     pub(crate) fn pid(&self) -> u32 {

@@ -15,6 +15,7 @@ use std::time::Instant;
 
 use super::lifecycle::{Occupant, Phase};
 use super::{Core, Effect, Event, Outcome, ReloadFailure, RequestId, StopCause, Timer};
+use crate::primary::restart::RestartTracker;
 use crate::protocol::WorkerId;
 
 /// A reload in progress.
@@ -36,6 +37,8 @@ struct Step {
     slot: usize,
     /// The worker being replaced.
     old: WorkerId,
+    /// The first new worker (a respawn of the slot gets a newer one).
+    new: WorkerId,
     /// How many servers the new one must be listening on.
     target: usize,
 }
@@ -119,6 +122,7 @@ impl Core {
             reload.step = Some(Step {
                 slot,
                 old,
+                new,
                 target: listening,
             });
             self.start_timer(Timer::Reload, now + self.config.reload_timeout);
@@ -132,17 +136,28 @@ impl Core {
         };
         let Step { slot, old, .. } = step;
         let new = self.slot_current(slot).filter(|new| *new != old);
+        // A new worker that could not even start (a missing program) leaves the slot
+        // waiting for its respawn: the old worker takes it back just the same.
+        let respawning = self
+            .slots
+            .get(&slot)
+            .is_some_and(|s| matches!(s.occupant, Occupant::Respawning));
         let old_serving = self.workers.get(&old).is_some_and(|w| w.serves(0));
-        if let (Some(new), true) = (new, old_serving) {
+        if old_serving && (new.is_some() || respawning) {
             let waited = self.config.reload_timeout;
-            tracing::error!(slot, %new, ?waited, "reload: the new worker is not listening; keeping the old one");
+            let last = new.unwrap_or(step.new);
+            tracing::error!(slot, new = %last, ?waited, "reload: the new worker is not listening; keeping the old one");
             if let Some(s) = self.slots.get_mut(&slot) {
                 s.occupant = Occupant::Worker(old);
+                s.tracker = RestartTracker::new(self.config.restart.clone());
             }
-            self.begin_drain(new, StopCause::Asked, now);
+            match new {
+                Some(new) => self.begin_drain(new, StopCause::Asked, now),
+                None => self.cancel_timer(Timer::Respawn(slot)),
+            }
             self.emit(Event::ReloadFailed {
                 slot,
-                id: new,
+                id: last,
                 kept: old,
                 reason: ReloadFailure::NotListening { waited },
             });
@@ -160,7 +175,9 @@ impl Core {
     }
 
     fn progress(&mut self, step: Step, now: Instant) -> Progress {
-        let Step { slot, old, target } = step;
+        let Step {
+            slot, old, target, ..
+        } = step;
         let Some(s) = self.slots.get_mut(&slot) else {
             // The slot was removed meanwhile.
             self.begin_drain(old, StopCause::Asked, now);

@@ -258,6 +258,35 @@ fn a_reload_step_that_cannot_progress_times_out_and_keeps_the_old_worker() {
 }
 
 #[test]
+fn a_reload_whose_new_workers_cannot_even_start_keeps_every_old_worker() {
+    let mut sim = serving(2, Policy::Shared);
+    // The program is gone: every fork fails, and the slots wait for respawns.
+    sim.fail_next_fork = true;
+    let reload = sim.command(Command::Reload);
+    for _ in 0..100 {
+        if sim.replies.contains_key(&reload) {
+            break;
+        }
+        sim.fail_next_fork = true;
+        assert!(sim.fire_timer(), "a respawn or the reload timer");
+    }
+    sim.fail_next_fork = false;
+    assert_eq!(sim.replies.get(&reload), Some(&Outcome::Done));
+    assert_eq!(sim.reload_failed, [0, 1], "each slot's failure is reported");
+    sim.settle(1000);
+    assert!(
+        sim.procs[&id(1)].alive && sim.procs[&id(2)].alive,
+        "the old workers serve on"
+    );
+    assert!(sim.core.stats().ready);
+    assert!(
+        sim.core.stats().failed_slots.is_empty(),
+        "no slot is given up"
+    );
+    sim.stop_and_check();
+}
+
+#[test]
 fn a_reload_asked_during_a_reload_runs_a_new_pass_over_every_slot() {
     let mut sim = serving(2, Policy::RoundRobin);
     let first = sim.command(Command::Reload);
