@@ -114,8 +114,13 @@
 //!   the *thread* that started the worker exits. Start and run the [`Primary`] on a
 //!   runtime whose threads live as long as the workers (any tokio runtime's worker
 //!   threads do; `spawn_blocking` threads do not).
-//! - Under [`Policy::ReusePort`], removing a slot closes its socket: connections still in
-//!   that socket's backlog are reset. A primary refuses (`EADDRINUSE`) a fixed port that
+//! - Under [`Policy::ReusePort`], removing a slot (`SIGTTOU`, [`Primary::remove_worker`])
+//!   closes its socket: connections still in that socket's accept queue are reset unless
+//!   the kernel migrates them to the group's other sockets (`net.ipv4.tcp_migrate_req=1`,
+//!   Linux 5.14+; measured here under keep-alive load: 2 to 6 failed requests per SIGTTOU
+//!   without it, 0 with it). The primary logs a warning at start when it is not set. A
+//!   reload keeps each slot's socket, so it resets nothing; under rr and shared, removing
+//!   a worker resets nothing either. A primary refuses (`EADDRINUSE`) a fixed port that
 //!   another program's reuseport group holds, rather than joining it; the check and the
 //!   bind are two steps, so a program binding exactly in between still joins.
 //! - The panic hook fires for every panic of a worker process, including ones that a

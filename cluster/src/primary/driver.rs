@@ -101,6 +101,9 @@ impl Driver {
             .clone()
             .unwrap_or_else(|| std::env::args_os().skip(1).collect());
         let policy = settings.effective_policy();
+        if policy == crate::Policy::ReusePort {
+            warn_unless_requests_migrate();
+        }
         let config = Config {
             workers: settings.workers,
             policy,
@@ -515,6 +518,20 @@ impl Driver {
             },
         );
         Input::Forked { id, pid }
+    }
+}
+
+/// Under reuseport, closing a slot's socket (a worker removed, `SIGTTOU`) resets the
+/// connections still in its accept queue unless the kernel migrates them to the group's
+/// other sockets (`net.ipv4.tcp_migrate_req=1`, Linux 5.14+). A library does not change
+/// that setting for the whole system; it says so.
+fn warn_unless_requests_migrate() {
+    let migrate = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_migrate_req");
+    if !migrate.is_ok_and(|value| value.trim() == "1") {
+        tracing::warn!(
+            "net.ipv4.tcp_migrate_req is not 1: under reuseport, removing a worker resets the \
+             connections waiting in its socket's queue (set the sysctl to migrate them)"
+        );
     }
 }
 
