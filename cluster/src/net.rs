@@ -13,12 +13,7 @@ pub(crate) fn bind_listener(
     backlog: u32,
     reuse_port: bool,
 ) -> io::Result<std::net::TcpListener> {
-    let socket = Socket::new(
-        Domain::for_address(address),
-        Type::STREAM,
-        Some(Protocol::TCP),
-    )?;
-    socket.set_reuse_address(true)?;
+    let socket = tcp_socket(address)?;
     if reuse_port {
         socket.set_reuse_port(true)?;
     }
@@ -34,13 +29,18 @@ pub(crate) fn bind_listener(
 /// another program's port group. The check and that bind are not atomic: a program that
 /// binds in between still joins (documented under the crate's caveats).
 pub(crate) fn check_unowned(address: SocketAddr) -> io::Result<()> {
+    tcp_socket(address)?.bind(&address.into())
+}
+
+/// A TCP socket for `address`'s family with `SO_REUSEADDR`, like Node's (libuv's).
+fn tcp_socket(address: SocketAddr) -> io::Result<Socket> {
     let socket = Socket::new(
         Domain::for_address(address),
         Type::STREAM,
         Some(Protocol::TCP),
     )?;
     socket.set_reuse_address(true)?;
-    socket.bind(&address.into())
+    Ok(socket)
 }
 
 #[cfg(test)]
