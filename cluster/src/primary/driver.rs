@@ -78,7 +78,10 @@ pub(crate) struct Driver {
     timer_keys: HashMap<Timer, delay_queue::Key>,
     pending: HashMap<RequestId, Pending>,
     next_request: u64,
+    /// The errors of failed forks that a reply (or `start`) still has to report.
     fork_errors: HashMap<WorkerId, child::Error>,
+    /// Whether `start` is forking the first workers (their errors fail `start`).
+    starting: bool,
     internal: mpsc::Sender<Internal>,
     events: EventQueue,
     finished: bool,
@@ -133,6 +136,7 @@ impl Driver {
             pending: HashMap::new(),
             next_request: 0,
             fork_errors: HashMap::new(),
+            starting: true,
             internal,
             events,
             finished: false,
@@ -143,6 +147,7 @@ impl Driver {
         if let Some((_, error)) = driver.fork_errors.drain().next() {
             return Err(Error::Fork(error)); // dropping the driver kills the others
         }
+        driver.starting = false;
         let ready = driver.ready.subscribe();
         tokio::spawn(driver.run(commands, internal_rx));
         Ok(ready)
@@ -193,7 +198,21 @@ impl Driver {
         while let Some(effect) = queue.pop_front() {
             readiness_may_change |= matches!(effect, Effect::Emit(_) | Effect::Reply(..));
             if let Some(input) = self.perform_one(effect) {
-                queue.extend(self.core.handle(Instant::now(), input));
+                let failed = match input {
+                    Input::ForkFailed { id, .. } => Some(id),
+                    _ => None,
+                };
+                let effects = self.core.handle(Instant::now(), input);
+                // A failed fork's error is kept only for the reply that reports it.
+                if let Some(id) = failed {
+                    let reported = effects
+                        .iter()
+                        .any(|e| matches!(e, Effect::Reply(_, Outcome::AddFailed(f)) if *f == id));
+                    if !reported && !self.starting {
+                        self.fork_errors.remove(&id);
+                    }
+                }
+                queue.extend(effects);
             }
         }
         if readiness_may_change {
