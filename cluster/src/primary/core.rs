@@ -48,6 +48,11 @@ pub(crate) const MAX_SERVERS_PER_WORKER: usize = 128;
 /// a reply per server asked for, a hand-off in flight per server, and a disconnect.
 pub(crate) const CONTROL_QUEUE: usize = 2 * MAX_SERVERS_PER_WORKER + 2;
 
+/// How many accepted connections may wait in the primary for a round-robin worker, per
+/// handle. At the bound the primary stops accepting on that handle, so the rest wait in
+/// the kernel's listen backlog (bounded by the backlog) instead of its memory.
+pub(crate) const MAX_HELD: usize = 1024;
+
 /// How long to wait before retrying a fork that failed for lack of resources (EMFILE,
 /// ENFILE, EAGAIN, ENOMEM).
 pub(crate) const RESOURCE_RETRY: Duration = Duration::from_millis(250);
@@ -64,6 +69,8 @@ pub(crate) struct Config {
     pub(crate) exit_grace: Duration,
     /// How long a reload step may wait for the new worker to listen.
     pub(crate) reload_timeout: Duration,
+    /// How many connections may wait per round-robin handle (see [`MAX_HELD`]).
+    pub(crate) max_held: usize,
 }
 
 /// A command's tag; the driver keeps the reply channel.
@@ -214,6 +221,11 @@ pub(crate) enum Effect {
     },
     /// Close every socket of a handle.
     CloseHandle(HandleKey),
+    /// Stop (`false`) or resume (`true`) accepting on a round-robin handle.
+    Accept {
+        key: HandleKey,
+        on: bool,
+    },
     /// Close one reuseport slot's socket.
     CloseSocket {
         key: HandleKey,
@@ -308,6 +320,8 @@ impl Core {
             Input::TimerFired(timer) => self.on_timer(timer, now),
             Input::Command(request, command) => self.on_command(request, command, now),
         }
+        // Whatever changed a round-robin queue, its accepting follows its length.
+        self.update_accepting();
         std::mem::take(&mut self.out)
     }
 

@@ -115,6 +115,7 @@ impl Driver {
             hold: settings.hold_connections,
             exit_grace: super::EXIT_GRACE,
             reload_timeout: settings.reload_timeout,
+            max_held: super::core::MAX_HELD,
         };
         let (internal, internal_rx) = mpsc::channel(INTERNAL_QUEUE);
         let inherited = match settings.inherit_listeners {
@@ -263,6 +264,10 @@ impl Driver {
             }
             Effect::CloseHandle(key) => {
                 self.listeners.close(&key);
+                None
+            }
+            Effect::Accept { key, on } => {
+                self.listeners.set_handle_accepting(&key, on);
                 None
             }
             Effect::CloseSocket { key, socket } => {

@@ -52,6 +52,8 @@ struct Accepting {
     paused: Option<Pin<Box<tokio::time::Sleep>>>,
     /// Accept errors since the last one logged (one log line per pause at most).
     errors: u64,
+    /// Whether the core paused accepting (too many connections wait for a worker).
+    held: bool,
 }
 
 #[derive(Debug, Default)]
@@ -236,6 +238,7 @@ impl Listeners {
                     listener,
                     paused: None,
                     errors: 0,
+                    held: false,
                 });
             }
             (_, Some(slot)) => {
@@ -255,6 +258,14 @@ impl Listeners {
         };
         let listener = listener.ok_or_else(|| io::Error::from_raw_os_error(libc::EBADF))?;
         Ok(listener.try_clone()?.into())
+    }
+
+    /// Stops or resumes accepting on the round-robin socket of `key` alone. While stopped,
+    /// new connections wait in the kernel's listen backlog.
+    pub(crate) fn set_handle_accepting(&mut self, key: &HandleKey, on: bool) {
+        if let Some(accepting) = self.handles.get_mut(key).and_then(|s| s.accepting.as_mut()) {
+            accepting.held = !on;
+        }
     }
 
     /// Closes every socket of `key`, now.
@@ -283,7 +294,7 @@ impl Listeners {
             return Poll::Pending;
         }
         for (key, sockets) in &mut self.handles {
-            let Some(accepting) = &mut sockets.accepting else {
+            let Some(accepting) = sockets.accepting.as_mut().filter(|a| !a.held) else {
                 continue;
             };
             if let Some(paused) = &mut accepting.paused {

@@ -39,6 +39,9 @@ pub(crate) struct Handle {
     /// Queries waiting for a bind, by the socket they wait for (`None`: the handle's
     /// only socket; `Some(slot)`: a reuseport slot's).
     pub(crate) binding: BTreeMap<Option<usize>, Vec<Waiter>>,
+    /// Round-robin: whether the driver was told to stop accepting because
+    /// [`Config::max_held`](super::Config::max_held) connections wait already.
+    pub(crate) paused: bool,
 }
 
 impl Handle {
@@ -56,6 +59,7 @@ impl Handle {
             workers: BTreeSet::new(),
             kind,
             binding: BTreeMap::new(),
+            paused: false,
         }
     }
 

@@ -272,6 +272,26 @@ impl Core {
         }
     }
 
+    /// Pauses accepting on each round-robin handle where `max_held` connections wait, and
+    /// resumes below it: the kernel's backlog holds the rest. Allocates only on a change.
+    pub(super) fn update_accepting(&mut self) {
+        let max = self.config.max_held;
+        for (key, handle) in &mut self.handles {
+            let Some(queued) = handle.round_robin().map(|rr| rr.queued()) else {
+                continue;
+            };
+            let full = queued >= max;
+            if full != handle.paused {
+                handle.paused = full;
+                if full {
+                    tracing::warn!(%key, queued, "no worker takes connections: accepting paused");
+                }
+                let key = key.clone();
+                self.out.push(Effect::Accept { key, on: !full });
+            }
+        }
+    }
+
     /// Takes `id` out of every handle, queueing its in-flight hand-offs again.
     pub(super) fn forget_worker(&mut self, id: WorkerId) {
         for handle in self.handles.values_mut() {

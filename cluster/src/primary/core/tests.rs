@@ -379,6 +379,22 @@ fn a_listen_that_retrying_cannot_fix_gives_the_slot_up_at_once() {
 }
 
 #[test]
+fn a_full_round_robin_queue_pauses_accepting_until_a_worker_takes_them() {
+    let mut sim = serving(1, Policy::RoundRobin);
+    sim.fail_next_fork = true;
+    sim.exit(id(1), signaled(Signal::SIGKILL), Some(true));
+    // No worker: the simulator's bound is 3 waiting connections.
+    for _ in 0..3 {
+        sim.connect(0);
+    }
+    assert!(sim.paused.contains(&sim::key(0)), "paused at the bound");
+    sim.settle(100); // the respawn comes, listens and takes them
+    assert!(sim.paused.is_empty(), "accepting again");
+    assert_eq!(sim.core.stats().queued, 0);
+    sim.stop_and_check();
+}
+
+#[test]
 fn held_connections_expire_and_a_stop_closes_the_rest() {
     let mut sim = serving(1, Policy::RoundRobin);
     sim.exit(id(1), ExitStatus::Exited(1), Some(true));

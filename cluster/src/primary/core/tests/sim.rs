@@ -61,6 +61,8 @@ pub(super) struct Sim {
     pub(super) exits: BTreeMap<WorkerId, (ExitStatus, bool)>,
     pub(super) misbehaved: Vec<WorkerId>,
     pub(super) reload_failed: Vec<usize>,
+    /// Round-robin handles the core told the driver to stop accepting on.
+    pub(super) paused: HashSet<HandleKey>,
     pub(super) fail_next_fork: bool,
     /// Whether that failure is for lack of resources.
     pub(super) fork_failure_transient: bool,
@@ -83,6 +85,7 @@ pub(super) fn config(workers: usize, policy: Policy) -> Config {
         hold: Duration::from_secs(2),
         exit_grace: Duration::from_secs(1),
         reload_timeout: Duration::from_secs(20),
+        max_held: 3,
     }
 }
 
@@ -115,6 +118,7 @@ impl Sim {
             exits: BTreeMap::new(),
             misbehaved: Vec::new(),
             reload_failed: Vec::new(),
+            paused: HashSet::new(),
             fail_next_fork: false,
             fork_failure_transient: false,
             fail_next_bind: None,
@@ -236,8 +240,23 @@ impl Sim {
         true
     }
 
-    /// A new connection on a round-robin handle.
+    /// A new connection on a round-robin handle, unless the core paused accepting on it
+    /// (it waits in the kernel's backlog then).
     pub(super) fn connect(&mut self, index: u32) {
+        if self.paused.contains(&key(index)) {
+            return;
+        }
+        if let Some(rr) = self
+            .core
+            .handles
+            .get_mut(&key(index))
+            .and_then(|h| h.round_robin())
+        {
+            assert!(
+                rr.queued() < self.core.config.max_held,
+                "accepting on a full queue"
+            );
+        }
         let conn = ConnId(self.next_conn);
         self.next_conn += 1;
         self.conns.insert(conn, ConnState::Held);
@@ -368,7 +387,20 @@ impl Sim {
                         result,
                     })
                 }
-                Effect::CloseHandle(_) | Effect::CloseSocket { .. } => None,
+                Effect::Accept { key, on } => {
+                    assert_eq!(self.paused.contains(&key), on, "told twice");
+                    if on {
+                        self.paused.remove(&key);
+                    } else {
+                        self.paused.insert(key);
+                    }
+                    None
+                }
+                Effect::CloseHandle(key) => {
+                    self.paused.remove(&key);
+                    None
+                }
+                Effect::CloseSocket { .. } => None,
                 Effect::CloseConn(conn) => {
                     let state = self.conns.get_mut(&conn).expect("a known connection");
                     match *state {

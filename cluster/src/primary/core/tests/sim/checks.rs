@@ -75,6 +75,19 @@ impl Sim {
             self.core.timers(),
             "the driver's timers and the core's"
         );
+        for (key, handle) in &self.core.handles {
+            let queued = match &handle.kind {
+                crate::primary::core::handles::HandleKind::RoundRobin(rr) => rr.queued(),
+                _ => 0,
+            };
+            // Only hand-offs given back by a dying worker come on top of a full queue.
+            let max = self.core.config.max_held;
+            assert_eq!(
+                self.paused.contains(key),
+                queued >= max,
+                "accepting paused iff full"
+            );
+        }
         for (slot, count) in &self.slot_failed {
             assert_eq!(*count, 1, "slot {slot} given up {count} times");
         }
