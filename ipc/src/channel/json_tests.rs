@@ -8,6 +8,7 @@ use std::os::unix::net::UnixStream as StdUnixStream;
 use nix::sys::socket::MsgFlags;
 
 use super::*;
+use crate::codec::Lane;
 
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()

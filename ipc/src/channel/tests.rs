@@ -10,6 +10,7 @@ use proptest::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use super::*;
+use crate::codec::Lane;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 enum Msg {

@@ -1,0 +1,117 @@
+//! One received message: [`Received`].
+
+use std::os::fd::OwnedFd;
+
+use bytes::Bytes;
+use serde::Deserialize;
+
+use super::Format;
+use crate::Error;
+use crate::codec::Lane;
+use crate::json::{HandleType, InternalMessage};
+
+/// One received message: its lane, its still-encoded body and its descriptors.
+///
+/// Keeping the body encoded until [`decode`](Received::decode) lets a receiver route a
+/// message by lane before choosing its type, and means a message that fails to decode
+/// loses nothing else: the channel goes on.
+#[derive(Debug)]
+pub struct Received {
+    pub(super) lane: Lane,
+    pub(super) payload: Bytes,
+    pub(super) fds: Vec<OwnedFd>,
+    pub(super) fds_lost: bool,
+    pub(super) format: Format,
+    /// The `type` of the `NODE_HANDLE` line the message came in, on a JSON channel.
+    pub(super) handle: Option<HandleType>,
+}
+
+impl Received {
+    /// The lane the message came on.
+    pub fn lane(&self) -> Lane {
+        self.lane
+    }
+
+    /// The encoded body: postcard bytes, or a JSON text without its newline (for a
+    /// message that came with a handle, the `msg` of its `NODE_HANDLE` line).
+    pub fn payload(&self) -> &[u8] {
+        &self.payload
+    }
+
+    /// Whether the peer sent descriptors with this message that this process could not
+    /// receive: it was out of descriptors (`EMFILE`, `ENFILE`) and the kernel closed them.
+    /// The message itself is intact and the channel goes on; [`fds`](Received::fds) is
+    /// empty. Treat it as a message whose descriptors are gone (a cluster worker refuses
+    /// such a hand-off, so the primary gives it to another worker).
+    pub fn fds_lost(&self) -> bool {
+        self.fds_lost
+    }
+
+    /// The format of the channel it came on, which [`decode`](Received::decode) uses.
+    pub fn format(&self) -> Format {
+        self.format
+    }
+
+    /// On a [`Format::Json`] channel, what the Node peer said the descriptor is (the
+    /// `type` of its `NODE_HANDLE` line); `None` for a message without one.
+    pub fn handle_type(&self) -> Option<HandleType> {
+        self.handle
+    }
+
+    /// The message as an internal message of Node's protocol, on the control lane of a
+    /// [`Format::Json`] channel ([`Error::WrongFormat`] on a postcard channel,
+    /// [`Error::InvalidNodeMessage`] for a user message).
+    pub fn internal(&self) -> Result<InternalMessage, Error> {
+        if self.format != Format::Json {
+            return Err(Error::WrongFormat {
+                needed: Format::Json,
+                actual: self.format,
+            });
+        }
+        let value = serde_json::from_slice(&self.payload).map_err(|source| Error::DecodeJson {
+            lane: self.lane,
+            source,
+        })?;
+        InternalMessage::from_value(value)
+    }
+
+    /// Decodes the body as a `T`.
+    ///
+    /// # Caveats
+    ///
+    /// postcard is not self-describing: the payload holds values, not their types, so a
+    /// message of another type can decode without error as a `T` with wrong values (a
+    /// `Request::Add { a, b }` sent by a peer can come out as a `Response::Sum(..)`, or a
+    /// short message as an empty `String`). [`Error::Decode`] catches only bytes that fit no
+    /// `T` at all. Both ends must agree on the types; [`Channel::hello`] checks a protocol
+    /// name and version on both ends to find out when they do not.
+    ///
+    /// On a [`Format::Json`] channel the body is JSON and self-describing: a message of
+    /// another shape fails with [`Error::DecodeJson`].
+    pub fn decode<'de, T: Deserialize<'de>>(&'de self) -> Result<T, Error> {
+        match self.format {
+            Format::Postcard => {
+                postcard::from_bytes(&self.payload).map_err(|source| Error::Decode {
+                    lane: self.lane,
+                    source,
+                })
+            }
+            Format::Json => {
+                serde_json::from_slice(&self.payload).map_err(|source| Error::DecodeJson {
+                    lane: self.lane,
+                    source,
+                })
+            }
+        }
+    }
+
+    /// The descriptors that came with the message.
+    pub fn fds(&self) -> &[OwnedFd] {
+        &self.fds
+    }
+
+    /// Takes the descriptors out of the message.
+    pub fn take_fds(&mut self) -> Vec<OwnedFd> {
+        std::mem::take(&mut self.fds)
+    }
+}

@@ -1,0 +1,265 @@
+//! The write half of a channel: [`Sender`], its bounded write buffer and, on a Node
+//! channel, the hold-back of messages behind an unacknowledged handle.
+
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::Arc;
+
+use bytes::{Buf, BytesMut};
+use serde::Serialize;
+use tokio::io::Interest;
+use tokio::net::UnixStream;
+
+use super::node_link::{Line, NodeLink};
+
+use super::{Format, RETAINED_BUFFER};
+use crate::codec::{FrameCodec, Lane};
+use crate::json::{self, HandleType, InternalMessage};
+use crate::{Error, sys};
+
+/// The sending half of a [`Channel`].
+///
+/// # Back-pressure and buffering
+///
+/// A sender holds at most one write buffer (a few small messages, or one large one) and
+/// never queues beyond it: when the socket is full, sending waits until the peer reads.
+///
+/// # Cancellation
+///
+/// Dropping a `send`/`feed`/`flush` future never corrupts the stream. A message is either
+/// not sent at all (the future was dropped before it was encoded; its descriptors are
+/// closed) or wholly in the write buffer, in which case any bytes not yet written go out
+/// first on the next `send`, `feed` or `flush`. Bytes still buffered when the sender is
+/// dropped are lost, so flush before dropping a sender that was fed or cancelled.
+#[derive(Debug)]
+pub struct Sender {
+    pub(super) io: Arc<UnixStream>,
+    pub(super) codec: FrameCodec,
+    pub(super) buf: BytesMut,
+    /// Descriptors that belong to the frame at the start of `buf`.
+    pub(super) fds: Vec<OwnedFd>,
+    pub(super) high_water: usize,
+    /// Whether `buf` grew past what it may keep (given back once it is written out).
+    pub(super) grown: bool,
+    /// The write side of a [`Format::Json`] channel, shared with the receiver (which writes
+    /// handle acknowledgements); `buf` and `fds` are unused then.
+    pub(super) node: Option<Arc<NodeLink>>,
+}
+
+impl Sender {
+    /// The wire format this sender writes.
+    pub fn format(&self) -> Format {
+        match self.node {
+            None => Format::Postcard,
+            Some(_) => Format::Json,
+        }
+    }
+
+    /// Sends an internal message of Node's protocol (such as `NODE_CLUSTER`) on the
+    /// control lane, optionally with one descriptor. Only on a [`Format::Json`] channel:
+    /// elsewhere it is [`Error::WrongFormat`].
+    pub async fn send_internal(
+        &mut self,
+        message: &InternalMessage,
+        fds: Vec<OwnedFd>,
+    ) -> Result<(), Error> {
+        if self.node.is_none() {
+            return Err(Error::WrongFormat {
+                needed: Format::Json,
+                actual: Format::Postcard,
+            });
+        }
+        self.send_control(message, fds).await
+    }
+
+    /// Sends a user message with one descriptor, telling a Node peer what to make of it
+    /// (the `type` of its `NODE_HANDLE` line: a `net.Server` for a listening socket, for
+    /// example). [`send_with_fds`](Sender::send_with_fds) sends [`HandleType::NetNative`].
+    /// On a [`Format::Postcard`] channel the type is not sent.
+    pub async fn send_handle<T: Serialize + ?Sized>(
+        &mut self,
+        message: &T,
+        fd: OwnedFd,
+        handle_type: HandleType,
+    ) -> Result<(), Error> {
+        if self.node.is_none() {
+            return self.send_with_fds(message, vec![fd]).await;
+        }
+        self.feed_json(Lane::User, message, Some(fd), handle_type)
+            .await?;
+        self.flush().await
+    }
+
+    /// Sends a message on the user lane and waits until the socket has taken it.
+    pub async fn send<T: Serialize + ?Sized>(&mut self, message: &T) -> Result<(), Error> {
+        self.feed(Lane::User, message, Vec::new()).await?;
+        self.flush().await
+    }
+
+    /// Sends a message on the user lane with descriptors attached. The receiver gets its
+    /// own copies; the ones given here are closed once sent.
+    pub async fn send_with_fds<T: Serialize + ?Sized>(
+        &mut self,
+        message: &T,
+        fds: Vec<OwnedFd>,
+    ) -> Result<(), Error> {
+        self.feed(Lane::User, message, fds).await?;
+        self.flush().await
+    }
+
+    /// Sends a message on the control lane, optionally with descriptors.
+    pub async fn send_control<T: Serialize + ?Sized>(
+        &mut self,
+        message: &T,
+        fds: Vec<OwnedFd>,
+    ) -> Result<(), Error> {
+        self.feed(Lane::Control, message, fds).await?;
+        self.flush().await
+    }
+
+    /// Adds a message to the write buffer, writing only when the buffer is full (or when
+    /// the message carries descriptors and other bytes are ahead of it). Call
+    /// [`flush`](Sender::flush) after the last one; a batch of small messages then costs
+    /// one system call instead of one each.
+    ///
+    /// An oversized message or one with too many descriptors is refused with an error
+    /// and nothing is written.
+    ///
+    /// # Node JSON channels
+    ///
+    /// On a [`Format::Json`] channel a message may carry one descriptor (sent as a
+    /// [`HandleType::NetNative`] handle); a control message must be an object whose `cmd`
+    /// starts with `NODE_`, and a user message must not be one
+    /// ([`Error::InvalidNodeMessage`]). After a handle, later messages are held back until
+    /// the peer's `NODE_HANDLE_ACK`, as Node does: `feed` and `send` return once a message
+    /// is queued, and wait only when the hold-back queue ([`Config::hold_back`]) is full.
+    /// The acknowledgement is read by the [`Receiver`]: keep receiving while sending
+    /// handles (Node always reads).
+    pub async fn feed<T: Serialize + ?Sized>(
+        &mut self,
+        lane: Lane,
+        message: &T,
+        fds: Vec<OwnedFd>,
+    ) -> Result<(), Error> {
+        if self.node.is_some() {
+            let mut fds = fds;
+            if fds.len() > 1 {
+                return Err(Error::TooManyFds {
+                    count: fds.len(),
+                    max: 1,
+                });
+            }
+            return self
+                .feed_json(lane, message, fds.pop(), HandleType::NetNative)
+                .await;
+        }
+        if !fds.is_empty() && !self.buf.is_empty() {
+            // Descriptors must ride on the sendmsg that starts their frame.
+            self.flush().await?;
+        }
+        let encoded = self.codec.encode(lane, fds.len(), message, &mut self.buf);
+        self.grown |= self.buf.capacity() > self.high_water.max(RETAINED_BUFFER);
+        if let Err(err) = encoded {
+            self.give_back();
+            return Err(err);
+        }
+        if !fds.is_empty() {
+            self.fds = fds;
+        }
+        if self.buf.len() >= self.high_water {
+            self.flush().await?;
+        }
+        Ok(())
+    }
+
+    /// [`feed`](Sender::feed) on a [`Format::Json`] channel.
+    async fn feed_json<T: Serialize + ?Sized>(
+        &mut self,
+        lane: Lane,
+        message: &T,
+        fd: Option<OwnedFd>,
+        handle_type: HandleType,
+    ) -> Result<(), Error> {
+        let Some(link) = self.node.clone() else {
+            unreachable!("feed_json on a postcard channel");
+        };
+        let max = self.codec.max_frame_len();
+        let handle = fd.as_ref().map(|_| handle_type);
+        // The guard lives in plain blocks only: it must never be held across an await.
+        let fast = {
+            let mut state = link.lock();
+            if handle.is_none() && state.is_open() {
+                // The common case: straight into the write buffer, no copy.
+                json::encode_line(lane, None, message, max, &mut state.buf)?;
+                Some(state.buf.len() >= self.high_water)
+            } else {
+                None
+            }
+        };
+        let full = match fast {
+            Some(full) => full,
+            None => {
+                let mut bytes = BytesMut::new();
+                json::encode_line(lane, handle, message, max, &mut bytes)?;
+                let mut line = Line::new(bytes.freeze(), fd);
+                loop {
+                    let moved = link.moved.notified();
+                    tokio::pin!(moved);
+                    moved.as_mut().enable();
+                    match link.enqueue(line)? {
+                        Ok(buffered) => break handle.is_some() || buffered >= self.high_water,
+                        Err(back) => line = back,
+                    }
+                    // Full: write what may go, then wait for an acknowledgement.
+                    self.flush().await?;
+                    moved.await;
+                }
+            }
+        };
+        if full {
+            self.flush().await?;
+        }
+        Ok(())
+    }
+
+    /// Writes everything buffered, waiting for the socket to take it. On a
+    /// [`Format::Json`] channel, messages held back behind a handle stay queued until the
+    /// peer acknowledges it.
+    pub async fn flush(&mut self) -> Result<(), Error> {
+        if let Some(link) = &self.node {
+            let io = &self.io;
+            io.async_io(Interest::WRITABLE, || link.lock().write_some(io))
+                .await?;
+            return Ok(());
+        }
+        while !self.buf.is_empty() {
+            let (io, buf, fds) = (&self.io, &self.buf, &self.fds);
+            let written = io
+                .async_io(Interest::WRITABLE, || sys::send(io.as_fd(), buf, fds))
+                .await?;
+            // The kernel holds its own references to the descriptors now.
+            self.fds.clear();
+            self.buf.advance(written);
+        }
+        self.give_back();
+        Ok(())
+    }
+
+    /// Drops a buffer grown for a large message once nothing is left in it.
+    fn give_back(&mut self) {
+        if self.grown && self.buf.is_empty() {
+            self.buf = BytesMut::new();
+            self.grown = false;
+        }
+    }
+
+    /// Flushes, then shuts down the writing side: the peer's receiver sees the end of
+    /// the stream once it has read everything sent before.
+    pub async fn shutdown(&mut self) -> Result<(), Error> {
+        self.flush().await?;
+        nix::sys::socket::shutdown(
+            std::os::fd::AsRawFd::as_raw_fd(&*self.io),
+            nix::sys::socket::Shutdown::Write,
+        )
+        .map_err(|e| Error::from(std::io::Error::from(e)))
+    }
+}
