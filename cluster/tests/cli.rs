@@ -9,10 +9,10 @@
 
 #[path = "cli/command.rs"]
 mod command;
+#[path = "cli/http_workers.rs"]
+mod http_workers;
 #[path = "cli/messages.rs"]
 mod messages;
-#[path = "cli/node_http.rs"]
-mod node_http;
 
 use std::path::PathBuf;
 

@@ -1,7 +1,10 @@
-//! A plain Node `http` server (no `cluster` import) under `cluster --workers 3`.
+//! One suite, two kinds of worker under the same command: a plain Node `http` server
+//! (`tests/node/http_server.js`, no `cluster` import) and a Rust worker built on
+//! `cluster` (`examples/http_worker.rs`, which `cargo test` builds).
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -20,25 +23,89 @@ fn pid_of_get(addr: SocketAddr) -> u32 {
     value["pid"].as_u64().expect("a pid") as u32
 }
 
-fn node_cluster(workers: usize) -> Cluster {
-    let script = node_script("http_server.js");
-    Cluster::start(
-        workers,
-        &[
-            "--grace".as_ref(),
-            "10".as_ref(),
-            "--".as_ref(),
-            script.as_os_str(),
-        ],
-    )
+/// Which worker program the suite runs.
+#[derive(Debug, Clone, Copy)]
+enum Program {
+    Node,
+    Rust,
+}
+
+impl Program {
+    /// Whether this program can run here (prints why not).
+    fn available(self) -> bool {
+        match self {
+            Program::Node => node_or_skip(),
+            Program::Rust => true,
+        }
+    }
+
+    fn path(self) -> PathBuf {
+        match self {
+            Program::Node => node_script("http_server.js"),
+            // target/debug/deps/cli-<hash> -> target/debug/examples/http_worker
+            Program::Rust => {
+                let exe = std::env::current_exe().expect("current exe");
+                let dir = exe.parent().and_then(|d| d.parent()).expect("target dir");
+                let path = dir.join("examples/http_worker");
+                assert!(
+                    path.is_file(),
+                    "{} is missing: `cargo test -p cluster` builds it (`--test cli` alone does not: `cargo build -p cluster --example http_worker`)",
+                    path.display()
+                );
+                path
+            }
+        }
+    }
+
+    fn cluster(self, workers: usize) -> Cluster {
+        let path = self.path();
+        Cluster::start(
+            workers,
+            &[
+                "--grace".as_ref(),
+                "10".as_ref(),
+                "--".as_ref(),
+                path.as_os_str(),
+            ],
+        )
+    }
 }
 
 #[test]
-fn requests_spread_and_a_killed_worker_is_replaced_within_a_second() {
-    if !node_or_skip() {
+fn node_requests_spread_and_a_killed_worker_is_replaced_within_a_second() {
+    spread_and_kill(Program::Node);
+}
+
+#[test]
+fn rust_requests_spread_and_a_killed_worker_is_replaced_within_a_second() {
+    spread_and_kill(Program::Rust);
+}
+
+#[test]
+fn node_sigterm_lets_a_slow_request_finish_and_leaves_no_process() {
+    sigterm_with_a_slow_request(Program::Node);
+}
+
+#[test]
+fn rust_sigterm_lets_a_slow_request_finish_and_leaves_no_process() {
+    sigterm_with_a_slow_request(Program::Rust);
+}
+
+#[test]
+fn node_sighup_under_a_steady_client_fails_no_request_and_replaces_every_worker() {
+    sighup_under_a_steady_client(Program::Node);
+}
+
+#[test]
+fn rust_sighup_under_a_steady_client_fails_no_request_and_replaces_every_worker() {
+    sighup_under_a_steady_client(Program::Rust);
+}
+
+fn spread_and_kill(program: Program) {
+    if !program.available() {
         return;
     }
-    let mut cluster = node_cluster(3);
+    let mut cluster = program.cluster(3);
     let workers = cluster.started_from(0);
     assert_eq!(workers.len(), 3, "{workers:?}");
     let served: BTreeSet<u32> = (0..30).map(|_| pid_of_get(cluster.addr)).collect();
@@ -66,12 +133,11 @@ fn requests_spread_and_a_killed_worker_is_replaced_within_a_second() {
     assert!(cluster.wait_exit().success(), "{}", cluster.log.tail(40));
 }
 
-#[test]
-fn sigterm_lets_a_slow_request_finish_and_leaves_no_process() {
-    if !node_or_skip() {
+fn sigterm_with_a_slow_request(program: Program) {
+    if !program.available() {
         return;
     }
-    let mut cluster = node_cluster(2);
+    let mut cluster = program.cluster(2);
     let workers = cluster.started_from(0);
     let addr = cluster.addr;
     let mark = cluster.log.mark();
@@ -154,12 +220,11 @@ impl Drop for SteadyClient {
     }
 }
 
-#[test]
-fn sighup_under_a_steady_client_fails_no_request_and_replaces_every_worker() {
-    if !node_or_skip() {
+fn sighup_under_a_steady_client(program: Program) {
+    if !program.available() {
         return;
     }
-    let mut cluster = node_cluster(3);
+    let mut cluster = program.cluster(3);
     let old = pids(&cluster.started_from(0));
     let client = SteadyClient::start(cluster.addr);
     client.wait_until(0, |results| results.len() >= 50);
