@@ -258,3 +258,43 @@ fn sighup_under_a_steady_client(program: Program) {
     cluster.signal(Signal::SIGTERM);
     assert!(cluster.wait_exit().success());
 }
+
+/// Two `listen(0)` servers per Node worker, without a host, under both policies: two
+/// ports, each served by every worker.
+#[test]
+fn node_two_servers_per_worker_share_two_ports_under_each_policy() {
+    if !node_or_skip() {
+        return;
+    }
+    let script = node_script("two_servers.js");
+    for policy in ["rr", "shared"] {
+        let mut cluster = Cluster::start(
+            2,
+            &["--policy".as_ref(), policy.as_ref(), script.as_os_str()],
+        );
+        // 2 workers x 2 servers.
+        cluster.wait_listening(0, 4);
+        let ports: BTreeSet<u16> = cluster
+            .log
+            .lines_from(0)
+            .iter()
+            .filter_map(|line| line.strip_prefix("listening on "))
+            .filter_map(|a| a.parse::<SocketAddr>().ok())
+            .map(|a| a.port())
+            .collect();
+        assert_eq!(ports.len(), 2, "{policy}: {ports:?}");
+        let names: BTreeSet<String> = ports
+            .iter()
+            .map(|port| {
+                let (status, body) =
+                    http_get(SocketAddr::from(([127, 0, 0, 1], *port)), "/").expect("GET");
+                assert_eq!(status, 200, "{policy}: {body}");
+                body.split(' ').next().unwrap_or_default().to_owned()
+            })
+            .collect();
+        let expected: BTreeSet<String> = ["first".into(), "second".into()].into();
+        assert_eq!(names, expected, "{policy}: one port per server");
+        cluster.signal(Signal::SIGTERM);
+        assert!(cluster.wait_exit().success(), "{policy}");
+    }
+}
