@@ -7,6 +7,12 @@ use crate::protocol::WorkerId;
 /// The environment variable that carries a worker's id (Node's `NODE_UNIQUE_ID`).
 pub const WORKER_ID_ENV: &str = "CLUSTER_WORKER_ID";
 
+/// What makes a Node program a cluster worker: its id, set for [`Settings::node`]
+/// workers (Node reads and deletes it at start-up).
+///
+/// [`Settings::node`]: crate::Settings::node
+pub(crate) const NODE_UNIQUE_ID_ENV: &str = "NODE_UNIQUE_ID";
+
 /// The environment variable that carries a worker's slot index: which of the primary's
 /// places it fills, kept by its replacements (PM2's `NODE_APP_INSTANCE`).
 pub const WORKER_SLOT_ENV: &str = "CLUSTER_WORKER_SLOT";

@@ -146,6 +146,7 @@
 mod env;
 mod error;
 mod net;
+mod node_protocol;
 mod primary;
 mod protocol;
 mod scheduler;

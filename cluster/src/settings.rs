@@ -146,6 +146,8 @@ pub struct Settings {
     pub(crate) silent: bool,
     pub(crate) inherit_listeners: bool,
     pub(crate) upgrade_timeout: Duration,
+    /// `Some(node)`: workers are Node programs run by `node`, spoken to in Node's protocol.
+    pub(crate) node: Option<OsString>,
 }
 
 impl Default for Settings {
@@ -163,6 +165,7 @@ impl Default for Settings {
             silent: false,
             inherit_listeners: true,
             upgrade_timeout: Duration::from_secs(60),
+            node: None,
         }
     }
 }
@@ -264,6 +267,17 @@ impl Settings {
     /// be ready (default 60 s) before it kills it and keeps this one.
     pub fn upgrade_timeout(mut self, timeout: Duration) -> Self {
         self.upgrade_timeout = timeout;
+        self
+    }
+
+    /// Workers are unmodified Node programs: [`program`](Self::program) is the script,
+    /// run as `exec_path program args` (`exec_path` is `node`, or a path to it). The
+    /// primary speaks Node's cluster protocol to them (`NODE_UNIQUE_ID`, a JSON channel):
+    /// each `server.listen()` in the script asks this primary for its handle, and user
+    /// messages are JSON both ways (`process.send` arrives as an
+    /// [`Event::Message`](crate::Event::Message) to decode as a `serde_json::Value`).
+    pub fn node(mut self, exec_path: impl Into<OsString>) -> Self {
+        self.node = Some(exec_path.into());
         self
     }
 

@@ -5,6 +5,8 @@
 //! ```text
 //! workload               subject                       peers
 //! http_keepalive         httpd-demo rr|shared|reuseport Node cluster rr|none, nginx
+//!                        `cluster` command rr|shared
+//!                        (Node workers)
 //! http_new_connection    same, Connection: close        same
 //! ipc_echo_16b|64k       ipc channel                   Node fork() IPC, raw socketpair
 //! spawn_true, exec_100mb child                         std, Node
@@ -192,6 +194,7 @@ pub(crate) fn run(options: BenchOptions) -> Result<()> {
     let wanted = |g: Group| options.only.is_empty() || options.only.contains(&g);
     println!("== building release binaries");
     let demo = build_release(&ctx.root, "httpd-demo")?;
+    let command = build_release(&ctx.root, "cluster")?;
 
     let mut workloads = Vec::new();
     let mut group = |title: &str, run: &dyn Fn() -> Result<Vec<Workload>>| -> Result<()> {
@@ -205,7 +208,7 @@ pub(crate) fn run(options: BenchOptions) -> Result<()> {
     };
     if wanted(Group::Http) {
         group("http (wrk -t2 -c64, 2 workers each)", &|| {
-            http::run(&ctx, &demo)
+            http::run(&ctx, &demo, &command)
         })?;
     }
     if wanted(Group::Ipc) {

@@ -19,7 +19,7 @@ use tokio_util::time::{DelayQueue, delay_queue};
 
 mod tasks;
 
-use self::tasks::{forward_output, read_worker, wait_worker, write_control};
+use self::tasks::{Outgoing, forward_output, read_worker, wait_worker, write_control};
 use super::core::{
     CONTROL_QUEUE, Command as CoreCommand, Config, ConnId, Core, Effect, FdRef, Input, Outcome,
     RequestId, Timer,
@@ -29,6 +29,7 @@ use super::sockets::Listeners;
 use super::systemd::{Inherited, LISTEN_ENV, NOTIFY_ENV, UPGRADE_FD_ENV};
 use super::{Command, Event, OutputStream, Reply, UserSender};
 use crate::error::Error;
+use crate::node_protocol::{FromNode, NodeWorker};
 use crate::protocol::{ToPrimary, ToWorker, WorkerId};
 use crate::settings::Settings;
 
@@ -50,8 +51,25 @@ enum Internal {
 #[derive(Debug)]
 struct Link {
     child: Arc<child::Child>,
-    control: mpsc::Sender<(ToWorker, Vec<OwnedFd>)>,
+    control: mpsc::Sender<(Outgoing, Vec<OwnedFd>)>,
     user: UserSender,
+    /// `Some` for a Node worker: its side of Node's protocol, which this link translates.
+    node: Option<NodeWorker>,
+}
+
+impl Link {
+    /// Queues a message of the core in the worker's protocol.
+    fn queue(
+        &mut self,
+        message: &ToWorker,
+        fds: Vec<OwnedFd>,
+    ) -> Result<(), mpsc::error::TrySendError<(Outgoing, Vec<OwnedFd>)>> {
+        let outgoing = match &mut self.node {
+            Some(node) => Outgoing::Node(node.outgoing(message)),
+            None => Outgoing::Cluster(message.clone()),
+        };
+        self.control.try_send((outgoing, fds))
+    }
 }
 
 /// A command's reply channel, by what it answers.
@@ -70,6 +88,8 @@ pub(crate) struct Driver {
     args: Vec<OsString>,
     env: Vec<(OsString, OsString)>,
     silent: bool,
+    /// `Some(node)`: workers are Node programs run by `node`.
+    node: Option<OsString>,
     links: HashMap<WorkerId, Link>,
     listeners: Listeners,
     conns: HashMap<ConnId, TcpStream>,
@@ -128,6 +148,7 @@ impl Driver {
             args,
             env: settings.env.clone(),
             silent: settings.silent,
+            node: settings.node.clone(),
             links: HashMap::new(),
             listeners: Listeners::new(policy, inherited),
             conns: HashMap::new(),
@@ -404,6 +425,9 @@ impl Driver {
         if message.lane() == ipc::Lane::User {
             return self.emit(Event::Message { id, message });
         }
+        if self.links.get(&id).is_some_and(|link| link.node.is_some()) {
+            return self.node_message(id, message);
+        }
         let input = match message.decode::<ToPrimary>() {
             Ok(_) if !message.fds().is_empty() => Input::Malformed {
                 id,
@@ -419,9 +443,40 @@ impl Driver {
         self.input(input);
     }
 
+    /// A Node worker's internal message, through its adapter.
+    fn node_message(&mut self, id: WorkerId, mut message: ipc::Received) {
+        let fds = message.take_fds();
+        let Some(link) = self.links.get_mut(&id) else {
+            return;
+        };
+        let Some(node) = link.node.as_mut() else {
+            return;
+        };
+        let translated = match message.internal() {
+            Ok(_) if !fds.is_empty() => {
+                FromNode::Malformed("cluster message with a descriptor".into())
+            }
+            Ok(internal) => node.incoming(&internal),
+            Err(e) => FromNode::Malformed(format!("undecodable internal message: {e}")),
+        };
+        drop(fds);
+        let input = match translated {
+            FromNode::Message(message) => Input::Message { id, message },
+            FromNode::Malformed(reason) => Input::Malformed { id, reason },
+            FromNode::Ignore => return,
+            FromNode::Reply(reply) => {
+                match link.control.try_send((Outgoing::Node(reply), Vec::new())) {
+                    Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => return,
+                    Err(mpsc::error::TrySendError::Full(_)) => Input::SendFailed { id },
+                }
+            }
+        };
+        self.input(input);
+    }
+
     /// Queues a control message; a full queue is the worker's fault (see [`CONTROL_QUEUE`]).
     fn send(&mut self, id: WorkerId, message: ToWorker, fd: Option<FdRef>) -> Option<Input> {
-        let link = self.links.get(&id)?;
+        self.links.get(&id)?;
         let fds = match fd {
             None => Ok(Vec::new()),
             Some(FdRef::Conn(conn)) => self
@@ -445,16 +500,17 @@ impl Driver {
                 tracing::warn!(%id, error = %e, "could not copy a listening socket");
                 let errno = e.raw_os_error().unwrap_or(libc::EINVAL);
                 let result = Err(errno);
-                (link
-                    .control
-                    .try_send((ToWorker::QueryReply { seq: *seq, result }, Vec::new())))
-                .err()
-                .map(|_| Input::SendFailed { id })?;
+                let reply = ToWorker::QueryReply { seq: *seq, result };
+                let link = self.links.get_mut(&id)?;
+                link.queue(&reply, Vec::new())
+                    .err()
+                    .map(|_| Input::SendFailed { id })?;
                 return None;
             }
             (Err(_), ToWorker::Disconnect) => Vec::new(),
         };
-        match link.control.try_send((message, fds)) {
+        let link = self.links.get_mut(&id)?;
+        match link.queue(&message, fds) {
             Ok(()) => None,
             Err(mpsc::error::TrySendError::Full(_)) => Some(Input::SendFailed { id }),
             // The writer is gone with the channel: the core hears of it from the reader.
@@ -465,37 +521,44 @@ impl Driver {
     fn fork(&mut self, id: WorkerId, slot: usize, env: Vec<(OsString, OsString)>) -> Input {
         let silent = self.silent;
         let global = self.env.clone();
-        let options = ForkOptions::new()
-            .parent_death_signal(Signal::SIGKILL)
-            .map_spawn_options(|mut options| {
+        let mut options = ForkOptions::new().parent_death_signal(Signal::SIGKILL);
+        if let Some(node) = &self.node {
+            options = options.serialization(ipc::Format::Json).exec_path(node);
+        }
+        let node = self.node.is_some();
+        let options = options.map_spawn_options(|mut options| {
+            if node {
+                // What makes `require('cluster').isWorker` true in the script.
+                options = options.env(crate::env::NODE_UNIQUE_ID_ENV, crate::env::format_id(id));
+            }
+            options = options
+                .env(crate::env::WORKER_ID_ENV, crate::env::format_id(id))
+                .env(crate::env::WORKER_SLOT_ENV, slot.to_string())
+                .kill_on_drop(true)
+                // Its own session and process group: a terminal's Ctrl-C or a signal
+                // sent to the primary's group reaches only the primary, which then
+                // stops the workers gracefully. The parent-death signal still ends
+                // a worker whose primary dies.
+                .detached(true);
+            // Socket activation and notification are the primary's business.
+            for key in LISTEN_ENV
+                .iter()
+                .chain(&NOTIFY_ENV)
+                .chain([&UPGRADE_FD_ENV])
+            {
+                options = options.env_remove(key);
+            }
+            for (key, value) in global.into_iter().chain(env) {
+                options = options.env(key, value);
+            }
+            if silent {
                 options = options
-                    .env(crate::env::WORKER_ID_ENV, crate::env::format_id(id))
-                    .env(crate::env::WORKER_SLOT_ENV, slot.to_string())
-                    .kill_on_drop(true)
-                    // Its own session and process group: a terminal's Ctrl-C or a signal
-                    // sent to the primary's group reaches only the primary, which then
-                    // stops the workers gracefully. The parent-death signal still ends
-                    // a worker whose primary dies.
-                    .detached(true);
-                // Socket activation and notification are the primary's business.
-                for key in LISTEN_ENV
-                    .iter()
-                    .chain(&NOTIFY_ENV)
-                    .chain([&UPGRADE_FD_ENV])
-                {
-                    options = options.env_remove(key);
-                }
-                for (key, value) in global.into_iter().chain(env) {
-                    options = options.env(key, value);
-                }
-                if silent {
-                    options = options
-                        .stdin(Stdio::Null)
-                        .stdout(Stdio::Pipe)
-                        .stderr(Stdio::Pipe);
-                }
-                options
-            });
+                    .stdin(Stdio::Null)
+                    .stdout(Stdio::Pipe)
+                    .stderr(Stdio::Pipe);
+            }
+            options
+        });
         let started = child::fork(&self.program, &self.args, options).and_then(|mut child| {
             let channel = child.take_channel()?;
             Ok((child, channel))
@@ -539,6 +602,7 @@ impl Driver {
                 child,
                 control,
                 user,
+                node: node.then(NodeWorker::new),
             },
         );
         Input::Forked { id, pid }

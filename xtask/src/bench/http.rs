@@ -1,6 +1,7 @@
 //! HTTP workloads: wrk (`-t2 -c64`, loopback) against httpd-demo with each policy, a Node
-//! 20 cluster (round-robin and `SCHED_NONE`) and nginx (2 workers, `reuseport`), all with
-//! 2 workers; keep-alive and `Connection: close`. Afterwards, the RSS of their workers.
+//! 20 cluster (round-robin and `SCHED_NONE`), the same Node workers under this workspace's
+//! `cluster` command (rr and shared) and nginx (2 workers, `reuseport`), all with 2
+//! workers; keep-alive and `Connection: close`. Afterwards, the RSS of their workers.
 
 use std::net::{TcpListener, TcpStream};
 use std::path::Path;
@@ -19,14 +20,18 @@ const START_TIMEOUT: Duration = Duration::from_secs(30);
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
     Demo(&'static str),
+    /// `node_cluster_http.js`'s worker half under the `cluster` command.
+    Command(&'static str),
     Node(&'static str),
     Nginx,
 }
 
-const KINDS: [Kind; 6] = [
+const KINDS: [Kind; 8] = [
     Kind::Demo("rr"),
     Kind::Demo("shared"),
     Kind::Demo("reuseport"),
+    Kind::Command("rr"),
+    Kind::Command("shared"),
     Kind::Node("rr"),
     Kind::Node("none"),
     Kind::Nginx,
@@ -36,13 +41,14 @@ impl Kind {
     fn label(self) -> String {
         match self {
             Kind::Demo(policy) => format!("httpd-demo {policy}"),
+            Kind::Command(policy) => format!("cluster command {policy} (Node workers)"),
             Kind::Node(policy) => format!("Node cluster {policy}"),
             Kind::Nginx => "nginx reuseport".to_owned(),
         }
     }
 
     fn is_subject(self) -> bool {
-        matches!(self, Kind::Demo(_))
+        matches!(self, Kind::Demo(_) | Kind::Command(_))
     }
 }
 
@@ -55,7 +61,7 @@ struct Server {
 }
 
 impl Server {
-    fn start(ctx: &Ctx, demo: &Path, kind: Kind) -> Result<Self> {
+    fn start(ctx: &Ctx, demo: &Path, command_path: &Path, kind: Kind) -> Result<Self> {
         match kind {
             Kind::Demo(policy) => {
                 let mut command = piped(demo);
@@ -63,6 +69,15 @@ impl Server {
                     .args(["--workers", &WORKERS.to_string(), "--port", "0"])
                     .args(["--policy", policy, "--grace", "1"])
                     .env("RUST_LOG", "info");
+                Self::start_announcing(kind, command)
+            }
+            Kind::Command(policy) => {
+                let mut command = piped(command_path);
+                command
+                    .args(["--workers", &WORKERS.to_string(), "--policy", policy])
+                    .args(["--grace", "1", "--"])
+                    .arg(ctx.peers_dir().join("node_cluster_http.js"))
+                    .arg("0");
                 Self::start_announcing(kind, command)
             }
             Kind::Node(policy) => {
@@ -96,8 +111,9 @@ impl Server {
     }
 }
 
-/// Waits for `listening on http://ADDR` and `workers` lines with `worker listening`, in
-/// whatever order they come; returns the address and when the first line came.
+/// Waits for `listening on http://ADDR` (the `cluster` command: `listening on ADDR`) and
+/// `workers` lines with `worker listening` (`worker N is listening on`), in whatever
+/// order they come; returns the address and when the first line came.
 pub(super) fn wait_listening(lines: &mut Lines, workers: usize) -> Result<(String, Instant)> {
     let deadline = Instant::now() + START_TIMEOUT;
     let mut addr = None;
@@ -107,8 +123,10 @@ pub(super) fn wait_listening(lines: &mut Lines, workers: usize) -> Result<(Strin
         let (at, line) = lines.wait_for("listening", left)?;
         if let Some(rest) = line.split("listening on http://").nth(1) {
             addr = Some((rest.trim().to_owned(), at));
-        } else if line.contains("worker listening") {
+        } else if line.contains("worker listening") || line.contains(" is listening on ") {
             listening += 1;
+        } else if let Some(rest) = line.strip_prefix("listening on ") {
+            addr = Some((rest.trim().to_owned(), at));
         }
         if let Some(found) = &addr {
             if listening >= workers {
@@ -213,7 +231,7 @@ fn parse_wrk(out: &str) -> Result<WrkRun> {
 }
 
 /// Runs the HTTP workloads; returns http_keepalive, http_new_connection and worker_rss.
-pub(super) fn run(ctx: &Ctx, demo: &Path) -> Result<Vec<Workload>> {
+pub(super) fn run(ctx: &Ctx, demo: &Path, command: &Path) -> Result<Vec<Workload>> {
     let workload = |key, title: &str, unit, better| Workload {
         key,
         title: title.to_owned(),
@@ -253,7 +271,7 @@ pub(super) fn run(ctx: &Ctx, demo: &Path) -> Result<Vec<Workload>> {
     let mut missing = Vec::new();
     for kind in KINDS {
         let absent = match kind {
-            Kind::Node(_) if !ctx.node.installed => Some(ctx.node.missing()),
+            Kind::Node(_) | Kind::Command(_) if !ctx.node.installed => Some(ctx.node.missing()),
             Kind::Nginx if !ctx.nginx.installed => Some(ctx.nginx.missing()),
             _ => None,
         };
@@ -261,7 +279,7 @@ pub(super) fn run(ctx: &Ctx, demo: &Path) -> Result<Vec<Workload>> {
             missing.push((kind, reason));
             continue;
         }
-        let server = Server::start(ctx, demo, kind)?;
+        let server = Server::start(ctx, demo, command, kind)?;
         println!("  {} listening on {}", kind.label(), server.addr);
         servers.push(server);
     }

@@ -11,15 +11,30 @@ use super::Internal;
 use crate::primary::{OutputStream, UserSender};
 use crate::protocol::{ToWorker, WorkerId};
 
+/// A control message for a worker, in the protocol it speaks.
+#[derive(Debug)]
+pub(super) enum Outgoing {
+    /// This crate's protocol (postcard, control lane).
+    Cluster(ToWorker),
+    /// Node's `NODE_CLUSTER` message; with a descriptor it goes as a `net.Native`
+    /// `NODE_HANDLE`.
+    Node(ipc::InternalMessage),
+}
+
 /// The longest output line forwarded as one event; longer lines are split.
 const MAX_OUTPUT_LINE: usize = 64 * 1024;
 
 pub(super) async fn write_control(
     sender: UserSender,
-    mut rx: mpsc::Receiver<(ToWorker, Vec<OwnedFd>)>,
+    mut rx: mpsc::Receiver<(Outgoing, Vec<OwnedFd>)>,
 ) {
     while let Some((message, fds)) = rx.recv().await {
-        if let Err(e) = sender.lock().await.send_control(&message, fds).await {
+        let mut sender = sender.lock().await;
+        let sent = match message {
+            Outgoing::Cluster(message) => sender.send_control(&message, fds).await,
+            Outgoing::Node(message) => sender.send_internal(&message, fds).await,
+        };
+        if let Err(e) = sent {
             tracing::debug!(error = %e, "channel to a worker closed");
             return;
         }

@@ -1,0 +1,36 @@
+//! Integration tests of the `cluster` command and of Node programs as workers: real
+//! primaries, real Node 20 workers, driven over HTTP and with signals, synchronised on
+//! their log lines and HTTP answers, never on sleeps. Skipped with a message when `node`
+//! is not installed.
+//!
+//! They live here and not in the workspace's `tests` crate because Cargo sets
+//! `CARGO_BIN_EXE_cluster` only for the package that owns the binary. One test binary
+//! (`autotests = false`): this file and `cli/`.
+
+#[path = "cli/command.rs"]
+mod command;
+#[path = "cli/http_workers.rs"]
+mod http_workers;
+#[path = "cli/messages.rs"]
+mod messages;
+
+use std::path::PathBuf;
+
+/// A script under `tests/node/`.
+fn node_script(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/node")
+        .join(name)
+}
+
+/// Whether Node is installed; prints why the test is skipped when not.
+fn node_or_skip() -> bool {
+    let found = testkit::node_available();
+    if !found {
+        eprintln!(
+            "skipped: node is not installed ({})",
+            testkit::NODE_INSTALL_HINT
+        );
+    }
+    found
+}
