@@ -11,7 +11,7 @@ use std::ffi::OsString;
 use std::net::TcpStream;
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use child::{ForkOptions, Signal, Stdio};
 use tokio::sync::{mpsc, watch};
@@ -33,6 +33,9 @@ use crate::node_protocol::{FromNode, NodeWorker};
 use crate::protocol::{ToPrimary, ToWorker, WorkerId};
 use crate::settings::Settings;
 
+/// How long the driver, once stopped, still forwards the last workers' output.
+const OUTPUT_LINGER: Duration = Duration::from_secs(1);
+
 /// How many messages from the per-worker tasks wait for the driver; a full queue makes
 /// those tasks wait (back-pressure on the workers' channels).
 const INTERNAL_QUEUE: usize = 1024;
@@ -45,6 +48,8 @@ enum Internal {
     ChannelClosed(WorkerId, Option<String>),
     Exited(WorkerId, child::ExitStatus),
     Output(WorkerId, OutputStream, String),
+    /// A silent worker's output stream reached its end.
+    OutputEnd,
 }
 
 /// One live worker's process and channel.
@@ -102,6 +107,8 @@ pub(crate) struct Driver {
     fork_errors: HashMap<WorkerId, child::Error>,
     /// Whether `start` is forking the first workers (their errors fail `start`).
     starting: bool,
+    /// Silent workers' output streams not yet at their end.
+    outputs: usize,
     internal: mpsc::Sender<Internal>,
     events: EventQueue,
     finished: bool,
@@ -159,6 +166,7 @@ impl Driver {
             next_request: 0,
             fork_errors: HashMap::new(),
             starting: true,
+            outputs: 0,
             internal,
             events,
             finished: false,
@@ -204,7 +212,24 @@ impl Driver {
                 }
             }
         }
+        self.last_output(&mut internal).await;
         tracing::debug!("primary driver finished");
+    }
+
+    /// After the stop, forwards what the last workers wrote before they exited and is
+    /// still on its way from their pipes, for at most [`OUTPUT_LINGER`].
+    async fn last_output(&mut self, internal: &mut mpsc::Receiver<Internal>) {
+        let deadline = tokio::time::sleep(OUTPUT_LINGER);
+        tokio::pin!(deadline);
+        while self.outputs > 0 {
+            tokio::select! {
+                Some(message) = internal.recv() => match message {
+                    Internal::Output(..) | Internal::OutputEnd => self.internal(message),
+                    _ => {}
+                },
+                () = &mut deadline => return,
+            }
+        }
     }
 
     fn input(&mut self, input: Input) {
@@ -415,6 +440,7 @@ impl Driver {
             Internal::ChannelClosed(id, broken) => self.input(Input::ChannelClosed { id, broken }),
             Internal::Exited(id, status) => self.input(Input::Exited { id, status }),
             Internal::Output(id, stream, line) => self.emit(Event::Output { id, stream, line }),
+            Internal::OutputEnd => self.outputs = self.outputs.saturating_sub(1),
         }
     }
 
@@ -574,6 +600,7 @@ impl Driver {
         };
         let (sender, receiver) = channel.into_split();
         if let Some(stdout) = child.stdout.take() {
+            self.outputs += 1;
             tokio::spawn(forward_output(
                 id,
                 OutputStream::Stdout,
@@ -582,6 +609,7 @@ impl Driver {
             ));
         }
         if let Some(stderr) = child.stderr.take() {
+            self.outputs += 1;
             tokio::spawn(forward_output(
                 id,
                 OutputStream::Stderr,

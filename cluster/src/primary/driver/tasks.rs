@@ -91,7 +91,7 @@ pub(super) async fn forward_output(
             limited.read_until(b'\n', &mut line).await
         };
         match read {
-            Ok(0) | Err(_) => return,
+            Ok(0) | Err(_) => break,
             Ok(_) => {
                 if line.last() == Some(&b'\n') {
                     line.pop();
@@ -107,4 +107,5 @@ pub(super) async fn forward_output(
             }
         }
     }
+    let _ = internal.send(Internal::OutputEnd).await;
 }
