@@ -18,7 +18,6 @@ mod upgrade;
 pub use self::upgrade::UpgradeError;
 
 use std::ffi::OsString;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -26,12 +25,15 @@ use serde::Serialize;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::error::Error;
-use crate::protocol::{HandleKey, WorkerId};
+use crate::protocol::WorkerId;
 use crate::settings::Settings;
 
 pub use child::Signal;
 
-pub use self::events::{EVENT_BYTES, EVENT_CAPACITY, Events};
+pub use self::events::{
+    EVENT_BYTES, EVENT_CAPACITY, Event, Events, OutputStream, ReloadFailure, SlotFailure, Stats,
+    WorkerState, WorkerStats,
+};
 
 /// How long [`Primary::broadcast`] waits for one worker whose channel is full.
 pub const BROADCAST_WAIT: Duration = Duration::from_secs(1);
@@ -49,223 +51,6 @@ const EXIT_GRACE: Duration = Duration::from_secs(1);
 const HANDOVER_WAIT: Duration = Duration::from_secs(1);
 /// How often it looks.
 const HANDOVER_POLL: Duration = Duration::from_millis(5);
-
-/// Why a slot was given up.
-#[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum SlotFailure {
-    /// Its workers crashed past the crash-loop limit.
-    CrashLoop,
-    /// Its worker could not listen for a reason that retrying will not change (the
-    /// address is in use by another program, not local, or needs privileges), and then
-    /// exited: restarting would only fail again.
-    Listen {
-        /// The primary's key of the server it asked for (`127.0.0.1:80:4:undefined:0`).
-        key: HandleKey,
-        /// The `bind`/`listen` errno (`EADDRINUSE`, `EADDRNOTAVAIL`, `EACCES`).
-        errno: i32,
-    },
-}
-
-impl std::fmt::Display for SlotFailure {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Self::CrashLoop => f.write_str("its workers keep crashing"),
-            Self::Listen { key, errno } => {
-                let error = std::io::Error::from_raw_os_error(*errno);
-                write!(f, "listen on {}:{}: {error}", key.address, key.port)
-            }
-        }
-    }
-}
-
-/// Why a rolling reload could not replace a slot's worker.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum ReloadFailure {
-    /// The new workers crashed past the crash-loop limit.
-    CrashLoop,
-    /// The new worker was not listening on as many servers as the old one within
-    /// [`Settings::reload_timeout`](crate::Settings::reload_timeout).
-    NotListening {
-        /// How long it was given.
-        waited: Duration,
-    },
-}
-
-/// Which output stream of a worker a line came from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum OutputStream {
-    /// The worker's stdout.
-    Stdout,
-    /// The worker's stderr.
-    Stderr,
-}
-
-/// Something that happened to a worker (Node's cluster events).
-#[derive(Debug)]
-#[non_exhaustive]
-pub enum Event {
-    /// A worker process was started.
-    Fork {
-        /// The new worker.
-        id: WorkerId,
-        /// Its process id.
-        pid: u32,
-    },
-    /// The worker connected its channel and reported in.
-    Online {
-        /// The worker.
-        id: WorkerId,
-    },
-    /// One of the worker's servers is listening.
-    Listening {
-        /// The worker.
-        id: WorkerId,
-        /// The bound address.
-        address: SocketAddr,
-        /// The primary's key for the handle.
-        key: HandleKey,
-    },
-    /// The worker's channel closed.
-    Disconnect {
-        /// The worker.
-        id: WorkerId,
-    },
-    /// The worker process ended.
-    Exit {
-        /// The worker.
-        id: WorkerId,
-        /// Its exit code or signal.
-        status: child::ExitStatus,
-        /// Whether it ended after being asked to stop (disconnect, stop, reload, removal),
-        /// Node's `worker.exitedAfterDisconnect`.
-        exited_after_disconnect: bool,
-    },
-    /// A user-lane message from the worker.
-    Message {
-        /// The worker.
-        id: WorkerId,
-        /// The message, still encoded.
-        message: ipc::Received,
-    },
-    /// The worker panicked and is draining; a replacement is being started.
-    GoingDown {
-        /// The worker.
-        id: WorkerId,
-        /// The panic message.
-        reason: String,
-    },
-    /// The worker broke the protocol (malformed or hostile frames) and was killed.
-    Misbehaved {
-        /// The worker.
-        id: WorkerId,
-        /// What it did.
-        reason: String,
-    },
-    /// A slot is given up: it is no longer restarted.
-    SlotFailed {
-        /// The slot.
-        slot: usize,
-        /// The last worker of the slot.
-        id: WorkerId,
-        /// Why.
-        cause: SlotFailure,
-    },
-    /// A rolling reload could not replace this slot's worker. The old worker keeps
-    /// serving the slot (it is not given up); the reload goes on with the next slot.
-    ReloadFailed {
-        /// The slot.
-        slot: usize,
-        /// The last new worker (crashed, or stopped for not listening in time).
-        id: WorkerId,
-        /// The old worker, still serving.
-        kept: WorkerId,
-        /// Why.
-        reason: ReloadFailure,
-    },
-    /// A line a [`silent`](crate::Settings::silent) worker wrote, without its newline
-    /// (lines over 64 KiB arrive in pieces). Output may still arrive after the worker's
-    /// `Exit`, and like every event it is dropped when nobody reads the event queue.
-    Output {
-        /// The worker.
-        id: WorkerId,
-        /// Which stream.
-        stream: OutputStream,
-        /// The line, decoded as UTF-8 (invalid bytes replaced).
-        line: String,
-    },
-}
-
-impl Event {
-    /// The event's name, for logs (`"exit"`, `"message"`, ...).
-    pub fn kind(&self) -> &'static str {
-        match self {
-            Self::Fork { .. } => "fork",
-            Self::Online { .. } => "online",
-            Self::Listening { .. } => "listening",
-            Self::Disconnect { .. } => "disconnect",
-            Self::Exit { .. } => "exit",
-            Self::Message { .. } => "message",
-            Self::GoingDown { .. } => "going-down",
-            Self::Misbehaved { .. } => "misbehaved",
-            Self::SlotFailed { .. } => "slot-failed",
-            Self::ReloadFailed { .. } => "reload-failed",
-            Self::Output { .. } => "output",
-        }
-    }
-}
-
-/// Where a worker is in its life (Node's `worker.state`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum WorkerState {
-    /// Started, not yet online.
-    Forked,
-    /// Online, no server listening yet.
-    Online,
-    /// At least one server listening.
-    Listening,
-    /// Asked to stop (or going down), draining.
-    Disconnecting,
-    /// Its channel closed; waiting for the process to end.
-    Disconnected,
-}
-
-/// One worker's line in [`Stats`].
-#[derive(Debug, Clone)]
-#[non_exhaustive]
-pub struct WorkerStats {
-    /// The worker.
-    pub id: WorkerId,
-    /// Its process id.
-    pub pid: u32,
-    /// The slot it runs in.
-    pub slot: usize,
-    /// Its state.
-    pub state: WorkerState,
-    /// Connections handed to it by round-robin.
-    pub handed: u64,
-    /// Round-robin hand-offs it has not answered yet.
-    pub in_flight: usize,
-    /// How many replacements its slot had before it.
-    pub restarts: u32,
-}
-
-/// A snapshot of the cluster.
-#[derive(Debug, Clone, Default)]
-#[non_exhaustive]
-pub struct Stats {
-    /// Live workers by id.
-    pub workers: Vec<WorkerStats>,
-    /// Connections the primary holds for lack of a worker.
-    pub queued: usize,
-    /// Slots given up after a crash loop.
-    pub failed_slots: Vec<usize>,
-    /// Whether the cluster is ready for traffic: no stop has begun and every slot has a
-    /// worker listening (during a reload step, the old worker that still serves counts).
-    pub ready: bool,
-}
 
 type Reply<T> = oneshot::Sender<T>;
 type UserSender = Arc<tokio::sync::Mutex<ipc::Sender>>;
