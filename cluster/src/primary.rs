@@ -40,6 +40,9 @@ pub const BROADCAST_WAIT: Duration = Duration::from_secs(1);
 /// for more is treated as misbehaving: killed and replaced.
 pub const MAX_SERVERS_PER_WORKER: usize = core::MAX_SERVERS_PER_WORKER;
 
+/// How many round-robin hand-offs one worker may have unanswered per server.
+pub(crate) const HANDOFF_WINDOW: usize = core::HANDOFF_WINDOW;
+
 /// How long an exited worker's channel may stay open before its exit is reported anyway
 /// (its last messages are read first; a descendant may hold the channel open).
 const EXIT_GRACE: Duration = Duration::from_secs(1);
@@ -246,7 +249,7 @@ pub struct WorkerStats {
     pub state: WorkerState,
     /// Connections handed to it by round-robin.
     pub handed: u64,
-    /// Round-robin hand-offs it has not answered yet.
+    /// Round-robin hand-offs it has not answered yet (at most a small window per server).
     pub in_flight: usize,
     /// How many replacements its slot had before it.
     pub restarts: u32,
