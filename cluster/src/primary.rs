@@ -42,6 +42,9 @@ pub const BROADCAST_WAIT: Duration = Duration::from_secs(1);
 /// for more is treated as misbehaving: killed and replaced.
 pub const MAX_SERVERS_PER_WORKER: usize = core::MAX_SERVERS_PER_WORKER;
 
+/// How many round-robin hand-offs one worker may have unanswered per server.
+pub(crate) const HANDOFF_WINDOW: usize = core::HANDOFF_WINDOW;
+
 /// How long an exited worker's channel may stay open before its exit is reported anyway
 /// (its last messages are read first; a descendant may hold the channel open).
 const EXIT_GRACE: Duration = Duration::from_secs(1);

@@ -2,13 +2,17 @@
 //!
 //! [`RoundRobinHandle`] is Node's `RoundRobinHandle` with the holes closed:
 //!
-//! - Accepted connections wait in a FIFO; idle workers wait in a FIFO. A connection goes
-//!   to the worker idle the longest, which then has it *in flight* until it replies.
-//!   A worker has at most one hand-off in flight.
+//! - Accepted connections wait in a FIFO; workers with room wait in a FIFO (*ready*).
+//!   A connection goes to the first ready worker, which then has it *in flight* until
+//!   it replies, and goes to the back of the line if it still has room.
+//!   A worker has at most `window` hand-offs in flight (Node: one); a full worker joins
+//!   the back of the line again when a reply makes room. So two workers that stay
+//!   ready take turns, and a worker that falls behind gets nothing new while full.
 //! - A refused connection goes back to the front of the queue and is not offered again to
 //!   a worker that refused it; once every worker has refused it, it is closed.
 //! - A worker that goes away ([`remove_worker`](RoundRobinHandle::remove_worker)) gives
-//!   its in-flight connection back to the front of the queue: Node loses it.
+//!   its in-flight connections back to the front of the queue, oldest first: Node loses
+//!   them.
 //! - With no worker to take them, connections are held until their hold time runs out,
 //!   instead of being refused; [`expire`](RoundRobinHandle::expire) returns the ones due.
 //!
@@ -47,35 +51,40 @@ pub(crate) struct Handoff<'a, C, W> {
 pub(crate) struct RoundRobinHandle<C, W> {
     /// Workers that may get new hand-offs.
     workers: Vec<W>,
-    /// Registered workers with nothing in flight, longest idle first.
-    idle: VecDeque<W>,
+    /// Registered workers with room (fewer than `window` in flight), in turn order.
+    ready: VecDeque<W>,
     queue: VecDeque<Queued<C, W>>,
-    in_flight: HashMap<W, InFlight<C, W>>,
+    /// Each worker's hand-offs in flight, oldest first; never more than `window`.
+    in_flight: HashMap<W, Vec<InFlight<C, W>>>,
     hold: Duration,
+    window: usize,
     next_seq: u64,
 }
 
 impl<C, W: Copy + Eq + Hash> RoundRobinHandle<C, W> {
-    /// An empty handle; connections wait at most `hold` for a worker.
-    pub(crate) fn new(hold: Duration) -> Self {
+    /// An empty handle; connections wait at most `hold` for a worker, and a worker has
+    /// at most `window` hand-offs in flight (at least 1; 1 is Node's rule).
+    pub(crate) fn new(hold: Duration, window: usize) -> Self {
         Self {
             workers: Vec::new(),
-            idle: VecDeque::new(),
+            ready: VecDeque::new(),
             queue: VecDeque::new(),
             in_flight: HashMap::new(),
             hold,
+            window: window.max(1),
             next_seq: 0,
         }
     }
 
-    /// Registers `worker` as idle (last in line). Adding a registered worker does nothing.
+    /// Registers `worker`, last in line if it has room. Adding a registered worker does
+    /// nothing.
     pub(crate) fn add_worker(&mut self, worker: W) {
         if self.workers.contains(&worker) {
             return;
         }
         self.workers.push(worker);
-        if !self.in_flight.contains_key(&worker) {
-            self.idle.push_back(worker);
+        if self.in_flight(worker) < self.window {
+            self.ready.push_back(worker);
         }
     }
 
@@ -83,15 +92,17 @@ impl<C, W: Copy + Eq + Hash> RoundRobinHandle<C, W> {
     /// stays until the worker replies (it may still accept it).
     pub(crate) fn retire_worker(&mut self, worker: W) {
         self.workers.retain(|w| *w != worker);
-        self.idle.retain(|w| *w != worker);
+        self.ready.retain(|w| *w != worker);
     }
 
-    /// Forgets `worker`, which is gone: its in-flight connection, if any, goes back to the
-    /// front of the queue for another worker.
+    /// Forgets `worker`, which is gone: its in-flight connections go back to the front of
+    /// the queue, oldest first, for another worker.
     pub(crate) fn remove_worker(&mut self, worker: W) {
         self.retire_worker(worker);
-        if let Some(flight) = self.in_flight.remove(&worker) {
-            self.queue.push_front(flight.queued);
+        if let Some(flights) = self.in_flight.remove(&worker) {
+            for flight in flights.into_iter().rev() {
+                self.queue.push_front(flight.queued);
+            }
         }
     }
 
@@ -108,13 +119,15 @@ impl<C, W: Copy + Eq + Hash> RoundRobinHandle<C, W> {
     /// accepted it (the caller closes its copy). A refused connection is queued again;
     /// a reply that matches nothing in flight is ignored and returns `None`.
     pub(crate) fn reply(&mut self, worker: W, seq: u64, accepted: bool) -> Option<C> {
-        match self.in_flight.get(&worker) {
-            Some(flight) if flight.seq == seq => {}
-            _ => return None,
+        let flights = self.in_flight.get_mut(&worker)?;
+        let pos = flights.iter().position(|f| f.seq == seq)?;
+        let was_full = flights.len() >= self.window;
+        let mut flight = flights.remove(pos);
+        if flights.is_empty() {
+            self.in_flight.remove(&worker);
         }
-        let mut flight = self.in_flight.remove(&worker)?;
-        if self.workers.contains(&worker) {
-            self.idle.push_back(worker);
+        if was_full && self.workers.contains(&worker) {
+            self.ready.push_back(worker);
         }
         if accepted {
             return Some(flight.queued.conn);
@@ -124,24 +137,25 @@ impl<C, W: Copy + Eq + Hash> RoundRobinHandle<C, W> {
         None
     }
 
-    /// The next hand-off: the longest-idle worker gets the oldest connection it has not
-    /// refused. Call until it returns `None` after every change.
+    /// The next hand-off: the first ready worker that can take something gets the oldest
+    /// connection it has not refused. Call until it returns `None` after every change.
     pub(crate) fn next_handoff(&mut self) -> Option<Handoff<'_, C, W>> {
-        let (worker_pos, conn_pos) = self.idle.iter().enumerate().find_map(|(wi, w)| {
+        let (worker_pos, conn_pos) = self.ready.iter().enumerate().find_map(|(wi, w)| {
             self.queue
                 .iter()
                 .position(|q| !q.refused_by.contains(w))
                 .map(|ci| (wi, ci))
         })?;
-        let worker = self.idle.remove(worker_pos)?;
+        let worker = self.ready.remove(worker_pos)?;
         let queued = self.queue.remove(conn_pos)?;
         let seq = self.next_seq;
         self.next_seq += 1;
-        let flight = self
-            .in_flight
-            .entry(worker)
-            .insert_entry(InFlight { seq, queued })
-            .into_mut();
+        let flights = self.in_flight.entry(worker).or_default();
+        flights.push(InFlight { seq, queued });
+        if flights.len() < self.window {
+            self.ready.push_back(worker);
+        }
+        let flight = flights.last()?;
         Some(Handoff {
             worker,
             seq,
@@ -178,16 +192,20 @@ impl<C, W: Copy + Eq + Hash> RoundRobinHandle<C, W> {
         self.queue.len()
     }
 
-    /// How many hand-offs `worker` has in flight (0 or 1).
+    /// How many hand-offs `worker` has in flight (at most the window).
     pub(crate) fn in_flight(&self, worker: W) -> usize {
-        usize::from(self.in_flight.contains_key(&worker))
+        self.in_flight.get(&worker).map_or(0, Vec::len)
     }
 
     /// Takes every connection out (queued and in flight), for closing the handle.
     pub(crate) fn drain(&mut self) -> Vec<C> {
         let mut all: Vec<C> = self.queue.drain(..).map(|q| q.conn).collect();
-        all.extend(self.in_flight.drain().map(|(_, f)| f.queued.conn));
-        self.idle = self.workers.iter().copied().collect();
+        all.extend(
+            self.in_flight
+                .drain()
+                .flat_map(|(_, f)| f.into_iter().map(|f| f.queued.conn)),
+        );
+        self.ready = self.workers.iter().copied().collect();
         all
     }
 }

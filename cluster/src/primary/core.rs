@@ -44,9 +44,15 @@ use crate::settings::{Policy, RestartPolicy};
 /// How many servers one worker may hold at once; asking for more is misbehaving.
 pub(crate) const MAX_SERVERS_PER_WORKER: usize = 128;
 
+/// How many round-robin hand-offs one worker may have in flight on one server: the
+/// primary sends the next connections without waiting for the replies (Node waits for
+/// each). A worker's hand-off queue holds at least this many.
+pub(crate) const HANDOFF_WINDOW: usize = 4;
+
 /// How many control messages can be waiting for one worker at most, by the protocol:
-/// a reply per server asked for, a hand-off in flight per server, and a disconnect.
-pub(crate) const CONTROL_QUEUE: usize = 2 * MAX_SERVERS_PER_WORKER + 2;
+/// a reply per server asked for, a window of hand-offs in flight per server, and a
+/// disconnect.
+pub(crate) const CONTROL_QUEUE: usize = (1 + HANDOFF_WINDOW) * MAX_SERVERS_PER_WORKER + 2;
 
 /// How many accepted connections may wait in the primary for a round-robin worker, per
 /// handle. At the bound the primary stops accepting on that handle, so the rest wait in

@@ -210,7 +210,7 @@ pub struct WorkerStats {
     pub state: WorkerState,
     /// Connections handed to it by round-robin.
     pub handed: u64,
-    /// Round-robin hand-offs it has not answered yet.
+    /// Round-robin hand-offs it has not answered yet (at most a small window per server).
     pub in_flight: usize,
     /// How many replacements its slot had before it.
     pub restarts: u32,

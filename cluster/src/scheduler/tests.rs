@@ -21,7 +21,7 @@ fn handoffs(rr: &mut RoundRobinHandle<u32, u8>) -> Vec<(u8, u64, u32)> {
 #[test]
 fn sequential_connections_go_round_robin() {
     let now = Instant::now();
-    let mut rr = RoundRobinHandle::new(HOLD);
+    let mut rr = RoundRobinHandle::new(HOLD, 1);
     for w in [1, 2, 4, 3] {
         rr.add_worker(w);
     }
@@ -41,7 +41,7 @@ fn sequential_connections_go_round_robin() {
 #[test]
 fn a_burst_is_spread_evenly() {
     let now = Instant::now();
-    let mut rr = RoundRobinHandle::new(HOLD);
+    let mut rr = RoundRobinHandle::new(HOLD, 1);
     (0..4).for_each(|w| rr.add_worker(w));
     (0..200).for_each(|c| rr.push_connection(c, now));
     let mut counts: HashMap<u8, usize> = HashMap::new();
@@ -60,7 +60,7 @@ fn a_burst_is_spread_evenly() {
 #[test]
 fn a_refused_connection_goes_to_another_worker_then_is_closed() {
     let now = Instant::now();
-    let mut rr = RoundRobinHandle::new(HOLD);
+    let mut rr = RoundRobinHandle::new(HOLD, 1);
     rr.add_worker(1);
     rr.add_worker(2);
     rr.push_connection(7, now);
@@ -75,7 +75,7 @@ fn a_refused_connection_goes_to_another_worker_then_is_closed() {
 #[test]
 fn a_dead_workers_connection_is_handed_to_another() {
     let now = Instant::now();
-    let mut rr = RoundRobinHandle::new(HOLD);
+    let mut rr = RoundRobinHandle::new(HOLD, 1);
     rr.add_worker(1);
     rr.push_connection(7, now);
     assert_eq!(handoffs(&mut rr), [(1, 0, 7)]);
@@ -89,7 +89,7 @@ fn a_dead_workers_connection_is_handed_to_another() {
 #[test]
 fn a_retired_worker_keeps_its_hand_off_until_it_replies() {
     let now = Instant::now();
-    let mut rr = RoundRobinHandle::new(HOLD);
+    let mut rr = RoundRobinHandle::new(HOLD, 1);
     rr.add_worker(1);
     rr.add_worker(2);
     rr.push_connection(7, now);
@@ -110,7 +110,7 @@ fn a_retired_worker_keeps_its_hand_off_until_it_replies() {
 #[test]
 fn connections_are_held_while_no_worker_exists() {
     let now = Instant::now();
-    let mut rr: RoundRobinHandle<u32, u8> = RoundRobinHandle::new(HOLD);
+    let mut rr: RoundRobinHandle<u32, u8> = RoundRobinHandle::new(HOLD, 1);
     rr.push_connection(1, now);
     rr.push_connection(2, now + Duration::from_secs(1));
     assert_eq!(rr.next_deadline(), Some(now + HOLD));
@@ -120,13 +120,68 @@ fn connections_are_held_while_no_worker_exists() {
     assert_eq!(handoffs(&mut rr), [(9, 0, 2)]);
 }
 
+#[test]
+fn a_window_sends_several_before_any_reply_and_takes_turns() {
+    let now = Instant::now();
+    let mut rr = RoundRobinHandle::new(HOLD, 3);
+    rr.add_worker(1);
+    rr.add_worker(2);
+    (0..8).for_each(|c| rr.push_connection(c, now));
+    let sent = handoffs(&mut rr);
+    let workers: Vec<u8> = sent.iter().map(|(w, _, _)| *w).collect();
+    assert_eq!(workers, [1, 2, 1, 2, 1, 2], "turns, three each, then full");
+    assert_eq!((rr.in_flight(1), rr.in_flight(2), rr.queued()), (3, 3, 2));
+    // A reply out of order makes room: the worker joins the line again.
+    let (w, seq, conn) = sent[2];
+    assert_eq!(rr.reply(w, seq, true), Some(conn));
+    assert_eq!(handoffs(&mut rr), [(1, 6, 6)]);
+}
+
+#[test]
+fn a_dead_workers_window_is_requeued_oldest_first() {
+    let now = Instant::now();
+    let mut rr = RoundRobinHandle::new(HOLD, 4);
+    rr.add_worker(1);
+    (0..3).for_each(|c| rr.push_connection(c, now));
+    assert_eq!(handoffs(&mut rr).len(), 3);
+    rr.push_connection(3, now);
+    assert_eq!(handoffs(&mut rr), [(1, 3, 3)]);
+    rr.remove_worker(1);
+    assert_eq!(rr.queued(), 4);
+    rr.add_worker(2);
+    let conns: Vec<u32> = handoffs(&mut rr).iter().map(|(_, _, c)| *c).collect();
+    assert_eq!(conns, [0, 1, 2, 3]);
+}
+
+#[test]
+fn a_refusal_in_a_window_goes_to_another_worker() {
+    let now = Instant::now();
+    let mut rr = RoundRobinHandle::new(HOLD, 2);
+    rr.add_worker(1);
+    rr.add_worker(2);
+    (0..4).for_each(|c| rr.push_connection(c, now));
+    assert_eq!(
+        handoffs(&mut rr),
+        [(1, 0, 0), (2, 1, 1), (1, 2, 2), (2, 3, 3)]
+    );
+    assert_eq!(rr.reply(1, 2, false), None);
+    assert_eq!(
+        handoffs(&mut rr),
+        [],
+        "worker 2 is full, worker 1 refused it"
+    );
+    assert_eq!(rr.reply(2, 1, true), Some(1));
+    assert_eq!(handoffs(&mut rr), [(2, 4, 2)]);
+}
+
 #[derive(Debug, Clone)]
 enum Op {
     Add(u8),
     Retire(u8),
     Remove(u8),
     Push,
-    Reply(u8, bool),
+    /// `worker`'s reply to its `nth` oldest hand-off in flight (modulo how many it has).
+    Reply(u8, usize, bool),
     Advance(u64),
 }
 
@@ -136,7 +191,8 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (0u8..4).prop_map(Op::Retire),
         1 => (0u8..4).prop_map(Op::Remove),
         5 => Just(Op::Push),
-        6 => ((0u8..4), proptest::bool::weighted(0.8)).prop_map(|(w, a)| Op::Reply(w, a)),
+        6 => ((0u8..4), (0usize..8), proptest::bool::weighted(0.8))
+            .prop_map(|(w, n, a)| Op::Reply(w, n, a)),
         1 => (0u64..3000).prop_map(Op::Advance),
     ]
 }
@@ -144,15 +200,20 @@ fn op() -> impl Strategy<Value = Op> {
 /// What the test knows independently of the scheduler.
 #[derive(Default)]
 struct Model {
+    window: usize,
     registered: Vec<u8>,
-    /// Registered workers with nothing in flight, in the order they became idle.
-    idle: VecDeque<u8>,
-    in_flight: HashMap<u8, (u64, u32)>,
+    /// Registered workers with room, in turn order.
+    ready: VecDeque<u8>,
+    /// Each worker's hand-offs in flight, oldest first: `(seq, conn)`.
+    in_flight: HashMap<u8, Vec<(u64, u32)>>,
     /// Connections waiting, with the workers that refused them.
     waiting: HashMap<u32, Vec<u8>>,
     /// Connections in flight, with the workers that refused them before.
     refusals: HashMap<u32, Vec<u8>>,
     done: HashSet<u32>,
+    /// Fairness: `(a, b)` -> hand-offs to `a` minus hand-offs to `b` since both were last
+    /// idle-ready together (registered, with room, and `b` able to take what `a` got).
+    lead: HashMap<(u8, u8), i64>,
 }
 
 impl Model {
@@ -160,6 +221,41 @@ impl Model {
         self.waiting
             .values()
             .any(|refused| !refused.contains(&worker))
+    }
+
+    fn in_flight(&self, worker: u8) -> usize {
+        self.in_flight.get(&worker).map_or(0, Vec::len)
+    }
+
+    /// Whether `worker` counts for the fairness bound now: registered and with room.
+    fn idle_ready(&self, worker: u8) -> bool {
+        self.registered.contains(&worker) && self.in_flight(worker) < self.window
+    }
+
+    /// Restarts the count of every pair that is not idle-ready together.
+    fn reset_leads(&mut self) {
+        let pairs: Vec<(u8, u8)> = self.lead.keys().copied().collect();
+        for (a, b) in pairs {
+            if !(self.idle_ready(a) && self.idle_ready(b)) {
+                self.lead.remove(&(a, b));
+            }
+        }
+    }
+
+    fn handed(&mut self, worker: u8, refused: &[u8]) {
+        for other in self.registered.clone() {
+            if other == worker {
+                continue;
+            }
+            if refused.contains(&other) {
+                // Not `other`'s turn lost: it could not have taken this one.
+                self.lead.remove(&(worker, other));
+                self.lead.remove(&(other, worker));
+                continue;
+            }
+            *self.lead.entry((worker, other)).or_default() += 1;
+            *self.lead.entry((other, worker)).or_default() -= 1;
+        }
     }
 
     fn check_handoffs(&mut self, rr: &mut RoundRobinHandle<u32, u8>) {
@@ -170,61 +266,84 @@ impl Model {
                 "hand-off to an unregistered worker"
             );
             assert!(
-                !self.in_flight.contains_key(&worker),
-                "two hand-offs in flight"
+                self.in_flight(worker) < self.window,
+                "more hand-offs in flight than the window"
             );
-            // FIFO fairness: the longest-idle worker that can take something gets it.
-            let expected = self.idle.iter().copied().find(|w| self.servable_by(*w));
-            assert_eq!(Some(worker), expected, "not the longest-idle worker");
+            // Turns: the first ready worker that can take something gets it.
+            let expected = self.ready.iter().copied().find(|w| self.servable_by(*w));
+            assert_eq!(Some(worker), expected, "not the worker whose turn it is");
             let refused = self.waiting.remove(&conn).expect("a waiting connection");
             assert!(
                 !refused.contains(&worker),
                 "offered again to a worker that refused it"
             );
-            self.idle.retain(|w| *w != worker);
-            self.in_flight.insert(worker, (seq, conn));
+            self.handed(worker, &refused);
+            self.ready.retain(|w| *w != worker);
+            let flights = self.in_flight.entry(worker).or_default();
+            flights.push((seq, conn));
+            if flights.len() < self.window {
+                self.ready.push_back(worker);
+            }
             self.refusals.insert(conn, refused);
+            // Fairness: two idle-ready workers never drift apart by more than the window.
+            for (&(a, b), &lead) in &self.lead {
+                assert!(
+                    lead.unsigned_abs() <= self.window as u64,
+                    "workers {a} and {b} are {lead} hand-offs apart"
+                );
+            }
+            self.reset_leads();
         }
-        // Quiescent: no idle worker can take a waiting connection.
-        for w in &self.idle {
-            assert!(!self.servable_by(*w), "an idle worker was left with work");
+        // Quiescent: no ready worker can take a waiting connection.
+        for w in &self.ready {
+            assert!(!self.servable_by(*w), "a ready worker was left with work");
         }
+        assert!(
+            self.in_flight.values().all(|f| f.len() <= self.window),
+            "over the window"
+        );
     }
 }
 
 proptest! {
     #[test]
-    fn every_connection_is_delivered_once_or_expired(ops in proptest::collection::vec(op(), 1..200)) {
+    fn every_connection_is_delivered_once_or_expired(
+        window in 1usize..5,
+        ops in proptest::collection::vec(op(), 1..200),
+    ) {
         let start = Instant::now();
         let mut now = start;
-        let mut rr = RoundRobinHandle::new(HOLD);
-        let mut model = Model::default();
+        let mut rr = RoundRobinHandle::new(HOLD, window);
+        let mut model = Model { window, ..Model::default() };
         let mut next_conn = 0u32;
         let mut arrived: HashMap<u32, Instant> = HashMap::new();
+        let mut max_lead = 0;
         for op in ops {
             match op {
                 Op::Add(w) => {
                     rr.add_worker(w);
                     if !model.registered.contains(&w) {
                         model.registered.push(w);
-                        if !model.in_flight.contains_key(&w) {
-                            model.idle.push_back(w);
+                        if model.in_flight(w) < window {
+                            model.ready.push_back(w);
                         }
                     }
                 }
                 Op::Retire(w) => {
                     rr.retire_worker(w);
                     model.registered.retain(|x| *x != w);
-                    model.idle.retain(|x| *x != w);
+                    model.ready.retain(|x| *x != w);
                 }
                 Op::Remove(w) => {
                     rr.remove_worker(w);
                     model.registered.retain(|x| *x != w);
-                    model.idle.retain(|x| *x != w);
-                    if let Some((_, conn)) = model.in_flight.remove(&w) {
+                    model.ready.retain(|x| *x != w);
+                    // Requeued at the front, oldest first.
+                    for (_, conn) in model.in_flight.remove(&w).unwrap_or_default() {
                         let refused = model.refusals.remove(&conn).unwrap_or_default();
                         model.waiting.insert(conn, refused);
                     }
+                    prop_assert_eq!(rr.in_flight(w), 0);
                 }
                 Op::Push => {
                     rr.push_connection(next_conn, now);
@@ -232,13 +351,21 @@ proptest! {
                     arrived.insert(next_conn, now);
                     next_conn += 1;
                 }
-                Op::Reply(w, accepted) => {
-                    let Some((seq, conn)) = model.in_flight.remove(&w) else {
+                Op::Reply(w, nth, accepted) => {
+                    let flights = model.in_flight.entry(w).or_default();
+                    if flights.is_empty() {
+                        model.in_flight.remove(&w);
                         prop_assert_eq!(rr.reply(w, 0, accepted), None);
                         continue;
-                    };
+                    }
+                    let was_full = flights.len() >= window;
+                    let (seq, conn) = flights.remove(nth % flights.len());
+                    if flights.is_empty() {
+                        model.in_flight.remove(&w);
+                    }
                     prop_assert_eq!(rr.reply(w, seq + 1000, accepted), None, "wrong seq ignored");
                     let got = rr.reply(w, seq, accepted);
+                    prop_assert_eq!(rr.reply(w, seq, accepted), None, "a second reply is ignored");
                     let mut refused = model.refusals.remove(&conn).unwrap_or_default();
                     if accepted {
                         prop_assert_eq!(got, Some(conn));
@@ -248,13 +375,15 @@ proptest! {
                         refused.push(w);
                         model.waiting.insert(conn, refused);
                     }
-                    if model.registered.contains(&w) {
-                        model.idle.push_back(w);
+                    if was_full && model.registered.contains(&w) {
+                        model.ready.push_back(w);
                     }
                 }
                 Op::Advance(ms) => now += Duration::from_millis(ms),
             }
+            model.reset_leads();
             model.check_handoffs(&mut rr);
+            max_lead = model.lead.values().map(|l| l.unsigned_abs()).max().unwrap_or(0).max(max_lead);
             for conn in rr.expire(now) {
                 let refused = model.waiting.remove(&conn).expect("only waiting connections expire");
                 let by_all = !model.registered.is_empty()
@@ -262,12 +391,17 @@ proptest! {
                 prop_assert!(by_all || now.duration_since(arrived[&conn]) >= HOLD);
                 prop_assert!(model.done.insert(conn), "expired after delivery");
             }
-            // Expiry may free nothing for idle workers, but re-check quiescence anyway.
+            // Expiry may free nothing for ready workers, but re-check quiescence anyway.
             model.check_handoffs(&mut rr);
             prop_assert_eq!(rr.queued(), model.waiting.len());
+            for w in 0u8..4 {
+                prop_assert_eq!(rr.in_flight(w), model.in_flight(w));
+            }
         }
+        prop_assert!(max_lead <= window as u64);
         // Conservation: every connection is done, waiting or in flight, exactly once.
-        let in_flight: HashSet<u32> = model.in_flight.values().map(|(_, c)| *c).collect();
+        let in_flight: HashSet<u32> =
+            model.in_flight.values().flatten().map(|(_, c)| *c).collect();
         for conn in 0..next_conn {
             let places = usize::from(model.done.contains(&conn))
                 + usize::from(model.waiting.contains_key(&conn))

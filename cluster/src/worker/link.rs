@@ -17,9 +17,10 @@ use super::messages::UserQueue;
 use crate::protocol::{AddressFamily, Granted, HandleKey, ToPrimary, ToWorker};
 
 /// How many control messages wait for the writer. By the protocol a worker has at most
-/// one message per server in flight (a query or an `Accepted`) plus a few one-offs, so a
-/// full queue means the primary stopped reading: the link counts as broken.
-pub(crate) const CONTROL_QUEUE: usize = 2 * crate::MAX_SERVERS_PER_WORKER + 8;
+/// a query and a window of `Accepted` replies per server in flight plus a few one-offs,
+/// so a full queue means the primary stopped reading: the link counts as broken.
+pub(crate) const CONTROL_QUEUE: usize =
+    (1 + crate::primary::HANDOFF_WINDOW) * crate::MAX_SERVERS_PER_WORKER + 8;
 
 /// What a `listen` waiting for the primary gets back.
 #[derive(Debug)]
@@ -349,6 +350,25 @@ mod tests {
         assert!(queue.is_some());
         assert_eq!(core.on_handoff(&key, true, false), Handoff::Deliver);
         assert!(core.on_reply(seq, &granted).is_none(), "answered once");
+    }
+
+    #[test]
+    fn a_whole_window_of_hand_offs_is_delivered_before_any_accept() {
+        let mut core = LinkCore::default();
+        let (key, seq) = core.new_listen(addr("127.0.0.1:0"));
+        core.await_reply(seq, key.clone());
+        core.on_reply(seq, &Ok((Granted::RoundRobin, addr("127.0.0.1:1"))));
+        let queue = core.listener(&key).expect("listener");
+        for seq in 0..crate::primary::HANDOFF_WINDOW as u64 {
+            assert_eq!(core.on_handoff(&key, true, false), Handoff::Deliver);
+            let fd = std::fs::File::open("/dev/null").expect("/dev/null");
+            queue.push(seq, fd.into());
+        }
+        let seqs: Vec<u64> = std::iter::from_fn(|| queue.pop().map(|(seq, _)| seq)).collect();
+        assert_eq!(
+            seqs,
+            (0..crate::primary::HANDOFF_WINDOW as u64).collect::<Vec<_>>()
+        );
     }
 
     #[test]

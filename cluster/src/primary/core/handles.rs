@@ -5,6 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use super::HANDOFF_WINDOW;
 use crate::protocol::WorkerId;
 use crate::scheduler::RoundRobinHandle;
 use crate::settings::Policy;
@@ -47,7 +48,9 @@ pub(crate) struct Handle {
 impl Handle {
     pub(crate) fn new(policy: Policy, backlog: u32, hold: Duration) -> Self {
         let kind = match policy {
-            Policy::RoundRobin => HandleKind::RoundRobin(RoundRobinHandle::new(hold)),
+            Policy::RoundRobin => {
+                HandleKind::RoundRobin(RoundRobinHandle::new(hold, HANDOFF_WINDOW))
+            }
             Policy::Shared => HandleKind::Shared,
             Policy::ReusePort => HandleKind::ReusePort {
                 slots: BTreeSet::new(),
@@ -94,7 +97,7 @@ impl Handle {
         }
     }
 
-    /// `worker` is gone (or closed its server): its in-flight hand-off is queued again.
+    /// `worker` is gone (or closed its server): its in-flight hand-offs are queued again.
     pub(crate) fn remove_worker(&mut self, worker: WorkerId) {
         self.workers.remove(&worker);
         if let Some(rr) = self.round_robin() {

@@ -226,7 +226,7 @@ impl Core {
         self.out.push(Effect::CloseHandle(key.clone()));
     }
 
-    /// Sends queued connections of a round-robin handle to idle workers.
+    /// Sends queued connections of a round-robin handle to workers with room in their window.
     pub(super) fn dispatch(&mut self, key: &HandleKey) {
         let Some(rr) = self.handles.get_mut(key).and_then(Handle::round_robin) else {
             return;
