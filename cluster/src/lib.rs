@@ -58,7 +58,9 @@
 //!   and output bytes; when nobody reads it, later events are dropped with a log line
 //!   (kind and size), never blocking the primary;
 //! - a worker's hand-offs waiting for `accept` are bounded; past it they are refused and go
-//!   to another worker;
+//!   to another worker; a worker that answers none of its hand-offs within
+//!   [`Settings::handoff_timeout`] (10 s) counts as hung: it is killed and replaced, and its
+//!   hand-offs go to other workers, so no client waits on a frozen process;
 //! - round-robin connections waiting in the primary for a worker (while none can take
 //!   them, say between a crash and its replacement) are bounded per handle (1024): at the
 //!   bound the primary stops accepting on it, and the kernel's listen backlog holds the

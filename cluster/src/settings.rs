@@ -143,6 +143,7 @@ pub struct Settings {
     pub(crate) drain_deadline: Duration,
     pub(crate) hold_connections: Duration,
     pub(crate) reload_timeout: Duration,
+    pub(crate) handoff_timeout: Duration,
     pub(crate) silent: bool,
     pub(crate) inherit_listeners: bool,
     pub(crate) upgrade_timeout: Duration,
@@ -162,6 +163,7 @@ impl Default for Settings {
             drain_deadline: Duration::from_secs(30),
             hold_connections: Duration::from_secs(10),
             reload_timeout: Duration::from_secs(60),
+            handoff_timeout: Duration::from_secs(10),
             silent: false,
             inherit_listeners: true,
             upgrade_timeout: Duration::from_secs(60),
@@ -245,6 +247,17 @@ impl Settings {
     /// reload goes on with the next slot.
     pub fn reload_timeout(mut self, timeout: Duration) -> Self {
         self.reload_timeout = timeout;
+        self
+    }
+
+    /// How long a worker with round-robin hand-offs in flight may answer none of them
+    /// (default 10 s). Past it the worker counts as hung (frozen by `SIGSTOP`, a blocked
+    /// event loop): it is killed ([`Event::Misbehaved`](crate::Event::Misbehaved)) and
+    /// replaced, and its hand-offs go to other workers, so no client waits on it. Killing
+    /// it first is what makes that safe: a frozen process that woke later would serve a
+    /// connection another worker already served.
+    pub fn handoff_timeout(mut self, timeout: Duration) -> Self {
+        self.handoff_timeout = timeout;
         self
     }
 

@@ -77,6 +77,9 @@ pub(crate) struct Config {
     pub(crate) reload_timeout: Duration,
     /// How many connections may wait per round-robin handle (see [`MAX_HELD`]).
     pub(crate) max_held: usize,
+    /// How long a worker with hand-offs in flight may answer none before it counts as
+    /// hung: killed and replaced, its hand-offs given to others.
+    pub(crate) handoff_timeout: Duration,
 }
 
 /// A command's tag; the driver keeps the reply channel.
@@ -182,6 +185,8 @@ pub(crate) enum Timer {
     Reload,
     /// Close a handle no worker has taken up again since its last one left.
     HandleIdle(HandleKey),
+    /// A worker with hand-offs in flight has answered none for the hand-off timeout.
+    Handoff(WorkerId),
 }
 
 /// A descriptor the driver attaches to a message.
@@ -326,8 +331,10 @@ impl Core {
             Input::TimerFired(timer) => self.on_timer(timer, now),
             Input::Command(request, command) => self.on_command(request, command, now),
         }
-        // Whatever changed a round-robin queue, its accepting follows its length.
+        // Whatever changed a round-robin queue, its accepting follows its length, and
+        // every worker with hand-offs in flight has a deadline to answer one.
         self.update_accepting();
+        self.update_handoff_deadlines();
         std::mem::take(&mut self.out)
     }
 

@@ -144,6 +144,7 @@ impl Driver {
             exit_grace: super::EXIT_GRACE,
             reload_timeout: settings.reload_timeout,
             max_held: super::core::MAX_HELD,
+            handoff_timeout: settings.handoff_timeout,
         };
         let (internal, internal_rx) = mpsc::channel(INTERNAL_QUEUE);
         let inherited = match settings.inherit_listeners {

@@ -133,3 +133,35 @@ async fn a_broadcast_skips_a_stopped_worker_after_a_bounded_wait() {
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT).expect("continue");
     primary.stop().await.expect("stop");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_handed_to_a_frozen_worker_is_served_by_another() {
+    let settings = settings(2)
+        .restart(RestartPolicy::new().backoff_min(Duration::from_millis(20)))
+        .handoff_timeout(Duration::from_millis(300));
+    let mut primary = Primary::start(settings).await.expect("start");
+    let seen = listening(&mut primary, 2).await;
+    let (frozen, address) = seen[0];
+    let stats = primary.stats().await.expect("stats");
+    let pid = stats
+        .workers
+        .iter()
+        .find(|w| w.id == frozen)
+        .expect("alive")
+        .pid;
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(pid).expect("pid"));
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).expect("stop");
+    // Round-robin hands some of these to the frozen worker: none may hang.
+    for _ in 0..6 {
+        let served = bounded_request(address).await;
+        assert_ne!(served, frozen.get(), "served by the frozen worker");
+    }
+    let (hung, reason) = expect(&mut primary, |e| match e {
+        Event::Misbehaved { id, reason } => Some((id, reason)),
+        _ => None,
+    })
+    .await;
+    assert_eq!(hung, frozen);
+    assert!(reason.contains("hung"), "{reason}");
+    primary.stop().await.expect("stop");
+}

@@ -168,13 +168,19 @@ impl Core {
         let Some(rr) = self.handles.get_mut(key).and_then(Handle::round_robin) else {
             return;
         };
+        let before = rr.in_flight(id);
         // An accepted connection is the worker's now: our copy closes.
         if let Some(conn) = rr.reply(id, seq, accepted) {
             self.out.push(Effect::CloseConn(conn));
         }
+        let answered = rr.in_flight(id) < before;
         if !accepted {
             let expired = rr.expire(now);
             self.out.extend(expired.into_iter().map(Effect::CloseConn));
+        }
+        if answered {
+            // Progress: its deadline starts again if it still has hand-offs in flight.
+            self.cancel_timer(Timer::Handoff(id));
         }
         self.dispatch(key);
         self.update_hold(key, now);
@@ -289,6 +295,40 @@ impl Core {
                 let key = key.clone();
                 self.out.push(Effect::Accept { key, on: !full });
             }
+        }
+    }
+
+    /// Keeps a `Handoff` timer for exactly the workers that have hand-offs in flight (an
+    /// answer restarts it: see `on_accepted`).
+    pub(super) fn update_handoff_deadlines(&mut self) {
+        let ids: Vec<WorkerId> = self.workers.keys().copied().collect();
+        for id in ids {
+            let waiting = self
+                .handles
+                .values_mut()
+                .filter_map(Handle::round_robin)
+                .any(|rr| rr.in_flight(id) > 0);
+            let timer = Timer::Handoff(id);
+            match (waiting, self.timers.contains_key(&timer)) {
+                (true, false) => self.start_timer(timer, self.now + self.config.handoff_timeout),
+                (false, true) => self.cancel_timer(timer),
+                _ => {}
+            }
+        }
+    }
+
+    /// The hand-off timer of `id` fired: it answered none of its hand-offs in time. A
+    /// frozen process that woke later would serve a connection another worker already
+    /// served, so it is killed before they go to others.
+    pub(super) fn handoff_timed_out(&mut self, id: WorkerId) {
+        let waiting = self
+            .handles
+            .values_mut()
+            .filter_map(Handle::round_robin)
+            .any(|rr| rr.in_flight(id) > 0);
+        if waiting {
+            let waited = self.config.handoff_timeout;
+            self.misbehaved(id, format!("answered no hand-off within {waited:?}: hung"));
         }
     }
 

@@ -159,6 +159,26 @@ fn a_worker_whose_control_queue_is_full_is_killed_and_replaced() {
 }
 
 #[test]
+fn a_worker_that_answers_no_hand_off_in_time_is_killed_and_its_hand_offs_go_on() {
+    let mut sim = serving(2, Policy::RoundRobin);
+    sim.connect(0); // to worker 1, which is frozen and never reads it
+    assert!(sim.timers.contains_key(&super::Timer::Handoff(id(1))));
+    while sim.deliver(id(2), true) {} // worker 2 answers what it gets
+    assert!(!sim.timers.contains_key(&super::Timer::Handoff(id(2))));
+    assert!(sim.fire_timer(), "worker 1's deadline");
+    assert_eq!(sim.misbehaved, [id(1)]);
+    assert!(
+        !sim.procs[&id(1)].alive,
+        "killed before its hand-off goes on"
+    );
+    assert!(
+        !sim.procs[&id(2)].inbox.is_empty(),
+        "the connection went to worker 2"
+    );
+    sim.stop_and_check();
+}
+
+#[test]
 fn a_connection_in_flight_to_a_dying_worker_goes_to_another() {
     let mut sim = serving(2, Policy::RoundRobin);
     sim.connect(0);

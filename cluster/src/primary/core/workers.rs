@@ -381,6 +381,7 @@ impl Core {
         };
         self.cancel_timer(Timer::DrainDeadline(id));
         self.cancel_timer(Timer::ExitGrace(id));
+        self.cancel_timer(Timer::Handoff(id));
         self.forget_worker(id);
         if !disconnected {
             self.emit(Event::Disconnect { id });

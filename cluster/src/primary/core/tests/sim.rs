@@ -86,6 +86,7 @@ pub(super) fn config(workers: usize, policy: Policy) -> Config {
         exit_grace: Duration::from_secs(1),
         reload_timeout: Duration::from_secs(20),
         max_held: 3,
+        handoff_timeout: Duration::from_secs(15),
     }
 }
 
