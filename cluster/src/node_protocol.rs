@@ -36,7 +36,7 @@ pub(crate) const CLUSTER_CMD: &str = "NODE_CLUSTER";
 
 /// How many hand-offs and queries one worker may have unanswered; the protocol allows one
 /// hand-off in flight per server and one query per server, so more is misbehaving.
-const MAX_PENDING: usize = 2 * crate::primary::MAX_SERVERS_PER_WORKER;
+const MAX_PENDING: usize = 2 * crate::protocol::MAX_SERVERS_PER_WORKER;
 
 /// What to do with a message from a Node worker.
 #[derive(Debug, PartialEq)]

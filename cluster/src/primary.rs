@@ -38,12 +38,7 @@ pub use self::events::{
 /// How long [`Primary::broadcast`] waits for one worker whose channel is full.
 pub const BROADCAST_WAIT: Duration = Duration::from_secs(1);
 
-/// How many servers (`listen` calls not closed) one worker may hold; a worker that asks
-/// for more is treated as misbehaving: killed and replaced.
-pub const MAX_SERVERS_PER_WORKER: usize = core::MAX_SERVERS_PER_WORKER;
-
-/// How many round-robin hand-offs one worker may have unanswered per server.
-pub(crate) const HANDOFF_WINDOW: usize = core::HANDOFF_WINDOW;
+pub use crate::protocol::MAX_SERVERS_PER_WORKER;
 
 /// How long an exited worker's channel may stay open before its exit is reported anyway
 /// (its last messages are read first; a descendant may hold the channel open).

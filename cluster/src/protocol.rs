@@ -18,6 +18,13 @@
 //! User messages travel on the user lane and are never decoded here.
 
 use std::fmt;
+
+/// How many servers (`listen` calls not closed) one worker may hold; a worker that asks
+/// for more is treated as misbehaving: killed and replaced.
+pub const MAX_SERVERS_PER_WORKER: usize = 128;
+
+/// How many round-robin hand-offs one worker may have unanswered per server.
+pub(crate) const HANDOFF_WINDOW: usize = 4;
 use std::net::SocketAddr;
 
 use serde::{Deserialize, Serialize};

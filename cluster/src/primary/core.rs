@@ -38,16 +38,9 @@ pub(crate) use self::lifecycle::StopCause;
 use self::lifecycle::{Occupant, Slot, Worker};
 use self::reload::Reload;
 use super::{Event, ReloadFailure, SlotFailure, Stats, WorkerStats};
+pub(crate) use crate::protocol::{HANDOFF_WINDOW, MAX_SERVERS_PER_WORKER};
 use crate::protocol::{HandleKey, ToPrimary, ToWorker, WorkerId};
 use crate::settings::{Policy, RestartPolicy};
-
-/// How many servers one worker may hold at once; asking for more is misbehaving.
-pub(crate) const MAX_SERVERS_PER_WORKER: usize = 128;
-
-/// How many round-robin hand-offs one worker may have in flight on one server: the
-/// primary sends the next connections without waiting for the replies (Node waits for
-/// each). A worker's hand-off queue holds at least this many.
-pub(crate) const HANDOFF_WINDOW: usize = 4;
 
 /// How many control messages can be waiting for one worker at most, by the protocol:
 /// a reply per server asked for, a window of hand-offs in flight per server, and a

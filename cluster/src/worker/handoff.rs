@@ -11,11 +11,11 @@ use tokio::sync::Notify;
 use crate::protocol::HandleKey;
 
 /// How many hand-offs one listener holds before it refuses more. The primary has at
-/// most its window ([`HANDOFF_WINDOW`](crate::primary::HANDOFF_WINDOW)) in flight per
+/// most its window ([`HANDOFF_WINDOW`](crate::protocol::HANDOFF_WINDOW)) in flight per
 /// server, so a queue of the window always takes them; only a misbehaving primary
 /// reaches the bound.
 pub(crate) const HANDOFF_QUEUE: usize = 64;
-const _: () = assert!(HANDOFF_QUEUE >= crate::primary::HANDOFF_WINDOW);
+const _: () = assert!(HANDOFF_QUEUE >= crate::protocol::HANDOFF_WINDOW);
 
 /// The round-robin hand-offs waiting for one listener's `accept`.
 #[derive(Debug)]

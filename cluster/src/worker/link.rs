@@ -20,7 +20,7 @@ use crate::protocol::{AddressFamily, Granted, HandleKey, ToPrimary, ToWorker};
 /// a query and a window of `Accepted` replies per server in flight plus a few one-offs,
 /// so a full queue means the primary stopped reading: the link counts as broken.
 pub(crate) const CONTROL_QUEUE: usize =
-    (1 + crate::primary::HANDOFF_WINDOW) * crate::MAX_SERVERS_PER_WORKER + 8;
+    (1 + crate::protocol::HANDOFF_WINDOW) * crate::protocol::MAX_SERVERS_PER_WORKER + 8;
 
 /// What a `listen` waiting for the primary gets back.
 #[derive(Debug)]
@@ -359,7 +359,7 @@ mod tests {
         core.await_reply(seq, key.clone());
         core.on_reply(seq, &Ok((Granted::RoundRobin, addr("127.0.0.1:1"))));
         let queue = core.listener(&key).expect("listener");
-        for seq in 0..crate::primary::HANDOFF_WINDOW as u64 {
+        for seq in 0..crate::protocol::HANDOFF_WINDOW as u64 {
             assert_eq!(core.on_handoff(&key, true, false), Handoff::Deliver);
             let fd = std::fs::File::open("/dev/null").expect("/dev/null");
             queue.push(seq, fd.into());
@@ -367,7 +367,7 @@ mod tests {
         let seqs: Vec<u64> = std::iter::from_fn(|| queue.pop().map(|(seq, _)| seq)).collect();
         assert_eq!(
             seqs,
-            (0..crate::primary::HANDOFF_WINDOW as u64).collect::<Vec<_>>()
+            (0..crate::protocol::HANDOFF_WINDOW as u64).collect::<Vec<_>>()
         );
     }
 
