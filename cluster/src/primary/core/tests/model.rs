@@ -1,0 +1,217 @@
+//! The model-based property tests of the core: arbitrary interleavings of the world
+//! (workers, connections, crashes, commands, timers), checked by the simulator after
+//! every step, and a reload under load.
+
+use std::time::Duration;
+
+use child::ExitStatus;
+use proptest::prelude::*;
+
+use super::serving;
+use super::sim::{self, Sim, config};
+use crate::primary::core::{Command, Input, Outcome};
+use crate::protocol::{ToPrimary, WorkerId};
+use crate::settings::Policy;
+
+/// One step of the world.
+#[derive(Debug, Clone)]
+enum Op {
+    Online(u8),
+    Listen(u8),
+    Deliver(u8, bool),
+    Connect(u32),
+    Crash(u8, Option<bool>, i32),
+    ExitAsked(u8),
+    CloseChannel(u8),
+    GoingDown(u8),
+    SelfDisconnect(u8),
+    CloseServer(u8, u32),
+    Garbage(u8),
+    Claim(u8, u32, bool),
+    Add,
+    Remove,
+    Disconnect(u8),
+    Kill(u8),
+    Reload,
+    Stop,
+    FireTimer,
+    Advance(u64),
+    FailNextFork,
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    let w = || any::<u8>();
+    prop_oneof![
+        4 => w().prop_map(Op::Online),
+        4 => w().prop_map(Op::Listen),
+        12 => (w(), proptest::bool::weighted(0.85)).prop_map(|(w, a)| Op::Deliver(w, a)),
+        6 => (0u32..2).prop_map(Op::Connect),
+        2 => (w(), proptest::option::of(any::<bool>()), 0i32..3).prop_map(|(w, o, c)| Op::Crash(w, o, c)),
+        3 => w().prop_map(Op::ExitAsked),
+        1 => w().prop_map(Op::CloseChannel),
+        1 => w().prop_map(Op::GoingDown),
+        1 => w().prop_map(Op::SelfDisconnect),
+        1 => (w(), 0u32..2).prop_map(|(w, k)| Op::CloseServer(w, k)),
+        1 => w().prop_map(Op::Garbage),
+        1 => (w(), 0u32..8, any::<bool>()).prop_map(|(w, k, x)| Op::Claim(w, k, x)),
+        1 => Just(Op::Add),
+        1 => Just(Op::Remove),
+        1 => w().prop_map(Op::Disconnect),
+        1 => w().prop_map(Op::Kill),
+        2 => Just(Op::Reload),
+        1 => Just(Op::Stop),
+        4 => Just(Op::FireTimer),
+        2 => (0u64..3000).prop_map(Op::Advance),
+        1 => Just(Op::FailNextFork),
+    ]
+}
+
+fn policy() -> impl Strategy<Value = Policy> {
+    prop_oneof![
+        Just(Policy::RoundRobin),
+        Just(Policy::Shared),
+        Just(Policy::ReusePort)
+    ]
+}
+
+fn play(sim: &mut Sim, op: Op) {
+    let pick = |sim: &Sim, w: u8| sim.pick(w);
+    match op {
+        Op::Online(w) => pick(sim, w).into_iter().for_each(|id| sim.online(id)),
+        Op::Listen(w) => pick(sim, w).into_iter().for_each(|id| sim.listen(id)),
+        Op::Deliver(w, accept) => {
+            if let Some(id) = pick(sim, w) {
+                sim.deliver(id, accept);
+            }
+        }
+        Op::Connect(index) => sim.connect(index),
+        Op::Crash(w, order, code) => {
+            if let Some(id) = pick(sim, w) {
+                sim.exit(id, ExitStatus::Exited(code), order);
+            }
+        }
+        Op::ExitAsked(w) => {
+            if let Some(id) = pick(sim, w).filter(|id| sim.procs[id].asked) {
+                sim.exit(id, ExitStatus::Exited(0), Some(true));
+            }
+        }
+        Op::CloseChannel(w) => pick(sim, w)
+            .into_iter()
+            .for_each(|id| sim.close_channel(id)),
+        Op::GoingDown(w) => {
+            if let Some(id) = pick(sim, w) {
+                let reason = "boom".to_string();
+                sim.worker_says(id, ToPrimary::GoingDown { reason });
+            }
+        }
+        Op::SelfDisconnect(w) => {
+            if let Some(id) = pick(sim, w) {
+                sim.worker_says(id, ToPrimary::Disconnecting);
+            }
+        }
+        Op::CloseServer(w, index) => {
+            if let Some(id) = pick(sim, w) {
+                sim.close_server(id, index);
+            }
+        }
+        Op::Garbage(w) => {
+            if let Some(id) = pick(sim, w).filter(|id| sim.procs[id].channel) {
+                let reason = "undecodable".to_string();
+                sim.input(Input::Malformed { id, reason });
+            }
+        }
+        Op::Claim(w, index, exclusive) => {
+            if let Some(id) = pick(sim, w) {
+                let key = sim::key(index);
+                let address = sim::BOUND.parse().expect("address");
+                sim.worker_says(
+                    id,
+                    ToPrimary::Listening {
+                        key,
+                        address,
+                        exclusive,
+                    },
+                );
+            }
+        }
+        Op::Add => drop(sim.command(Command::AddWorker { env: Vec::new() })),
+        Op::Remove => drop(sim.command(Command::RemoveWorker)),
+        Op::Disconnect(w) => {
+            let target = pick(sim, w);
+            sim.command(Command::Disconnect(target));
+        }
+        Op::Kill(w) => {
+            if let Some(id) = pick(sim, w) {
+                sim.command(Command::Kill(id, Sim::kill_signal()));
+            }
+        }
+        Op::Reload => drop(sim.command(Command::Reload)),
+        Op::Stop => drop(sim.command(Command::Stop)),
+        Op::FireTimer => drop(sim.fire_timer()),
+        Op::Advance(ms) => sim.now += Duration::from_millis(ms),
+        Op::FailNextFork => sim.fail_next_fork = true,
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    /// Whatever happens, in any order: events in Node's order, one exit per fork, no
+    /// connection served twice or lost, timers mirrored, a slot given up at most once,
+    /// and a stop that ends with nothing left.
+    #[test]
+    fn any_interleaving_keeps_the_invariants(
+        workers in 1usize..4,
+        policy in policy(),
+        ops in proptest::collection::vec(op(), 1..150),
+    ) {
+        let mut sim = Sim::new(config(workers, policy));
+        for op in ops {
+            play(&mut sim, op);
+        }
+        sim.stop_and_check();
+    }
+
+    /// A reload under load with cooperative workers: never fewer listening workers than
+    /// slots minus one, and at its end every pre-reload worker is gone and the slot count
+    /// is what it was.
+    #[test]
+    fn a_reload_keeps_serving_and_replaces_everyone(
+        workers in 1usize..4,
+        policy in policy(),
+        steps in proptest::collection::vec((any::<u8>(), proptest::bool::weighted(0.7)), 1..400),
+    ) {
+        let mut sim = serving(workers, policy);
+        let before: Vec<WorkerId> = sim.core.workers.keys().copied().collect();
+        let reload = sim.command(Command::Reload);
+        prop_assert!(sim.core.stats().ready);
+        for (w, connect) in steps {
+            if connect {
+                sim.connect(0);
+            }
+            // One cooperative move of one worker: read a message, come online, listen,
+            // or exit when asked. Timers fire only in the final settle, once nobody can
+            // move: cooperative workers never meet a deadline.
+            let Some(id) = sim.pick(w) else { break };
+            let p = &sim.procs[&id];
+            if !p.online {
+                sim.online(id);
+                sim.listen(id);
+            } else if p.asked {
+                sim.exit(id, ExitStatus::Exited(0), Some(w % 2 == 0));
+            } else {
+                sim.deliver(id, true);
+            }
+            prop_assert!(sim.listening_current() + 1 >= workers, "too few listening");
+            prop_assert!(sim.core.stats().ready, "a reload never makes the cluster unready");
+        }
+        sim.settle(10_000);
+        prop_assert_eq!(sim.replies.get(&reload), Some(&Outcome::Done));
+        for old in &before {
+            prop_assert!(sim.exits.contains_key(old), "{} survived the reload", old);
+        }
+        prop_assert_eq!(sim.core.slots.len(), workers);
+        prop_assert_eq!(sim.listening_current(), workers);
+        sim.stop_and_check();
+    }
+}
