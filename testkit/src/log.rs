@@ -132,6 +132,26 @@ impl LineLog {
         tail(&self.state(), count)
     }
 
+    /// Waits until every stream has reached its end (all its lines are in the log), for at
+    /// most `timeout`; returns whether they all did.
+    pub fn wait_closed(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut state = self.state();
+        while state.open > 0 {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            state = self
+                .shared
+                .changed
+                .wait_timeout(state, left)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+        true
+    }
+
     /// Waits up to `timeout` for the first line at index `from` or later that contains
     /// `needle`. Fails at the deadline, or once every stream has ended without one.
     pub fn wait_for(&self, from: usize, needle: &str, timeout: Duration) -> Result<Line, LogError> {
@@ -183,6 +203,14 @@ mod tests {
     use super::*;
 
     const WAIT: Duration = Duration::from_secs(10);
+
+    #[test]
+    fn wait_closed_returns_once_every_stream_has_ended_with_all_its_lines() {
+        let log = LineLog::of(&b"one\ntwo\n"[..]);
+        log.collect(&b"three\n"[..]);
+        assert!(log.wait_closed(Duration::from_secs(10)));
+        assert_eq!(log.lines_from(0).len(), 3);
+    }
 
     #[test]
     fn finds_lines_from_a_mark_on() {

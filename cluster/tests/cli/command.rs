@@ -140,8 +140,12 @@ fn run_to_end(args: &[&OsStr]) -> (ExitStatus, String) {
         .wait_timeout(TIMEOUT)
         .expect("wait for cluster")
         .unwrap_or_else(|| panic!("cluster did not give up:\n{}", log.tail(40)));
-    // The pipes close when the primary and its workers are gone.
-    let _ = log.wait_for(0, "cluster: ", Duration::from_secs(1));
+    // The pipes close when the primary and its workers are gone: then every line is in.
+    assert!(
+        log.wait_closed(Duration::from_secs(10)),
+        "the output did not end:\n{}",
+        log.tail(40)
+    );
     (status, log.tail(200))
 }
 
