@@ -324,10 +324,8 @@ impl Core {
             Input::TimerFired(timer) => self.on_timer(timer, now),
             Input::Command(request, command) => self.on_command(request, command, now),
         }
-        // Whatever changed a round-robin queue, its accepting follows its length, and
-        // every worker with hand-offs in flight has a deadline to answer one.
+        // Whatever changed a round-robin queue, its accepting follows its length.
         self.update_accepting();
-        self.update_handoff_deadlines();
         std::mem::take(&mut self.out)
     }
 

@@ -180,7 +180,7 @@ impl Core {
         }
         if answered {
             // Progress: its deadline starts again if it still has hand-offs in flight.
-            self.cancel_timer(Timer::Handoff(id));
+            self.refresh_handoff_deadline(id, true);
         }
         self.dispatch(key);
         self.update_hold(key, now);
@@ -218,6 +218,8 @@ impl Core {
         }
         self.dispatch(key);
         self.update_hold(key, now);
+        // Its hand-offs on this server went back to the queue.
+        self.refresh_handoff_deadline(id, false);
     }
 
     pub(super) fn close_handle(&mut self, key: &HandleKey) {
@@ -241,6 +243,14 @@ impl Core {
             let (id, seq, conn) = (handoff.worker, handoff.seq, *handoff.conn);
             if let Some(worker) = self.workers.get_mut(&id) {
                 worker.handed += 1;
+            }
+            // Its deadline to answer starts with its first hand-off in flight (fields, not
+            // `start_timer`: the scheduler is borrowed).
+            let timer = Timer::Handoff(id);
+            if !self.timers.contains_key(&timer) {
+                let at = self.now + self.config.handoff_timeout;
+                self.timers.insert(timer.clone(), at);
+                self.out.push(Effect::StartTimer { timer, at });
             }
             self.out.push(Effect::Send {
                 id,
@@ -298,22 +308,23 @@ impl Core {
         }
     }
 
-    /// Keeps a `Handoff` timer for exactly the workers that have hand-offs in flight (an
-    /// answer restarts it: see `on_accepted`).
-    pub(super) fn update_handoff_deadlines(&mut self) {
-        let ids: Vec<WorkerId> = self.workers.keys().copied().collect();
-        for id in ids {
-            let waiting = self
-                .handles
-                .values_mut()
-                .filter_map(Handle::round_robin)
-                .any(|rr| rr.in_flight(id) > 0);
-            let timer = Timer::Handoff(id);
-            match (waiting, self.timers.contains_key(&timer)) {
-                (true, false) => self.start_timer(timer, self.now + self.config.handoff_timeout),
-                (false, true) => self.cancel_timer(timer),
-                _ => {}
-            }
+    /// Whether `id` has round-robin hand-offs in flight on any handle.
+    fn waits_on_handoffs(&mut self, id: WorkerId) -> bool {
+        self.handles
+            .values_mut()
+            .filter_map(Handle::round_robin)
+            .any(|rr| rr.in_flight(id) > 0)
+    }
+
+    /// Keeps `id`'s `Handoff` timer running exactly while it has hand-offs in flight;
+    /// `restart` starts the deadline again (the worker answered one).
+    fn refresh_handoff_deadline(&mut self, id: WorkerId, restart: bool) {
+        let timer = Timer::Handoff(id);
+        if restart || !self.waits_on_handoffs(id) {
+            self.cancel_timer(timer.clone());
+        }
+        if !self.timers.contains_key(&timer) && self.waits_on_handoffs(id) {
+            self.start_timer(timer, self.now + self.config.handoff_timeout);
         }
     }
 
@@ -337,6 +348,7 @@ impl Core {
         for handle in self.handles.values_mut() {
             handle.remove_worker(id);
         }
+        self.cancel_timer(Timer::Handoff(id));
         self.idle_handles();
     }
 
