@@ -132,6 +132,19 @@ impl LineLog {
         tail(&self.state(), count)
     }
 
+    /// Waits for a new line or a stream's end, for at most `left`.
+    fn wait_change<'a>(
+        &'a self,
+        state: MutexGuard<'a, State>,
+        left: Duration,
+    ) -> MutexGuard<'a, State> {
+        self.shared
+            .changed
+            .wait_timeout(state, left)
+            .unwrap_or_else(PoisonError::into_inner)
+            .0
+    }
+
     /// Waits until every stream has reached its end (all its lines are in the log), for at
     /// most `timeout`; returns whether they all did.
     pub fn wait_closed(&self, timeout: Duration) -> bool {
@@ -142,12 +155,7 @@ impl LineLog {
             if left.is_zero() {
                 return false;
             }
-            state = self
-                .shared
-                .changed
-                .wait_timeout(state, left)
-                .unwrap_or_else(PoisonError::into_inner)
-                .0;
+            state = self.wait_change(state, left);
         }
         true
     }
@@ -176,12 +184,7 @@ impl LineLog {
                     }
                 });
             }
-            state = self
-                .shared
-                .changed
-                .wait_timeout(state, left)
-                .unwrap_or_else(PoisonError::into_inner)
-                .0;
+            state = self.wait_change(state, left);
         }
     }
 }
