@@ -35,18 +35,11 @@ pub(crate) struct Started {
 impl Cluster {
     /// Runs `cluster ARGS` and waits until `workers` workers listen.
     pub(crate) fn start<S: AsRef<OsStr>>(workers: usize, args: &[S]) -> Cluster {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_cluster"));
-        command
-            .arg("--workers")
-            .arg(workers.to_string())
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let mut guard = KillOnDrop::spawn(&mut command).expect("start cluster");
-        let log = LineLog::new();
-        log.collect(guard.child_mut().stdout.take().expect("stdout"));
-        log.collect(guard.child_mut().stderr.take().expect("stderr"));
+        let mut all: Vec<&OsStr> = vec![OsStr::new("--workers")];
+        let count = workers.to_string();
+        all.push(OsStr::new(&count));
+        all.extend(args.iter().map(AsRef::as_ref));
+        let (guard, log) = spawn(&all);
         let line = log
             .wait_for(0, "listening on ", TIMEOUT)
             .unwrap_or_else(|e| panic!("cluster never listened: {e}"));
@@ -124,8 +117,8 @@ pub(crate) fn exists(pid: u32) -> bool {
     std::path::Path::new(&format!("/proc/{pid}")).exists()
 }
 
-/// Runs `cluster ARGS` to its end and returns its status and everything it wrote.
-fn run_to_end(args: &[&OsStr]) -> (ExitStatus, String) {
+/// Starts `cluster ARGS` under a guard, with its stdout and stderr collected.
+fn spawn(args: &[&OsStr]) -> (KillOnDrop, LineLog) {
     let mut command = Command::new(env!("CARGO_BIN_EXE_cluster"));
     command
         .args(args)
@@ -136,6 +129,12 @@ fn run_to_end(args: &[&OsStr]) -> (ExitStatus, String) {
     let log = LineLog::new();
     log.collect(guard.child_mut().stdout.take().expect("stdout"));
     log.collect(guard.child_mut().stderr.take().expect("stderr"));
+    (guard, log)
+}
+
+/// Runs `cluster ARGS` to its end and returns its status and everything it wrote.
+fn run_to_end(args: &[&OsStr]) -> (ExitStatus, String) {
+    let (mut guard, log) = spawn(args);
     let status = guard
         .wait_timeout(TIMEOUT)
         .expect("wait for cluster")
