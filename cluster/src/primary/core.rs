@@ -387,7 +387,7 @@ impl Core {
 
     /// Whether every slot has a worker listening and no stop has begun. During a reload
     /// step the slot's old worker, still serving, counts for it.
-    fn ready(&self) -> bool {
+    pub(crate) fn ready(&self) -> bool {
         let serving = |id: Option<WorkerId>| {
             id.and_then(|id| self.workers.get(&id))
                 .is_some_and(|w| w.serves(1))

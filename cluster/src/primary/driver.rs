@@ -270,7 +270,7 @@ impl Driver {
     }
 
     fn publish_ready(&mut self) {
-        let ready = self.core.stats().ready;
+        let ready = self.core.ready();
         self.ready
             .send_if_modified(|was| std::mem::replace(was, ready) != ready);
     }
