@@ -129,11 +129,14 @@ impl NodeWorker {
         if self.queries.len() >= MAX_PENDING {
             return malformed("too many servers asked for at once");
         }
+        // Node's primary listens with `backlog || 511`: a listen without one (the usual
+        // `listen(port)`) sends none, and 0 would leave the rr socket a queue of one.
         let backlog = message
             .get("backlog")
             .and_then(Value::as_u64)
             .and_then(|b| u32::try_from(b).ok())
-            .unwrap_or(0);
+            .filter(|&b| b != 0)
+            .unwrap_or(crate::worker::DEFAULT_BACKLOG);
         self.queries.insert(seq, key.clone());
         FromNode::Message(ToPrimary::QueryServer { seq, key, backlog })
     }
@@ -326,7 +329,7 @@ mod tests {
             FromNode::Message(ToPrimary::QueryServer {
                 seq: 1,
                 key: key.clone(),
-                backlog: 0,
+                backlog: crate::worker::DEFAULT_BACKLOG,
             }),
         );
         let bound: SocketAddr = "127.0.0.1:43399".parse().unwrap();
@@ -427,11 +430,11 @@ mod tests {
         };
         check_in(
             &mut w,
-            r#"{"cmd":"NODE_CLUSTER","act":"queryServer","index":1,"address":null,"port":0,"addressType":4,"backlog":511,"seq":5}"#,
+            r#"{"cmd":"NODE_CLUSTER","act":"queryServer","index":1,"address":null,"port":0,"addressType":4,"backlog":64,"seq":5}"#,
             FromNode::Message(ToPrimary::QueryServer {
                 seq: 5,
                 key: key.clone(),
-                backlog: 511,
+                backlog: 64,
             }),
         );
         let bound: SocketAddr = "[::]:40000".parse().unwrap();
@@ -522,7 +525,7 @@ mod tests {
                 FromNode::Message(ToPrimary::QueryServer {
                     seq,
                     key: loopback_key(index),
-                    backlog: 0,
+                    backlog: crate::worker::DEFAULT_BACKLOG,
                 }),
             );
         }

@@ -1,8 +1,9 @@
-//! The crate's only `unsafe`: registering a listening socket with the reactor, and taking
-//! ownership of descriptors inherited at exec.
+//! The crate's only `unsafe`: registering a listening socket with the reactor, accepting
+//! with `accept4`, and taking ownership of descriptors inherited at exec.
 
 use std::io;
-use std::net::TcpListener;
+use std::net::{TcpListener, TcpStream};
+use std::os::fd::{AsRawFd, FromRawFd};
 
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
@@ -17,11 +18,32 @@ pub(crate) fn readable_listener(listener: TcpListener) -> io::Result<AsyncFd<Tcp
         .map_err(|e| e.into_parts().1)
 }
 
+/// Accepts one connection on `listener` as a non-blocking, close-on-exec socket, in one
+/// `accept4` call. Non-blocking matters beyond this process: a Node worker that gets the
+/// socket uses it as it is (libuv does not change the mode of a received descriptor), and
+/// Node's own primary hands over non-blocking sockets.
+pub(crate) fn accept_nonblocking(listener: &TcpListener) -> io::Result<TcpStream> {
+    // SAFETY: `accept4` with null address pointers writes nothing through them; the
+    // listener's descriptor is open for the call.
+    let fd = unsafe {
+        libc::accept4(
+            listener.as_raw_fd(),
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `accept4` returned a new descriptor that nothing else owns.
+    Ok(unsafe { TcpStream::from_raw_fd(fd) })
+}
+
 /// Takes ownership of descriptor `fd`, which this process inherited from whoever started
 /// it (systemd's `LISTEN_FDS`, an upgrading primary's readiness socket). Fails with
 /// `EBADF` if it is not open.
 pub(crate) fn adopt_inherited(fd: std::os::fd::RawFd) -> io::Result<std::os::fd::OwnedFd> {
-    use std::os::fd::FromRawFd;
     // SAFETY: `F_GETFD` only reads the flags of a descriptor number, for any number.
     if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
         return Err(io::Error::last_os_error());

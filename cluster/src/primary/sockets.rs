@@ -332,8 +332,8 @@ fn accept_ready(
         let Poll::Ready(Ok(mut guard)) = accepting.listener.poll_read_ready(cx) else {
             return;
         };
-        match guard.try_io(|listener| listener.get_ref().accept()) {
-            Ok(Ok((stream, _))) => {
+        match guard.try_io(|listener| crate::sys::accept_nonblocking(listener.get_ref())) {
+            Ok(Ok(stream)) => {
                 ready.push_back((key.clone(), stream));
                 taken += 1;
             }
