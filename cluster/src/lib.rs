@@ -99,7 +99,7 @@
 //!     let mut listening = 0;
 //!     while listening < 2 {
 //!         if let Some(cluster::Event::Listening { address: a, .. }) = primary.next_event().await {
-//!             (address, listening) = (Some(a), listening + 1);
+//!             (address, listening) = (a.inet(), listening + 1);
 //!         }
 //!     }
 //!     let mut stream = tokio::net::TcpStream::connect(address.expect("listening")).await?;
@@ -146,6 +146,7 @@
 //!
 //! Linux.
 
+mod endpoint;
 mod env;
 mod error;
 mod net;
@@ -158,6 +159,7 @@ mod sys;
 mod worker;
 
 pub use child::ExitStatus;
+pub use endpoint::Endpoint;
 pub use env::{WORKER_ID_ENV, WORKER_SLOT_ENV};
 pub use error::{Error, ListenError};
 pub use ipc::Received;

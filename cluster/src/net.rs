@@ -2,8 +2,11 @@
 
 use std::io;
 use std::net::SocketAddr;
+use std::os::fd::OwnedFd;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
 
-use socket2::{Domain, Protocol, Socket, Type};
+use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 
 /// A listening TCP socket on `address`, with `SO_REUSEADDR` like Node's (libuv's), and
 /// `SO_REUSEPORT` when asked. Close-on-exec (socket2 opens with `SOCK_CLOEXEC`) and
@@ -32,6 +35,32 @@ pub(crate) fn check_unowned(address: SocketAddr) -> io::Result<()> {
     tcp_socket(address)?.bind(&address.into())
 }
 
+/// A listening Unix stream socket at `path` (a leading NUL byte names Linux's abstract
+/// namespace), close-on-exec and non-blocking, and the file to remove when it closes
+/// (none for an abstract name). As in Node, a path that exists already, a stale socket
+/// file included, is `EADDRINUSE`.
+pub(crate) fn bind_unix(path: &Path, backlog: u32) -> io::Result<(OwnedFd, Option<UnixPath>)> {
+    let socket = Socket::new(Domain::UNIX, Type::STREAM, None)?;
+    socket.bind(&SockAddr::unix(path)?)?;
+    let abstract_name = path.as_os_str().as_bytes().first() == Some(&0);
+    let file = (!abstract_name).then(|| UnixPath(path.to_path_buf()));
+    socket.listen(i32::try_from(backlog).unwrap_or(i32::MAX))?;
+    socket.set_nonblocking(true)?;
+    Ok((socket.into(), file))
+}
+
+/// The file of a Unix socket this process bound; removed on drop.
+#[derive(Debug)]
+pub(crate) struct UnixPath(PathBuf);
+
+impl Drop for UnixPath {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::remove_file(&self.0) {
+            tracing::debug!(path = %self.0.display(), error = %e, "could not remove a socket file");
+        }
+    }
+}
+
 /// A TCP socket for `address`'s family with `SO_REUSEADDR`, like Node's (libuv's).
 fn tcp_socket(address: SocketAddr) -> io::Result<Socket> {
     let socket = Socket::new(
@@ -46,6 +75,32 @@ fn tcp_socket(address: SocketAddr) -> io::Result<Socket> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_unix_socket_is_in_use_while_bound_and_its_file_goes_with_it() {
+        let dir = std::env::temp_dir().join(format!("cluster-net-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join("a.sock");
+        let (listener, file) = bind_unix(&path, 16).expect("bind");
+        assert!(path.exists());
+        let err = bind_unix(&path, 16).expect_err("in use");
+        assert_eq!(err.raw_os_error(), Some(libc::EADDRINUSE));
+        std::os::unix::net::UnixStream::connect(&path).expect("connect");
+        drop((listener, file));
+        assert!(!path.exists(), "the socket file is removed with the socket");
+        std::fs::remove_dir(&dir).expect("rmdir");
+    }
+
+    #[test]
+    fn an_abstract_name_has_no_file() {
+        use std::os::linux::net::SocketAddrExt;
+        let name = format!("cluster-net-{}", std::process::id());
+        let path = PathBuf::from(format!("\0{name}"));
+        let (_listener, file) = bind_unix(&path, 16).expect("bind");
+        assert!(file.is_none(), "nothing to remove");
+        let address = std::os::unix::net::SocketAddr::from_abstract_name(&name).expect("name");
+        std::os::unix::net::UnixStream::connect_addr(&address).expect("connect");
+    }
 
     #[test]
     fn a_second_plain_bind_is_address_in_use() {

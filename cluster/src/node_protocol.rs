@@ -20,8 +20,10 @@
 //! Node's own `seq` of a `queryServer` is the core's `seq` (unique per worker), so a
 //! reply's `ack` is the core's `seq`; likewise a hand-off's `seq` comes back as the
 //! `accepted` message's `ack`. A `listen()` without a host (Node's `address: null`) asks
-//! for `::`, as Node's primary binds it (dual-stack). Unix paths, UDP and `listen({fd})`
-//! are refused with a negative errno, which the Node worker reports as a listen error.
+//! for `::`, as Node's primary binds it (dual-stack). A `listen(path)` (`addressType: -1`)
+//! is a Unix socket the primary binds, served under round-robin like TCP, as Node's
+//! primary does. UDP and `listen({fd})` are refused with a negative errno, which the Node
+//! worker reports as a listen error.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -29,6 +31,7 @@ use std::net::SocketAddr;
 use ipc::InternalMessage;
 use serde_json::{Value, json};
 
+use crate::Endpoint;
 use crate::protocol::{AddressFamily, Granted, HandleKey, ToPrimary, ToWorker};
 
 /// The `cmd` of every cluster message.
@@ -59,7 +62,7 @@ pub(crate) struct NodeWorker {
     /// Unanswered queries: Node's `seq` -> the key asked for.
     queries: HashMap<u64, HandleKey>,
     /// Granted handles and the address each is bound to.
-    granted: Vec<(HandleKey, SocketAddr)>,
+    granted: Vec<(HandleKey, Endpoint)>,
     /// Hand-offs sent and not yet answered: `seq` -> key.
     handoffs: HashMap<u64, HandleKey>,
 }
@@ -151,12 +154,12 @@ impl NodeWorker {
                 && key.family == asked.family
                 && key.fd == asked.fd
                 && key.index == asked.index
-                && (key.port == asked.port || address.port() == asked.port)
+                && (key.port == asked.port || address.inet().map(|a| a.port()) == Some(asked.port))
         });
         match found {
             Some((key, address)) => FromNode::Message(ToPrimary::Listening {
                 key: key.clone(),
-                address: *address,
+                address: address.clone(),
                 exclusive: false,
             }),
             None => FromNode::Ignore,
@@ -178,12 +181,16 @@ impl NodeWorker {
                     .with("data", Value::Null);
                 match (result, key) {
                     (Ok((granted, address)), Some(key)) => {
-                        self.granted.push((key, *address));
-                        match granted {
-                            Granted::RoundRobin => reply
+                        self.granted.push((key, address.clone()));
+                        match (granted, address) {
+                            (Granted::RoundRobin, Endpoint::Inet(address)) => reply
                                 .with("errno", Value::Null)
                                 .with("sockname", sockname(address)),
-                            Granted::Socket => reply.with("errno", 0),
+                            // Node's primary sends no sockname for a pipe.
+                            (Granted::RoundRobin, Endpoint::Unix(_)) => {
+                                reply.with("errno", Value::Null)
+                            }
+                            (Granted::Socket, _) => reply.with("errno", 0),
                         }
                     }
                     (Ok(_), None) => reply.with("errno", -libc::EINVAL),
@@ -238,19 +245,27 @@ fn requested_key(message: &InternalMessage) -> Result<HandleKey, i32> {
         (Some(6), Some(address)) => (address.to_owned(), AddressFamily::V6),
         // No host: Node's primary binds `::` (dual-stack).
         (Some(4 | 6), None) => ("::".to_owned(), AddressFamily::V6),
-        _ => return Err(libc::EAFNOSUPPORT), // Unix paths (-1), udp4/udp6
+        // `listen(path)`: Node sends `port: -1` and the path as given.
+        (Some(-1), Some(path)) if !path.is_empty() => (path.to_owned(), AddressFamily::Unix),
+        _ => return Err(libc::EAFNOSUPPORT), // udp4/udp6
     };
-    let port = field("port")
-        .and_then(Value::as_u64)
-        .and_then(|p| u16::try_from(p).ok())
-        .ok_or(libc::EINVAL)?;
+    let port = match family {
+        AddressFamily::Unix => 0,
+        AddressFamily::V4 | AddressFamily::V6 => {
+            let port = field("port")
+                .and_then(Value::as_u64)
+                .and_then(|p| u16::try_from(p).ok())
+                .ok_or(libc::EINVAL)?;
+            if address.parse::<std::net::IpAddr>().is_err() {
+                return Err(libc::EINVAL); // a host name: Node's worker resolves it first
+            }
+            port
+        }
+    };
     let index = field("index")
         .and_then(Value::as_u64)
         .and_then(|i| u32::try_from(i).ok())
         .unwrap_or(0);
-    if address.parse::<std::net::IpAddr>().is_err() {
-        return Err(libc::EINVAL); // a host name: Node's worker resolves it first
-    }
     Ok(HandleKey {
         address,
         port,
@@ -332,12 +347,12 @@ mod tests {
                 backlog: crate::worker::DEFAULT_BACKLOG,
             }),
         );
-        let bound: SocketAddr = "127.0.0.1:43399".parse().unwrap();
+        let bound: Endpoint = "127.0.0.1:43399".parse().unwrap();
         check_out(
             &mut w,
             ToWorker::QueryReply {
                 seq: 1,
-                result: Ok((Granted::RoundRobin, bound)),
+                result: Ok((Granted::RoundRobin, bound.clone())),
             },
             r#"{"cmd":"NODE_CLUSTER","errno":null,"key":"127.0.0.1:0:4:undefined:0","ack":1,"data":null,"sockname":{"address":"127.0.0.1","family":"IPv4","port":43399},"seq":0}"#,
         );
@@ -437,10 +452,10 @@ mod tests {
                 backlog: 64,
             }),
         );
-        let bound: SocketAddr = "[::]:40000".parse().unwrap();
+        let bound: Endpoint = "[::]:40000".parse().unwrap();
         let reply = w.outgoing(&ToWorker::QueryReply {
             seq: 5,
-            result: Ok((Granted::RoundRobin, bound)),
+            result: Ok((Granted::RoundRobin, bound.clone())),
         });
         assert_eq!(reply.get("key"), Some(&json!(":::0:6:undefined:1")));
         assert_eq!(
@@ -459,23 +474,57 @@ mod tests {
     }
 
     #[test]
-    fn unix_paths_and_descriptors_are_refused_without_the_core() {
+    fn a_unix_path_is_a_handle_like_any_other() {
         let mut w = NodeWorker::new();
-        let FromNode::Reply(reply) = w.incoming(&node(
-            r#"{"cmd":"NODE_CLUSTER","act":"queryServer","index":0,"address":"/tmp/s.sock","port":-1,"addressType":-1,"seq":1}"#,
-        )) else {
-            panic!("a direct reply");
+        let key = HandleKey {
+            address: "/tmp/s.sock".into(),
+            port: 0,
+            family: AddressFamily::Unix,
+            fd: None,
+            index: 0,
         };
-        assert_eq!(
-            json_of(&reply),
-            json!({"cmd":"NODE_CLUSTER","errno":-libc::EAFNOSUPPORT,"key":"/tmp/s.sock:-1:-1:undefined:0","ack":1,"data":null,"seq":0})
+        check_in(
+            &mut w,
+            r#"{"cmd":"NODE_CLUSTER","act":"queryServer","index":0,"address":"/tmp/s.sock","port":-1,"addressType":-1,"backlog":511,"seq":1}"#,
+            FromNode::Message(ToPrimary::QueryServer {
+                seq: 1,
+                key: key.clone(),
+                backlog: 511,
+            }),
         );
+        let bound = Endpoint::Unix("/tmp/s.sock".into());
+        // Node's primary sends no sockname for a pipe.
+        check_out(
+            &mut w,
+            ToWorker::QueryReply {
+                seq: 1,
+                result: Ok((Granted::RoundRobin, bound.clone())),
+            },
+            r#"{"cmd":"NODE_CLUSTER","errno":null,"key":"/tmp/s.sock:-1:-1:undefined:0","ack":1,"data":null,"seq":0}"#,
+        );
+        check_in(
+            &mut w,
+            r#"{"cmd":"NODE_CLUSTER","act":"listening","index":0,"address":"/tmp/s.sock","port":-1,"addressType":-1,"seq":2}"#,
+            FromNode::Message(ToPrimary::Listening {
+                key,
+                address: bound,
+                exclusive: false,
+            }),
+        );
+    }
+
+    #[test]
+    fn udp_and_descriptors_are_refused_without_the_core() {
+        let mut w = NodeWorker::new();
         let FromNode::Reply(reply) = w.incoming(&node(
             r#"{"cmd":"NODE_CLUSTER","act":"queryServer","index":0,"address":"0.0.0.0","port":53,"addressType":"udp4","seq":2}"#,
         )) else {
             panic!("a direct reply");
         };
-        assert_eq!(reply.get("errno"), Some(&json!(-libc::EAFNOSUPPORT)));
+        assert_eq!(
+            json_of(&reply),
+            json!({"cmd":"NODE_CLUSTER","errno":-libc::EAFNOSUPPORT,"key":"0.0.0.0:53:udp4:undefined:0","ack":2,"data":null,"seq":0})
+        );
         let FromNode::Reply(reply) = w.incoming(&node(
             r#"{"cmd":"NODE_CLUSTER","act":"queryServer","index":0,"address":null,"port":0,"addressType":4,"fd":7,"seq":3}"#,
         )) else {

@@ -29,6 +29,8 @@ use std::net::SocketAddr;
 
 use serde::{Deserialize, Serialize};
 
+use crate::Endpoint;
+
 /// A worker's id: unique within one primary, never reused (a replacement gets a new one).
 /// Node's `worker.id` / `NODE_UNIQUE_ID`; ids start at 1. Only the primary makes them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -47,13 +49,16 @@ impl fmt::Display for WorkerId {
     }
 }
 
-/// The address family of a handle, as Node's `addressType`: `4` or `6`.
+/// The address family of a handle, as Node's `addressType`: `4`, `6`, or `-1` for a Unix
+/// socket's path.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum AddressFamily {
     /// IPv4 (`4`).
     V4,
     /// IPv6 (`6`).
     V6,
+    /// A Unix stream socket (`-1`): the key's `address` is its path.
+    Unix,
 }
 
 impl AddressFamily {
@@ -75,9 +80,9 @@ impl AddressFamily {
 /// the same worker gets another.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct HandleKey {
-    /// The address asked for, as text (`127.0.0.1`, `::`).
+    /// The address asked for, as text (`127.0.0.1`, `::`), or a Unix socket's path.
     pub address: String,
-    /// The port asked for.
+    /// The port asked for (0 for a Unix socket, which Node's key spells `-1`).
     pub port: u16,
     /// The address family.
     pub family: AddressFamily,
@@ -90,11 +95,11 @@ pub struct HandleKey {
 impl fmt::Display for HandleKey {
     /// Node's spelling, `127.0.0.1:0:4:undefined:0`.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let family = match self.family {
-            AddressFamily::V4 => 4,
-            AddressFamily::V6 => 6,
-        };
-        write!(f, "{}:{}:{family}:", self.address, self.port)?;
+        match self.family {
+            AddressFamily::V4 => write!(f, "{}:{}:4:", self.address, self.port)?,
+            AddressFamily::V6 => write!(f, "{}:{}:6:", self.address, self.port)?,
+            AddressFamily::Unix => write!(f, "{}:-1:-1:", self.address)?,
+        }
         match self.fd {
             Some(fd) => write!(f, "{fd}")?,
             None => f.write_str("undefined")?,
@@ -122,7 +127,7 @@ pub(crate) enum ToPrimary {
         /// The handle.
         key: HandleKey,
         /// The bound address.
-        address: SocketAddr,
+        address: Endpoint,
         /// Bound by the worker itself (`exclusive`), not granted by the primary.
         exclusive: bool,
     },
@@ -167,7 +172,7 @@ pub(crate) enum ToWorker {
         /// The request's sequence number.
         seq: u64,
         /// Success and how connections arrive, or the `bind`/`listen` errno.
-        result: Result<(Granted, SocketAddr), i32>,
+        result: Result<(Granted, Endpoint), i32>,
     },
     /// A connection for the handle `key`; its descriptor is attached.
     NewConn {
@@ -206,6 +211,14 @@ mod tests {
         check_key("127.0.0.1", 0, None, 0, "127.0.0.1:0:4:undefined:0");
         check_key("::", 8080, None, 1, ":::8080:6:undefined:1");
         check_key("0.0.0.0", 80, Some(7), 2, "0.0.0.0:80:4:7:2");
+        let unix = HandleKey {
+            address: "/tmp/app.sock".into(),
+            port: 0,
+            family: AddressFamily::Unix,
+            fd: None,
+            index: 0,
+        };
+        assert_eq!(unix.to_string(), "/tmp/app.sock:-1:-1:undefined:0");
     }
 
     #[tokio::test(flavor = "current_thread")]

@@ -2,18 +2,16 @@
 //! with `accept4`, and taking ownership of descriptors inherited at exec.
 
 use std::io;
-use std::net::{TcpListener, TcpStream};
-use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 
-/// `listener` (non-blocking) registered with the current runtime's reactor for
-/// readability, to accept on it without handing it to a task.
-pub(crate) fn readable_listener(listener: TcpListener) -> io::Result<AsyncFd<TcpListener>> {
-    // SAFETY: a `TcpListener` owns its descriptor, which stays open and the same for the
-    // listener's whole life; the `AsyncFd` owns the listener, so the descriptor outlives
-    // the registration.
+/// `listener` (a non-blocking listening socket, TCP or Unix) registered with the current
+/// runtime's reactor for readability, to accept on it without handing it to a task.
+pub(crate) fn readable_listener(listener: OwnedFd) -> io::Result<AsyncFd<OwnedFd>> {
+    // SAFETY: an `OwnedFd` owns its descriptor, which stays open and the same for its
+    // whole life; the `AsyncFd` owns it, so the descriptor outlives the registration.
     unsafe { AsyncFd::register_with_interest(listener, Interest::READABLE) }
         .map_err(|e| e.into_parts().1)
 }
@@ -22,9 +20,9 @@ pub(crate) fn readable_listener(listener: TcpListener) -> io::Result<AsyncFd<Tcp
 /// `accept4` call. Non-blocking matters beyond this process: a Node worker that gets the
 /// socket uses it as it is (libuv does not change the mode of a received descriptor), and
 /// Node's own primary hands over non-blocking sockets.
-pub(crate) fn accept_nonblocking(listener: &TcpListener) -> io::Result<TcpStream> {
+pub(crate) fn accept_nonblocking(listener: BorrowedFd<'_>) -> io::Result<OwnedFd> {
     // SAFETY: `accept4` with null address pointers writes nothing through them; the
-    // listener's descriptor is open for the call.
+    // borrowed descriptor is open for the call.
     let fd = unsafe {
         libc::accept4(
             listener.as_raw_fd(),
@@ -37,7 +35,7 @@ pub(crate) fn accept_nonblocking(listener: &TcpListener) -> io::Result<TcpStream
         return Err(io::Error::last_os_error());
     }
     // SAFETY: `accept4` returned a new descriptor that nothing else owns.
-    Ok(unsafe { TcpStream::from_raw_fd(fd) })
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
 /// Takes ownership of descriptor `fd`, which this process inherited from whoever started

@@ -27,7 +27,7 @@ use self::messages::UserQueue;
 pub use self::messages::{USER_QUEUE_BYTES, USER_QUEUE_CAPACITY};
 use crate::error::{Error, ListenError};
 use crate::protocol::{Granted, ToPrimary};
-use crate::{WorkerId, net};
+use crate::{Endpoint, WorkerId, net};
 
 /// The backlog a listen asks for unless told otherwise (Node's 511).
 pub const DEFAULT_BACKLOG: u32 = 511;
@@ -208,7 +208,7 @@ impl Worker {
         let answer = reply.await.map_err(|_| ListenError::NoReply { address })?;
         match (answer.result, answer.fd, answer.queue) {
             (Err(errno), _, _) => Err(ListenError::from_errno(address, errno)),
-            (Ok((Granted::RoundRobin, bound)), _, Some(queue)) => {
+            (Ok((Granted::RoundRobin, Endpoint::Inet(bound))), _, Some(queue)) => {
                 Ok(self.announce(key, bound, Kind::RoundRobin(queue), false))
             }
             (Ok((Granted::Socket, _)), Some(fd), _) => {
@@ -242,7 +242,7 @@ impl Worker {
     ) -> Listener {
         self.inner.send_control(ToPrimary::Listening {
             key: key.clone(),
-            address,
+            address: address.into(),
             exclusive,
         });
         Listener::new(key, address, kind, Arc::clone(&self.inner))

@@ -13,6 +13,8 @@ mod command;
 mod http_workers;
 #[path = "cli/messages.rs"]
 mod messages;
+#[path = "cli/node_apps.rs"]
+mod node_apps;
 
 use std::path::PathBuf;
 

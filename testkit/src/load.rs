@@ -288,7 +288,7 @@ fn exchange(
     Ok(Response { status, close, tag })
 }
 
-fn line(stream: &mut BufReader<TcpStream>) -> io::Result<String> {
+fn line<S: Read>(stream: &mut BufReader<S>) -> io::Result<String> {
     let mut line = String::new();
     if stream.read_line(&mut line)? == 0 {
         return Err(io::Error::new(
@@ -305,9 +305,28 @@ fn invalid(what: String) -> io::Error {
 
 /// `GET path` on a new connection: the status and the body. For readiness checks.
 pub fn http_get(addr: SocketAddr, path: &str) -> io::Result<(u16, String)> {
-    let mut stream = open(addr)?;
-    let request = format!("GET {path} HTTP/1.1\r\nHost: check\r\nConnection: close\r\n\r\n");
-    stream.get_mut().write_all(request.as_bytes())?;
+    http_exchange(open(addr)?.into_inner(), "GET", path, None)
+}
+
+/// One request with `Connection: close` on `stream` (TCP or a Unix socket, with its
+/// timeouts set), with an optional JSON body: the status and the whole response body.
+pub fn http_exchange<S: Read + Write>(
+    mut stream: S,
+    method: &str,
+    path: &str,
+    json: Option<&str>,
+) -> io::Result<(u16, String)> {
+    let mut request = format!("{method} {path} HTTP/1.1\r\nHost: check\r\nConnection: close\r\n");
+    if let Some(body) = json {
+        request.push_str(&format!(
+            "Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        ));
+    } else {
+        request.push_str("\r\n");
+    }
+    stream.write_all(request.as_bytes())?;
+    let mut stream = BufReader::new(stream);
     let status_line = line(&mut stream)?;
     let status = status_line
         .split(' ')

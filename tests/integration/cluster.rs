@@ -76,7 +76,8 @@ async fn listening(primary: &mut Primary, count: usize) -> Vec<(WorkerId, Socket
             _ => None,
         })
         .await;
-        seen.push(found);
+        let (id, address) = found;
+        seen.push((id, address.inet().expect("a TCP address")));
     }
     seen
 }

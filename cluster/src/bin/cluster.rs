@@ -143,7 +143,7 @@ async fn watch(events: &mut cluster::Events, name: &str, workers: usize) -> Opti
     let mut failed_slots = 0;
     while let Some(event) = events.recv().await {
         if let Event::Listening { address, .. } = &event {
-            if announced.insert(*address) {
+            if announced.insert(address.clone()) {
                 let mut stdout = std::io::stdout().lock();
                 let _ = writeln!(stdout, "listening on {address}");
                 let _ = stdout.flush();

@@ -25,9 +25,9 @@ mod serving;
 mod tests;
 mod workers;
 
+use crate::Endpoint;
 use std::collections::{BTreeMap, HashMap};
 use std::ffi::OsString;
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use child::Signal;
@@ -152,7 +152,7 @@ pub(crate) enum Input {
     Bound {
         key: HandleKey,
         socket: Option<usize>,
-        result: Result<SocketAddr, i32>,
+        result: Result<Endpoint, i32>,
     },
     /// A round-robin handle accepted a connection.
     Connection {
@@ -220,7 +220,7 @@ pub(crate) enum Effect {
     Bind {
         key: HandleKey,
         socket: Option<usize>,
-        address: Option<SocketAddr>,
+        address: Option<Endpoint>,
         backlog: u32,
     },
     /// Close every socket of a handle.

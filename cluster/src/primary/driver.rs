@@ -8,7 +8,6 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::ffi::OsString;
-use std::net::TcpStream;
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -98,7 +97,7 @@ pub(crate) struct Driver {
     node: Option<OsString>,
     links: HashMap<WorkerId, Link>,
     listeners: Listeners,
-    conns: HashMap<ConnId, TcpStream>,
+    conns: HashMap<ConnId, OwnedFd>,
     next_conn: u64,
     timers: DelayQueue<Timer>,
     timer_keys: HashMap<Timer, delay_queue::Key>,
@@ -511,8 +510,8 @@ impl Driver {
                 .conns
                 .get(&conn)
                 .ok_or_else(|| std::io::Error::from_raw_os_error(libc::EBADF))
-                .and_then(TcpStream::try_clone)
-                .map(|copy| vec![OwnedFd::from(copy)]),
+                .and_then(OwnedFd::try_clone)
+                .map(|copy| vec![copy]),
             Some(FdRef::Listener { key, socket }) => {
                 self.listeners.copy(&key, socket).map(|fd| vec![fd])
             }

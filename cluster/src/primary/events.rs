@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use tokio::sync::mpsc;
 
-use std::net::SocketAddr;
+use crate::Endpoint;
 use std::time::Duration;
 
 use crate::protocol::{HandleKey, WorkerId};
@@ -87,7 +87,7 @@ pub enum Event {
         /// The worker.
         id: WorkerId,
         /// The bound address.
-        address: SocketAddr,
+        address: Endpoint,
         /// The primary's key for the handle.
         key: HandleKey,
     },

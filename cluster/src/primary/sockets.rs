@@ -23,8 +23,8 @@
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::io;
-use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
-use std::os::fd::OwnedFd;
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::{AsFd, OwnedFd};
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -32,8 +32,9 @@ use std::time::Duration;
 use tokio::io::unix::AsyncFd;
 
 use super::systemd::{Inherited, OWN_SOCKET_NAME};
-use crate::net::bind_listener;
-use crate::protocol::HandleKey;
+use crate::Endpoint;
+use crate::net::{UnixPath, bind_listener, bind_unix};
+use crate::protocol::{AddressFamily, HandleKey};
 use crate::settings::Policy;
 
 /// How long accepting on a handle pauses after an error (EMFILE and friends) before it
@@ -47,7 +48,7 @@ const ACCEPT_BATCH: usize = 64;
 /// A round-robin handle's socket, accepted on by the driver.
 #[derive(Debug)]
 struct Accepting {
-    listener: AsyncFd<TcpListener>,
+    listener: AsyncFd<OwnedFd>,
     /// Set after an accept error: no accept until it fires.
     paused: Option<Pin<Box<tokio::time::Sleep>>>,
     /// Accept errors since the last one logged (one log line per pause at most).
@@ -59,11 +60,13 @@ struct Accepting {
 #[derive(Debug, Default)]
 struct Sockets {
     /// The handle's only socket (shared).
-    main: Option<TcpListener>,
+    main: Option<OwnedFd>,
     /// Reuseport: one socket per slot.
-    slots: HashMap<usize, TcpListener>,
+    slots: HashMap<usize, OwnedFd>,
     /// Round-robin: the socket the driver accepts on.
     accepting: Option<Accepting>,
+    /// A Unix socket's file, removed when the handle closes (as libuv does).
+    unix_path: Option<UnixPath>,
 }
 
 /// Every listening socket of the primary.
@@ -72,7 +75,7 @@ pub(crate) struct Listeners {
     policy: Policy,
     handles: HashMap<HandleKey, Sockets>,
     /// Connections accepted and not yet taken by the driver, in order.
-    ready: VecDeque<(HandleKey, TcpStream)>,
+    ready: VecDeque<(HandleKey, OwnedFd)>,
     /// Sockets passed at exec, open until the primary stops.
     inherited: Inherited,
     /// Which inherited socket each (handle, reuseport slot) socket is a copy of.
@@ -91,12 +94,15 @@ enum Adopted {
 }
 
 /// The address a key asks for.
-fn requested(key: &HandleKey) -> io::Result<SocketAddr> {
+fn requested(key: &HandleKey) -> io::Result<Endpoint> {
+    if key.family == AddressFamily::Unix {
+        return Ok(Endpoint::Unix(key.address.clone().into()));
+    }
     let ip: IpAddr = key
         .address
         .parse()
         .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
-    Ok(SocketAddr::new(ip, key.port))
+    Ok(Endpoint::Inet(SocketAddr::new(ip, key.port)))
 }
 
 impl Listeners {
@@ -166,8 +172,12 @@ impl Listeners {
         }
         for (key, sockets) in &self.handles {
             let own = |socket: Option<usize>| !self.lent.contains_key(&(key.clone(), socket));
+            if sockets.unix_path.is_some() {
+                // A Unix socket is not handed over: its file belongs to this primary.
+                continue;
+            }
             let accepting = sockets.accepting.as_ref().map(|a| a.listener.get_ref());
-            let mut listeners: Vec<&TcpListener> = Vec::new();
+            let mut listeners: Vec<&OwnedFd> = Vec::new();
             listeners.extend(
                 accepting
                     .into_iter()
@@ -182,7 +192,7 @@ impl Listeners {
             slots.sort_by_key(|(slot, _)| **slot);
             listeners.extend(slots.into_iter().map(|(_, listener)| listener));
             for listener in listeners {
-                fds.push((listener.try_clone()?.into(), OWN_SOCKET_NAME.to_owned()));
+                fds.push((listener.try_clone()?, OWN_SOCKET_NAME.to_owned()));
             }
         }
         Ok(fds)
@@ -194,15 +204,25 @@ impl Listeners {
         &mut self,
         key: &HandleKey,
         socket: Option<usize>,
-        address: Option<SocketAddr>,
+        address: Option<Endpoint>,
         backlog: u32,
-    ) -> Result<SocketAddr, i32> {
+    ) -> Result<Endpoint, i32> {
         let errno = |e: io::Error| e.raw_os_error().unwrap_or(libc::EINVAL);
         let reuse_port = self.policy == Policy::ReusePort;
         let first = address.is_none();
         let address = match address {
             Some(address) => address,
             None => requested(key).map_err(errno)?,
+        };
+        let address = match address {
+            Endpoint::Inet(address) => address,
+            Endpoint::Unix(path) => {
+                let (listener, file) = bind_unix(&path, backlog).map_err(errno)?;
+                let sockets = self.handles.entry(key.clone()).or_default();
+                sockets.unix_path = file;
+                self.listen_on(key, socket, listener).map_err(errno)?;
+                return Ok(Endpoint::Unix(path));
+            }
         };
         let (listener, origin) = match self.adopt(key, socket, address) {
             Some(Adopted::Copy(index)) => {
@@ -230,10 +250,23 @@ impl Listeners {
             tracing::debug!(%key, %bound, "listening on an inherited socket");
             self.lent.insert((key.clone(), socket), index);
         }
+        self.listen_on(key, socket, listener.into())
+            .map_err(errno)?;
+        Ok(Endpoint::Inet(bound))
+    }
+
+    /// Keeps `listener` as `key`'s socket (`socket`: a reuseport slot's), accepted on by
+    /// the driver under round-robin.
+    fn listen_on(
+        &mut self,
+        key: &HandleKey,
+        socket: Option<usize>,
+        listener: OwnedFd,
+    ) -> io::Result<()> {
         let sockets = self.handles.entry(key.clone()).or_default();
         match (self.policy, socket) {
             (Policy::RoundRobin, _) => {
-                let listener = crate::sys::readable_listener(listener).map_err(errno)?;
+                let listener = crate::sys::readable_listener(listener)?;
                 sockets.accepting = Some(Accepting {
                     listener,
                     paused: None,
@@ -246,7 +279,7 @@ impl Listeners {
             }
             (_, None) => sockets.main = Some(listener),
         }
-        Ok(bound)
+        Ok(())
     }
 
     /// A copy of a listening socket to send to a worker.
@@ -257,7 +290,7 @@ impl Listeners {
             None => sockets.and_then(|s| s.main.as_ref()),
         };
         let listener = listener.ok_or_else(|| io::Error::from_raw_os_error(libc::EBADF))?;
-        Ok(listener.try_clone()?.into())
+        listener.try_clone()
     }
 
     /// Stops or resumes accepting on the round-robin socket of `key` alone. While stopped,
@@ -286,7 +319,7 @@ impl Listeners {
     /// drains up to [`ACCEPT_BATCH`] connections from its backlog. An accept error (out of
     /// descriptors, say) pauses that socket for [`ACCEPT_BACKOFF`] with one log line: the
     /// kernel keeps the backlog, and accepting resumes by itself once descriptors are free.
-    pub(crate) fn poll_accept(&mut self, cx: &mut Context<'_>) -> Poll<(HandleKey, TcpStream)> {
+    pub(crate) fn poll_accept(&mut self, cx: &mut Context<'_>) -> Poll<(HandleKey, OwnedFd)> {
         if let Some(next) = self.ready.pop_front() {
             return Poll::Ready(next);
         }
@@ -324,7 +357,7 @@ impl Listeners {
 fn accept_ready(
     key: &HandleKey,
     accepting: &mut Accepting,
-    ready: &mut VecDeque<(HandleKey, TcpStream)>,
+    ready: &mut VecDeque<(HandleKey, OwnedFd)>,
     cx: &mut Context<'_>,
 ) {
     let mut taken = 0;
@@ -332,7 +365,7 @@ fn accept_ready(
         let Poll::Ready(Ok(mut guard)) = accepting.listener.poll_read_ready(cx) else {
             return;
         };
-        match guard.try_io(|listener| crate::sys::accept_nonblocking(listener.get_ref())) {
+        match guard.try_io(|listener| crate::sys::accept_nonblocking(listener.get_ref().as_fd())) {
             Ok(Ok(stream)) => {
                 ready.push_back((key.clone(), stream));
                 taken += 1;

@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 use super::StopReason;
 use super::handoff::HandoffQueue;
 use super::messages::UserQueue;
+use crate::Endpoint;
 use crate::protocol::{AddressFamily, Granted, HandleKey, ToPrimary, ToWorker};
 
 /// How many control messages wait for the writer. By the protocol a worker has at most
@@ -25,7 +26,7 @@ pub(crate) const CONTROL_QUEUE: usize =
 /// What a `listen` waiting for the primary gets back.
 #[derive(Debug)]
 pub(crate) struct QueryAnswer {
-    pub(crate) result: Result<(Granted, SocketAddr), i32>,
+    pub(crate) result: Result<(Granted, Endpoint), i32>,
     pub(crate) fd: Option<OwnedFd>,
     pub(crate) queue: Option<Arc<HandoffQueue>>,
 }
@@ -95,7 +96,7 @@ impl LinkCore {
     pub(crate) fn on_reply(
         &mut self,
         seq: u64,
-        result: &Result<(Granted, SocketAddr), i32>,
+        result: &Result<(Granted, Endpoint), i32>,
     ) -> Option<(HandleKey, Option<Arc<HandoffQueue>>)> {
         let key = self.queries.remove(&seq)?;
         let queue = matches!(result, Ok((Granted::RoundRobin, _))).then(|| {
@@ -342,7 +343,7 @@ mod tests {
     fn a_reply_nobody_waits_for_is_ignored_and_a_grant_registers_the_listener() {
         let mut core = LinkCore::default();
         let (key, seq) = core.new_listen(addr("127.0.0.1:0"));
-        let granted = Ok((Granted::RoundRobin, addr("127.0.0.1:5000")));
+        let granted = Ok((Granted::RoundRobin, addr("127.0.0.1:5000").into()));
         assert!(core.on_reply(seq, &granted).is_none(), "not awaited");
         core.await_reply(seq, key.clone());
         let (answered, queue) = core.on_reply(seq, &granted).expect("awaited");
@@ -357,7 +358,7 @@ mod tests {
         let mut core = LinkCore::default();
         let (key, seq) = core.new_listen(addr("127.0.0.1:0"));
         core.await_reply(seq, key.clone());
-        core.on_reply(seq, &Ok((Granted::RoundRobin, addr("127.0.0.1:1"))));
+        core.on_reply(seq, &Ok((Granted::RoundRobin, addr("127.0.0.1:1").into())));
         let queue = core.listener(&key).expect("listener");
         for seq in 0..crate::protocol::HANDOFF_WINDOW as u64 {
             assert_eq!(core.on_handoff(&key, true, false), Handoff::Deliver);
@@ -380,7 +381,7 @@ mod tests {
             ..key.clone()
         };
         core.await_reply(seq, key.clone());
-        core.on_reply(seq, &Ok((Granted::RoundRobin, addr("127.0.0.1:1"))));
+        core.on_reply(seq, &Ok((Granted::RoundRobin, addr("127.0.0.1:1").into())));
         assert_eq!(core.on_handoff(&other, true, false), Handoff::Refuse);
         assert_eq!(core.on_handoff(&key, false, false), Handoff::Refuse);
         assert_eq!(core.on_handoff(&key, true, true), Handoff::Refuse);

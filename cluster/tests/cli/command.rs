@@ -7,6 +7,7 @@ use std::net::SocketAddr;
 use std::process::{Command, ExitStatus, Stdio};
 use std::time::Duration;
 
+use cluster::Endpoint;
 use nix::sys::signal::Signal;
 use testkit::{KillOnDrop, LineLog};
 
@@ -22,7 +23,7 @@ pub(crate) struct Cluster {
     /// Its stdout and stderr, interleaved.
     pub(crate) log: LineLog,
     /// The first address it printed.
-    pub(crate) addr: SocketAddr,
+    pub(crate) endpoint: Endpoint,
 }
 
 /// A worker as the command reports it.
@@ -43,13 +44,17 @@ impl Cluster {
         let line = log
             .wait_for(0, "listening on ", TIMEOUT)
             .unwrap_or_else(|e| panic!("cluster never listened: {e}"));
-        let addr = line
+        let endpoint = line
             .text
             .rsplit(' ')
             .next()
-            .and_then(|a| a.parse::<SocketAddr>().ok())
+            .and_then(|a| a.parse::<Endpoint>().ok())
             .unwrap_or_else(|| panic!("no address in {:?}", line.text));
-        let mut cluster = Cluster { guard, log, addr };
+        let mut cluster = Cluster {
+            guard,
+            log,
+            endpoint,
+        };
         cluster.wait_listening(0, workers);
         cluster
     }
@@ -81,6 +86,11 @@ impl Cluster {
             .iter()
             .filter_map(|line| parse_started(line))
             .collect()
+    }
+
+    /// The first TCP address it printed.
+    pub(crate) fn addr(&self) -> SocketAddr {
+        (self.endpoint.inet()).unwrap_or_else(|| panic!("{} is not TCP", self.endpoint))
     }
 
     pub(crate) fn signal(&self, signal: Signal) {

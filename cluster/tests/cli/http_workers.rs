@@ -108,7 +108,7 @@ fn spread_and_kill(program: Program) {
     let mut cluster = program.cluster(3);
     let workers = cluster.started_from(0);
     assert_eq!(workers.len(), 3, "{workers:?}");
-    let served: BTreeSet<u32> = (0..30).map(|_| pid_of_get(cluster.addr)).collect();
+    let served: BTreeSet<u32> = (0..30).map(|_| pid_of_get(cluster.addr())).collect();
     assert_eq!(served, pids(&workers), "round-robin over every worker");
 
     let victim = workers[0].pid;
@@ -121,7 +121,7 @@ fn spread_and_kill(program: Program) {
         panic!("one replacement, got {replacement:?}");
     };
     assert!(!pids(&workers).contains(&replacement.pid));
-    while pid_of_get(cluster.addr) != replacement.pid {
+    while pid_of_get(cluster.addr()) != replacement.pid {
         assert!(killed.elapsed() < TIMEOUT, "the replacement never served");
     }
     let took = killed.elapsed();
@@ -139,7 +139,7 @@ fn sigterm_with_a_slow_request(program: Program) {
     }
     let mut cluster = program.cluster(2);
     let workers = cluster.started_from(0);
-    let addr = cluster.addr;
+    let addr = cluster.addr();
     let mark = cluster.log.mark();
     let slow = std::thread::spawn(move || http_get(addr, "/slow"));
     cluster
@@ -226,7 +226,7 @@ fn sighup_under_a_steady_client(program: Program) {
     }
     let mut cluster = program.cluster(3);
     let old = pids(&cluster.started_from(0));
-    let client = SteadyClient::start(cluster.addr);
+    let client = SteadyClient::start(cluster.addr());
     client.wait_until(0, |results| results.len() >= 50);
     let mark = cluster.log.mark();
     cluster.signal(Signal::SIGHUP);

@@ -115,7 +115,9 @@ async fn listen_zero_shares_the_first_port_and_a_second_listen_gets_another() {
     let mut by_index: HashMap<u32, Vec<u16>> = HashMap::new();
     for _ in 0..4 {
         let (index, port) = expect(&mut primary, |e| match e {
-            Event::Listening { key, address, .. } => Some((key.index, address.port())),
+            Event::Listening { key, address, .. } => {
+                Some((key.index, address.inet().expect("a TCP address").port()))
+            }
             _ => None,
         })
         .await;

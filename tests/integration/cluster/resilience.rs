@@ -233,7 +233,9 @@ async fn a_hostile_worker_is_killed_and_replaced_while_others_serve() {
         "worker 2 and the replacement: {ids:?}"
     );
     for _ in 0..4 {
-        let served_by = request(seen[0].1).await.expect("request");
+        let served_by = request(seen[0].1.inet().expect("tcp"))
+            .await
+            .expect("request");
         assert!(served_by == 2 || served_by == 3);
     }
     primary.stop().await.expect("stop");

@@ -217,7 +217,9 @@ async fn a_worker_asking_for_servers_without_end_is_killed_and_replaced_and_othe
                 );
                 flooder = Some(id);
             }
-            Event::Listening { id, address, .. } if id.get() != 1 => serving.push(address),
+            Event::Listening { id, address, .. } if id.get() != 1 => {
+                serving.push(address.inet().expect("a TCP address"))
+            }
             _ => {}
         }
     }

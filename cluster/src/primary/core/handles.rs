@@ -2,11 +2,11 @@
 //! (under round-robin) the scheduler. The sockets themselves belong to the driver.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use super::HANDOFF_WINDOW;
-use crate::protocol::WorkerId;
+use crate::Endpoint;
+use crate::protocol::{AddressFamily, WorkerId};
 use crate::scheduler::RoundRobinHandle;
 use crate::settings::Policy;
 
@@ -31,7 +31,7 @@ pub(crate) enum HandleKind {
 #[derive(Debug)]
 pub(crate) struct Handle {
     /// The bound address, once the first socket is bound.
-    pub(crate) address: Option<SocketAddr>,
+    pub(crate) address: Option<Endpoint>,
     pub(crate) backlog: u32,
     /// Workers granted this handle (under round-robin the scheduler keeps who may get
     /// hand-offs).
@@ -46,7 +46,13 @@ pub(crate) struct Handle {
 }
 
 impl Handle {
-    pub(crate) fn new(policy: Policy, backlog: u32, hold: Duration) -> Self {
+    /// A handle of `family` under `policy`; a Unix socket cannot be bound once per slot,
+    /// so under reuseport it is shared.
+    pub(crate) fn new(policy: Policy, family: AddressFamily, backlog: u32, hold: Duration) -> Self {
+        let policy = match (policy, family) {
+            (Policy::ReusePort, AddressFamily::Unix) => Policy::Shared,
+            (policy, _) => policy,
+        };
         let kind = match policy {
             Policy::RoundRobin => {
                 HandleKind::RoundRobin(RoundRobinHandle::new(hold, HANDOFF_WINDOW))

@@ -1,12 +1,12 @@
 //! The core's listening handles: queries and grants, binds, round-robin connections and
 //! their hand-offs, closes and the hold timer.
 
-use std::net::SocketAddr;
 use std::time::Instant;
 
 use super::handles::{ConnId, Handle, HandleKind};
 use super::lifecycle::{Phase, Server};
 use super::{Core, Effect, FdRef, MAX_SERVERS_PER_WORKER, Timer};
+use crate::Endpoint;
 use crate::protocol::{Granted, HandleKey, ToWorker, WorkerId};
 
 impl Core {
@@ -40,7 +40,7 @@ impl Core {
         let handle = self
             .handles
             .entry(key.clone())
-            .or_insert_with(|| Handle::new(policy, backlog, hold));
+            .or_insert_with(|| Handle::new(policy, key.family, backlog, hold));
         if handle.has_socket(slot) {
             return self.grant(id, seq, &key, slot);
         }
@@ -48,7 +48,7 @@ impl Core {
         let waiters = handle.binding.entry(socket).or_default();
         waiters.push((id, seq));
         if waiters.len() == 1 {
-            let (address, backlog) = (handle.address, handle.backlog);
+            let (address, backlog) = (handle.address.clone(), handle.backlog);
             self.out.push(Effect::Bind {
                 key,
                 socket,
@@ -64,7 +64,7 @@ impl Core {
         else {
             return;
         };
-        let Some(address) = handle.address else {
+        let Some(address) = handle.address.clone() else {
             return;
         };
         worker.servers.insert(key.clone(), Server::Granted);
@@ -102,7 +102,7 @@ impl Core {
         &mut self,
         key: &HandleKey,
         socket: Option<usize>,
-        result: Result<SocketAddr, i32>,
+        result: Result<Endpoint, i32>,
         now: Instant,
     ) {
         let Some(handle) = self.handles.get_mut(key) else {

@@ -224,10 +224,10 @@ fn a_reload_replaces_every_worker_and_keeps_the_old_one_when_the_new_code_crash_
 #[test]
 fn a_worker_is_trusted_only_for_what_it_was_granted() {
     let mut sim = serving(3, Policy::RoundRobin);
-    let address = sim::BOUND.parse().expect("address");
+    let address: crate::Endpoint = sim::BOUND.parse().expect("address");
     let lie = |key| ToPrimary::Listening {
         key,
-        address,
+        address: address.clone(),
         exclusive: false,
     };
     sim.worker_says(id(1), lie(sim::key(7)));

@@ -5,7 +5,6 @@
 mod checks;
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use child::{ExitStatus, Signal};
@@ -380,7 +379,7 @@ impl Sim {
                 Effect::Bind { key, socket, .. } => {
                     let result = match self.fail_next_bind.take() {
                         Some(errno) => Err(errno),
-                        None => Ok(BOUND.parse::<SocketAddr>().expect("address")),
+                        None => Ok(BOUND.parse().expect("address")),
                     };
                     Some(Input::Bound {
                         key,

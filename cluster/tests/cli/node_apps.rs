@@ -1,0 +1,160 @@
+//! The Node programs people run, unmodified, under the `cluster` command: a server on a
+//! Unix socket path (round-robin and shared), an Express-style app from a plain script,
+//! and an ES module (`.mjs`).
+
+use std::collections::BTreeSet;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+
+use nix::sys::signal::Signal;
+use testkit::http_exchange;
+
+use crate::command::{Cluster, TIMEOUT, pids};
+use crate::{node_or_skip, node_script};
+
+/// A request on a new connection to the Unix socket at `path`: status and JSON body.
+fn unix_request(path: &Path, target: &str) -> (u16, serde_json::Value) {
+    let stream = UnixStream::connect(path).expect("connect to the socket");
+    stream.set_read_timeout(Some(TIMEOUT)).expect("timeout");
+    stream.set_write_timeout(Some(TIMEOUT)).expect("timeout");
+    let (status, body) = http_exchange(stream, "GET", target, None).expect("a response");
+    (status, serde_json::from_str(&body).expect("a JSON body"))
+}
+
+/// A request on a new TCP connection to the command's address: status and JSON body.
+fn tcp_request(
+    cluster: &Cluster,
+    method: &str,
+    target: &str,
+    json: Option<&str>,
+) -> (u16, serde_json::Value) {
+    let stream = std::net::TcpStream::connect(cluster.addr()).expect("connect");
+    stream.set_read_timeout(Some(TIMEOUT)).expect("timeout");
+    let (status, body) = http_exchange(stream, method, target, json).expect("a response");
+    (status, serde_json::from_str(&body).expect("a JSON body"))
+}
+
+fn pid(body: &serde_json::Value) -> u32 {
+    let pid = body["pid"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no pid in {body}"));
+    u32::try_from(pid).expect("a pid")
+}
+
+/// A directory of its own for a test's socket; removed, with what is left in it, on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(name: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("cluster-cli-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("a temporary directory");
+        Self(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn serves_on_a_unix_path(policy: &str) {
+    if !node_or_skip() {
+        return;
+    }
+    let dir = TempDir::new(policy);
+    let socket = dir.0.join("app.sock");
+    let script = node_script("unix_server.js");
+    let mut cluster = Cluster::start(
+        2,
+        &[
+            "--policy".as_ref(),
+            policy.as_ref(),
+            "--".as_ref(),
+            script.as_os_str(),
+            socket.as_os_str(),
+        ],
+    );
+    assert_eq!(cluster.endpoint.unix_path(), Some(socket.as_path()));
+    let workers = pids(&cluster.started_from(0));
+    assert_eq!(workers.len(), 2);
+    // Round-robin alternates; shared workers race for each accept, so ask until both
+    // have answered (bounded).
+    let mut served = BTreeSet::new();
+    for _ in 0..200 {
+        let (status, body) = unix_request(&socket, "/");
+        assert_eq!(status, 200, "{body}");
+        served.insert(pid(&body));
+        if served == workers {
+            break;
+        }
+    }
+    assert_eq!(served, workers, "both workers serve on the socket");
+    cluster.signal(Signal::SIGTERM);
+    assert!(cluster.wait_exit().success(), "{}", cluster.log.tail(20));
+    assert!(
+        !socket.exists(),
+        "the primary removes the socket file it bound"
+    );
+}
+
+#[test]
+fn a_unix_path_listen_under_round_robin() {
+    serves_on_a_unix_path("rr");
+}
+
+#[test]
+fn a_unix_path_listen_under_shared() {
+    serves_on_a_unix_path("shared");
+}
+
+#[test]
+fn an_express_style_app_runs_as_is() {
+    if !node_or_skip() {
+        return;
+    }
+    let script = node_script("express_style.js");
+    let cluster = Cluster::start(2, &["--".as_ref(), script.as_os_str()]);
+    let workers = pids(&cluster.started_from(0));
+    let mut served = BTreeSet::new();
+    for n in 0..6 {
+        let (status, body) = tcp_request(&cluster, "GET", &format!("/users/{n}"), None);
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["id"], n.to_string(), "{body}");
+        served.insert(pid(&body));
+    }
+    assert_eq!(served, workers, "round-robin spreads the app's requests");
+    let (status, body) = tcp_request(&cluster, "POST", "/echo", Some(r#"{"a":[1,2]}"#));
+    assert_eq!(
+        (status, &body["echo"]),
+        (200, &serde_json::json!({"a": [1, 2]}))
+    );
+    let (status, body) = tcp_request(&cluster, "GET", "/boom", None);
+    assert_eq!((status, &body["error"]), (500, &serde_json::json!("boom")));
+    let (status, body) = tcp_request(&cluster, "GET", "/nowhere", None);
+    assert_eq!(
+        (status, &body["error"]),
+        (404, &serde_json::json!("not found"))
+    );
+}
+
+#[test]
+fn an_es_module_runs_under_node() {
+    if !node_or_skip() {
+        return;
+    }
+    let script = node_script("server.mjs");
+    let mut cluster = Cluster::start(2, &["--".as_ref(), script.as_os_str()]);
+    let workers = pids(&cluster.started_from(0));
+    let served: BTreeSet<u32> = (0..4)
+        .map(|_| {
+            let (status, body) = tcp_request(&cluster, "GET", "/", None);
+            assert_eq!((status, &body["module"]), (200, &serde_json::json!("esm")));
+            pid(&body)
+        })
+        .collect();
+    assert_eq!(served, workers);
+    cluster.signal(Signal::SIGTERM);
+    assert!(cluster.wait_exit().success(), "{}", cluster.log.tail(20));
+}
