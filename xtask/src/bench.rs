@@ -224,7 +224,7 @@ pub(crate) fn run(options: BenchOptions) -> Result<()> {
     }
     if wanted(Group::Cluster) {
         group("fork to listening and respawn", &|| {
-            cluster::run(&ctx, &demo)
+            cluster::run(&ctx, &demo, &command)
         })?;
     }
     let machine = machine::Machine::probe(&ctx);

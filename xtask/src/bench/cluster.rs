@@ -1,7 +1,8 @@
-//! Cluster start-up workloads, measured from outside: the time from starting httpd-demo
-//! (or a Node 20 cluster, `xtask/peers/node_cluster_http.js`) to its `listening on` line,
-//! and from SIGKILL of one worker to the `worker listening` line of its replacement. Every
-//! round starts a fresh server, so httpd-demo's restart backoff is always at its first
+//! Cluster start-up workloads, measured from outside: the time from starting httpd-demo,
+//! the `cluster` command with Node workers, or a Node 20 cluster (the last two run
+//! `xtask/peers/node_cluster_http.js`) to its `listening on` line with every worker
+//! listening, and from SIGKILL of one worker to the line saying its replacement listens.
+//! Every round starts a fresh server, so the restart backoff is always at its first
 //! (shortest) step.
 
 use std::path::Path;
@@ -43,7 +44,9 @@ fn measure(name: &str, mut command: Command) -> Result<Round> {
         if line.contains("restarting a worker") {
             backoff_ms = parse_delay(&line);
         }
-        if line.contains("worker listening") {
+        // httpd-demo and the Node peer: `worker listening`; the command: `worker N is
+        // listening on`.
+        if line.contains("worker listening") || line.contains(" is listening on ") {
             break at;
         }
     };
@@ -71,7 +74,7 @@ fn parse_delay(line: &str) -> Option<f64> {
 }
 
 /// fork_to_listening and respawn_to_listening.
-pub(super) fn run(ctx: &Ctx, demo: &Path) -> Result<Vec<Workload>> {
+pub(super) fn run(ctx: &Ctx, demo: &Path, cluster_command: &Path) -> Result<Vec<Workload>> {
     let rounds = if ctx.quick { 5 } else { 11 };
     let demo_command = || {
         let mut command = piped(demo);
@@ -89,12 +92,24 @@ pub(super) fn run(ctx: &Ctx, demo: &Path) -> Result<Vec<Workload>> {
             .env("NODE_CLUSTER_SCHED_POLICY", "rr");
         command
     };
+    let with_node_workers = || {
+        let mut command = piped(cluster_command);
+        command
+            .args(["--workers", &WORKERS.to_string(), "--policy", "rr"])
+            .args(["--grace", "1", "--"])
+            .arg(ctx.peers_dir().join("node_cluster_http.js"))
+            .arg("0");
+        command
+    };
     let (demo_name, node_name) = ("httpd-demo rr", "Node cluster rr");
+    let command_name = "cluster command rr (Node workers)";
     let mut demo_rounds = Vec::new();
     let mut node_rounds = Vec::new();
+    let mut command_rounds = Vec::new();
     for round in 1..=rounds {
         demo_rounds.push(measure(demo_name, demo_command())?);
         if ctx.node.installed {
+            command_rounds.push(measure(command_name, with_node_workers())?);
             node_rounds.push(measure(node_name, node_command())?);
         }
         let last = |r: &[Round]| {
@@ -103,8 +118,10 @@ pub(super) fn run(ctx: &Ctx, demo: &Path) -> Result<Vec<Workload>> {
             })
         };
         println!(
-            "  round {round}/{rounds}: start/respawn {demo_name} {}, {node_name} {}",
+            "  round {round}/{rounds}: start/respawn {demo_name} {}, {command_name} {}, \
+             {node_name} {}",
             last(&demo_rounds),
+            last(&command_rounds),
             last(&node_rounds)
         );
     }
@@ -123,12 +140,20 @@ pub(super) fn run(ctx: &Ctx, demo: &Path) -> Result<Vec<Workload>> {
             }
         }
     };
+    // The command's rows exist only with Node (its workers are Node programs).
+    let subjects = |f: fn(&Round) -> f64| {
+        let mut all = vec![series(demo_name, &demo_rounds, f)];
+        if ctx.node.installed {
+            all.push(series(command_name, &command_rounds, f));
+        }
+        all
+    };
     let start = Workload {
         key: "fork_to_listening",
         title: "cluster start: spawn of the primary to `listening on` (2 workers)".to_owned(),
         unit: "ms",
         better: Better::Lower,
-        subjects: vec![series(demo_name, &demo_rounds, |r| r.start_ms)],
+        subjects: subjects(|r| r.start_ms),
         peers: vec![peer(&node_rounds, |r| r.start_ms)],
         notes: vec![format!(
             "a fresh server per round, {rounds} rounds interleaved; measured from outside"
@@ -139,7 +164,7 @@ pub(super) fn run(ctx: &Ctx, demo: &Path) -> Result<Vec<Workload>> {
         title: "respawn: SIGKILL of a worker to its replacement listening".to_owned(),
         unit: "ms",
         better: Better::Lower,
-        subjects: vec![series(demo_name, &demo_rounds, |r| r.respawn_ms)],
+        subjects: subjects(|r| r.respawn_ms),
         peers: vec![peer(&node_rounds, |r| r.respawn_ms)],
         notes: vec!["the Node peer forks a replacement at once on `exit`".to_owned()],
     };
