@@ -74,8 +74,9 @@ pub struct Child {
     pub stderr: Option<ChildStderr>,
     extra: Vec<(usize, OwnedFd)>,
     channel: Option<Channel>,
-    /// The format of the channel (from [`SpawnOptions::serialization`]).
-    channel_format: ipc::Format,
+    /// The channel's limits and format (from [`SpawnOptions::channel_config`] and
+    /// [`SpawnOptions::serialization`]).
+    channel_config: ipc::Config,
     /// The signal a still-running child gets when this handle is dropped.
     pub(crate) kill_on_drop: Option<Signal>,
 }
@@ -144,7 +145,7 @@ pub(crate) fn spawn_with(
         }
     };
     child.kill_on_drop = options.kill_on_drop.then_some(Signal::SIGKILL);
-    child.channel_format = options.serialization;
+    child.channel_config = (options.channel_config.clone()).format(options.serialization);
     let (timeout, cancel) = options.take_deadlines();
     if timeout.is_some() || cancel.is_some() {
         tokio::spawn(enforce_deadline(
@@ -232,7 +233,7 @@ impl Child {
             extra,
             channel,
             kill_on_drop: None,
-            channel_format: ipc::Format::Postcard,
+            channel_config: ipc::Config::new(),
         })
     }
 
@@ -387,10 +388,8 @@ impl Child {
         if let Some(Channel::Fd(_)) = &self.channel
             && let Some(Channel::Fd(fd)) = self.channel.take()
         {
-            let config = ipc::Config::new().format(self.channel_format);
-            self.channel = Some(Channel::Ready(Box::new(ipc::Channel::from_fd_with(
-                fd, &config,
-            )?)));
+            let channel = ipc::Channel::from_fd_with(fd, &self.channel_config)?;
+            self.channel = Some(Channel::Ready(Box::new(channel)));
         }
         match &mut self.channel {
             Some(Channel::Ready(channel)) => Ok(channel),

@@ -78,6 +78,8 @@ pub struct SpawnOptions {
     pub(crate) parent_death_signal: Option<Signal>,
     /// The format of the `Stdio::Ipc` channel.
     pub(crate) serialization: ipc::Format,
+    /// The limits of the `Stdio::Ipc` channel (its format is `serialization`).
+    pub(crate) channel_config: ipc::Config,
 }
 
 impl Default for SpawnOptions {
@@ -97,6 +99,7 @@ impl Default for SpawnOptions {
             kill_on_drop: false,
             parent_death_signal: None,
             serialization: ipc::Format::Postcard,
+            channel_config: ipc::Config::new(),
         }
     }
 }
@@ -241,6 +244,14 @@ impl SpawnOptions {
     /// `process.send`.
     pub fn serialization(mut self, format: ipc::Format) -> Self {
         self.serialization = format;
+        self
+    }
+
+    /// The limits and buffers of the [`Stdio::Ipc`] channel on this side (frame size,
+    /// descriptors per message, hold-back of a JSON channel...; default
+    /// [`ipc::Config::new`]). Its format is always [`serialization`](Self::serialization)'s.
+    pub fn channel_config(mut self, config: ipc::Config) -> Self {
+        self.channel_config = config;
         self
     }
 

@@ -80,6 +80,7 @@ const DEFAULT_SOCKET_SEND_BUFFER: usize = 4 * 1024 * 1024;
 const DEFAULT_HOLD_BACK: HoldBack = HoldBack {
     messages: 1024,
     bytes: 16 * 1024 * 1024,
+    handles: 1,
 };
 
 /// Limits and buffer sizes of a channel. Both ends should use the same limits.
@@ -155,7 +156,24 @@ impl Config {
         self.hold_back = HoldBack {
             messages: messages.max(1),
             bytes,
+            ..self.hold_back
         };
+        self
+    }
+
+    /// How many handles a [`Format::Json`] sender may have waiting for the peer's
+    /// `NODE_HANDLE_ACK` at once (default 1, Node's own rule; at least 1). Above one,
+    /// handles sent one after another go out back to back instead of one per round trip;
+    /// each still starts its own write, so a Node receiver reads at most one descriptor
+    /// per read, and the answers are matched in the order the handles went. A message
+    /// without a handle still waits until every handle before it is answered, as in Node
+    /// (a Node receiver delivers a handle's message a tick after a plain one read with it,
+    /// so only the wait keeps the order). The cost: a handle the peer refuses
+    /// (`NODE_HANDLE_NACK`, after a lost descriptor) is sent again after the handles that
+    /// followed it. On Linux the kernel holds a passed descriptor from the `sendmsg` on,
+    /// so nothing else depends on the answer.
+    pub fn handles_in_flight(mut self, handles: usize) -> Self {
+        self.hold_back.handles = handles.max(1);
         self
     }
 

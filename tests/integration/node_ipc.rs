@@ -30,10 +30,15 @@ fn have_node() -> bool {
 
 /// Forks `node tests/node/peer.js` with a JSON channel, as Node's `fork` does.
 fn node_peer() -> Child {
+    node_peer_with(ipc::Config::new())
+}
+
+/// [`node_peer`] with this side's channel limits.
+fn node_peer_with(config: ipc::Config) -> Child {
     let options = ForkOptions::new()
         .serialization(Format::Json)
         .exec_path("node")
-        .map_spawn_options(|o| o.kill_on_drop(true));
+        .map_spawn_options(|o| o.kill_on_drop(true).channel_config(config));
     child::fork(node_script("peer.js"), child::NO_ARGS, options).expect("fork node")
 }
 
@@ -173,6 +178,33 @@ async fn a_hundred_handles_each_way_with_a_node_child() {
         u64::from(listener.local_addr().unwrap().port()),
         done["port"].as_u64().unwrap()
     );
+}
+
+#[tokio::test]
+async fn handles_sent_eight_at_a_time_reach_node_each_with_its_message() {
+    if !have_node() {
+        return;
+    }
+    let mut peer = node_peer_with(ipc::Config::new().handles_in_flight(8));
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    // Handles go out without waiting for each ACK; plain messages between them keep
+    // their place in the stream.
+    for i in 0..100 {
+        let fd = OwnedFd::from(listener.try_clone().unwrap());
+        peer.send_with_fds(&json!({"op": "count", "i": i}), vec![fd])
+            .await
+            .unwrap();
+        if i % 10 == 0 {
+            peer.send(&json!({"op": "echo", "after": i})).await.unwrap();
+        }
+    }
+    for i in 0..100 {
+        let (m, _) = next(&mut peer).await;
+        assert_eq!(m, json!({"op": "counted", "i": i, "handles": i + 1}));
+        if i % 10 == 0 {
+            assert_eq!(next(&mut peer).await.0, json!({"op": "echo", "after": i}));
+        }
+    }
 }
 
 #[tokio::test]

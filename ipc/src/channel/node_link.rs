@@ -4,7 +4,13 @@
 //!
 //! Node's rule: after a `NODE_HANDLE` line, the sender writes nothing but `NODE_HANDLE_ACK`
 //! and `NODE_HANDLE_NACK` lines until the peer answered; a `NACK` makes it send the handle
-//! again (up to 3 more times). The receiving half reads the answers and writes the
+//! again (up to 3 more times). With [`HoldBack::handles`] above one (opt-in, see
+//! [`Config::handles_in_flight`](crate::Config::handles_in_flight)) up to that many handle
+//! lines go out back to back and wait for their answers at once, answered in the order
+//! sent; each still starts its own `sendmsg`, so the peer reads at most one descriptor per
+//! read, as Node's receiver requires. Any other line still waits until every handle is
+//! answered: Node delivers a handle's message a tick later than a plain message read with
+//! it, so only that wait keeps the order. The receiving half reads the answers and writes the
 //! acknowledgements for the peer's handles, so both halves write: every write goes through
 //! this one [`LinkState`], under a mutex that is never held across an `.await`.
 
@@ -51,15 +57,18 @@ pub(crate) struct HoldBack {
     pub(crate) messages: usize,
     /// Bytes of the messages.
     pub(crate) bytes: usize,
+    /// Handles sent and not yet answered, at most (Node's rule: 1).
+    pub(crate) handles: usize,
 }
 
 #[derive(Debug)]
 pub(crate) struct LinkState {
     /// Bytes to write, in order.
     pub(crate) buf: BytesMut,
-    /// Whether the in-flight handle's descriptor goes with the first byte of `buf`.
+    /// Whether the newest in-flight handle's descriptor goes with the first byte of `buf`.
     fd_at_front: bool,
-    in_flight: Option<InFlight>,
+    /// Handles sent and not yet answered, oldest first (the peer answers in order).
+    in_flight: VecDeque<InFlight>,
     /// Messages waiting for the in-flight handle's acknowledgement (or, for a handle, for
     /// `buf` to be written out so that its descriptor rides on its first byte).
     held: VecDeque<Line>,
@@ -86,7 +95,7 @@ impl NodeLink {
             state: Mutex::new(LinkState {
                 buf: BytesMut::new(),
                 fd_at_front: false,
-                in_flight: None,
+                in_flight: VecDeque::new(),
                 held: VecDeque::new(),
                 held_bytes: 0,
                 limits,
@@ -116,16 +125,27 @@ impl NodeLink {
 }
 
 impl LinkState {
-    /// Whether a message can go straight into the write buffer: nothing held back and no
-    /// handle waiting for its answer.
+    /// Whether a message without a handle can go straight into the write buffer: nothing
+    /// held back and no handle waiting for its answer.
     pub(crate) fn is_open(&self) -> bool {
-        self.in_flight.is_none() && self.held.is_empty()
+        self.held.is_empty() && self.may_go(false)
     }
 
-    /// Queues a line: into the write buffer if it may go now, else behind the handle in
+    /// Whether a line may start now, ignoring what is held back: a handle once its
+    /// descriptor can ride on its first byte and the in-flight bound has room; another
+    /// line once no handle waits for its answer.
+    fn may_go(&self, handle: bool) -> bool {
+        if handle {
+            self.buf.is_empty() && self.in_flight.len() < self.limits.handles
+        } else {
+            self.in_flight.is_empty()
+        }
+    }
+
+    /// Queues a line: into the write buffer if it may go now, else behind the handles in
     /// flight. Gives the line back when the hold-back queue is full.
     pub(crate) fn enqueue(&mut self, line: Line) -> Result<(), Line> {
-        if self.is_open() && (line.fd.is_none() || self.buf.is_empty()) {
+        if self.held.is_empty() && self.may_go(line.fd.is_some()) {
             self.start(line);
             return Ok(());
         }
@@ -143,8 +163,8 @@ impl LinkState {
     /// Appends a line to the write buffer; a handle becomes the one in flight.
     fn start(&mut self, line: Line) {
         if let Some(fd) = line.fd {
-            debug_assert!(self.buf.is_empty() && self.in_flight.is_none());
-            self.in_flight = Some(InFlight {
+            debug_assert!(self.buf.is_empty() && self.in_flight.len() < self.limits.handles);
+            self.in_flight.push_back(InFlight {
                 line: line.bytes.clone(),
                 fd,
                 attempts: line.sent + 1,
@@ -158,11 +178,8 @@ impl LinkState {
     /// moved.
     fn pump(&mut self) -> bool {
         let mut moved = false;
-        while self.in_flight.is_none() {
-            let Some(front) = self.held.front() else {
-                break;
-            };
-            if front.fd.is_some() && !self.buf.is_empty() {
+        while let Some(front) = self.held.front() {
+            if !self.may_go(front.fd.is_some()) {
                 break;
             }
             let line = self.held.pop_front().expect("a front line");
@@ -179,35 +196,26 @@ impl LinkState {
         self.buf.extend_from_slice(line);
     }
 
-    /// The peer acknowledged the handle in flight: close our copy, let the next messages
-    /// go. An answer to no handle is ignored, as Node does.
+    /// The peer acknowledged the oldest handle in flight: close our copy, let the next
+    /// messages go. An answer to no handle is ignored, as Node does.
     pub(crate) fn acknowledged(&mut self) -> bool {
-        self.in_flight = None;
+        self.in_flight.pop_front();
         self.pump()
     }
 
-    /// The peer did not get the handle's descriptor: send it again, up to Node's limit.
+    /// The peer did not get the oldest handle's descriptor: send it again, up to Node's
+    /// limit, behind what is being written and ahead of everything held back.
     pub(crate) fn refused(&mut self) -> bool {
-        if let Some(in_flight) = self.in_flight.take() {
+        if let Some(in_flight) = self.in_flight.pop_front() {
             if in_flight.attempts > MAX_RETRANSMISSIONS {
                 self.dropped = Some(in_flight.attempts);
-            } else if self.buf.is_empty() {
-                self.buf.extend_from_slice(&in_flight.line);
-                self.fd_at_front = true;
-                self.in_flight = Some(InFlight {
-                    attempts: in_flight.attempts + 1,
-                    ..in_flight
-                });
-                return true;
             } else {
-                // Behind what is being written, ahead of everything held back.
                 self.held_bytes += in_flight.line.len();
                 self.held.push_front(Line {
                     bytes: in_flight.line,
                     fd: Some(in_flight.fd),
                     sent: in_flight.attempts,
                 });
-                return self.pump();
             }
         }
         self.pump()
@@ -228,7 +236,7 @@ impl LinkState {
                     return Ok(true);
                 }
             }
-            let written = match (&self.in_flight, self.fd_at_front) {
+            let written = match (self.in_flight.back(), self.fd_at_front) {
                 (Some(in_flight), true) => {
                     sys::send(io.as_fd(), &self.buf, std::slice::from_ref(&in_flight.fd))?
                 }
@@ -253,9 +261,14 @@ mod tests {
     use super::*;
 
     fn link() -> LinkState {
+        link_with(2, 1)
+    }
+
+    fn link_with(messages: usize, handles: usize) -> LinkState {
         NodeLink::new(HoldBack {
-            messages: 2,
+            messages,
             bytes: 1024,
+            handles,
         })
         .state
         .into_inner()
@@ -327,5 +340,33 @@ mod tests {
         state.refused();
         assert_eq!(state.take_dropped(), Some(MAX_RETRANSMISSIONS + 1));
         assert_eq!(written(&mut state), "after;");
+    }
+
+    #[test]
+    fn several_handles_in_flight_each_start_a_write_and_are_answered_in_order() {
+        let mut state = link_with(4, 2);
+        state.enqueue(line("h1;", true)).unwrap();
+        state.enqueue(line("h2;", true)).unwrap();
+        state.enqueue(line("h3;", true)).unwrap();
+        state.enqueue(line("m;", false)).unwrap();
+        assert!(state.fd_at_front);
+        assert_eq!(written(&mut state), "h1;");
+        assert!(state.fd_at_front, "the second handle starts its own write");
+        assert_eq!(written(&mut state), "h2;");
+        // Two in flight: the third waits, and what is queued behind it keeps its place.
+        assert_eq!(written(&mut state), "");
+        assert_eq!(state.in_flight.len(), 2);
+        // The peer refuses h1: it goes again at once (h2 alone is in flight), ahead of h3.
+        state.refused();
+        assert_eq!(written(&mut state), "h1;");
+        assert_eq!(written(&mut state), "", "h3 waits for room");
+        assert!(state.acknowledged(), "h2 answered: h3 may go");
+        assert_eq!(written(&mut state), "h3;");
+        // A plain message waits until every handle ahead of it is answered.
+        assert!(!state.acknowledged(), "h3 is still in flight");
+        assert_eq!(written(&mut state), "");
+        assert!(state.acknowledged());
+        assert_eq!(written(&mut state), "m;");
+        assert!(state.in_flight.is_empty() && state.is_open());
     }
 }

@@ -3,6 +3,10 @@
 
 use super::*;
 
+/// How many `NODE_HANDLE` lines a Node worker's channel may have unacknowledged: the
+/// round-robin window of one server (more wait in the channel's bounded hold-back queue).
+const NODE_HANDLES_IN_FLIGHT: usize = crate::protocol::HANDOFF_WINDOW;
+
 impl Driver {
     pub(super) fn fork(
         &mut self,
@@ -19,6 +23,10 @@ impl Driver {
         let node = self.node.is_some();
         let options = options.map_spawn_options(|mut options| {
             if node {
+                // Round-robin hand-offs go out as the window allows (one NODE_HANDLE line
+                // per write) instead of one per round trip to the worker's ACK.
+                options = options
+                    .channel_config(ipc::Config::new().handles_in_flight(NODE_HANDLES_IN_FLIGHT));
                 // What makes `require('cluster').isWorker` true in the script.
                 options = options.env(crate::env::NODE_UNIQUE_ID_ENV, crate::env::format_id(id));
             }
