@@ -17,7 +17,7 @@ use nix::sys::socket::{
 /// empty they travel as one `SCM_RIGHTS` control message with the first byte.
 ///
 /// `MSG_NOSIGNAL` turns a write to a closed peer into `EPIPE` instead of `SIGPIPE`.
-pub(crate) fn send(sock: BorrowedFd<'_>, data: &[u8], fds: &[OwnedFd]) -> io::Result<usize> {
+pub(crate) fn send<F: AsRawFd>(sock: BorrowedFd<'_>, data: &[u8], fds: &[F]) -> io::Result<usize> {
     let flags = MsgFlags::MSG_NOSIGNAL | MsgFlags::MSG_DONTWAIT;
     let result = if fds.is_empty() {
         nix::sys::socket::send(sock.as_raw_fd(), data, flags)

@@ -19,7 +19,7 @@ use tokio_util::time::{DelayQueue, delay_queue};
 mod fork;
 mod tasks;
 
-use self::tasks::{Outgoing, forward_output, read_worker, wait_worker, write_control};
+use self::tasks::{Fds, Outgoing, forward_output, read_worker, wait_worker, write_control};
 use super::core::{
     CONTROL_QUEUE, Command as CoreCommand, Config, ConnId, Core, Effect, FdRef, Input, Outcome,
     RequestId, Timer,
@@ -56,7 +56,7 @@ enum Internal {
 #[derive(Debug)]
 struct Link {
     child: Arc<child::Child>,
-    control: mpsc::Sender<(Outgoing, Vec<OwnedFd>)>,
+    control: mpsc::Sender<(Outgoing, Fds)>,
     user: UserSender,
     /// `Some` for a Node worker: its side of Node's protocol, which this link translates.
     node: Option<NodeWorker>,
@@ -67,8 +67,8 @@ impl Link {
     fn queue(
         &mut self,
         message: &ToWorker,
-        fds: Vec<OwnedFd>,
-    ) -> Result<(), mpsc::error::TrySendError<(Outgoing, Vec<OwnedFd>)>> {
+        fds: Fds,
+    ) -> Result<(), mpsc::error::TrySendError<(Outgoing, Fds)>> {
         let outgoing = match &mut self.node {
             Some(node) => Outgoing::Node(node.outgoing(message)),
             None => Outgoing::Cluster(message.clone()),
@@ -97,7 +97,7 @@ pub(crate) struct Driver {
     node: Option<OsString>,
     links: HashMap<WorkerId, Link>,
     listeners: Listeners,
-    conns: HashMap<ConnId, OwnedFd>,
+    conns: HashMap<ConnId, Arc<OwnedFd>>,
     next_conn: u64,
     timers: DelayQueue<Timer>,
     timer_keys: HashMap<Timer, delay_queue::Key>,
@@ -203,7 +203,7 @@ impl Driver {
                 (key, stream) = std::future::poll_fn(|cx| listeners.poll_accept(cx)), if accepts => {
                     let conn = ConnId(self.next_conn);
                     self.next_conn += 1;
-                    self.conns.insert(conn, stream);
+                    self.conns.insert(conn, Arc::new(stream));
                     self.input(Input::Connection { key, conn });
                 }
                 Some(expired) = std::future::poll_fn(|cx| timers.poll_expired(cx)), if has_timers => {
@@ -492,7 +492,7 @@ impl Driver {
             FromNode::Malformed(reason) => Input::Malformed { id, reason },
             FromNode::Ignore => return,
             FromNode::Reply(reply) => {
-                match link.control.try_send((Outgoing::Node(reply), Vec::new())) {
+                match link.control.try_send((Outgoing::Node(reply), Fds::none())) {
                     Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => return,
                     Err(mpsc::error::TrySendError::Full(_)) => Input::SendFailed { id },
                 }
@@ -503,17 +503,25 @@ impl Driver {
 
     /// Queues a control message; a full queue is the worker's fault (see [`CONTROL_QUEUE`]).
     fn send(&mut self, id: WorkerId, message: ToWorker, fd: Option<FdRef>) -> Option<Input> {
-        self.links.get(&id)?;
+        let node = self.links.get(&id)?.node.is_some();
         let fds = match fd {
-            None => Ok(Vec::new()),
-            Some(FdRef::Conn(conn)) => self
-                .conns
-                .get(&conn)
-                .ok_or_else(|| std::io::Error::from_raw_os_error(libc::EBADF))
-                .and_then(OwnedFd::try_clone)
-                .map(|copy| vec![copy]),
+            None => Ok(Fds::none()),
+            Some(FdRef::Conn(conn)) => {
+                let conn = self
+                    .conns
+                    .get(&conn)
+                    .ok_or_else(|| std::io::Error::from_raw_os_error(libc::EBADF));
+                if node {
+                    // A Node channel keeps its own copy until the ACK; a failed copy
+                    // (out of descriptors) is a failed hand-off, known now.
+                    conn.and_then(|c| c.try_clone())
+                        .map(|copy| Fds::Owned(vec![copy]))
+                } else {
+                    conn.map(|c| Fds::Conn(Arc::clone(c)))
+                }
+            }
             Some(FdRef::Listener { key, socket }) => {
-                self.listeners.copy(&key, socket).map(|fd| vec![fd])
+                (self.listeners.copy(&key, socket)).map(|fd| Fds::Owned(vec![fd]))
             }
         };
         let fds = match (fds, &message) {
@@ -529,12 +537,12 @@ impl Driver {
                 let result = Err(errno);
                 let reply = ToWorker::QueryReply { seq: *seq, result };
                 let link = self.links.get_mut(&id)?;
-                link.queue(&reply, Vec::new())
+                link.queue(&reply, Fds::none())
                     .err()
                     .map(|_| Input::SendFailed { id })?;
                 return None;
             }
-            (Err(_), ToWorker::Disconnect) => Vec::new(),
+            (Err(_), ToWorker::Disconnect) => Fds::none(),
         };
         let link = self.links.get_mut(&id)?;
         match link.queue(&message, fds) {

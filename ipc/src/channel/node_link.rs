@@ -240,7 +240,7 @@ impl LinkState {
                 (Some(in_flight), true) => {
                     sys::send(io.as_fd(), &self.buf, std::slice::from_ref(&in_flight.fd))?
                 }
-                _ => sys::send(io.as_fd(), &self.buf, &[])?,
+                _ => sys::send::<OwnedFd>(io.as_fd(), &self.buf, &[])?,
             };
             self.fd_at_front = false;
             self.buf.advance(written);

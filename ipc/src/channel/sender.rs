@@ -1,7 +1,7 @@
 //! The write half of a channel: [`Sender`], its bounded write buffer and, on a Node
 //! channel, the hold-back of messages behind an unacknowledged handle.
 
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
 
 use bytes::{Buf, BytesMut};
@@ -104,6 +104,52 @@ impl Sender {
     ) -> Result<(), Error> {
         self.feed(Lane::User, message, fds).await?;
         self.flush().await
+    }
+
+    /// Sends a message on `lane` with descriptors that stay the caller's: the peer gets
+    /// its own copies, and nothing is duplicated or closed here. For a descriptor the
+    /// sender keeps after sending (a connection it may hand to another peer if this one
+    /// refuses it), this saves the `dup` and `close` that [`send_with_fds`] with a
+    /// `try_clone` costs. Waits until the socket has taken the whole message (anything
+    /// fed before goes first). On a [`Format::Json`] channel, which keeps a handle until
+    /// the peer's acknowledgement, the descriptor is duplicated after all.
+    ///
+    /// [`send_with_fds`]: Sender::send_with_fds
+    pub async fn send_borrowed<T: Serialize + ?Sized>(
+        &mut self,
+        lane: Lane,
+        message: &T,
+        fds: &[BorrowedFd<'_>],
+    ) -> Result<(), Error> {
+        if self.node.is_some() {
+            let owned = fds
+                .iter()
+                .map(|fd| fd.try_clone_to_owned())
+                .collect::<Result<Vec<_>, _>>()?;
+            self.feed(lane, message, owned).await?;
+            return self.flush().await;
+        }
+        if !self.buf.is_empty() {
+            self.flush().await?;
+        }
+        let encoded = self.codec.encode(lane, fds.len(), message, &mut self.buf);
+        self.grown |= self.buf.capacity() > self.high_water.max(RETAINED_BUFFER);
+        if let Err(err) = encoded {
+            self.give_back();
+            return Err(err);
+        }
+        // The descriptors ride on the first sendmsg that takes bytes of the frame.
+        let mut pending = fds;
+        while !self.buf.is_empty() {
+            let (io, buf) = (&self.io, &self.buf);
+            let written = io
+                .async_io(Interest::WRITABLE, || sys::send(io.as_fd(), buf, pending))
+                .await?;
+            pending = &[];
+            self.buf.advance(written);
+        }
+        self.give_back();
+        Ok(())
     }
 
     /// Sends a message on the control lane, optionally with descriptors.
@@ -261,5 +307,41 @@ impl Sender {
             nix::sys::socket::Shutdown::Write,
         )
         .map_err(|e| Error::from(std::io::Error::from(e)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Write};
+    use std::os::fd::AsFd;
+
+    use crate::{Channel, Lane};
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_borrowed_descriptor_reaches_the_peer_and_stays_open_here() {
+        let (mut a, mut b) = Channel::pair().expect("pair");
+        let (mut reader, writer) = std::io::pipe().expect("pipe");
+        // Something fed before goes first, on its own write.
+        a.sender().feed(Lane::User, &1u8, Vec::new()).await.unwrap();
+        a.sender()
+            .send_borrowed(Lane::Control, &2u8, &[writer.as_fd()])
+            .await
+            .unwrap();
+        let first = b.recv().await.unwrap().expect("a message");
+        assert_eq!(
+            (first.lane(), first.decode::<u8>().unwrap()),
+            (Lane::User, 1)
+        );
+        let mut second = b.recv().await.unwrap().expect("a message");
+        assert_eq!(second.decode::<u8>().unwrap(), 2);
+        let copy = second.take_fds().pop().expect("the descriptor came");
+        std::fs::File::from(copy).write_all(b"peer ").unwrap();
+        // Ours is still open: the pipe has two writers until both are closed.
+        let mut ours = std::fs::File::from(std::os::fd::OwnedFd::from(writer));
+        ours.write_all(b"and us").unwrap();
+        drop(ours);
+        let mut text = String::new();
+        reader.read_to_string(&mut text).unwrap();
+        assert_eq!(text, "peer and us");
     }
 }

@@ -1,7 +1,7 @@
 //! The driver's per-worker tasks: they only move bytes (frames in, control messages out,
 //! the exit, silent output) and tell the driver what happened.
 
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 
 use tokio::io::{AsyncBufReadExt, AsyncReadExt};
@@ -21,18 +21,46 @@ pub(super) enum Outgoing {
     Node(ipc::InternalMessage),
 }
 
+/// The descriptors that go with a control message.
+#[derive(Debug)]
+pub(super) enum Fds {
+    /// Copies of the driver's, closed once sent (a listening socket, a Node hand-off).
+    Owned(Vec<OwnedFd>),
+    /// A connection the driver keeps until the worker took it, sent without a copy (no
+    /// `dup` and `close` per hand-off); it closes when the last holder lets go.
+    Conn(Arc<OwnedFd>),
+}
+
+impl Fds {
+    pub(super) fn none() -> Self {
+        Self::Owned(Vec::new())
+    }
+}
+
 /// The longest output line forwarded as one event; longer lines are split.
 const MAX_OUTPUT_LINE: usize = 64 * 1024;
 
-pub(super) async fn write_control(
-    sender: UserSender,
-    mut rx: mpsc::Receiver<(Outgoing, Vec<OwnedFd>)>,
-) {
+pub(super) async fn write_control(sender: UserSender, mut rx: mpsc::Receiver<(Outgoing, Fds)>) {
     while let Some((message, fds)) = rx.recv().await {
         let mut sender = sender.lock().await;
-        let sent = match message {
-            Outgoing::Cluster(message) => sender.send_control(&message, fds).await,
-            Outgoing::Node(message) => sender.send_internal(&message, fds).await,
+        let sent = match (message, fds) {
+            (Outgoing::Cluster(message), Fds::Owned(fds)) => {
+                sender.send_control(&message, fds).await
+            }
+            (Outgoing::Cluster(message), Fds::Conn(conn)) => {
+                let fds = [conn.as_fd()];
+                sender
+                    .send_borrowed(ipc::Lane::Control, &message, &fds)
+                    .await
+            }
+            (Outgoing::Node(message), Fds::Owned(fds)) => sender.send_internal(&message, fds).await,
+            (Outgoing::Node(message), Fds::Conn(conn)) => {
+                // A JSON channel keeps the handle until the ACK: it copies it anyway.
+                let fds = [conn.as_fd()];
+                sender
+                    .send_borrowed(ipc::Lane::Control, &message, &fds)
+                    .await
+            }
         };
         if let Err(e) = sent {
             tracing::debug!(error = %e, "channel to a worker closed");
