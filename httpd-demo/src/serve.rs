@@ -2,6 +2,7 @@
 
 use std::future::Future;
 use std::io;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -162,14 +163,14 @@ impl Drop for OpenGuard {
 /// closes); one idle for [`IDLE_CLOSE`] is shut down (hyper closes an idle connection at
 /// once). At [`Phase::Abort`] the connection is dropped.
 async fn watch_connection<C>(
-    connection: C,
+    mut connection: Pin<Box<C>>,
     activity: ActivityCell,
     mut phases: watch::Receiver<Phase>,
+    _open: OpenGuard,
 ) where
     C: GracefulConnection,
     C::Error: std::fmt::Display,
 {
-    tokio::pin!(connection);
     let mut seen = Phase::Serving;
     let mut shut_down = false;
     let recheck = tokio::time::sleep(Duration::ZERO);

@@ -49,11 +49,10 @@ pub(super) fn serve_one(
             }
         }
     });
-    let connection = http.serve_connection(Stream(TokioIo::new(stream)), service);
-    async move {
-        watch_connection(connection, activity, phases).await;
-        drop(guard);
-    }
+    // Boxed, so that the task's future is a few words rather than hyper's whole state,
+    // which spawning would otherwise copy several times over.
+    let connection = Box::pin(http.serve_connection(Stream(TokioIo::new(stream)), service));
+    watch_connection(connection, activity, phases, guard)
 }
 
 /// The accepted socket as hyper reads and writes it.
