@@ -105,15 +105,24 @@ struct InFlight<'a>(&'a AppState);
 
 impl<'a> InFlight<'a> {
     fn enter(state: &'a AppState) -> Self {
-        state.in_flight.send_modify(|n| *n += 1);
+        count(&state.in_flight, |n| *n += 1);
         Self(state)
     }
 }
 
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
-        self.0.in_flight.send_modify(|n| *n -= 1);
+        count(&self.0.in_flight, |n| *n -= 1);
     }
+}
+
+/// Changes the count; wakes its watchers only if there are any (a test or a drain log
+/// that subscribes later reads the current count), so a request costs no notification.
+fn count(in_flight: &watch::Sender<usize>, change: impl FnOnce(&mut usize)) {
+    in_flight.send_if_modified(|n| {
+        change(n);
+        in_flight.receiver_count() > 0
+    });
 }
 
 async fn route<B>(req: &Request<B>, state: &AppState) -> Response<Full<Bytes>> {

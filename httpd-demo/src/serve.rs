@@ -1,22 +1,20 @@
 //! Serving HTTP/1.1 with keep-alive on accepted connections, and draining them.
 
-use std::convert::Infallible;
 use std::future::Future;
 use std::io;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use hyper::server::conn::http1;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulConnection;
 use tokio::net::TcpStream;
-use tokio::sync::watch;
-use tokio::task::JoinSet;
+use tokio::sync::{Notify, watch};
 
-use crate::app::{self, AppState};
+use crate::app::AppState;
 
 mod activity;
+mod conn;
 
 use activity::{ActivityCell, DrainStep, IDLE_CLOSE};
 
@@ -46,19 +44,24 @@ impl Accept for tokio::net::TcpListener {
 /// response says `Connection: close` (a keep-alive connection's next request is still
 /// answered), connections idle for [`IDLE_CLOSE`] are closed, and whatever is still open
 /// after `grace` is dropped.
+///
+/// Each connection is a detached task (no join set to insert it into and reap it from);
+/// [`Open`] counts them, and the `phase` watch tells them when to drain and when to give up.
 pub(crate) async fn serve(
     mut listener: impl Accept,
     stopping: impl Future<Output = ()>,
     grace: Duration,
     state: Arc<AppState>,
 ) -> Drained {
-    let (drain, draining) = watch::channel(false);
-    let mut connections = JoinSet::new();
-    let mut http = http1::Builder::new();
-    http.keep_alive(true).timer(TokioTimer::new());
+    let (phase, phases) = watch::channel(Phase::Serving);
+    let open = Arc::new(Open::default());
+    let http = conn::builder();
     tokio::pin!(stopping);
     loop {
+        // Accepting first: under load the loop takes every ready connection before it
+        // looks at `stopping` again.
         let stream = tokio::select! {
+            biased;
             next = listener.accept() => match next {
                 Some(Ok(stream)) => stream,
                 Some(Err(err)) => {
@@ -70,25 +73,15 @@ pub(crate) async fn serve(
                 None => break,
             },
             () = &mut stopping => break,
-            // Reap finished connection tasks as we go.
-            Some(_) = connections.join_next(), if !connections.is_empty() => continue,
         };
-        let _ = stream.set_nodelay(true);
-        let activity = ActivityCell::new();
-        let service = service_fn({
-            let (state, activity) = (Arc::clone(&state), activity.clone());
-            move |req| {
-                activity.busy();
-                let (state, activity) = (Arc::clone(&state), activity.clone());
-                async move {
-                    let response = app::handle(req, state).await;
-                    activity.idle();
-                    Ok::<_, Infallible>(response)
-                }
-            }
-        });
-        let connection = http.serve_connection(TokioIo::new(stream), service);
-        connections.spawn(watch_connection(connection, activity, draining.clone()));
+        let guard = Open::enter(&open);
+        tokio::spawn(conn::serve_one(
+            &http,
+            stream,
+            Arc::clone(&state),
+            phases.clone(),
+            guard,
+        ));
     }
     state.start_draining();
     drop(listener);
@@ -96,14 +89,70 @@ pub(crate) async fn serve(
     tracing::info!(
         id = state.worker_id(),
         in_flight,
-        open = connections.len(),
+        open = open.count(),
         "draining: no new connections"
     );
-    let _ = drain.send(true);
-    let all_closed = async { while connections.join_next().await.is_some() {} };
-    tokio::select! {
-        () = all_closed => Drained::Clean,
+    let _ = phase.send(Phase::Draining);
+    let drained = tokio::select! {
+        () = open.all_closed() => Drained::Clean,
         () = tokio::time::sleep(grace) => Drained::TimedOut,
+    };
+    if drained == Drained::TimedOut {
+        // The connections still open drop what they were doing and close.
+        let _ = phase.send(Phase::Abort);
+    }
+    drained
+}
+
+/// Where the serve loop is, as its connections see it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Phase {
+    /// Accepting and serving.
+    Serving,
+    /// Stopped accepting; connections finish as [`watch_connection`] says.
+    Draining,
+    /// The grace period is over: every connection is dropped.
+    Abort,
+}
+
+/// How many connections are open, and a wake-up for when the last one closes.
+#[derive(Debug, Default)]
+struct Open {
+    count: AtomicUsize,
+    none_left: Notify,
+}
+
+/// One open connection in [`Open`]'s count, until dropped (also when its task panics).
+struct OpenGuard(Arc<Open>);
+
+impl Open {
+    fn enter(open: &Arc<Self>) -> OpenGuard {
+        open.count.fetch_add(1, Ordering::SeqCst);
+        OpenGuard(Arc::clone(open))
+    }
+
+    fn count(&self) -> usize {
+        self.count.load(Ordering::SeqCst)
+    }
+
+    /// Resolves once no connection is open.
+    async fn all_closed(&self) {
+        loop {
+            // Registered before the check, so the last guard's wake-up is not missed.
+            let notified = self.none_left.notified();
+            if self.count() == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+impl Drop for OpenGuard {
+    fn drop(&mut self) {
+        if self.0.count.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.0.none_left.notify_waiters();
+        }
     }
 }
 
@@ -112,28 +161,31 @@ pub(crate) async fn serve(
 /// The rule is [`activity::drain_step`]: a connection in use is left open, so that its
 /// next request is answered with `Connection: close` (after which hyper stops reading and
 /// closes); one idle for [`IDLE_CLOSE`] is shut down (hyper closes an idle connection at
-/// once). `serve` drops whatever is left at the grace deadline.
+/// once). At [`Phase::Abort`] the connection is dropped.
 async fn watch_connection<C>(
-    connection: C,
+    mut connection: Pin<Box<C>>,
     activity: ActivityCell,
-    mut draining: watch::Receiver<bool>,
+    mut phases: watch::Receiver<Phase>,
+    _open: OpenGuard,
 ) where
     C: GracefulConnection,
     C::Error: std::fmt::Display,
 {
-    tokio::pin!(connection);
-    let mut drain_seen = false;
+    let mut seen = Phase::Serving;
     let mut shut_down = false;
     let recheck = tokio::time::sleep(Duration::ZERO);
     tokio::pin!(recheck);
     let result = loop {
         tokio::select! {
             result = connection.as_mut() => break result,
-            _ = draining.wait_for(|d| *d), if !drain_seen => {
-                drain_seen = true;
-                recheck.as_mut().reset(tokio::time::Instant::now());
+            phase = phases.wait_for(|p| *p > seen), if seen != Phase::Abort => {
+                seen = phase.map_or(Phase::Abort, |p| *p);
+                match seen {
+                    Phase::Abort => return,
+                    _ => recheck.as_mut().reset(tokio::time::Instant::now()),
+                }
             }
-            () = recheck.as_mut(), if drain_seen && !shut_down => {
+            () = recheck.as_mut(), if seen == Phase::Draining && !shut_down => {
                 let now = tokio::time::Instant::now();
                 match activity::drain_step(activity.get(), now, IDLE_CLOSE) {
                     DrainStep::Close => {
