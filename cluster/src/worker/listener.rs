@@ -82,7 +82,10 @@ impl Listener {
             match &self.kind {
                 None => return Ok(None),
                 Some(Kind::Socket(listener)) => {
+                    // Accept first: a ready connection is taken without polling the stop
+                    // token (no random branch order, no lock in the token per accept).
                     let accepted = tokio::select! {
+                        biased;
                         accepted = listener.accept() => accepted,
                         () = stop.cancelled() => continue,
                     };
