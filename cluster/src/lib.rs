@@ -150,6 +150,7 @@ mod endpoint;
 mod env;
 mod error;
 mod net;
+mod node_drain;
 mod node_protocol;
 mod primary;
 mod protocol;

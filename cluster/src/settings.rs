@@ -149,6 +149,8 @@ pub struct Settings {
     pub(crate) upgrade_timeout: Duration,
     /// `Some(node)`: workers are Node programs run by `node`, spoken to in Node's protocol.
     pub(crate) node: Option<OsString>,
+    /// Load the keep-alive-safe drain into Node workers.
+    pub(crate) node_keepalive_drain: bool,
 }
 
 impl Default for Settings {
@@ -168,6 +170,7 @@ impl Default for Settings {
             inherit_listeners: true,
             upgrade_timeout: Duration::from_secs(60),
             node: None,
+            node_keepalive_drain: true,
         }
     }
 }
@@ -291,6 +294,21 @@ impl Settings {
     /// [`Event::Message`](crate::Event::Message) to decode as a `serde_json::Value`).
     pub fn node(mut self, exec_path: impl Into<OsString>) -> Self {
         self.node = Some(exec_path.into());
+        self
+    }
+
+    /// Whether Node workers drain keep-alive connections safely (default `true`). Node's
+    /// own `server.close()`, which its cluster code calls when the primary disconnects a
+    /// worker, destroys idle keep-alive connections at once, so a client whose next
+    /// request is already on its way sees its connection drop: a failed request on every
+    /// rolling reload under keep-alive load. With this on, each Node worker starts with a
+    /// small module (`node --import data:...`, the program itself unchanged) by which a
+    /// server closed while its worker disconnects answers every later request with
+    /// `Connection: close` and destroys only the connections still idle after 1 s
+    /// (`CLUSTER_DRAIN_IDLE_MS` in the worker's environment). Any other `close()` keeps
+    /// Node's behaviour.
+    pub fn node_keepalive_drain(mut self, on: bool) -> Self {
+        self.node_keepalive_drain = on;
         self
     }
 

@@ -5,7 +5,7 @@
 //!
 //! ```text
 //! cluster [--workers N] [--policy rr|shared] [--grace SECONDS] [--name NAME]
-//!         [--max-restarts N] [--node PATH] -- PROGRAM [ARGS...]
+//!         [--max-restarts N] [--node PATH] [--no-keepalive-drain] -- PROGRAM [ARGS...]
 //! ```
 //!
 //! Signals: TERM/INT graceful stop, HUP rolling reload, TTIN/TTOU one worker more/less.
@@ -47,6 +47,11 @@ struct Args {
     /// The Node executable for .js/.mjs/.cjs programs.
     #[arg(long, default_value = "node")]
     node: OsString,
+    /// Keep Node's own server.close() on a stop or reload, which drops idle keep-alive
+    /// connections at once, instead of answering their next request with
+    /// `Connection: close`.
+    #[arg(long)]
+    no_keepalive_drain: bool,
     /// The program and its arguments.
     #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
     command: Vec<OsString>,
@@ -107,7 +112,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
             Path::new(&program).is_file(),
             "cannot start {shown}: no such file"
         );
-        settings = settings.node(args.node);
+        settings = settings
+            .node(args.node)
+            .node_keepalive_drain(!args.no_keepalive_drain);
     }
     let mut primary = Primary::start(settings)
         .await

@@ -95,6 +95,8 @@ pub(crate) struct Driver {
     silent: bool,
     /// `Some(node)`: workers are Node programs run by `node`.
     node: Option<OsString>,
+    /// Node workers load the keep-alive-safe drain (`node_drain.rs`).
+    node_keepalive_drain: bool,
     links: HashMap<WorkerId, Link>,
     listeners: Listeners,
     conns: HashMap<ConnId, Arc<OwnedFd>>,
@@ -157,6 +159,7 @@ impl Driver {
             env: settings.env.clone(),
             silent: settings.silent,
             node: settings.node.clone(),
+            node_keepalive_drain: settings.node_keepalive_drain,
             links: HashMap::new(),
             listeners: Listeners::new(policy, inherited),
             conns: HashMap::new(),

@@ -7,7 +7,7 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 
 use nix::sys::signal::Signal;
-use testkit::http_exchange;
+use testkit::{KeepAliveLoad, LoadConfig, http_exchange};
 
 use crate::command::{Cluster, TIMEOUT, pids};
 use crate::{node_or_skip, node_script};
@@ -155,6 +155,50 @@ fn an_es_module_runs_under_node() {
         })
         .collect();
     assert_eq!(served, workers);
+    cluster.signal(Signal::SIGTERM);
+    assert!(cluster.wait_exit().success(), "{}", cluster.log.tail(20));
+}
+
+#[test]
+fn a_rolling_reload_under_keep_alive_load_fails_no_request() {
+    if !node_or_skip() {
+        return;
+    }
+    let script = node_script("http_server.js");
+    let mut cluster = Cluster::start(2, &["--".as_ref(), script.as_os_str()]);
+    let old = pids(&cluster.started_from(0));
+    let mut config = LoadConfig::new(16, "/");
+    config.max_duration = 4 * TIMEOUT;
+    let load = KeepAliveLoad::start(cluster.addr(), config);
+    assert!(load.wait_until(TIMEOUT, |s| s.len() >= 300), "no load");
+    // Two reloads: each old worker's idle keep-alive connections would be dropped by
+    // Node's own close(); the drain answers their next request with Connection: close.
+    for _ in 0..2 {
+        let mark = cluster.log.mark();
+        cluster.signal(Signal::SIGHUP);
+        cluster.wait_listening(mark, 2);
+        let mut next = mark;
+        for _ in 0..2 {
+            let line = cluster.log.wait_for(next, " exited ", TIMEOUT);
+            next = line.expect("the old workers exit").index + 1;
+        }
+    }
+    let done = load.count() + 300;
+    assert!(
+        load.wait_until(TIMEOUT, |s| s.len() >= done),
+        "load stalled"
+    );
+    let samples = load.stop();
+    let failed: Vec<_> = samples.iter().filter(|s| !s.is_ok()).collect();
+    assert!(
+        failed.is_empty(),
+        "{} of {} requests failed, first: {:?}",
+        failed.len(),
+        samples.len(),
+        failed.first()
+    );
+    let now = pids(&cluster.started_from(0));
+    assert!(now.len() >= 6 && old.is_subset(&now), "{now:?}");
     cluster.signal(Signal::SIGTERM);
     assert!(cluster.wait_exit().success(), "{}", cluster.log.tail(20));
 }

@@ -19,6 +19,9 @@ impl Driver {
         let mut options = ForkOptions::new().parent_death_signal(Signal::SIGKILL);
         if let Some(node) = &self.node {
             options = options.serialization(ipc::Format::Json).exec_path(node);
+            if self.node_keepalive_drain {
+                options = options.exec_argv(crate::node_drain::import_args());
+            }
         }
         let node = self.node.is_some();
         let options = options.map_spawn_options(|mut options| {
