@@ -7,7 +7,6 @@
 //! from `nslots` up before exec, so it sees exactly its slots (Architecture invariant: no
 //! fd leaks, even non-close-on-exec fds this process inherited).
 
-use std::collections::BTreeMap;
 use std::ffi::{CString, OsStr, OsString};
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
@@ -16,9 +15,7 @@ use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 
-use crate::channel_env::{
-    CHANNEL_FD_ENV, NODE_CHANNEL_FD_ENV, NODE_SERIALIZATION_ENV, PARENT_DEATH_ENV, ParentDeath,
-};
+use crate::envp::{CStrings, environment};
 use crate::error::SpawnError;
 use crate::options::{SpawnOptions, Stdio};
 use crate::sys;
@@ -214,63 +211,17 @@ fn command_line(
     (file, argv)
 }
 
-/// The child's environment: inherited (unless cleared), changed, and with this crate's
-/// channel variables removed unless this child gets a channel.
-fn environment(options: &SpawnOptions, ipc_slot: Option<usize>) -> BTreeMap<OsString, OsString> {
-    let mut env: BTreeMap<OsString, OsString> = if options.env.clear {
-        BTreeMap::new()
-    } else {
-        std::env::vars_os().collect()
-    };
-    for (key, value) in &options.env.vars {
-        match value {
-            Some(value) => env.insert(key.clone(), value.clone()),
-            None => env.remove(key),
-        };
-    }
-    for var in [
-        CHANNEL_FD_ENV,
-        NODE_CHANNEL_FD_ENV,
-        NODE_SERIALIZATION_ENV,
-        PARENT_DEATH_ENV,
-    ] {
-        env.remove(OsStr::new(var));
-    }
-    if let Some(slot) = ipc_slot {
-        match options.serialization {
-            ipc::Format::Json => {
-                env.insert(NODE_CHANNEL_FD_ENV.into(), slot.to_string().into());
-                env.insert(NODE_SERIALIZATION_ENV.into(), "json".into());
-            }
-            _ => {
-                env.insert(CHANNEL_FD_ENV.into(), slot.to_string().into());
-            }
-        }
-        if let Some(signal) = options.parent_death_signal {
-            let parent = std::process::id() as i32;
-            let value = ParentDeath { signal, parent }.to_value();
-            env.insert(PARENT_DEATH_ENV.into(), value);
-        }
-    }
-    env
-}
-
 /// Finds `file` like `execvp` does, in the child's `PATH`, relative to its working directory.
-fn resolve(
-    file: &OsStr,
-    env: &BTreeMap<OsString, OsString>,
-    cwd: Option<&Path>,
-) -> io::Result<PathBuf> {
+fn resolve(file: &OsStr, env: &CStrings, cwd: Option<&Path>) -> io::Result<PathBuf> {
     if file.is_empty() {
         return Err(io::Error::from_raw_os_error(libc::ENOENT));
     }
     if file.as_bytes().contains(&b'/') {
         return Ok(PathBuf::from(file));
     }
-    let search = env.get(OsStr::new("PATH")).map_or(
-        OsStr::new("/usr/local/bin:/usr/bin:/bin"),
-        OsString::as_os_str,
-    );
+    let search = env
+        .var("PATH")
+        .unwrap_or(OsStr::new("/usr/local/bin:/usr/bin:/bin"));
     let mut denied = false;
     for dir in search.as_bytes().split(|&b| b == b':') {
         let dir = if dir.is_empty() {
@@ -311,7 +262,7 @@ fn nul_error() -> io::Error {
 fn spawn_fast(
     path: &Path,
     argv: &[OsString],
-    env: &BTreeMap<OsString, OsString>,
+    env: &CStrings,
     cwd: Option<&Path>,
     dup2s: &[(RawFd, RawFd)],
     closes: &[RawFd],
@@ -320,27 +271,19 @@ fn spawn_fast(
 ) -> io::Result<libc::pid_t> {
     let path = cstring(path.as_os_str())?;
     let cwd = cwd.map(|cwd| cstring(cwd.as_os_str())).transpose()?;
-    let mut c_argv = sys::CStringArray::with_capacity(argv.len());
+    let bytes = argv.iter().map(|arg| arg.len() + 1).sum();
+    let mut c_argv = CStrings::with_capacity(argv.len(), bytes);
     for arg in argv {
-        if !c_argv.push(arg) {
-            return Err(nul_error());
-        }
+        c_argv.push(arg);
     }
-    let mut c_env = sys::CStringArray::with_capacity(env.len());
-    for (key, value) in env {
-        let mut pair = Vec::with_capacity(key.len() + value.len() + 1);
-        pair.extend_from_slice(key.as_bytes());
-        pair.push(b'=');
-        pair.extend_from_slice(value.as_bytes());
-        if !c_env.push_bytes(pair) {
-            return Err(nul_error());
-        }
+    if c_argv.has_nul() || env.has_nul() {
+        return Err(nul_error());
     }
-    debug_assert!(c_argv.first().is_some());
+    debug_assert!(c_argv.len() > 0);
     sys::posix_spawn(&sys::SpawnRequest {
         path: &path,
-        argv: &c_argv,
-        envp: &c_env,
+        argv: &c_argv.pointers(),
+        envp: &env.pointers(),
         cwd: cwd.as_deref(),
         dup2s,
         close_from,
@@ -353,7 +296,7 @@ fn spawn_fast(
 fn spawn_slow(
     path: &Path,
     argv: &[OsString],
-    env: &BTreeMap<OsString, OsString>,
+    env: &CStrings,
     options: &SpawnOptions,
     dup2s: Vec<(RawFd, RawFd)>,
     closes: Vec<RawFd>,
@@ -364,7 +307,7 @@ fn spawn_slow(
         .arg0(&argv[0])
         .args(&argv[1..])
         .env_clear()
-        .envs(env);
+        .envs(env.pairs());
     command
         .stdin(std::process::Stdio::inherit())
         .stdout(std::process::Stdio::inherit());
@@ -390,7 +333,8 @@ mod tests {
 
     #[test]
     fn resolve_searches_the_child_path() {
-        let env = BTreeMap::from([(OsString::from("PATH"), OsString::from("/nonexistent:/bin"))]);
+        let mut env = CStrings::default();
+        env.push_pair("PATH".as_ref(), "/nonexistent:/bin".as_ref());
         assert_eq!(
             resolve(OsStr::new("sh"), &env, None).unwrap(),
             Path::new("/bin/sh")
@@ -426,37 +370,5 @@ mod tests {
             argv,
             vec![OsString::from("mysh"), "-c".into(), "echo a b c".into()]
         );
-    }
-
-    #[test]
-    fn channel_variables_are_stripped_without_a_channel() {
-        let options = SpawnOptions::new()
-            .env(CHANNEL_FD_ENV, "3")
-            .env(PARENT_DEATH_ENV, "9:1")
-            .env("KEEP", "1");
-        let env = environment(&options, None);
-        assert!(
-            !env.contains_key(OsStr::new(CHANNEL_FD_ENV))
-                && !env.contains_key(OsStr::new(PARENT_DEATH_ENV))
-        );
-        assert_eq!(env.get(OsStr::new("KEEP")).unwrap(), "1");
-        let env = environment(&options, Some(4));
-        assert_eq!(env.get(OsStr::new(CHANNEL_FD_ENV)).unwrap(), "4");
-        assert!(!env.contains_key(OsStr::new(NODE_CHANNEL_FD_ENV)));
-    }
-
-    #[test]
-    fn a_json_channel_gets_node_variables_and_no_other() {
-        let options = SpawnOptions::new()
-            .env(NODE_CHANNEL_FD_ENV, "9")
-            .env(NODE_SERIALIZATION_ENV, "advanced")
-            .env(CHANNEL_FD_ENV, "3");
-        let env = environment(&options, None);
-        assert!(!env.contains_key(OsStr::new(NODE_CHANNEL_FD_ENV)));
-        assert!(!env.contains_key(OsStr::new(NODE_SERIALIZATION_ENV)));
-        let env = environment(&options.serialization(ipc::Format::Json), Some(3));
-        assert_eq!(env.get(OsStr::new(NODE_CHANNEL_FD_ENV)).unwrap(), "3");
-        assert_eq!(env.get(OsStr::new(NODE_SERIALIZATION_ENV)).unwrap(), "json");
-        assert!(!env.contains_key(OsStr::new(CHANNEL_FD_ENV)));
     }
 }

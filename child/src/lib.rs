@@ -113,6 +113,7 @@
 
 mod channel_env;
 mod child;
+mod envp;
 mod error;
 mod exec;
 mod fork;

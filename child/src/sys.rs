@@ -3,13 +3,13 @@
 //! Every function here is a thin, safe wrapper over one operating-system facility. Errors
 //! are `io::Error`s built from `errno` by [`cvt`]; callers attach context.
 
-use std::ffi::{CStr, CString, OsStr, c_char, c_int};
+use std::ffi::{CStr, c_int};
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
-use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::CommandExt;
 use std::ptr;
 
+use crate::envp::CPointers;
 use crate::status::ExitStatus;
 
 /// Turns a `-1`-on-error return value into an `io::Result`.
@@ -30,55 +30,12 @@ fn cvt_errno(ret: c_int) -> io::Result<()> {
     }
 }
 
-/// A NUL-terminated array of C strings (`argv`, `envp`) that owns its strings.
-#[derive(Debug)]
-pub(crate) struct CStringArray {
-    strings: Vec<CString>,
-    pointers: Vec<*const c_char>,
-}
-
-impl CStringArray {
-    pub(crate) fn with_capacity(capacity: usize) -> Self {
-        let mut pointers = Vec::with_capacity(capacity + 1);
-        pointers.push(ptr::null());
-        Self {
-            strings: Vec::with_capacity(capacity),
-            pointers,
-        }
-    }
-
-    /// Appends `s`; returns `false` (and appends nothing) if it contains a NUL byte.
-    pub(crate) fn push(&mut self, s: &OsStr) -> bool {
-        let Ok(c) = CString::new(s.as_bytes()) else {
-            return false;
-        };
-        let last = self.pointers.len() - 1;
-        // The CString's heap buffer does not move when the CString itself is moved.
-        self.pointers[last] = c.as_ptr();
-        self.pointers.push(ptr::null());
-        self.strings.push(c);
-        true
-    }
-
-    pub(crate) fn push_bytes(&mut self, s: Vec<u8>) -> bool {
-        self.push(OsStr::from_bytes(&s))
-    }
-
-    fn as_ptr(&self) -> *const *mut c_char {
-        self.pointers.as_ptr().cast()
-    }
-
-    pub(crate) fn first(&self) -> Option<&CStr> {
-        self.strings.first().map(CString::as_c_str)
-    }
-}
-
 /// What the fast path hands to `posix_spawn`.
 #[derive(Debug)]
 pub(crate) struct SpawnRequest<'a> {
     pub(crate) path: &'a CStr,
-    pub(crate) argv: &'a CStringArray,
-    pub(crate) envp: &'a CStringArray,
+    pub(crate) argv: &'a CPointers<'a>,
+    pub(crate) envp: &'a CPointers<'a>,
     pub(crate) cwd: Option<&'a CStr>,
     /// `(source, target)`: every source is `>= close_from`, so no placement clobbers another.
     pub(crate) dup2s: &'a [(RawFd, RawFd)],
