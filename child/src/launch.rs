@@ -55,11 +55,21 @@ pub(crate) fn launch(
     let min_fd = RawFd::try_from(nslots)
         .map_err(|_| SpawnError::invalid(program, args, "too many stdio slots"))?;
     let mut ends = ParentEnds::default();
-    let mut placed: Vec<(OwnedFd, RawFd)> = Vec::with_capacity(nslots);
+    // The child ends, kept open until the child has them, and where each one goes.
+    let mut placed: Vec<OwnedFd> = Vec::with_capacity(nslots);
+    let mut dup2s: Vec<(RawFd, RawFd)> = Vec::with_capacity(nslots);
     let mut closes = Vec::new();
     let mut ipc_slot = None;
+    // One `/dev/null` serves every `Stdio::Null` slot.
+    let mut null: Option<RawFd> = None;
     for (slot, stdio) in options.stdio.iter_mut().enumerate() {
         let target = slot as RawFd;
+        let is_null = matches!(stdio, Some(Stdio::Null));
+        if let (true, Some(null)) = (is_null, null) {
+            *stdio = None;
+            dup2s.push((null, target));
+            continue;
+        }
         let child_end = match stdio.take() {
             None if slot < 3 => continue,
             None => {
@@ -77,7 +87,7 @@ pub(crate) fn launch(
                 } else {
                     (read, write)
                 };
-                sys::set_nonblocking(parent.as_fd(), true).map_err(fail)?;
+                sys::set_fresh_pipe_nonblocking(parent.as_fd()).map_err(fail)?;
                 ends.stdio[slot] = Some(parent);
                 child
             }
@@ -100,16 +110,16 @@ pub(crate) fn launch(
         } else {
             child_end
         };
-        placed.push((child_end, target));
+        if is_null {
+            null = Some(child_end.as_raw_fd());
+        }
+        dup2s.push((child_end.as_raw_fd(), target));
+        placed.push(child_end);
     }
 
     let env = environment(options, ipc_slot);
     let cwd = options.cwd.as_deref();
     let path = resolve(&file, &env, cwd).map_err(fail)?;
-    let dup2s: Vec<(RawFd, RawFd)> = placed
-        .iter()
-        .map(|(fd, target)| (fd.as_raw_fd(), *target))
-        .collect();
 
     // A failure to enter the working directory looks like the program's (ENOENT, ...):
     // say which it was.
@@ -370,5 +380,49 @@ mod tests {
             argv,
             vec![OsString::from("mysh"), "-c".into(), "echo a b c".into()]
         );
+    }
+
+    /// Runs `script` with `options` plus stdout to a pipe of ours; returns what it printed.
+    fn output_of(script: &str, options: SpawnOptions) -> String {
+        let (read, write) = sys::pipe().unwrap();
+        let mut options = options.stdout(Stdio::Fd(write));
+        let args = ["-c".into(), script.into()];
+        let launched = launch("/bin/sh".as_ref(), &args, &mut options).unwrap();
+        drop(options);
+        let process = crate::process::ProcessHandle::new(launched.pid, launched.pidfd);
+        let mut out = String::new();
+        std::io::Read::read_to_string(&mut std::fs::File::from(read), &mut out).unwrap();
+        assert!(process.wait_blocking().unwrap().success());
+        out
+    }
+
+    #[test]
+    fn every_null_slot_is_dev_null_and_no_other_fd_is_open() {
+        let options = SpawnOptions::new()
+            .stdin(Stdio::Null)
+            .stderr(Stdio::Null)
+            .stdio(3, Stdio::Null)
+            .stdio(4, Stdio::Null);
+        let script = "readlink /proc/self/fd/0 /proc/self/fd/2 /proc/self/fd/3 /proc/self/fd/4; \
+                      ls /proc/$$/fd | tr '\\n' ' '";
+        assert_eq!(
+            output_of(script, options),
+            "/dev/null\n/dev/null\n/dev/null\n/dev/null\n0 1 2 3 4 "
+        );
+    }
+
+    #[test]
+    fn a_piped_parent_end_is_non_blocking_and_keeps_its_access_mode() {
+        use nix::fcntl::{FcntlArg, OFlag, fcntl};
+        let mut options = SpawnOptions::new().stderr(Stdio::Null);
+        let launched = launch("/bin/true".as_ref(), &[], &mut options).unwrap();
+        let process = crate::process::ProcessHandle::new(launched.pid, launched.pidfd);
+        let flags = |fd: &OwnedFd| OFlag::from_bits_truncate(fcntl(fd, FcntlArg::F_GETFL).unwrap());
+        let stdin = flags(launched.stdin.as_ref().unwrap());
+        let stdout = flags(launched.stdout.as_ref().unwrap());
+        assert!(stdin.contains(OFlag::O_NONBLOCK) && stdout.contains(OFlag::O_NONBLOCK));
+        assert_eq!(stdin & OFlag::O_ACCMODE, OFlag::O_WRONLY);
+        assert_eq!(stdout & OFlag::O_ACCMODE, OFlag::O_RDONLY);
+        assert!(process.wait_blocking().unwrap().success());
     }
 }

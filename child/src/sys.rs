@@ -299,18 +299,12 @@ pub(crate) fn dup_inherited(number: RawFd, min: RawFd) -> io::Result<OwnedFd> {
     dup_at_least(fd, min)
 }
 
-/// Sets or clears `O_NONBLOCK`.
-pub(crate) fn set_nonblocking(fd: BorrowedFd<'_>, nonblocking: bool) -> io::Result<()> {
+/// Makes an end of a pipe from [`pipe`] non-blocking with one `F_SETFL`: a fresh pipe has
+/// no other status flag to keep (its access mode is not a settable flag), so there is
+/// nothing to read first.
+pub(crate) fn set_fresh_pipe_nonblocking(fd: BorrowedFd<'_>) -> io::Result<()> {
     use nix::fcntl::{FcntlArg, OFlag, fcntl};
-    let flags = OFlag::from_bits_truncate(fcntl(fd, FcntlArg::F_GETFL).map_err(io::Error::from)?);
-    let wanted = if nonblocking {
-        flags | OFlag::O_NONBLOCK
-    } else {
-        flags - OFlag::O_NONBLOCK
-    };
-    if wanted != flags {
-        fcntl(fd, FcntlArg::F_SETFL(wanted)).map_err(io::Error::from)?;
-    }
+    fcntl(fd, FcntlArg::F_SETFL(OFlag::O_NONBLOCK)).map_err(io::Error::from)?;
     Ok(())
 }
 
