@@ -7,7 +7,6 @@
 //! from `nslots` up before exec, so it sees exactly its slots (Architecture invariant: no
 //! fd leaks, even non-close-on-exec fds this process inherited).
 
-use std::collections::BTreeMap;
 use std::ffi::{CString, OsStr, OsString};
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
@@ -16,9 +15,7 @@ use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 
-use crate::channel_env::{
-    CHANNEL_FD_ENV, NODE_CHANNEL_FD_ENV, NODE_SERIALIZATION_ENV, PARENT_DEATH_ENV, ParentDeath,
-};
+use crate::envp::{CStrings, Environment, environment};
 use crate::error::SpawnError;
 use crate::options::{SpawnOptions, Stdio};
 use crate::sys;
@@ -58,11 +55,21 @@ pub(crate) fn launch(
     let min_fd = RawFd::try_from(nslots)
         .map_err(|_| SpawnError::invalid(program, args, "too many stdio slots"))?;
     let mut ends = ParentEnds::default();
-    let mut placed: Vec<(OwnedFd, RawFd)> = Vec::with_capacity(nslots);
+    // The child ends, kept open until the child has them, and where each one goes.
+    let mut placed: Vec<OwnedFd> = Vec::with_capacity(nslots);
+    let mut dup2s: Vec<(RawFd, RawFd)> = Vec::with_capacity(nslots);
     let mut closes = Vec::new();
     let mut ipc_slot = None;
+    // One `/dev/null` serves every `Stdio::Null` slot.
+    let mut null: Option<RawFd> = None;
     for (slot, stdio) in options.stdio.iter_mut().enumerate() {
         let target = slot as RawFd;
+        let is_null = matches!(stdio, Some(Stdio::Null));
+        if let (true, Some(null)) = (is_null, null) {
+            *stdio = None;
+            dup2s.push((null, target));
+            continue;
+        }
         let child_end = match stdio.take() {
             None if slot < 3 => continue,
             None => {
@@ -80,7 +87,7 @@ pub(crate) fn launch(
                 } else {
                     (read, write)
                 };
-                sys::set_nonblocking(parent.as_fd(), true).map_err(fail)?;
+                sys::set_fresh_pipe_nonblocking(parent.as_fd()).map_err(fail)?;
                 ends.stdio[slot] = Some(parent);
                 child
             }
@@ -103,16 +110,16 @@ pub(crate) fn launch(
         } else {
             child_end
         };
-        placed.push((child_end, target));
+        if is_null {
+            null = Some(child_end.as_raw_fd());
+        }
+        dup2s.push((child_end.as_raw_fd(), target));
+        placed.push(child_end);
     }
 
     let env = environment(options, ipc_slot);
     let cwd = options.cwd.as_deref();
     let path = resolve(&file, &env, cwd).map_err(fail)?;
-    let dup2s: Vec<(RawFd, RawFd)> = placed
-        .iter()
-        .map(|(fd, target)| (fd.as_raw_fd(), *target))
-        .collect();
 
     // A failure to enter the working directory looks like the program's (ENOENT, ...):
     // say which it was.
@@ -214,63 +221,18 @@ fn command_line(
     (file, argv)
 }
 
-/// The child's environment: inherited (unless cleared), changed, and with this crate's
-/// channel variables removed unless this child gets a channel.
-fn environment(options: &SpawnOptions, ipc_slot: Option<usize>) -> BTreeMap<OsString, OsString> {
-    let mut env: BTreeMap<OsString, OsString> = if options.env.clear {
-        BTreeMap::new()
-    } else {
-        std::env::vars_os().collect()
-    };
-    for (key, value) in &options.env.vars {
-        match value {
-            Some(value) => env.insert(key.clone(), value.clone()),
-            None => env.remove(key),
-        };
-    }
-    for var in [
-        CHANNEL_FD_ENV,
-        NODE_CHANNEL_FD_ENV,
-        NODE_SERIALIZATION_ENV,
-        PARENT_DEATH_ENV,
-    ] {
-        env.remove(OsStr::new(var));
-    }
-    if let Some(slot) = ipc_slot {
-        match options.serialization {
-            ipc::Format::Json => {
-                env.insert(NODE_CHANNEL_FD_ENV.into(), slot.to_string().into());
-                env.insert(NODE_SERIALIZATION_ENV.into(), "json".into());
-            }
-            _ => {
-                env.insert(CHANNEL_FD_ENV.into(), slot.to_string().into());
-            }
-        }
-        if let Some(signal) = options.parent_death_signal {
-            let parent = std::process::id() as i32;
-            let value = ParentDeath { signal, parent }.to_value();
-            env.insert(PARENT_DEATH_ENV.into(), value);
-        }
-    }
-    env
-}
-
 /// Finds `file` like `execvp` does, in the child's `PATH`, relative to its working directory.
-fn resolve(
-    file: &OsStr,
-    env: &BTreeMap<OsString, OsString>,
-    cwd: Option<&Path>,
-) -> io::Result<PathBuf> {
+fn resolve(file: &OsStr, env: &Environment, cwd: Option<&Path>) -> io::Result<PathBuf> {
     if file.is_empty() {
         return Err(io::Error::from_raw_os_error(libc::ENOENT));
     }
     if file.as_bytes().contains(&b'/') {
         return Ok(PathBuf::from(file));
     }
-    let search = env.get(OsStr::new("PATH")).map_or(
-        OsStr::new("/usr/local/bin:/usr/bin:/bin"),
-        OsString::as_os_str,
-    );
+    let path = env.var("PATH");
+    let search = path
+        .as_deref()
+        .unwrap_or(OsStr::new("/usr/local/bin:/usr/bin:/bin"));
     let mut denied = false;
     for dir in search.as_bytes().split(|&b| b == b':') {
         let dir = if dir.is_empty() {
@@ -311,7 +273,7 @@ fn nul_error() -> io::Error {
 fn spawn_fast(
     path: &Path,
     argv: &[OsString],
-    env: &BTreeMap<OsString, OsString>,
+    env: &Environment,
     cwd: Option<&Path>,
     dup2s: &[(RawFd, RawFd)],
     closes: &[RawFd],
@@ -320,27 +282,23 @@ fn spawn_fast(
 ) -> io::Result<libc::pid_t> {
     let path = cstring(path.as_os_str())?;
     let cwd = cwd.map(|cwd| cstring(cwd.as_os_str())).transpose()?;
-    let mut c_argv = sys::CStringArray::with_capacity(argv.len());
+    let bytes = argv.iter().map(|arg| arg.len() + 1).sum();
+    let mut c_argv = CStrings::with_capacity(argv.len(), bytes);
     for arg in argv {
-        if !c_argv.push(arg) {
-            return Err(nul_error());
-        }
+        c_argv.push(arg);
     }
-    let mut c_env = sys::CStringArray::with_capacity(env.len());
-    for (key, value) in env {
-        let mut pair = Vec::with_capacity(key.len() + value.len() + 1);
-        pair.extend_from_slice(key.as_bytes());
-        pair.push(b'=');
-        pair.extend_from_slice(value.as_bytes());
-        if !c_env.push_bytes(pair) {
-            return Err(nul_error());
-        }
+    let envp = match env {
+        Environment::Inherited => None,
+        Environment::Built(env) => Some(env.pointers()),
+    };
+    if c_argv.has_nul() || matches!(env, Environment::Built(env) if env.has_nul()) {
+        return Err(nul_error());
     }
-    debug_assert!(c_argv.first().is_some());
+    debug_assert!(c_argv.len() > 0);
     sys::posix_spawn(&sys::SpawnRequest {
         path: &path,
-        argv: &c_argv,
-        envp: &c_env,
+        argv: &c_argv.pointers(),
+        envp: envp.as_ref(),
         cwd: cwd.as_deref(),
         dup2s,
         close_from,
@@ -353,18 +311,17 @@ fn spawn_fast(
 fn spawn_slow(
     path: &Path,
     argv: &[OsString],
-    env: &BTreeMap<OsString, OsString>,
+    env: &Environment,
     options: &SpawnOptions,
     dup2s: Vec<(RawFd, RawFd)>,
     closes: Vec<RawFd>,
     close_from: RawFd,
 ) -> io::Result<libc::pid_t> {
     let mut command = std::process::Command::new(path);
-    command
-        .arg0(&argv[0])
-        .args(&argv[1..])
-        .env_clear()
-        .envs(env);
+    command.arg0(&argv[0]).args(&argv[1..]);
+    if let Environment::Built(env) = env {
+        command.env_clear().envs(env.pairs());
+    }
     command
         .stdin(std::process::Stdio::inherit())
         .stdout(std::process::Stdio::inherit());
@@ -387,10 +344,13 @@ fn spawn_slow(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::envp::CHANNEL_VARS;
 
     #[test]
     fn resolve_searches_the_child_path() {
-        let env = BTreeMap::from([(OsString::from("PATH"), OsString::from("/nonexistent:/bin"))]);
+        let mut env = CStrings::default();
+        env.push_pair("PATH".as_ref(), "/nonexistent:/bin".as_ref());
+        let env = Environment::Built(env);
         assert_eq!(
             resolve(OsStr::new("sh"), &env, None).unwrap(),
             Path::new("/bin/sh")
@@ -428,35 +388,60 @@ mod tests {
         );
     }
 
-    #[test]
-    fn channel_variables_are_stripped_without_a_channel() {
-        let options = SpawnOptions::new()
-            .env(CHANNEL_FD_ENV, "3")
-            .env(PARENT_DEATH_ENV, "9:1")
-            .env("KEEP", "1");
-        let env = environment(&options, None);
-        assert!(
-            !env.contains_key(OsStr::new(CHANNEL_FD_ENV))
-                && !env.contains_key(OsStr::new(PARENT_DEATH_ENV))
-        );
-        assert_eq!(env.get(OsStr::new("KEEP")).unwrap(), "1");
-        let env = environment(&options, Some(4));
-        assert_eq!(env.get(OsStr::new(CHANNEL_FD_ENV)).unwrap(), "4");
-        assert!(!env.contains_key(OsStr::new(NODE_CHANNEL_FD_ENV)));
+    /// Runs `script` with `options` plus stdout to a pipe of ours; returns what it printed.
+    fn output_of(script: &str, options: SpawnOptions) -> String {
+        let (read, write) = sys::pipe().unwrap();
+        let mut options = options.stdout(Stdio::Fd(write));
+        let args = ["-c".into(), script.into()];
+        let launched = launch("/bin/sh".as_ref(), &args, &mut options).unwrap();
+        drop(options);
+        let process = crate::process::ProcessHandle::new(launched.pid, launched.pidfd);
+        let mut out = String::new();
+        std::io::Read::read_to_string(&mut std::fs::File::from(read), &mut out).unwrap();
+        assert!(process.wait_blocking().unwrap().success());
+        out
     }
 
     #[test]
-    fn a_json_channel_gets_node_variables_and_no_other() {
+    fn every_null_slot_is_dev_null_and_no_other_fd_is_open() {
         let options = SpawnOptions::new()
-            .env(NODE_CHANNEL_FD_ENV, "9")
-            .env(NODE_SERIALIZATION_ENV, "advanced")
-            .env(CHANNEL_FD_ENV, "3");
-        let env = environment(&options, None);
-        assert!(!env.contains_key(OsStr::new(NODE_CHANNEL_FD_ENV)));
-        assert!(!env.contains_key(OsStr::new(NODE_SERIALIZATION_ENV)));
-        let env = environment(&options.serialization(ipc::Format::Json), Some(3));
-        assert_eq!(env.get(OsStr::new(NODE_CHANNEL_FD_ENV)).unwrap(), "3");
-        assert_eq!(env.get(OsStr::new(NODE_SERIALIZATION_ENV)).unwrap(), "json");
-        assert!(!env.contains_key(OsStr::new(CHANNEL_FD_ENV)));
+            .stdin(Stdio::Null)
+            .stderr(Stdio::Null)
+            .stdio(3, Stdio::Null)
+            .stdio(4, Stdio::Null);
+        let script = "readlink /proc/self/fd/0 /proc/self/fd/2 /proc/self/fd/3 /proc/self/fd/4; \
+                      ls /proc/$$/fd | tr '\\n' ' '";
+        assert_eq!(
+            output_of(script, options),
+            "/dev/null\n/dev/null\n/dev/null\n/dev/null\n0 1 2 3 4 "
+        );
+    }
+
+    #[test]
+    fn a_piped_parent_end_is_non_blocking_and_keeps_its_access_mode() {
+        use nix::fcntl::{FcntlArg, OFlag, fcntl};
+        let mut options = SpawnOptions::new().stderr(Stdio::Null);
+        let launched = launch("/bin/true".as_ref(), &[], &mut options).unwrap();
+        let process = crate::process::ProcessHandle::new(launched.pid, launched.pidfd);
+        let flags = |fd: &OwnedFd| OFlag::from_bits_truncate(fcntl(fd, FcntlArg::F_GETFL).unwrap());
+        let stdin = flags(launched.stdin.as_ref().unwrap());
+        let stdout = flags(launched.stdout.as_ref().unwrap());
+        assert!(stdin.contains(OFlag::O_NONBLOCK) && stdout.contains(OFlag::O_NONBLOCK));
+        assert_eq!(stdin & OFlag::O_ACCMODE, OFlag::O_WRONLY);
+        assert_eq!(stdout & OFlag::O_ACCMODE, OFlag::O_RDONLY);
+        assert!(process.wait_blocking().unwrap().success());
+    }
+
+    #[test]
+    fn an_unchanged_environment_reaches_the_child_exactly() {
+        let options = SpawnOptions::new().stdin(Stdio::Null).stderr(Stdio::Null);
+        let seen = output_of("tr '\\0' '\\n' < /proc/$$/environ", options);
+        let mut expected = String::new();
+        for (key, value) in std::env::vars_os() {
+            if !CHANNEL_VARS.contains(&key.to_str().unwrap_or("")) {
+                expected += &format!("{}={}\n", key.to_string_lossy(), value.to_string_lossy());
+            }
+        }
+        assert_eq!(seen, expected);
     }
 }

@@ -3,13 +3,13 @@
 //! Every function here is a thin, safe wrapper over one operating-system facility. Errors
 //! are `io::Error`s built from `errno` by [`cvt`]; callers attach context.
 
-use std::ffi::{CStr, CString, OsStr, c_char, c_int};
+use std::ffi::{CStr, c_char, c_int};
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
-use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::CommandExt;
 use std::ptr;
 
+use crate::envp::CPointers;
 use crate::status::ExitStatus;
 
 /// Turns a `-1`-on-error return value into an `io::Result`.
@@ -30,55 +30,13 @@ fn cvt_errno(ret: c_int) -> io::Result<()> {
     }
 }
 
-/// A NUL-terminated array of C strings (`argv`, `envp`) that owns its strings.
-#[derive(Debug)]
-pub(crate) struct CStringArray {
-    strings: Vec<CString>,
-    pointers: Vec<*const c_char>,
-}
-
-impl CStringArray {
-    pub(crate) fn with_capacity(capacity: usize) -> Self {
-        let mut pointers = Vec::with_capacity(capacity + 1);
-        pointers.push(ptr::null());
-        Self {
-            strings: Vec::with_capacity(capacity),
-            pointers,
-        }
-    }
-
-    /// Appends `s`; returns `false` (and appends nothing) if it contains a NUL byte.
-    pub(crate) fn push(&mut self, s: &OsStr) -> bool {
-        let Ok(c) = CString::new(s.as_bytes()) else {
-            return false;
-        };
-        let last = self.pointers.len() - 1;
-        // The CString's heap buffer does not move when the CString itself is moved.
-        self.pointers[last] = c.as_ptr();
-        self.pointers.push(ptr::null());
-        self.strings.push(c);
-        true
-    }
-
-    pub(crate) fn push_bytes(&mut self, s: Vec<u8>) -> bool {
-        self.push(OsStr::from_bytes(&s))
-    }
-
-    fn as_ptr(&self) -> *const *mut c_char {
-        self.pointers.as_ptr().cast()
-    }
-
-    pub(crate) fn first(&self) -> Option<&CStr> {
-        self.strings.first().map(CString::as_c_str)
-    }
-}
-
 /// What the fast path hands to `posix_spawn`.
 #[derive(Debug)]
 pub(crate) struct SpawnRequest<'a> {
     pub(crate) path: &'a CStr,
-    pub(crate) argv: &'a CStringArray,
-    pub(crate) envp: &'a CStringArray,
+    pub(crate) argv: &'a CPointers<'a>,
+    /// `None`: this process's `environ`, read at the call.
+    pub(crate) envp: Option<&'a CPointers<'a>>,
     pub(crate) cwd: Option<&'a CStr>,
     /// `(source, target)`: every source is `>= close_from`, so no placement clobbers another.
     pub(crate) dup2s: &'a [(RawFd, RawFd)],
@@ -179,6 +137,10 @@ pub(crate) fn posix_spawn(req: &SpawnRequest<'_>) -> io::Result<libc::pid_t> {
         cvt_errno(libc::posix_spawnattr_setflags(&mut attr.0, flags))?;
     }
 
+    let envp = match req.envp {
+        Some(envp) => envp.as_ptr(),
+        None => inherited_environ(),
+    };
     let mut pid: libc::pid_t = 0;
     // SAFETY: `path`, `argv` and `envp` are NUL-terminated and outlive the call; `actions`
     // and `attr` are initialised. glibc's posix_spawn does not return before the child has
@@ -190,10 +152,66 @@ pub(crate) fn posix_spawn(req: &SpawnRequest<'_>) -> io::Result<libc::pid_t> {
             &actions.0,
             &attr.0,
             req.argv.as_ptr(),
-            req.envp.as_ptr(),
+            envp,
         )
     })?;
     Ok(pid)
+}
+
+unsafe extern "C" {
+    /// This process's environment, as libc keeps it (glibc: `__environ`).
+    static mut environ: *const *const c_char;
+}
+
+/// An empty `envp`, for a process whose `environ` is null (after `clearenv`).
+struct EmptyEnvp([*const c_char; 1]);
+
+// SAFETY: the only pointer is null and is never written.
+unsafe impl Sync for EmptyEnvp {}
+
+static EMPTY_ENVP: EmptyEnvp = EmptyEnvp([ptr::null()]);
+
+/// This process's `environ`, to pass to a child as it is, as `std::process::Command` does.
+///
+/// Read without std's environment lock, like every libc function that reads the
+/// environment (`getenv`, the resolver, ...). That is sound under `std::env::set_var`'s
+/// own safety rule: no thread may change the environment while another reads it other
+/// than through `std::env`.
+fn inherited_environ() -> *const *mut c_char {
+    // SAFETY: a plain read of the pointer (no reference to the static is made).
+    let env = unsafe { environ };
+    if env.is_null() {
+        EMPTY_ENVP.0.as_ptr().cast()
+    } else {
+        env.cast()
+    }
+}
+
+/// Whether this process's environment holds a variable named one of `keys` (read as
+/// [`inherited_environ`] is, and for the same reason). Compares each entry only as far
+/// as it matches a key: most differ in their first byte.
+pub(crate) fn environ_has_any(keys: &[&str]) -> bool {
+    let mut entry = inherited_environ().cast::<*const u8>();
+    loop {
+        // SAFETY: `environ` is a NULL-terminated array of NUL-terminated strings: `entry`
+        // stays within it (it stops at the NULL).
+        let var = unsafe { *entry };
+        if var.is_null() {
+            return false;
+        }
+        let named = |key: &&str| {
+            key.bytes().chain([b'=']).enumerate().all(|(i, byte)| {
+                // SAFETY: bytes 0..i of `var` matched non-NUL key bytes, so its NUL
+                // terminator is not before `i`: `var + i` is within the string.
+                unsafe { *var.add(i) == byte }
+            })
+        };
+        if keys.iter().any(named) {
+            return true;
+        }
+        // SAFETY: `entry` was not the terminating NULL, so the next entry is in the array.
+        entry = unsafe { entry.add(1) };
+    }
 }
 
 /// One more than the highest signal number on Linux.
@@ -342,18 +360,12 @@ pub(crate) fn dup_inherited(number: RawFd, min: RawFd) -> io::Result<OwnedFd> {
     dup_at_least(fd, min)
 }
 
-/// Sets or clears `O_NONBLOCK`.
-pub(crate) fn set_nonblocking(fd: BorrowedFd<'_>, nonblocking: bool) -> io::Result<()> {
+/// Makes an end of a pipe from [`pipe`] non-blocking with one `F_SETFL`: a fresh pipe has
+/// no other status flag to keep (its access mode is not a settable flag), so there is
+/// nothing to read first.
+pub(crate) fn set_fresh_pipe_nonblocking(fd: BorrowedFd<'_>) -> io::Result<()> {
     use nix::fcntl::{FcntlArg, OFlag, fcntl};
-    let flags = OFlag::from_bits_truncate(fcntl(fd, FcntlArg::F_GETFL).map_err(io::Error::from)?);
-    let wanted = if nonblocking {
-        flags | OFlag::O_NONBLOCK
-    } else {
-        flags - OFlag::O_NONBLOCK
-    };
-    if wanted != flags {
-        fcntl(fd, FcntlArg::F_SETFL(wanted)).map_err(io::Error::from)?;
-    }
+    fcntl(fd, FcntlArg::F_SETFL(OFlag::O_NONBLOCK)).map_err(io::Error::from)?;
     Ok(())
 }
 
