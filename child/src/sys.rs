@@ -188,10 +188,9 @@ fn inherited_environ() -> *const *mut c_char {
 }
 
 /// Whether this process's environment holds a variable named one of `keys` (read as
-/// [`inherited_environ`] is, and for the same reason). Compares each entry only as far
-/// as it matches a key: most differ in their first byte.
+/// [`inherited_environ`] is, and for the same reason).
 pub(crate) fn environ_has_any(keys: &[&str]) -> bool {
-    let mut entry = inherited_environ().cast::<*const u8>();
+    let mut entry = inherited_environ().cast::<*const c_char>();
     loop {
         // SAFETY: `environ` is a NULL-terminated array of NUL-terminated strings: `entry`
         // stays within it (it stops at the NULL).
@@ -199,14 +198,12 @@ pub(crate) fn environ_has_any(keys: &[&str]) -> bool {
         if var.is_null() {
             return false;
         }
-        let named = |key: &&str| {
-            key.bytes().chain([b'=']).enumerate().all(|(i, byte)| {
-                // SAFETY: bytes 0..i of `var` matched non-NUL key bytes, so its NUL
-                // terminator is not before `i`: `var + i` is within the string.
-                unsafe { *var.add(i) == byte }
-            })
-        };
-        if keys.iter().any(named) {
+        // SAFETY: a non-null entry of `environ` is a NUL-terminated string.
+        let var = unsafe { CStr::from_ptr(var) }.to_bytes();
+        if keys.iter().any(|key| {
+            var.strip_prefix(key.as_bytes())
+                .is_some_and(|rest| rest.first() == Some(&b'='))
+        }) {
             return true;
         }
         // SAFETY: `entry` was not the terminating NULL, so the next entry is in the array.
