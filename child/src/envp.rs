@@ -1,13 +1,11 @@
 //! The child's argv and environment as C strings, each list built in one buffer, and the
 //! environment itself (inherited, changed, channel variables set or stripped).
 //!
-//! A child whose environment is this process's, unchanged, gets `environ` itself, as
-//! `std::process::Command` does: no copy at all (with a few dozen variables, copying was a
-//! measurable share of `spawn`'s cost). Otherwise one buffer per list instead of one
-//! allocation per string: the inherited variables are copied once, straight from
-//! [`std::env::vars_os`], in their original order.
+//! One buffer per list instead of one allocation per string: with a typical environment
+//! (a few dozen variables), building the `envp` of every spawn was a measurable share of
+//! `spawn`'s cost. The inherited variables are copied once, straight from
+//! [`std::env::vars_os`] (which takes std's environment lock), in their original order.
 
-use std::borrow::Cow;
 use std::collections::HashSet;
 use std::ffi::{OsStr, OsString, c_char};
 use std::marker::PhantomData;
@@ -17,7 +15,6 @@ use crate::channel_env::{
     CHANNEL_FD_ENV, NODE_CHANNEL_FD_ENV, NODE_SERIALIZATION_ENV, PARENT_DEATH_ENV, ParentDeath,
 };
 use crate::options::SpawnOptions;
-use crate::sys;
 
 /// NUL-terminated strings in one buffer; for `KEY=VALUE` strings, where each key ends.
 #[derive(Debug, Default)]
@@ -135,7 +132,7 @@ impl CPointers<'_> {
 }
 
 /// The variables through which this crate configures a child: never inherited.
-pub(crate) const CHANNEL_VARS: [&str; 4] = [
+const CHANNEL_VARS: [&str; 4] = [
     CHANNEL_FD_ENV,
     NODE_CHANNEL_FD_ENV,
     NODE_SERIALIZATION_ENV,
@@ -148,40 +145,10 @@ fn is_channel_var(key: &OsStr) -> bool {
         .any(|var| key.as_bytes() == var.as_bytes())
 }
 
-/// A child's environment.
-#[derive(Debug)]
-pub(crate) enum Environment {
-    /// This process's own, unchanged and without channel variables: `environ` is passed.
-    Inherited,
-    /// Built for this child.
-    Built(CStrings),
-}
-
-impl Environment {
-    /// The value of `key` in the child's environment, as `getenv` would find it.
-    pub(crate) fn var(&self, key: &str) -> Option<Cow<'_, OsStr>> {
-        match self {
-            Self::Inherited => std::env::var_os(key).map(Cow::Owned),
-            Self::Built(env) => env.var(key).map(Cow::Borrowed),
-        }
-    }
-}
-
 /// The child's environment: inherited (unless cleared) in this process's order, minus the
 /// changed variables, then the changes that set a variable (the last change to a key wins),
 /// with this crate's channel variables removed unless this child gets a channel.
-pub(crate) fn environment(options: &SpawnOptions, ipc_slot: Option<usize>) -> Environment {
-    if !options.env.clear
-        && options.env.vars.is_empty()
-        && ipc_slot.is_none()
-        && !sys::environ_has_any(&CHANNEL_VARS)
-    {
-        return Environment::Inherited;
-    }
-    Environment::Built(build(options, ipc_slot))
-}
-
-fn build(options: &SpawnOptions, ipc_slot: Option<usize>) -> CStrings {
+pub(crate) fn environment(options: &SpawnOptions, ipc_slot: Option<usize>) -> CStrings {
     let changes = &options.env.vars;
     let inherited: Vec<(OsString, OsString)> = if options.env.clear {
         Vec::new()
@@ -262,33 +229,6 @@ mod tests {
     }
 
     #[test]
-    fn an_unchanged_environment_is_passed_as_it_is_unless_it_holds_channel_variables() {
-        // This test process's environment has no channel variable (else the spawns of
-        // every other test would not inherit it as it is either).
-        if sys::environ_has_any(&CHANNEL_VARS) {
-            return;
-        }
-        let inherited = environment(&SpawnOptions::new(), None);
-        assert!(matches!(inherited, Environment::Inherited));
-        assert_eq!(
-            inherited.var("PATH").as_deref(),
-            std::env::var_os("PATH").as_deref()
-        );
-        for options in [
-            SpawnOptions::new().env("A", "1"),
-            SpawnOptions::new().env_remove("A"),
-            SpawnOptions::new().env_clear(),
-        ] {
-            assert!(matches!(environment(&options, None), Environment::Built(_)));
-        }
-        assert!(matches!(
-            environment(&SpawnOptions::new(), Some(3)),
-            Environment::Built(_)
-        ));
-        assert!(sys::environ_has_any(&["PATH"]) == std::env::var_os("PATH").is_some());
-    }
-
-    #[test]
     fn the_last_change_to_a_key_wins_and_removals_remove() {
         let options = SpawnOptions::new()
             .env_clear()
@@ -299,7 +239,7 @@ mod tests {
             .env_remove("C")
             .env("D", "5");
         assert_eq!(
-            vars(&build(&options, None)),
+            vars(&environment(&options, None)),
             [
                 ("B".into(), "2".into()),
                 ("A".into(), "3".into()),
@@ -315,7 +255,7 @@ mod tests {
             return;
         };
         let options = SpawnOptions::new().env(key, "changed");
-        let env = build(&options, None);
+        let env = environment(&options, None);
         let mut expected: Vec<(&OsStr, &OsStr)> = inherited
             .iter()
             .filter(|(k, _)| k != key && !is_channel_var(k))
@@ -331,10 +271,10 @@ mod tests {
             .env(CHANNEL_FD_ENV, "3")
             .env(PARENT_DEATH_ENV, "9:1")
             .env("KEEP", "1");
-        let env = build(&options, None);
+        let env = environment(&options, None);
         assert!(env.var(CHANNEL_FD_ENV).is_none() && env.var(PARENT_DEATH_ENV).is_none());
         assert_eq!(env.var("KEEP").unwrap(), "1");
-        let env = build(&options, Some(4));
+        let env = environment(&options, Some(4));
         assert_eq!(env.var(CHANNEL_FD_ENV).unwrap(), "4");
         assert!(env.var(NODE_CHANNEL_FD_ENV).is_none());
     }
@@ -345,10 +285,10 @@ mod tests {
             .env(NODE_CHANNEL_FD_ENV, "9")
             .env(NODE_SERIALIZATION_ENV, "advanced")
             .env(CHANNEL_FD_ENV, "3");
-        let env = build(&options, None);
+        let env = environment(&options, None);
         assert!(env.var(NODE_CHANNEL_FD_ENV).is_none());
         assert!(env.var(NODE_SERIALIZATION_ENV).is_none());
-        let env = build(&options.serialization(ipc::Format::Json), Some(3));
+        let env = environment(&options.serialization(ipc::Format::Json), Some(3));
         assert_eq!(env.var(NODE_CHANNEL_FD_ENV).unwrap(), "3");
         assert_eq!(env.var(NODE_SERIALIZATION_ENV).unwrap(), "json");
         assert!(env.var(CHANNEL_FD_ENV).is_none());

@@ -87,11 +87,6 @@
 //!   (`waitpid(-1)`, `SIGCHLD` set to `SIG_IGN`) breaks the pidfd's race-freedom guarantee
 //!   and makes waits fail with `ECHILD`.
 //! - Cancelling [`Child::wait`] is safe: the status is cached once reaped.
-//! - A child that inherits this process's environment unchanged is given `environ` itself,
-//!   as `std::process::Command` and C's `posix_spawn` users do, read without std's
-//!   environment lock like every libc function that reads the environment. This is what
-//!   `std::env::set_var`'s safety rule already covers: do not change the environment while
-//!   other threads may spawn (or resolve names, or call into C).
 //! - The parent-death signal of [`ForkOptions::parent_death_signal`] fires when the *thread*
 //!   that spawned the child exits (Linux `PR_SET_PDEATHSIG` semantics): spawn from a
 //!   long-lived thread (a runtime worker or the main thread), not from `spawn_blocking`.

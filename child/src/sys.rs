@@ -3,7 +3,7 @@
 //! Every function here is a thin, safe wrapper over one operating-system facility. Errors
 //! are `io::Error`s built from `errno` by [`cvt`]; callers attach context.
 
-use std::ffi::{CStr, c_char, c_int};
+use std::ffi::{CStr, c_int};
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::process::CommandExt;
@@ -35,8 +35,7 @@ fn cvt_errno(ret: c_int) -> io::Result<()> {
 pub(crate) struct SpawnRequest<'a> {
     pub(crate) path: &'a CStr,
     pub(crate) argv: &'a CPointers<'a>,
-    /// `None`: this process's `environ`, read at the call.
-    pub(crate) envp: Option<&'a CPointers<'a>>,
+    pub(crate) envp: &'a CPointers<'a>,
     pub(crate) cwd: Option<&'a CStr>,
     /// `(source, target)`: every source is `>= close_from`, so no placement clobbers another.
     pub(crate) dup2s: &'a [(RawFd, RawFd)],
@@ -137,10 +136,6 @@ pub(crate) fn posix_spawn(req: &SpawnRequest<'_>) -> io::Result<libc::pid_t> {
         cvt_errno(libc::posix_spawnattr_setflags(&mut attr.0, flags))?;
     }
 
-    let envp = match req.envp {
-        Some(envp) => envp.as_ptr(),
-        None => inherited_environ(),
-    };
     let mut pid: libc::pid_t = 0;
     // SAFETY: `path`, `argv` and `envp` are NUL-terminated and outlive the call; `actions`
     // and `attr` are initialised. glibc's posix_spawn does not return before the child has
@@ -152,63 +147,10 @@ pub(crate) fn posix_spawn(req: &SpawnRequest<'_>) -> io::Result<libc::pid_t> {
             &actions.0,
             &attr.0,
             req.argv.as_ptr(),
-            envp,
+            req.envp.as_ptr(),
         )
     })?;
     Ok(pid)
-}
-
-unsafe extern "C" {
-    /// This process's environment, as libc keeps it (glibc: `__environ`).
-    static mut environ: *const *const c_char;
-}
-
-/// An empty `envp`, for a process whose `environ` is null (after `clearenv`).
-struct EmptyEnvp([*const c_char; 1]);
-
-// SAFETY: the only pointer is null and is never written.
-unsafe impl Sync for EmptyEnvp {}
-
-static EMPTY_ENVP: EmptyEnvp = EmptyEnvp([ptr::null()]);
-
-/// This process's `environ`, to pass to a child as it is, as `std::process::Command` does.
-///
-/// Read without std's environment lock, like every libc function that reads the
-/// environment (`getenv`, the resolver, ...). That is sound under `std::env::set_var`'s
-/// own safety rule: no thread may change the environment while another reads it other
-/// than through `std::env`.
-fn inherited_environ() -> *const *mut c_char {
-    // SAFETY: a plain read of the pointer (no reference to the static is made).
-    let env = unsafe { environ };
-    if env.is_null() {
-        EMPTY_ENVP.0.as_ptr().cast()
-    } else {
-        env.cast()
-    }
-}
-
-/// Whether this process's environment holds a variable named one of `keys` (read as
-/// [`inherited_environ`] is, and for the same reason).
-pub(crate) fn environ_has_any(keys: &[&str]) -> bool {
-    let mut entry = inherited_environ().cast::<*const c_char>();
-    loop {
-        // SAFETY: `environ` is a NULL-terminated array of NUL-terminated strings: `entry`
-        // stays within it (it stops at the NULL).
-        let var = unsafe { *entry };
-        if var.is_null() {
-            return false;
-        }
-        // SAFETY: a non-null entry of `environ` is a NUL-terminated string.
-        let var = unsafe { CStr::from_ptr(var) }.to_bytes();
-        if keys.iter().any(|key| {
-            var.strip_prefix(key.as_bytes())
-                .is_some_and(|rest| rest.first() == Some(&b'='))
-        }) {
-            return true;
-        }
-        // SAFETY: `entry` was not the terminating NULL, so the next entry is in the array.
-        entry = unsafe { entry.add(1) };
-    }
 }
 
 /// One more than the highest signal number on Linux.
