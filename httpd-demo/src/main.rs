@@ -31,8 +31,15 @@ use crate::serve::{Accept, Drained};
 /// Each connection allocates and frees a task, hyper's connection state and two 8 KiB
 /// buffers; mimalloc's per-size free lists do it in about half the instructions glibc's
 /// malloc takes (2.7k instead of 5.2k per connection, callgrind).
+/// Workers start with [`LEAN_ALLOCATOR`] in their environment.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// mimalloc's documented option to commit its arenas' memory as it is used rather than
+/// all at once: a worker's resident set stays where glibc's malloc left it (about 6 MB
+/// instead of 13) at no measured cost per request. Options are read when the allocator
+/// starts, before `main`, hence the environment of the workers the primary starts.
+const LEAN_ALLOCATOR: (&str, &str) = ("MIMALLOC_ARENA_EAGER_COMMIT", "0");
 
 #[derive(Debug, Clone, Parser)]
 #[command(about = "A cluster HTTP server: one primary, N worker processes")]
@@ -111,6 +118,7 @@ async fn primary(args: Args) -> anyhow::Result<()> {
     let grace = Duration::from_secs(args.grace);
     let settings = Settings::new()
         .args(std::env::args_os().skip(1))
+        .env(LEAN_ALLOCATOR.0, LEAN_ALLOCATOR.1)
         .workers(workers)
         .policy(args.policy.into())
         .restart(RestartPolicy::new())
