@@ -79,18 +79,20 @@ fn serves_on_a_unix_path(policy: &str) {
     assert_eq!(cluster.endpoint.unix_path(), Some(socket.as_path()));
     let workers = pids(&cluster.started_from(0));
     assert_eq!(workers.len(), 2);
-    // Round-robin alternates; shared workers race for each accept, so ask until both
-    // have answered (bounded).
-    let mut served = BTreeSet::new();
-    for _ in 0..200 {
-        let (status, body) = unix_request(&socket, "/");
-        assert_eq!(status, 200, "{body}");
-        served.insert(pid(&body));
-        if served == workers {
-            break;
-        }
+    // Both workers reported listening on the path (Cluster::start waits for that).
+    // Round-robin alternates between them; under shared the kernel picks whichever
+    // worker accepts first, which may be the same one every time.
+    let served: BTreeSet<u32> = (0..20)
+        .map(|_| {
+            let (status, body) = unix_request(&socket, "/");
+            assert_eq!(status, 200, "{body}");
+            pid(&body)
+        })
+        .collect();
+    assert!(served.is_subset(&workers), "{served:?} of {workers:?}");
+    if policy == "rr" {
+        assert_eq!(served, workers, "round-robin spreads over both workers");
     }
-    assert_eq!(served, workers, "both workers serve on the socket");
     cluster.signal(Signal::SIGTERM);
     assert!(cluster.wait_exit().success(), "{}", cluster.log.tail(20));
     assert!(
