@@ -207,6 +207,12 @@ impl NodeWorker {
                     .with("seq", *seq)
             }
             ToWorker::Disconnect => self.message().with("act", "disconnect"),
+            ToWorker::NewConns { .. } => {
+                // Made only by the writer of a Rust worker's channel, after translation:
+                // never for a Node worker, whose cluster code ignores an unknown act.
+                debug_assert!(false, "NewConns is not Node's");
+                self.message().with("act", "unsupported")
+            }
         }
     }
 

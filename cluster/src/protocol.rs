@@ -183,6 +183,15 @@ pub(crate) enum ToWorker {
     },
     /// Stop accepting, finish in-flight work and exit.
     Disconnect,
+    /// Several connections for the handle `key` in one frame, one descriptor per `seq`
+    /// attached in order: what as many `NewConn`s say, in one `sendmsg`. The core never
+    /// makes it; the driver's writer joins the hand-offs queued together for a worker.
+    NewConns {
+        /// The handle.
+        key: HandleKey,
+        /// Echoed one by one in the worker's `Accepted`s.
+        seqs: Vec<u64>,
+    },
 }
 
 #[cfg(test)]
@@ -223,6 +232,7 @@ mod tests {
 
     #[tokio::test(flavor = "current_thread")]
     async fn messages_round_trip_through_a_channel() {
+        use std::os::fd::AsFd;
         let key = HandleKey {
             address: "127.0.0.1".into(),
             port: 0,
@@ -260,5 +270,30 @@ mod tests {
         a.send_control(&reply, Vec::new()).await.expect("send");
         let received = b.recv().await.expect("recv").expect("message");
         assert_eq!(received.decode::<ToWorker>().expect("decode"), reply);
+        // Several hand-offs in one frame: their descriptors arrive with it, in order.
+        let (first, second) = (
+            std::io::pipe().expect("pipe"),
+            std::io::pipe().expect("pipe"),
+        );
+        let conns = ToWorker::NewConns {
+            key,
+            seqs: vec![3, 4],
+        };
+        let fds = [first.1.as_fd(), second.1.as_fd()];
+        (a.sender().send_borrowed(ipc::Lane::Control, &conns, &fds))
+            .await
+            .expect("send");
+        let mut received = b.recv().await.expect("recv").expect("message");
+        assert_eq!(received.decode::<ToWorker>().expect("decode"), conns);
+        let got = received.take_fds();
+        assert_eq!(got.len(), 2);
+        for (fd, (mut reader, _)) in got.into_iter().zip([first, second]) {
+            use std::io::{Read, Write};
+            std::fs::File::from(fd).write_all(b"x").expect("write");
+            let mut byte = [0u8; 1];
+            reader
+                .read_exact(&mut byte)
+                .expect("each pipe gets its own byte");
+        }
     }
 }

@@ -545,7 +545,7 @@ impl Driver {
                     .map(|_| Input::SendFailed { id })?;
                 return None;
             }
-            (Err(_), ToWorker::Disconnect) => Fds::none(),
+            (Err(_), ToWorker::Disconnect | ToWorker::NewConns { .. }) => Fds::none(),
         };
         let link = self.links.get_mut(&id)?;
         match link.queue(&message, fds) {

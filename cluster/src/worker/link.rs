@@ -229,16 +229,49 @@ impl Inner {
     }
 }
 
-/// Writes control messages to the primary in order.
+/// Writes control messages to the primary in order; those queued together (the
+/// `Accepted`s of hand-offs that came in one frame, say) go in one write.
 pub(crate) async fn write_control(
     sender: Arc<tokio::sync::Mutex<ipc::Sender>>,
     mut rx: mpsc::Receiver<ToPrimary>,
 ) {
-    while let Some(message) = rx.recv().await {
-        if let Err(e) = sender.lock().await.send_control(&message, Vec::new()).await {
+    while let Some(first) = rx.recv().await {
+        let mut sender = sender.lock().await;
+        let mut next = Some(first);
+        let mut written: Result<(), ipc::Error> = Ok(());
+        while let Some(message) = next.take() {
+            written = sender.feed(ipc::Lane::Control, &message, Vec::new()).await;
+            if written.is_err() {
+                break;
+            }
+            next = rx.try_recv().ok();
+        }
+        if let Err(e) = match written {
+            Ok(()) => sender.flush().await,
+            Err(e) => Err(e),
+        } {
             tracing::debug!(error = %e, "channel to the primary closed");
             return;
         }
+    }
+}
+
+/// One connection handed over on `key`: into its listener's queue, or refused (no
+/// listener, stopping, full, or its descriptor lost on the way).
+fn hand_off(inner: &Inner, key: HandleKey, seq: u64, fd: Option<OwnedFd>, fds_lost: bool) {
+    if fds_lost && fd.is_none() {
+        tracing::warn!(%key, "out of descriptors: refusing a hand-off");
+    }
+    let stopping = inner.stop_token().is_cancelled();
+    let decision = inner.core().on_handoff(&key, fd.is_some(), stopping);
+    let queue = inner.core().listener(&key);
+    match (decision, fd, queue) {
+        (Handoff::Deliver, Some(fd), Some(queue)) => queue.push(seq, fd),
+        _ => inner.send_control(ToPrimary::Accepted {
+            key,
+            seq,
+            accepted: false,
+        }),
     }
 }
 
@@ -282,20 +315,13 @@ pub(crate) async fn read_loop(
                 }
             }
             Ok(ToWorker::NewConn { key, seq }) => {
-                if message.fds_lost() {
-                    tracing::warn!(%key, "out of descriptors: refusing a hand-off");
-                }
                 let fd = message.take_fds().pop();
-                let stopping = inner.stop_token().is_cancelled();
-                let decision = inner.core().on_handoff(&key, fd.is_some(), stopping);
-                let queue = inner.core().listener(&key);
-                match (decision, fd, queue) {
-                    (Handoff::Deliver, Some(fd), Some(queue)) => queue.push(seq, fd),
-                    _ => inner.send_control(ToPrimary::Accepted {
-                        key,
-                        seq,
-                        accepted: false,
-                    }),
+                hand_off(&inner, key, seq, fd, message.fds_lost());
+            }
+            Ok(ToWorker::NewConns { key, seqs }) => {
+                let mut fds = message.take_fds().into_iter();
+                for seq in seqs {
+                    hand_off(&inner, key.clone(), seq, fds.next(), message.fds_lost());
                 }
             }
             Ok(ToWorker::Disconnect) => inner.stop(StopReason::Disconnected),

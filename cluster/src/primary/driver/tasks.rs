@@ -40,28 +40,105 @@ impl Fds {
 /// The longest output line forwarded as one event; longer lines are split.
 const MAX_OUTPUT_LINE: usize = 64 * 1024;
 
-pub(super) async fn write_control(sender: UserSender, mut rx: mpsc::Receiver<(Outgoing, Fds)>) {
-    while let Some((message, fds)) = rx.recv().await {
-        let mut sender = sender.lock().await;
-        let sent = match (message, fds) {
-            (Outgoing::Cluster(message), Fds::Owned(fds)) => {
-                sender.send_control(&message, fds).await
-            }
-            (Outgoing::Cluster(message), Fds::Conn(conn)) => {
-                let fds = [conn.as_fd()];
-                sender
-                    .send_borrowed(ipc::Lane::Control, &message, &fds)
-                    .await
-            }
-            (Outgoing::Node(message), Fds::Owned(fds)) => sender.send_internal(&message, fds).await,
-            (Outgoing::Node(message), Fds::Conn(conn)) => {
-                // A JSON channel keeps the handle until the ACK: it copies it anyway.
-                let fds = [conn.as_fd()];
-                sender
-                    .send_borrowed(ipc::Lane::Control, &message, &fds)
-                    .await
-            }
+/// How many control messages the writer takes from its queue for one write.
+const WRITE_BATCH: usize = 64;
+
+/// How many hand-offs one `NewConns` frame carries at most (well under ipc's 32
+/// descriptors per message).
+const CONNS_PER_FRAME: usize = 16;
+
+/// What the writer sends for a run of queued messages.
+#[derive(Debug)]
+enum Write {
+    /// One message as it was queued.
+    One(Outgoing, Fds),
+    /// Consecutive hand-offs of one handle to a Rust worker, as one frame.
+    Conns(ToWorker, Vec<Arc<OwnedFd>>),
+}
+
+/// Joins consecutive hand-offs of the same handle to a Rust worker into `NewConns`
+/// frames (order kept; everything else passes through).
+fn coalesce(batch: Vec<(Outgoing, Fds)>) -> Vec<Write> {
+    let mut out: Vec<Write> = Vec::with_capacity(batch.len());
+    for (message, fds) in batch {
+        let (Outgoing::Cluster(ToWorker::NewConn { key, seq }), Fds::Conn(conn)) = (&message, &fds)
+        else {
+            out.push(Write::One(message, fds));
+            continue;
         };
+        if let Some(Write::Conns(ToWorker::NewConns { key: last, seqs }, conns)) = out.last_mut()
+            && last == key
+            && seqs.len() < CONNS_PER_FRAME
+        {
+            seqs.push(*seq);
+            conns.push(Arc::clone(conn));
+            continue;
+        }
+        let joined = ToWorker::NewConns {
+            key: key.clone(),
+            seqs: vec![*seq],
+        };
+        out.push(Write::Conns(joined, vec![Arc::clone(conn)]));
+    }
+    // A run of one is an ordinary NewConn (what an older worker understands, too).
+    for write in &mut out {
+        if let Write::Conns(ToWorker::NewConns { key, seqs }, conns) = write
+            && seqs.len() == 1
+        {
+            let message = ToWorker::NewConn {
+                key: key.clone(),
+                seq: seqs[0],
+            };
+            *write = Write::One(Outgoing::Cluster(message), Fds::Conn(conns.remove(0)));
+        }
+    }
+    out
+}
+
+/// Writes a worker's control messages in order. What is queued together goes out
+/// together: messages without descriptors are buffered into one write, and consecutive
+/// hand-offs of one handle to a Rust worker travel as one frame with all their
+/// descriptors (one `sendmsg` instead of one each).
+pub(super) async fn write_control(sender: UserSender, mut rx: mpsc::Receiver<(Outgoing, Fds)>) {
+    while let Some(first) = rx.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < WRITE_BATCH {
+            match rx.try_recv() {
+                Ok(next) => batch.push(next),
+                Err(_) => break,
+            }
+        }
+        let mut sender = sender.lock().await;
+        let mut sent = Ok(());
+        for write in coalesce(batch) {
+            sent = match write {
+                Write::One(Outgoing::Cluster(message), Fds::Owned(fds)) => {
+                    sender.feed(ipc::Lane::Control, &message, fds).await
+                }
+                Write::One(Outgoing::Node(message), Fds::Owned(fds)) => {
+                    sender.feed(ipc::Lane::Control, &message, fds).await
+                }
+                Write::One(Outgoing::Cluster(message), Fds::Conn(conn)) => {
+                    let fds = [conn.as_fd()];
+                    (sender.send_borrowed(ipc::Lane::Control, &message, &fds)).await
+                }
+                // A JSON channel keeps the handle until the ACK: it copies it anyway.
+                Write::One(Outgoing::Node(message), Fds::Conn(conn)) => {
+                    let fds = [conn.as_fd()];
+                    (sender.send_borrowed(ipc::Lane::Control, &message, &fds)).await
+                }
+                Write::Conns(message, conns) => {
+                    let fds: Vec<_> = conns.iter().map(|c| c.as_fd()).collect();
+                    (sender.send_borrowed(ipc::Lane::Control, &message, &fds)).await
+                }
+            };
+            if sent.is_err() {
+                break;
+            }
+        }
+        if sent.is_ok() {
+            sent = sender.flush().await;
+        }
         if let Err(e) = sent {
             tracing::debug!(error = %e, "channel to a worker closed");
             return;
@@ -136,4 +213,109 @@ pub(super) async fn forward_output(
         }
     }
     let _ = internal.send(Internal::OutputEnd).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::{AddressFamily, HandleKey};
+
+    fn key(index: u32) -> HandleKey {
+        HandleKey {
+            address: "127.0.0.1".into(),
+            port: 0,
+            family: AddressFamily::V4,
+            fd: None,
+            index,
+        }
+    }
+
+    fn conn(key: &HandleKey, seq: u64) -> (Outgoing, Fds) {
+        let fd: OwnedFd = std::io::pipe().expect("pipe").0.into();
+        let message = ToWorker::NewConn {
+            key: key.clone(),
+            seq,
+        };
+        (Outgoing::Cluster(message), Fds::Conn(Arc::new(fd)))
+    }
+
+    /// The batch as `(seqs, descriptors)` per write, with `None` for a write that is
+    /// not a hand-off.
+    fn shape(writes: &[Write]) -> Vec<Option<(Vec<u64>, usize)>> {
+        writes
+            .iter()
+            .map(|w| match w {
+                Write::Conns(ToWorker::NewConns { seqs, .. }, conns) => {
+                    Some((seqs.clone(), conns.len()))
+                }
+                Write::One(Outgoing::Cluster(ToWorker::NewConn { seq, .. }), Fds::Conn(_)) => {
+                    Some((vec![*seq], 1))
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn consecutive_hand_offs_of_one_handle_share_a_frame_in_order() {
+        let (a, b) = (key(0), key(1));
+        let disconnect = (Outgoing::Cluster(ToWorker::Disconnect), Fds::none());
+        let batch = vec![
+            conn(&a, 1),
+            conn(&a, 2),
+            conn(&a, 3),
+            conn(&b, 4),
+            disconnect,
+            conn(&a, 5),
+        ];
+        let writes = coalesce(batch);
+        assert_eq!(
+            shape(&writes),
+            [
+                Some((vec![1, 2, 3], 3)),
+                Some((vec![4], 1)),
+                None,
+                Some((vec![5], 1)),
+            ]
+        );
+        assert!(
+            matches!(&writes[1], Write::One(..)),
+            "a run of one stays a NewConn"
+        );
+    }
+
+    #[test]
+    fn a_frame_carries_at_most_its_bound() {
+        let a = key(0);
+        let batch = (0..CONNS_PER_FRAME as u64 + 2)
+            .map(|seq| conn(&a, seq))
+            .collect();
+        let counts: Vec<usize> = shape(&coalesce(batch))
+            .into_iter()
+            .map(|w| w.expect("hand-offs").1)
+            .collect();
+        assert_eq!(counts, [CONNS_PER_FRAME, 2]);
+    }
+
+    #[test]
+    fn node_hand_offs_are_never_joined() {
+        let fd: OwnedFd = std::io::pipe().expect("pipe").0.into();
+        let fd = Arc::new(fd);
+        let line = || {
+            ipc::InternalMessage::new(crate::node_protocol::CLUSTER_CMD)
+                .expect("internal")
+                .with("act", "newconn")
+        };
+        let batch = vec![
+            (Outgoing::Node(line()), Fds::Conn(Arc::clone(&fd))),
+            (Outgoing::Node(line()), Fds::Conn(fd)),
+        ];
+        let writes = coalesce(batch);
+        assert_eq!(writes.len(), 2);
+        assert!(
+            writes
+                .iter()
+                .all(|w| matches!(w, Write::One(Outgoing::Node(_), _)))
+        );
+    }
 }

@@ -236,6 +236,7 @@ impl Sim {
                 self.worker_says(id, ToPrimary::Accepted { key, seq, accepted });
             }
             ToWorker::Disconnect => p.asked = true,
+            ToWorker::NewConns { .. } => panic!("the core never joins hand-offs"),
         }
         true
     }
