@@ -8,6 +8,7 @@
 //!    | <- QueryReply { seq, Ok(..) | errno } - |   (+ a listening fd: shared, reuseport)
 //!    | -- Listening { key, address } ------->  |
 //!    | <- NewConn { key, seq } + fd ---------  |   round-robin only
+//!    | <- NewConns { key, seqs } + fds ------  |   (several at once, one frame)
 //!    | -- Accepted { seq, accepted } ------->  |
 //!    | <- Disconnect ------------------------  |
 //!    | -- Close { key } -------------------->  |   a server closed by the application
