@@ -31,7 +31,7 @@
 //!   refused, or in flight to a worker that dies or stops first, goes to another worker
 //!   (Node's `RoundRobinHandle` with the holes closed); with no worker alive, connections
 //!   are held for [`Settings::hold_connections`].
-//! - A worker has at most a small window (4) of round-robin hand-offs in flight per
+//! - A worker has at most a small window (8) of round-robin hand-offs in flight per
 //!   server (Node: one); workers with room take turns.
 //! - Every forked worker produces exactly one [`Event::Exit`], after its
 //!   [`Event::Disconnect`]; a worker's events come in Node's order: fork, online,

@@ -308,7 +308,7 @@ impl Model {
 proptest! {
     #[test]
     fn every_connection_is_delivered_once_or_expired(
-        window in 1usize..5,
+        window in 1usize..=crate::protocol::HANDOFF_WINDOW,
         ops in proptest::collection::vec(op(), 1..200),
     ) {
         let start = Instant::now();
