@@ -97,6 +97,20 @@ pub struct HandleKey {
     pub index: u32,
 }
 
+#[cfg(test)]
+impl HandleKey {
+    /// The key of a worker's `index`th `listen(0, '127.0.0.1')`, for tests.
+    pub(crate) fn loopback(index: u32) -> Self {
+        Self {
+            address: "127.0.0.1".into(),
+            port: 0,
+            family: AddressFamily::V4,
+            fd: None,
+            index,
+        }
+    }
+}
+
 impl fmt::Display for HandleKey {
     /// Node's spelling, `127.0.0.1:0:4:undefined:0`.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

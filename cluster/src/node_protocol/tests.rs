@@ -21,21 +21,11 @@ fn check_out(worker: &mut NodeWorker, message: ToWorker, expected: &str) {
     assert_eq!(json_of(&worker.outgoing(&message)), expected);
 }
 
-fn loopback_key(index: u32) -> HandleKey {
-    HandleKey {
-        address: "127.0.0.1".into(),
-        port: 0,
-        family: AddressFamily::V4,
-        fd: None,
-        index,
-    }
-}
-
 /// The reference trace (round-robin), both directions, field for field.
 #[test]
 fn round_robin_trace() {
     let mut w = NodeWorker::new();
-    let key = loopback_key(0);
+    let key = HandleKey::loopback(0);
     check_in(
         &mut w,
         r#"{"cmd":"NODE_CLUSTER","act":"online","seq":0}"#,
@@ -276,7 +266,7 @@ fn second_listen_of_a_worker_gets_its_own_key() {
             &line,
             FromNode::Message(ToPrimary::QueryServer {
                 seq,
-                key: loopback_key(index),
+                key: HandleKey::loopback(index),
                 backlog: crate::worker::DEFAULT_BACKLOG,
             }),
         );

@@ -218,17 +218,7 @@ pub(super) async fn forward_output(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::{AddressFamily, HandleKey};
-
-    fn key(index: u32) -> HandleKey {
-        HandleKey {
-            address: "127.0.0.1".into(),
-            port: 0,
-            family: AddressFamily::V4,
-            fd: None,
-            index,
-        }
-    }
+    use crate::protocol::HandleKey;
 
     fn conn(key: &HandleKey, seq: u64) -> (Outgoing, Fds) {
         let fd: OwnedFd = std::io::pipe().expect("pipe").0.into();
@@ -258,7 +248,7 @@ mod tests {
 
     #[test]
     fn consecutive_hand_offs_of_one_handle_share_a_frame_in_order() {
-        let (a, b) = (key(0), key(1));
+        let (a, b) = (HandleKey::loopback(0), HandleKey::loopback(1));
         let disconnect = (Outgoing::Cluster(ToWorker::Disconnect), Fds::none());
         let batch = vec![
             conn(&a, 1),
@@ -286,7 +276,7 @@ mod tests {
 
     #[test]
     fn a_frame_carries_at_most_its_bound() {
-        let a = key(0);
+        let a = HandleKey::loopback(0);
         let batch = (0..CONNS_PER_FRAME as u64 + 2)
             .map(|seq| conn(&a, seq))
             .collect();

@@ -12,7 +12,7 @@ use child::{ExitStatus, Signal};
 use super::super::{
     Command, Config, ConnId, Core, Effect, FdRef, Input, Outcome, RequestId, Timer,
 };
-use crate::protocol::{AddressFamily, Granted, HandleKey, ToPrimary, ToWorker, WorkerId};
+use crate::protocol::{Granted, HandleKey, ToPrimary, ToWorker, WorkerId};
 use crate::settings::{Policy, RestartPolicy};
 
 /// The address every simulated bind gets.
@@ -90,13 +90,7 @@ pub(super) fn config(workers: usize, policy: Policy) -> Config {
 }
 
 pub(super) fn key(index: u32) -> HandleKey {
-    HandleKey {
-        address: "127.0.0.1".into(),
-        port: 0,
-        family: AddressFamily::V4,
-        fd: None,
-        index,
-    }
+    HandleKey::loopback(index)
 }
 
 impl Sim {
