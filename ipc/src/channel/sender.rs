@@ -132,24 +132,42 @@ impl Sender {
         if !self.buf.is_empty() {
             self.flush().await?;
         }
-        let encoded = self.codec.encode(lane, fds.len(), message, &mut self.buf);
-        self.grown |= self.buf.capacity() > self.high_water.max(RETAINED_BUFFER);
-        if let Err(err) = encoded {
-            self.give_back();
-            return Err(err);
-        }
+        self.encode_frame(lane, fds.len(), message)?;
         // The descriptors ride on the first sendmsg that takes bytes of the frame.
         let mut pending = fds;
         while !self.buf.is_empty() {
-            let (io, buf) = (&self.io, &self.buf);
-            let written = io
-                .async_io(Interest::WRITABLE, || sys::send(io.as_fd(), buf, pending))
-                .await?;
+            let written = self.write_some(pending).await?;
             pending = &[];
             self.buf.advance(written);
         }
         self.give_back();
         Ok(())
+    }
+
+    /// Appends one postcard frame declaring `fd_count` descriptors to the write buffer;
+    /// a refused message leaves nothing behind.
+    fn encode_frame<T: Serialize + ?Sized>(
+        &mut self,
+        lane: Lane,
+        fd_count: usize,
+        message: &T,
+    ) -> Result<(), Error> {
+        let encoded = self.codec.encode(lane, fd_count, message, &mut self.buf);
+        self.grown |= self.buf.capacity() > self.high_water.max(RETAINED_BUFFER);
+        if encoded.is_err() {
+            self.give_back();
+        }
+        encoded
+    }
+
+    /// One `sendmsg` of the postcard write buffer, `fds` with its first byte, once the
+    /// socket takes bytes; returns how many it took.
+    async fn write_some<F: std::os::fd::AsRawFd>(&self, fds: &[F]) -> Result<usize, Error> {
+        let io = &self.io;
+        let written = io
+            .async_io(Interest::WRITABLE, || sys::send(io.as_fd(), &self.buf, fds))
+            .await?;
+        Ok(written)
     }
 
     /// Sends a message on the control lane, optionally with descriptors.
@@ -202,12 +220,7 @@ impl Sender {
             // Descriptors must ride on the sendmsg that starts their frame.
             self.flush().await?;
         }
-        let encoded = self.codec.encode(lane, fds.len(), message, &mut self.buf);
-        self.grown |= self.buf.capacity() > self.high_water.max(RETAINED_BUFFER);
-        if let Err(err) = encoded {
-            self.give_back();
-            return Err(err);
-        }
+        self.encode_frame(lane, fds.len(), message)?;
         if !fds.is_empty() {
             self.fds = fds;
         }
@@ -278,10 +291,7 @@ impl Sender {
             return Ok(());
         }
         while !self.buf.is_empty() {
-            let (io, buf, fds) = (&self.io, &self.buf, &self.fds);
-            let written = io
-                .async_io(Interest::WRITABLE, || sys::send(io.as_fd(), buf, fds))
-                .await?;
+            let written = self.write_some(&self.fds).await?;
             // The kernel holds its own references to the descriptors now.
             self.fds.clear();
             self.buf.advance(written);
