@@ -520,7 +520,7 @@ impl Driver {
                     conn.and_then(|c| c.try_clone())
                         .map(|copy| Fds::Owned(vec![copy]))
                 } else {
-                    conn.map(|c| Fds::Conn(Arc::clone(c)))
+                    conn.map(|c| Fds::Conns(vec![Arc::clone(c)]))
                 }
             }
             Some(FdRef::Listener { key, socket }) => {

@@ -11,8 +11,10 @@ use super::Internal;
 use crate::primary::{OutputStream, UserSender};
 use crate::protocol::{ToWorker, WorkerId};
 
-/// A control message for a worker, in the protocol it speaks.
-#[derive(Debug)]
+/// A control message for a worker, in the protocol it speaks. It serializes as the
+/// message it holds (the channel's format decides the encoding).
+#[derive(Debug, serde::Serialize)]
+#[serde(untagged)]
 pub(super) enum Outgoing {
     /// This crate's protocol (postcard, control lane).
     Cluster(ToWorker),
@@ -26,9 +28,9 @@ pub(super) enum Outgoing {
 pub(super) enum Fds {
     /// Copies of the driver's, closed once sent (a listening socket, a Node hand-off).
     Owned(Vec<OwnedFd>),
-    /// A connection the driver keeps until the worker took it, sent without a copy (no
-    /// `dup` and `close` per hand-off); it closes when the last holder lets go.
-    Conn(Arc<OwnedFd>),
+    /// Connections the driver keeps until the worker took them, sent without a copy
+    /// (no `dup` and `close` per hand-off); each closes when its last holder lets go.
+    Conns(Vec<Arc<OwnedFd>>),
 }
 
 impl Fds {
@@ -47,50 +49,41 @@ const WRITE_BATCH: usize = 64;
 /// descriptors per message).
 const CONNS_PER_FRAME: usize = 16;
 
-/// What the writer sends for a run of queued messages.
-#[derive(Debug)]
-enum Write {
-    /// One message as it was queued.
-    One(Outgoing, Fds),
-    /// Consecutive hand-offs of one handle to a Rust worker, as one frame.
-    Conns(ToWorker, Vec<Arc<OwnedFd>>),
-}
-
 /// Joins consecutive hand-offs of the same handle to a Rust worker into `NewConns`
-/// frames (order kept; everything else passes through).
-fn coalesce(batch: Vec<(Outgoing, Fds)>) -> Vec<Write> {
-    let mut out: Vec<Write> = Vec::with_capacity(batch.len());
+/// frames, order kept; a run of one stays a `NewConn`, and everything else passes
+/// through.
+fn coalesce(batch: Vec<(Outgoing, Fds)>) -> Vec<(Outgoing, Fds)> {
+    let mut out: Vec<(Outgoing, Fds)> = Vec::with_capacity(batch.len());
     for (message, fds) in batch {
-        let (Outgoing::Cluster(ToWorker::NewConn { key, seq }), Fds::Conn(conn)) = (&message, &fds)
-        else {
-            out.push(Write::One(message, fds));
-            continue;
-        };
-        if let Some(Write::Conns(ToWorker::NewConns { key: last, seqs }, conns)) = out.last_mut()
-            && last == key
-            && seqs.len() < CONNS_PER_FRAME
+        if let (Outgoing::Cluster(ToWorker::NewConn { key, seq }), Fds::Conns(conn)) =
+            (&message, &fds)
+            && let Some((Outgoing::Cluster(last), Fds::Conns(conns))) = out.last_mut()
+            && conns.len() < CONNS_PER_FRAME
         {
-            seqs.push(*seq);
-            conns.push(Arc::clone(conn));
-            continue;
+            match last {
+                ToWorker::NewConn {
+                    key: last_key,
+                    seq: first,
+                } if last_key == key => {
+                    *last = ToWorker::NewConns {
+                        key: key.clone(),
+                        seqs: vec![*first, *seq],
+                    };
+                    conns.extend(conn.iter().cloned());
+                    continue;
+                }
+                ToWorker::NewConns {
+                    key: last_key,
+                    seqs,
+                } if last_key == key => {
+                    seqs.push(*seq);
+                    conns.extend(conn.iter().cloned());
+                    continue;
+                }
+                _ => {}
+            }
         }
-        let joined = ToWorker::NewConns {
-            key: key.clone(),
-            seqs: vec![*seq],
-        };
-        out.push(Write::Conns(joined, vec![Arc::clone(conn)]));
-    }
-    // A run of one is an ordinary NewConn (what an older worker understands, too).
-    for write in &mut out {
-        if let Write::Conns(ToWorker::NewConns { key, seqs }, conns) = write
-            && seqs.len() == 1
-        {
-            let message = ToWorker::NewConn {
-                key: key.clone(),
-                seq: seqs[0],
-            };
-            *write = Write::One(Outgoing::Cluster(message), Fds::Conn(conns.remove(0)));
-        }
+        out.push((message, fds));
     }
     out
 }
@@ -110,24 +103,10 @@ pub(super) async fn write_control(sender: UserSender, mut rx: mpsc::Receiver<(Ou
         }
         let mut sender = sender.lock().await;
         let mut sent = Ok(());
-        for write in coalesce(batch) {
-            sent = match write {
-                Write::One(Outgoing::Cluster(message), Fds::Owned(fds)) => {
-                    sender.feed(ipc::Lane::Control, &message, fds).await
-                }
-                Write::One(Outgoing::Node(message), Fds::Owned(fds)) => {
-                    sender.feed(ipc::Lane::Control, &message, fds).await
-                }
-                Write::One(Outgoing::Cluster(message), Fds::Conn(conn)) => {
-                    let fds = [conn.as_fd()];
-                    (sender.send_borrowed(ipc::Lane::Control, &message, &fds)).await
-                }
-                // A JSON channel keeps the handle until the ACK: it copies it anyway.
-                Write::One(Outgoing::Node(message), Fds::Conn(conn)) => {
-                    let fds = [conn.as_fd()];
-                    (sender.send_borrowed(ipc::Lane::Control, &message, &fds)).await
-                }
-                Write::Conns(message, conns) => {
+        for (message, fds) in coalesce(batch) {
+            sent = match fds {
+                Fds::Owned(fds) => sender.feed(ipc::Lane::Control, &message, fds).await,
+                Fds::Conns(conns) => {
                     let fds: Vec<_> = conns.iter().map(|c| c.as_fd()).collect();
                     (sender.send_borrowed(ipc::Lane::Control, &message, &fds)).await
                 }
@@ -226,20 +205,20 @@ mod tests {
             key: key.clone(),
             seq,
         };
-        (Outgoing::Cluster(message), Fds::Conn(Arc::new(fd)))
+        (Outgoing::Cluster(message), Fds::Conns(vec![Arc::new(fd)]))
     }
 
     /// The batch as `(seqs, descriptors)` per write, with `None` for a write that is
     /// not a hand-off.
-    fn shape(writes: &[Write]) -> Vec<Option<(Vec<u64>, usize)>> {
+    fn shape(writes: &[(Outgoing, Fds)]) -> Vec<Option<(Vec<u64>, usize)>> {
         writes
             .iter()
             .map(|w| match w {
-                Write::Conns(ToWorker::NewConns { seqs, .. }, conns) => {
+                (Outgoing::Cluster(ToWorker::NewConns { seqs, .. }), Fds::Conns(conns)) => {
                     Some((seqs.clone(), conns.len()))
                 }
-                Write::One(Outgoing::Cluster(ToWorker::NewConn { seq, .. }), Fds::Conn(_)) => {
-                    Some((vec![*seq], 1))
+                (Outgoing::Cluster(ToWorker::NewConn { seq, .. }), Fds::Conns(conns)) => {
+                    Some((vec![*seq], conns.len()))
                 }
                 _ => None,
             })
@@ -269,7 +248,7 @@ mod tests {
             ]
         );
         assert!(
-            matches!(&writes[1], Write::One(..)),
+            matches!(&writes[1].0, Outgoing::Cluster(ToWorker::NewConn { .. })),
             "a run of one stays a NewConn"
         );
     }
@@ -297,15 +276,11 @@ mod tests {
                 .with("act", "newconn")
         };
         let batch = vec![
-            (Outgoing::Node(line()), Fds::Conn(Arc::clone(&fd))),
-            (Outgoing::Node(line()), Fds::Conn(fd)),
+            (Outgoing::Node(line()), Fds::Conns(vec![Arc::clone(&fd)])),
+            (Outgoing::Node(line()), Fds::Conns(vec![fd])),
         ];
         let writes = coalesce(batch);
         assert_eq!(writes.len(), 2);
-        assert!(
-            writes
-                .iter()
-                .all(|w| matches!(w, Write::One(Outgoing::Node(_), _)))
-        );
+        assert!(writes.iter().all(|w| matches!(w, (Outgoing::Node(_), _))));
     }
 }
