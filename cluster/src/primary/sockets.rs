@@ -218,9 +218,7 @@ impl Listeners {
             Endpoint::Inet(address) => address,
             Endpoint::Unix(path) => {
                 let (listener, file) = bind_unix(&path, backlog).map_err(errno)?;
-                let sockets = self.handles.entry(key.clone()).or_default();
-                sockets.unix_path = file;
-                self.listen_on(key, socket, listener).map_err(errno)?;
+                self.listen_on(key, socket, listener, file).map_err(errno)?;
                 return Ok(Endpoint::Unix(path));
             }
         };
@@ -250,20 +248,24 @@ impl Listeners {
             tracing::debug!(%key, %bound, "listening on an inherited socket");
             self.lent.insert((key.clone(), socket), index);
         }
-        self.listen_on(key, socket, listener.into())
+        self.listen_on(key, socket, listener.into(), None)
             .map_err(errno)?;
         Ok(Endpoint::Inet(bound))
     }
 
     /// Keeps `listener` as `key`'s socket (`socket`: a reuseport slot's), accepted on by
-    /// the driver under round-robin.
+    /// the driver under round-robin; `unix_path` is the file to remove with it.
     fn listen_on(
         &mut self,
         key: &HandleKey,
         socket: Option<usize>,
         listener: OwnedFd,
+        unix_path: Option<UnixPath>,
     ) -> io::Result<()> {
         let sockets = self.handles.entry(key.clone()).or_default();
+        if unix_path.is_some() {
+            sockets.unix_path = unix_path;
+        }
         match (self.policy, socket) {
             (Policy::RoundRobin, _) => {
                 let listener = crate::sys::readable_listener(listener)?;

@@ -235,21 +235,18 @@ pub(crate) async fn write_control(
     sender: Arc<tokio::sync::Mutex<ipc::Sender>>,
     mut rx: mpsc::Receiver<ToPrimary>,
 ) {
-    while let Some(first) = rx.recv().await {
+    while let Some(mut message) = rx.recv().await {
         let mut sender = sender.lock().await;
-        let mut next = Some(first);
-        let mut written: Result<(), ipc::Error> = Ok(());
-        while let Some(message) = next.take() {
-            written = sender.feed(ipc::Lane::Control, &message, Vec::new()).await;
-            if written.is_err() {
-                break;
+        let written = loop {
+            if let Err(e) = sender.feed(ipc::Lane::Control, &message, Vec::new()).await {
+                break Err(e);
             }
-            next = rx.try_recv().ok();
-        }
-        if let Err(e) = match written {
-            Ok(()) => sender.flush().await,
-            Err(e) => Err(e),
-        } {
+            match rx.try_recv() {
+                Ok(next) => message = next,
+                Err(_) => break sender.flush().await,
+            }
+        };
+        if let Err(e) = written {
             tracing::debug!(error = %e, "channel to the primary closed");
             return;
         }
@@ -263,8 +260,13 @@ fn hand_off(inner: &Inner, key: HandleKey, seq: u64, fd: Option<OwnedFd>, fds_lo
         tracing::warn!(%key, "out of descriptors: refusing a hand-off");
     }
     let stopping = inner.stop_token().is_cancelled();
-    let decision = inner.core().on_handoff(&key, fd.is_some(), stopping);
-    let queue = inner.core().listener(&key);
+    let (decision, queue) = {
+        let core = inner.core();
+        (
+            core.on_handoff(&key, fd.is_some(), stopping),
+            core.listener(&key),
+        )
+    };
     match (decision, fd, queue) {
         (Handoff::Deliver, Some(fd), Some(queue)) => queue.push(seq, fd),
         _ => inner.send_control(ToPrimary::Accepted {
