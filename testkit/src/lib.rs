@@ -48,7 +48,9 @@ mod worker_info;
 
 pub use bench_line::{BenchArgs, BenchLine, Benchmark, Subject, Unit};
 pub use guard::{KillOnDrop, kill_all_groups};
-pub use load::{KeepAliveLoad, LoadConfig, Outcome, Sample, http_exchange, http_get};
+pub use load::{
+    KeepAliveLoad, LoadConfig, Outcome, Sample, assert_none_failed, http_exchange, http_get,
+};
 pub use log::{Line, LineLog, LogError};
 pub use node::{NODE_INSTALL_HINT, NodeError, node_available, node_timing};
 pub use proc_stat::{ProcStat, children_of, is_running};

@@ -52,6 +52,20 @@ impl LoadConfig {
     }
 }
 
+/// Fails the calling test unless every sample is a 2xx response, naming how many failed
+/// and the first of them.
+#[track_caller]
+pub fn assert_none_failed(samples: &[Sample]) {
+    let failed: Vec<&Sample> = samples.iter().filter(|s| !s.is_ok()).collect();
+    assert!(
+        failed.is_empty(),
+        "{} of {} requests failed, first: {:?}",
+        failed.len(),
+        samples.len(),
+        failed.first()
+    );
+}
+
 /// How one request ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {

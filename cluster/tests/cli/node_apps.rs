@@ -190,15 +190,7 @@ fn a_rolling_reload_under_keep_alive_load_fails_no_request() {
         load.wait_until(TIMEOUT, |s| s.len() >= done),
         "load stalled"
     );
-    let samples = load.stop();
-    let failed: Vec<_> = samples.iter().filter(|s| !s.is_ok()).collect();
-    assert!(
-        failed.is_empty(),
-        "{} of {} requests failed, first: {:?}",
-        failed.len(),
-        samples.len(),
-        failed.first()
-    );
+    testkit::assert_none_failed(&load.stop());
     let now = pids(&cluster.started_from(0));
     assert!(now.len() >= 6 && old.is_subset(&now), "{now:?}");
     cluster.signal(Signal::SIGTERM);

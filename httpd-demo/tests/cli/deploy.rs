@@ -281,15 +281,7 @@ fn sigusr2_upgrades_the_primary_under_keep_alive_load_failing_no_request() {
         load.wait_until(TIMEOUT, |s| s.len() >= done),
         "load stalled"
     );
-    let samples = load.stop();
-    let failed = samples.iter().filter(|s| !s.is_ok()).count();
-    let first = samples.iter().find(|s| !s.is_ok());
-    assert_eq!(
-        failed,
-        0,
-        "{failed} of {} requests failed, first {first:?}",
-        samples.len()
-    );
+    testkit::assert_none_failed(&load.stop());
     assert_ne!(new_primary, old_primary);
     assert!(is_running(new_primary));
     let after = serving(&server);

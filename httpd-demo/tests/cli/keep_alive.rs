@@ -6,25 +6,13 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 
 use nix::sys::signal::Signal;
-use testkit::{KeepAliveLoad, KillOnDrop, LineLog, LoadConfig, Sample};
+use testkit::{KeepAliveLoad, KillOnDrop, LineLog, LoadConfig, Sample, assert_none_failed};
 
 use crate::http::Connection;
 use crate::server::{Server, TIMEOUT};
 
 /// Keep-alive connections of the load, as in `wrk -c32`.
 const CONNECTIONS: usize = 32;
-
-#[track_caller]
-fn assert_none_failed(samples: &[Sample]) {
-    let failed: Vec<&Sample> = samples.iter().filter(|s| !s.is_ok()).collect();
-    assert!(
-        failed.is_empty(),
-        "{} of {} requests failed, first: {:?}",
-        failed.len(),
-        samples.len(),
-        failed.first()
-    );
-}
 
 /// Runs `action` under a keep-alive load of `GET /` on the server: 300 requests
 /// before it and 300 after it; no request may fail.
