@@ -226,6 +226,12 @@ impl NodeWorker {
     }
 }
 
+/// Whether a Node worker's user message is `process.send('ready')`, PM2's word that the
+/// worker is ready (see [`Settings::wait_ready`](crate::Settings::wait_ready)).
+pub(crate) fn is_ready(message: &ipc::Received) -> bool {
+    message.payload() == b"\"ready\""
+}
+
 fn malformed(reason: &str) -> FromNode {
     FromNode::Malformed(format!("node cluster protocol: {reason}"))
 }

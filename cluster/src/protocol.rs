@@ -14,6 +14,7 @@
 //!    | -- Close { key } -------------------->  |   a server closed by the application
 //!    | -- GoingDown { reason } ------------->  |   the worker panicked and is draining
 //!    | -- Disconnecting -------------------->  |   the worker stops by itself
+//!    | -- Ready ---------------------------->  |   ready to serve (`wait_ready`)
 //! ```
 //!
 //! User messages travel on the user lane and are never decoded here.
@@ -170,8 +171,10 @@ pub(crate) enum ToPrimary {
         reason: String,
     },
     /// The application called [`crate::Worker::disconnect`]: it stops accepting, drains
-    /// and exits; replace it now (not a crash).
+    /// and exits; replace it now (not a crash, after the minimum uptime).
     Disconnecting,
+    /// The application called [`crate::Worker::ready`] (Node's `process.send('ready')`).
+    Ready,
 }
 
 /// What the primary gives back for a successful [`ToPrimary::QueryServer`].

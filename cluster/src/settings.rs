@@ -53,16 +53,21 @@ pub struct UnknownPolicy(pub String);
 /// the [`crash_loop_limit`](RestartPolicy::crash_loop_limit) of crashes of one slot within
 /// its window mark the slot failed: it is no longer restarted.
 ///
-/// A crash is any exit the primary did not ask for, whatever its code: a worker that
-/// returns `Ok(())` at once, again and again, is a crash loop too. Exits after a
-/// disconnect (asked by the primary, or [`Worker::disconnect`](crate::Worker::disconnect))
-/// are not crashes.
+/// A crash is an exit the primary did not ask for with a failure (a non-zero code or a
+/// signal). A worker that leaves on its own without failing (it exits 0, or calls
+/// [`Worker::disconnect`](crate::Worker::disconnect) or Node's `disconnect()`) after at
+/// least [`min_uptime`](RestartPolicy::min_uptime) is being recycled: it is replaced at
+/// once and not counted. One that leaves sooner counts as a crash, with the same backoff
+/// and limit (PM2's `min_uptime`): a worker that returns `Ok(())` or disconnects right
+/// after it starts, again and again, is a crash loop too. Exits the primary asked for
+/// (disconnect, stop, reload, removal) are not crashes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RestartPolicy {
     pub(crate) enabled: bool,
     pub(crate) backoff_min: Duration,
     pub(crate) backoff_max: Duration,
     pub(crate) stable_after: Duration,
+    pub(crate) min_uptime: Duration,
     pub(crate) max_restarts: u32,
     pub(crate) window: Duration,
 }
@@ -74,6 +79,7 @@ impl Default for RestartPolicy {
             backoff_min: Duration::from_millis(100),
             backoff_max: Duration::from_secs(10),
             stable_after: Duration::from_secs(10),
+            min_uptime: Duration::from_secs(1),
             max_restarts: 10,
             window: Duration::from_secs(60),
         }
@@ -82,7 +88,7 @@ impl Default for RestartPolicy {
 
 impl RestartPolicy {
     /// Restart with 100 ms growing to 10 s, reset after 10 s up, at most 10 crashes a
-    /// minute per slot.
+    /// minute per slot, recycling (an exit 0 or a worker's own disconnect) after 1 s up.
     pub fn new() -> Self {
         Self::default()
     }
@@ -110,6 +116,13 @@ impl RestartPolicy {
     /// How long a worker must run for its crash not to count as a crash loop.
     pub fn stable_after(mut self, uptime: Duration) -> Self {
         self.stable_after = uptime;
+        self
+    }
+
+    /// How long a worker that leaves on its own without failing must have run for its exit
+    /// to be recycling rather than a crash (default 1 s, PM2's `min_uptime`).
+    pub fn min_uptime(mut self, uptime: Duration) -> Self {
+        self.min_uptime = uptime;
         self
     }
 
@@ -144,11 +157,15 @@ pub struct Settings {
     pub(crate) hold_connections: Duration,
     pub(crate) reload_timeout: Duration,
     pub(crate) handoff_timeout: Duration,
+    pub(crate) connect_timeout: Duration,
+    pub(crate) wait_ready: bool,
     pub(crate) silent: bool,
     pub(crate) inherit_listeners: bool,
     pub(crate) upgrade_timeout: Duration,
     /// `Some(node)`: workers are Node programs run by `node`, spoken to in Node's protocol.
     pub(crate) node: Option<OsString>,
+    /// Node's `execArgv` for Node workers (`--max-old-space-size=512`, ...).
+    pub(crate) node_args: Vec<OsString>,
     /// Load the keep-alive-safe drain into Node workers.
     pub(crate) node_keepalive_drain: bool,
 }
@@ -166,10 +183,13 @@ impl Default for Settings {
             hold_connections: Duration::from_secs(10),
             reload_timeout: Duration::from_secs(60),
             handoff_timeout: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(10),
+            wait_ready: false,
             silent: false,
             inherit_listeners: true,
             upgrade_timeout: Duration::from_secs(60),
             node: None,
+            node_args: Vec::new(),
             node_keepalive_drain: true,
         }
     }
@@ -264,6 +284,27 @@ impl Settings {
         self
     }
 
+    /// How long a new worker may take to connect to its channel and report online
+    /// (default 10 s). Past it, [`Event::NotConnected`](crate::Event::NotConnected) says
+    /// so (the program may not speak the protocol at all: neither a Node script nor built
+    /// on this crate) and the worker is left running; if it is then asked to stop, it is
+    /// sent `SIGTERM` as well as the disconnect it cannot read.
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// Whether a worker counts as ready only once it says so (PM2's `wait_ready`; default
+    /// `false`): a Node worker with `process.send('ready')`, a Rust worker with
+    /// [`Worker::ready`](crate::Worker::ready). Until then it is not counted by
+    /// [`Stats::ready`](crate::Stats::ready), and a rolling reload waits for it (within
+    /// [`reload_timeout`](Self::reload_timeout)) before it stops the worker it replaces.
+    /// Without it, a worker is ready once it listens.
+    pub fn wait_ready(mut self, wait: bool) -> Self {
+        self.wait_ready = wait;
+        self
+    }
+
     /// Pipes the workers' stdin, stdout and stderr to nowhere instead of inheriting them.
     pub fn silent(mut self, silent: bool) -> Self {
         self.silent = silent;
@@ -294,6 +335,17 @@ impl Settings {
     /// [`Event::Message`](crate::Event::Message) to decode as a `serde_json::Value`).
     pub fn node(mut self, exec_path: impl Into<OsString>) -> Self {
         self.node = Some(exec_path.into());
+        self
+    }
+
+    /// Node's `execArgv` for [`node`](Self::node) workers: options placed between the
+    /// Node executable and the script (`node --max-old-space-size=512 app.js`).
+    pub fn node_args<I, S>(mut self, args: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<OsString>,
+    {
+        self.node_args = args.into_iter().map(Into::into).collect();
         self
     }
 

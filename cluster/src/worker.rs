@@ -290,10 +290,20 @@ impl Worker {
         self.inner.stop_token().child_token()
     }
 
+    /// Tells the primary this worker is ready to serve (Node's `process.send('ready')`
+    /// under PM2's `wait_ready`). It matters only when the primary waits for it
+    /// ([`Settings::wait_ready`](crate::Settings::wait_ready)): until then the worker does
+    /// not count as ready, and a rolling reload does not stop the worker it replaces.
+    /// Saying it twice is harmless.
+    pub fn ready(&self) {
+        self.inner.send_control(ToPrimary::Ready);
+    }
+
     /// Stops this worker by its own choice (Node's `worker.disconnect()` in a worker):
     /// listeners stop yielding connections (hand-offs not taken go to other workers), the
-    /// primary starts a replacement at once and does not count a crash, and the exit has
-    /// `exited_after_disconnect` set. Finish in-flight work and return from `main`; the
+    /// primary starts a replacement (at once after
+    /// [`RestartPolicy::min_uptime`](crate::RestartPolicy::min_uptime), and without counting
+    /// a crash; sooner, it counts as one), and the exit has `exited_after_disconnect` set. Finish in-flight work and return from `main`; the
     /// primary kills the process if its drain deadline passes first.
     pub fn disconnect(&self) {
         if self.inner.stop_token().is_cancelled() {

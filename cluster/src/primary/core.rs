@@ -73,6 +73,10 @@ pub(crate) struct Config {
     /// How long a worker with hand-offs in flight may answer none before it counts as
     /// hung: killed and replaced, its hand-offs given to others.
     pub(crate) handoff_timeout: Duration,
+    /// How long a new worker may take to report online before it is reported.
+    pub(crate) connect_timeout: Duration,
+    /// Whether a worker counts as ready only once it says so.
+    pub(crate) wait_ready: bool,
 }
 
 /// A command's tag; the driver keeps the reply channel.
@@ -180,6 +184,8 @@ pub(crate) enum Timer {
     HandleIdle(HandleKey),
     /// A worker with hand-offs in flight has answered none for the hand-off timeout.
     Handoff(WorkerId),
+    /// A forked worker has not reported online within the connect timeout.
+    Connect(WorkerId),
 }
 
 /// A descriptor the driver attaches to a message.

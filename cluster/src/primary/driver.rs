@@ -95,8 +95,9 @@ pub(crate) struct Driver {
     silent: bool,
     /// `Some(node)`: workers are Node programs run by `node`.
     node: Option<OsString>,
-    /// Node workers load the keep-alive-safe drain (`node_drain.rs`).
-    node_keepalive_drain: bool,
+    /// Node's `execArgv` for Node workers: the user's options, then the keep-alive-safe
+    /// drain (`node_drain.rs`) if on.
+    node_args: Vec<OsString>,
     links: HashMap<WorkerId, Link>,
     listeners: Listeners,
     conns: HashMap<ConnId, Arc<OwnedFd>>,
@@ -146,6 +147,8 @@ impl Driver {
             reload_timeout: settings.reload_timeout,
             max_held: super::core::MAX_HELD,
             handoff_timeout: settings.handoff_timeout,
+            connect_timeout: settings.connect_timeout,
+            wait_ready: settings.wait_ready,
         };
         let (internal, internal_rx) = mpsc::channel(INTERNAL_QUEUE);
         let inherited = match settings.inherit_listeners {
@@ -159,7 +162,19 @@ impl Driver {
             env: settings.env.clone(),
             silent: settings.silent,
             node: settings.node.clone(),
-            node_keepalive_drain: settings.node_keepalive_drain,
+            node_args: settings
+                .node_args
+                .iter()
+                .cloned()
+                .chain(
+                    settings
+                        .node_keepalive_drain
+                        .then(crate::node_drain::import_args)
+                        .into_iter()
+                        .flatten()
+                        .map(OsString::from),
+                )
+                .collect(),
             links: HashMap::new(),
             listeners: Listeners::new(policy, inherited),
             conns: HashMap::new(),
@@ -453,7 +468,15 @@ impl Driver {
             return;
         }
         if message.lane() == ipc::Lane::User {
-            return self.emit(Event::Message { id, message });
+            // Node's `process.send('ready')` is also the worker's word that it is ready.
+            let ready = self.links.get(&id).is_some_and(|link| link.node.is_some())
+                && crate::node_protocol::is_ready(&message);
+            self.emit(Event::Message { id, message });
+            if ready {
+                let message = ToPrimary::Ready;
+                self.input(Input::Message { id, message });
+            }
+            return;
         }
         if self.links.get(&id).is_some_and(|link| link.node.is_some()) {
             return self.node_message(id, message);

@@ -91,6 +91,35 @@ pub enum Event {
         /// The primary's key for the handle.
         key: HandleKey,
     },
+    /// The worker said it is ready ([`Settings::wait_ready`](crate::Settings::wait_ready):
+    /// Node's `process.send('ready')`, [`Worker::ready`](crate::Worker::ready)).
+    Ready {
+        /// The worker.
+        id: WorkerId,
+    },
+    /// The primary refused a worker's listen (the worker was told, with the errno; a Node
+    /// app may ignore it). `lasting` when retrying will not change it (the address is in
+    /// use by another program, not local, or needs privileges): no worker can listen there
+    /// until that changes.
+    ListenFailed {
+        /// The worker.
+        id: WorkerId,
+        /// The primary's key of the server it asked for.
+        key: HandleKey,
+        /// The `bind`/`listen` errno.
+        errno: i32,
+        /// Whether retrying will not help.
+        lasting: bool,
+    },
+    /// A worker has not connected to its channel and reported online within
+    /// [`Settings::connect_timeout`](crate::Settings::connect_timeout): its program may
+    /// not speak the cluster protocol at all. It is left running.
+    NotConnected {
+        /// The worker.
+        id: WorkerId,
+        /// How long it was given.
+        waited: Duration,
+    },
     /// The worker's channel closed.
     Disconnect {
         /// The worker.
@@ -167,6 +196,9 @@ impl Event {
         match self {
             Self::Fork { .. } => "fork",
             Self::Online { .. } => "online",
+            Self::Ready { .. } => "ready",
+            Self::ListenFailed { .. } => "listen-failed",
+            Self::NotConnected { .. } => "not-connected",
             Self::Listening { .. } => "listening",
             Self::Disconnect { .. } => "disconnect",
             Self::Exit { .. } => "exit",

@@ -41,6 +41,20 @@ impl RestartTracker {
         self.restarts
     }
 
+    /// Records that a worker left at `now` after `uptime` without being asked and without
+    /// failing (it disconnected itself, or exited 0): a worker that lived at least
+    /// [`min_uptime`](RestartPolicy::min_uptime) is being recycled and is replaced at once
+    /// without counting; one that left sooner counts as a crash (PM2's `min_uptime`), so
+    /// a program that leaves right after it starts backs off and is given up like one that
+    /// crashes.
+    pub(crate) fn on_left(&mut self, now: Instant, uptime: Duration) -> Decision {
+        if !self.policy.enabled || uptime < self.policy.min_uptime {
+            return self.on_crash(now, uptime);
+        }
+        self.restarts += 1;
+        Decision::RestartAfter(Duration::ZERO)
+    }
+
     /// Records a crash at `now` of a worker that ran for `uptime`.
     ///
     /// A worker that had been stable, or the first crash of the slot within the window,
@@ -157,6 +171,29 @@ mod tests {
                 .collect::<Vec<_>>()
         };
         assert!(!got.contains(&Failed), "{got:?}");
+    }
+
+    #[test]
+    fn leaving_soon_counts_as_a_crash_and_leaving_late_is_recycling() {
+        let start = Instant::now();
+        let mut tracker = RestartTracker::new(policy().min_uptime(ms(500)));
+        // Recycled after a long life: at once, however often, never given up.
+        for i in 0..20 {
+            assert_eq!(
+                tracker.on_left(start + ms(i * 10), ms(600)),
+                RestartAfter(Duration::ZERO)
+            );
+        }
+        // Leaving right after the start backs off and is given up like a crash loop.
+        let got: Vec<_> = (0..6)
+            .map(|i| tracker.on_left(start + ms(1000 + i * 10), ms(100)))
+            .collect();
+        let mut expected: Vec<_> = [0, 100, 200, 400, 800]
+            .iter()
+            .map(|n| RestartAfter(ms(*n)))
+            .collect();
+        expected.push(Failed);
+        assert_eq!(got, expected);
     }
 
     #[test]

@@ -46,6 +46,7 @@ impl Core {
             Timer::Reload => self.reload_timed_out(now),
             Timer::HandleIdle(key) => self.handle_idle(&key),
             Timer::Handoff(id) => self.handoff_timed_out(id),
+            Timer::Connect(id) => self.connect_timed_out(id),
             Timer::Hold(key) => {
                 if let Some(rr) = self.handles.get_mut(&key).and_then(Handle::round_robin) {
                     let expired = rr.expire(now);

@@ -2,7 +2,8 @@
 //!
 //! ```text
 //!  Starting --Forked--> Forked --Online--> Online ------------drain--> Draining{cause}
-//!      |                  |                    |                            |
+//!      |                  |  \-------------------------------drain--/ (online: false;
+//!      |                  |                    |          a late Online is no offence)
 //!      |                  +-------- channel closed ----------+--------------+
 //!      |                  |                                  v
 //!      |                  +-------- exit ------------> Exited{status}   Disconnected{cause}
@@ -58,20 +59,28 @@ impl StopCause {
 pub(crate) enum Phase {
     /// The core asked the driver to fork it; the driver answers at once.
     Starting,
-    /// Running, not online yet.
-    Forked { pid: u32 },
+    /// Running, not online yet; `overdue` once it has not connected within the connect
+    /// timeout (it may not speak the protocol at all: a stop then also sends `SIGTERM`).
+    Forked { pid: u32, overdue: bool },
     /// Online and serving (its servers are in [`Worker::servers`]).
     Online { pid: u32 },
     /// Asked to stop (or going down): no new connections, a deadline to exit by.
-    Draining { pid: u32, cause: StopCause },
+    /// `online` says whether it had come online before; one told to stop while still
+    /// starting may report online afterwards, which is no offence.
+    Draining {
+        pid: u32,
+        cause: StopCause,
+        online: bool,
+    },
     /// Its channel closed (`Disconnect` emitted); waiting for the process to end.
     Disconnected { pid: u32, cause: Option<StopCause> },
     /// The process ended but its channel is still open: its last messages come first,
-    /// for a bounded grace time.
+    /// for a bounded grace time (`online` as in `Draining`).
     Exited {
         pid: u32,
         status: child::ExitStatus,
         cause: Option<StopCause>,
+        online: bool,
     },
 }
 
@@ -80,7 +89,7 @@ impl Phase {
     pub(crate) fn pid(&self) -> Option<u32> {
         match *self {
             Self::Starting => None,
-            Self::Forked { pid }
+            Self::Forked { pid, .. }
             | Self::Online { pid, .. }
             | Self::Draining { pid, .. }
             | Self::Disconnected { pid, .. }
@@ -94,6 +103,15 @@ impl Phase {
             Self::Draining { cause, .. } => Some(cause),
             Self::Disconnected { cause, .. } | Self::Exited { cause, .. } => cause,
             _ => None,
+        }
+    }
+
+    /// Whether it has reported online (as far as its messages are still read).
+    pub(crate) fn came_online(&self) -> bool {
+        match *self {
+            Self::Online { .. } => true,
+            Self::Draining { online, .. } | Self::Exited { online, .. } => online,
+            Self::Starting | Self::Forked { .. } | Self::Disconnected { .. } => false,
         }
     }
 
@@ -140,6 +158,9 @@ pub(crate) struct Worker {
     /// A listen it was refused for a reason retrying will not change: if it then dies,
     /// its slot is given up at once instead of crash-looping.
     pub(crate) listen_failed: Option<(HandleKey, i32)>,
+    /// Whether it counts as ready once listening: set at the start unless the cluster
+    /// waits for the worker to say so ([`crate::Settings::wait_ready`]).
+    pub(crate) ready: bool,
 }
 
 impl Worker {
@@ -151,9 +172,10 @@ impl Worker {
             .count()
     }
 
-    /// Whether it is online and serving on at least `target` servers.
+    /// Whether it is online and serving on at least `target` servers, and has said it is
+    /// ready if the cluster waits for that ([`crate::Settings::wait_ready`]).
     pub(crate) fn serves(&self, target: usize) -> bool {
-        matches!(self.phase, Phase::Online { .. }) && self.listening() >= target
+        matches!(self.phase, Phase::Online { .. }) && self.ready && self.listening() >= target
     }
 
     /// The public view of its phase.

@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use super::handles::{ConnId, Handle, HandleKind};
 use super::lifecycle::{Phase, Server};
-use super::{Core, Effect, FdRef, MAX_SERVERS_PER_WORKER, Timer};
+use super::{Core, Effect, Event, FdRef, MAX_SERVERS_PER_WORKER, Timer};
 use crate::Endpoint;
 use crate::protocol::{Granted, HandleKey, ToWorker, WorkerId};
 
@@ -123,7 +123,6 @@ impl Core {
                 }
             }
             Err(errno) => {
-                tracing::debug!(%key, errno, "listen refused");
                 // Retrying will not change these (another program holds the port, the
                 // address is not ours, privileges are missing).
                 let lasting = handle.address.is_none()
@@ -135,9 +134,20 @@ impl Core {
                     self.handles.remove(key);
                 }
                 for (id, seq) in waiters {
-                    if let Some(worker) = self.workers.get_mut(&id).filter(|_| lasting) {
+                    let Some(worker) = self.workers.get_mut(&id) else {
+                        continue;
+                    };
+                    if lasting {
                         worker.listen_failed = Some((key.clone(), errno));
                     }
+                    let error = std::io::Error::from_raw_os_error(errno);
+                    tracing::warn!(%id, %key, %error, "a worker's listen was refused");
+                    self.emit(Event::ListenFailed {
+                        id,
+                        key: key.clone(),
+                        errno,
+                        lasting,
+                    });
                     let result = Err(errno);
                     self.send(id, ToWorker::QueryReply { seq, result }, None);
                 }

@@ -8,7 +8,8 @@ mod sim;
 use child::{ExitStatus, Signal};
 
 use self::sim::{Sim, config, signaled};
-use super::{Command, Input, MAX_SERVERS_PER_WORKER, Outcome};
+use super::lifecycle::Phase;
+use super::{Command, Config, Input, MAX_SERVERS_PER_WORKER, Outcome, Timer};
 use crate::protocol::{ToPrimary, ToWorker, WorkerId};
 use crate::settings::Policy;
 
@@ -18,7 +19,16 @@ fn id(n: u64) -> WorkerId {
 
 /// A cluster of `workers` cooperative workers, all online and listening once.
 fn serving(workers: usize, policy: Policy) -> Sim {
-    let mut sim = Sim::new(config(workers, policy));
+    serving_with(workers, policy, false)
+}
+
+/// Started and settled: every worker online and listening (and ready).
+fn serving_with(workers: usize, policy: Policy, wait_ready: bool) -> Sim {
+    let config = Config {
+        wait_ready,
+        ..config(workers, policy)
+    };
+    let mut sim = Sim::new(config);
     sim.settle(100);
     assert_eq!(sim.listening_current(), workers);
     sim
@@ -78,6 +88,8 @@ fn a_worker_that_disconnects_itself_is_replaced_at_once_and_never_counts_as_a_cr
     let mut sim = serving(1, Policy::RoundRobin);
     for round in 0..10 {
         let old = sim.pick(0).expect("a worker");
+        // After its minimum uptime: recycling.
+        sim.now += sim.core.config.restart.min_uptime;
         sim.worker_says(old, ToPrimary::Disconnecting);
         let forks = sim.events.len();
         assert_eq!(
@@ -112,6 +124,8 @@ fn kill_disconnects_first_sets_exited_after_disconnect_and_is_not_replaced() {
 #[test]
 fn a_worker_asking_for_too_many_servers_or_the_same_one_twice_is_killed_and_replaced() {
     let mut sim = serving(2, Policy::Shared);
+    sim.hostile(id(1));
+    sim.hostile(id(2));
     for n in 0..MAX_SERVERS_PER_WORKER + 1 {
         let key = sim::key(u32::try_from(n).expect("small") + 10);
         let seq = 100 + n as u64;
@@ -147,6 +161,7 @@ fn a_worker_asking_for_too_many_servers_or_the_same_one_twice_is_killed_and_repl
 #[test]
 fn a_worker_whose_control_queue_is_full_is_killed_and_replaced() {
     let mut sim = serving(2, Policy::RoundRobin);
+    sim.hostile(id(1));
     sim.input(Input::SendFailed { id: id(1) });
     assert_eq!(sim.misbehaved, [id(1)]);
     assert!(!sim.procs[&id(1)].alive, "killed");
@@ -224,6 +239,9 @@ fn a_reload_replaces_every_worker_and_keeps_the_old_one_when_the_new_code_crash_
 #[test]
 fn a_worker_is_trusted_only_for_what_it_was_granted() {
     let mut sim = serving(3, Policy::RoundRobin);
+    for n in 1..=3 {
+        sim.hostile(id(n));
+    }
     let address: crate::Endpoint = sim::BOUND.parse().expect("address");
     let lie = |key| ToPrimary::Listening {
         key,
@@ -421,5 +439,113 @@ fn held_connections_expire_and_a_stop_closes_the_rest() {
     sim.connect(0);
     sim.connect(0);
     assert_eq!(sim.core.stats().queued, 2);
+    sim.stop_and_check();
+}
+
+/// A stop, a reload or a removal that reaches workers still starting: each is stopped
+/// (it may still report online), never flagged as misbehaving (issue: SIGHUP then SIGTERM
+/// 50 ms later, SIGTTIN then SIGTTOU, SIGTERM right after the start).
+#[test]
+fn a_worker_told_to_stop_before_it_came_online_is_stopped_not_flagged() {
+    let commands = [
+        vec![Command::Stop],
+        vec![Command::Reload, Command::Stop],
+        vec![
+            Command::AddWorker { env: Vec::new() },
+            Command::RemoveWorker,
+            Command::Stop,
+        ],
+    ];
+    for commands in commands {
+        let mut sim = Sim::new(config(2, Policy::RoundRobin));
+        for command in commands {
+            sim.command(command);
+        }
+        // Every worker still starting now reports online, then reads its messages.
+        let ids: Vec<WorkerId> = sim.procs.keys().copied().collect();
+        for id in ids {
+            sim.online(id);
+        }
+        sim.settle(100);
+        assert!(sim.misbehaved.is_empty(), "{:?}", sim.misbehaved);
+        assert!(sim.finished);
+        for (id, (_, asked)) in &sim.exits {
+            assert!(asked, "{id} exited after being asked");
+        }
+    }
+}
+
+/// A program that never connects (it does not speak the protocol) is reported once
+/// after the connect timeout and is sent SIGTERM at the stop, which it can act on.
+#[test]
+fn a_worker_that_never_connects_is_reported_and_terminated_at_the_stop() {
+    let mut sim = Sim::new(config(1, Policy::RoundRobin));
+    let waited = sim.core.config.connect_timeout;
+    assert_eq!(
+        sim.timers.get(&Timer::Connect(id(1))),
+        Some(&(sim.now + waited))
+    );
+    assert!(sim.fire_timer());
+    assert!(matches!(
+        sim.core.workers[&id(1)].phase,
+        Phase::Forked { overdue: true, .. }
+    ));
+    assert_eq!(sim.events[&id(1)], ["fork", "other"], "reported once");
+    sim.command(Command::Stop);
+    assert_eq!(sim.exits[&id(1)].0, signaled(Signal::SIGTERM));
+    assert!(
+        sim.finished,
+        "stopped without waiting for the drain deadline"
+    );
+}
+
+/// A worker that comes online in time is never reported.
+#[test]
+fn a_worker_online_in_time_leaves_no_connect_timer() {
+    let sim = serving(2, Policy::Shared);
+    assert!(
+        !sim.timers.keys().any(|t| matches!(t, Timer::Connect(_))),
+        "{:?}",
+        sim.timers
+    );
+}
+
+/// A worker that disconnects itself right after it starts counts as a crash (backoff,
+/// then the slot is given up); one that does so after the minimum uptime is recycled at
+/// once, however often.
+#[test]
+fn leaving_right_after_the_start_is_a_crash_loop_and_leaving_later_is_recycling() {
+    let min_uptime = config(1, Policy::RoundRobin).restart.min_uptime;
+    for (wait, fails) in [(std::time::Duration::ZERO, true), (min_uptime, false)] {
+        let mut sim = serving(1, Policy::RoundRobin);
+        for _ in 0..12 {
+            let Some(current) = sim.core.slots[&0].current() else {
+                break;
+            };
+            sim.now += wait;
+            sim.worker_says(current, ToPrimary::Disconnecting);
+            sim.settle(100);
+        }
+        assert_eq!(sim.slot_failed.contains_key(&0), fails, "waited {wait:?}");
+        assert!(sim.misbehaved.is_empty());
+        sim.stop_and_check();
+    }
+}
+
+/// Under `wait_ready`, a listening worker is ready only once it says so.
+#[test]
+fn under_wait_ready_a_worker_counts_once_it_says_it_is_ready() {
+    let config = Config {
+        wait_ready: true,
+        ..config(1, Policy::RoundRobin)
+    };
+    let mut sim = Sim::new(config);
+    sim.online(id(1));
+    sim.listen(id(1));
+    while sim.deliver(id(1), true) {}
+    assert_eq!(sim.listening_current(), 1);
+    assert!(!sim.core.stats().ready, "listening is not enough");
+    sim.ready(id(1));
+    assert!(sim.core.stats().ready);
     sim.stop_and_check();
 }

@@ -49,6 +49,7 @@ impl Core {
                 handed: 0,
                 restarts,
                 listen_failed: None,
+                ready: !self.config.wait_ready,
             },
         );
         self.out.push(Effect::Fork { id, slot, env });
@@ -62,9 +63,14 @@ impl Core {
         if worker.phase != Phase::Starting {
             return;
         }
-        worker.phase = Phase::Forked { pid };
+        worker.phase = Phase::Forked {
+            pid,
+            overdue: false,
+        };
         tracing::debug!(%id, pid, slot = worker.slot, "forked a worker");
         self.emit(Event::Fork { id, pid });
+        let at = self.now + self.config.connect_timeout;
+        self.start_timer(Timer::Connect(id), at);
         if let Some(request) = self.adding.remove(&id) {
             self.out.push(Effect::Reply(request, Outcome::Added(id)));
         }
@@ -105,11 +111,27 @@ impl Core {
 
     /// A slot's current worker died (or could not start): restart it, or give it up.
     pub(super) fn on_crash(&mut self, slot: usize, id: WorkerId, now: Instant, uptime: Duration) {
-        let Some(decision) = self
+        let decision = self
             .slots
             .get_mut(&slot)
-            .map(|s| s.tracker.on_crash(now, uptime))
-        else {
+            .map(|s| s.tracker.on_crash(now, uptime));
+        self.restart(slot, id, decision, now);
+    }
+
+    /// A slot's current worker left without being asked and without failing (it
+    /// disconnected itself, or exited 0): replaced at once after a long enough life,
+    /// counted as a crash before [`RestartPolicy::min_uptime`](crate::RestartPolicy).
+    pub(super) fn on_left(&mut self, slot: usize, id: WorkerId, now: Instant, uptime: Duration) {
+        let decision = self
+            .slots
+            .get_mut(&slot)
+            .map(|s| s.tracker.on_left(now, uptime));
+        self.restart(slot, id, decision, now);
+    }
+
+    /// Carries out a restart decision for `slot`, whose worker `id` left.
+    fn restart(&mut self, slot: usize, id: WorkerId, decision: Option<Decision>, now: Instant) {
+        let Some(decision) = decision else {
             return;
         };
         let running = self.running();
@@ -193,13 +215,46 @@ impl Core {
             return;
         }
         match (worker.phase, message) {
-            (Phase::Forked { pid }, ToPrimary::Online) => {
+            (Phase::Forked { pid, .. }, ToPrimary::Online) => {
                 worker.phase = Phase::Online { pid };
+                self.cancel_timer(Timer::Connect(id));
                 self.emit(Event::Online { id });
                 self.advance_reload(now);
             }
+            // Told to stop while it was starting: it may still report online, once.
+            (
+                Phase::Draining {
+                    pid,
+                    cause,
+                    online: false,
+                },
+                ToPrimary::Online,
+            ) => {
+                worker.phase = Phase::Draining {
+                    pid,
+                    cause,
+                    online: true,
+                };
+                self.cancel_timer(Timer::Connect(id));
+                self.emit(Event::Online { id });
+            }
+            (Phase::Exited { online: false, .. }, ToPrimary::Online) => {
+                if let Phase::Exited { online, .. } = &mut worker.phase {
+                    *online = true;
+                }
+                self.emit(Event::Online { id });
+            }
             (_, ToPrimary::Online) => self.misbehaved(id, "reported online twice".into()),
-            (Phase::Forked { .. }, _) => self.misbehaved(id, "spoke before it was online".into()),
+            (phase, _) if !phase.came_online() => {
+                self.misbehaved(id, "spoke before it was online".into())
+            }
+            (_, ToPrimary::Ready) => {
+                if !worker.ready {
+                    worker.ready = true;
+                    self.emit(Event::Ready { id });
+                    self.advance_reload(now);
+                }
+            }
             (_, ToPrimary::QueryServer { seq, key, backlog }) => {
                 self.query_server(id, seq, key, backlog)
             }
@@ -242,11 +297,11 @@ impl Core {
                 }
             }
             (_, ToPrimary::Disconnecting) => {
-                let slot = worker.slot;
+                let (slot, uptime) = (worker.slot, now.saturating_duration_since(worker.started));
                 tracing::info!(%id, "worker disconnected itself");
                 self.begin_drain(id, StopCause::WorkerDisconnected, now);
                 if self.running() && self.slot_current(slot) == Some(id) {
-                    self.fork_into(slot, now);
+                    self.on_left(slot, id, now, uptime);
                 }
             }
         }
@@ -257,9 +312,24 @@ impl Core {
         let Some(worker) = self.workers.get_mut(&id) else {
             return;
         };
+        // One that never connected (it may not speak the protocol) cannot read the
+        // disconnect: it is asked with SIGTERM too.
+        let mut terminate = false;
         match &mut worker.phase {
-            Phase::Forked { pid } | Phase::Online { pid } => {
-                worker.phase = Phase::Draining { pid: *pid, cause };
+            Phase::Forked { pid, overdue } => {
+                terminate = *overdue;
+                worker.phase = Phase::Draining {
+                    pid: *pid,
+                    cause,
+                    online: false,
+                };
+            }
+            Phase::Online { pid } => {
+                worker.phase = Phase::Draining {
+                    pid: *pid,
+                    cause,
+                    online: true,
+                };
             }
             Phase::Draining { cause: old, .. } => {
                 *old = old.merge(cause);
@@ -272,6 +342,9 @@ impl Core {
             Phase::Starting => return,
         }
         self.send(id, ToWorker::Disconnect, None);
+        if terminate {
+            self.terminate(id);
+        }
         self.start_timer(Timer::DrainDeadline(id), now + self.config.drain_deadline);
         for handle in self.handles.values_mut() {
             handle.retire_worker(id);
@@ -287,20 +360,27 @@ impl Core {
             return;
         }
         worker.phase = match phase {
-            Phase::Forked { pid } | Phase::Online { pid } | Phase::Draining { pid, .. } => {
+            Phase::Forked { pid, .. } | Phase::Online { pid } | Phase::Draining { pid, .. } => {
                 Phase::Draining {
                     pid,
                     cause: StopCause::Misbehaved,
+                    online: phase.came_online(),
                 }
             }
             Phase::Disconnected { pid, .. } => Phase::Disconnected {
                 pid,
                 cause: Some(StopCause::Misbehaved),
             },
-            Phase::Exited { pid, status, .. } => Phase::Exited {
+            Phase::Exited {
+                pid,
+                status,
+                online,
+                ..
+            } => Phase::Exited {
                 pid,
                 status,
                 cause: Some(StopCause::Misbehaved),
+                online,
             },
             Phase::Starting => return,
         };
@@ -313,6 +393,32 @@ impl Core {
             request: None,
         });
         self.forget_worker(id);
+    }
+
+    /// Asks a worker that may not read its channel to stop, with `SIGTERM`.
+    fn terminate(&mut self, id: WorkerId) {
+        self.out.push(Effect::Kill {
+            id,
+            signal: Signal::SIGTERM,
+            request: None,
+        });
+    }
+
+    /// A worker has not reported online within the connect timeout: say so, once. One
+    /// already told to stop is asked again with `SIGTERM`, since it cannot read the
+    /// disconnect.
+    pub(super) fn connect_timed_out(&mut self, id: WorkerId) {
+        let Some(worker) = self.workers.get_mut(&id) else {
+            return;
+        };
+        let waited = self.config.connect_timeout;
+        match &mut worker.phase {
+            Phase::Forked { overdue, .. } => *overdue = true,
+            Phase::Draining { online: false, .. } => self.terminate(id),
+            _ => return,
+        }
+        tracing::warn!(%id, ?waited, "worker has not connected to the cluster channel");
+        self.emit(Event::NotConnected { id, waited });
     }
 
     pub(super) fn on_channel_closed(&mut self, id: WorkerId, broken: Option<String>, now: Instant) {
@@ -328,7 +434,7 @@ impl Core {
                 return self.finalize(id, status, cause, false, now);
             }
             Phase::Starting | Phase::Disconnected { .. } => return,
-            Phase::Forked { pid } | Phase::Online { pid, .. } | Phase::Draining { pid, .. } => {
+            Phase::Forked { pid, .. } | Phase::Online { pid, .. } | Phase::Draining { pid, .. } => {
                 worker.phase = Phase::Disconnected {
                     pid,
                     cause: worker.phase.cause(),
@@ -353,11 +459,16 @@ impl Core {
         match worker.phase {
             Phase::Disconnected { cause, .. } => self.finalize(id, status, cause, true, now),
             Phase::Exited { .. } | Phase::Starting => {}
-            Phase::Forked { pid } | Phase::Online { pid, .. } | Phase::Draining { pid, .. } => {
+            Phase::Forked { pid, .. } | Phase::Online { pid, .. } | Phase::Draining { pid, .. } => {
                 // Messages it sent before exiting come first: wait for the end of its
                 // channel, for a bounded time (a descendant may hold it open).
-                let cause = worker.phase.cause();
-                worker.phase = Phase::Exited { pid, status, cause };
+                let (cause, online) = (worker.phase.cause(), worker.phase.came_online());
+                worker.phase = Phase::Exited {
+                    pid,
+                    status,
+                    cause,
+                    online,
+                };
                 for handle in self.handles.values_mut() {
                     handle.retire_worker(id);
                 }
@@ -382,6 +493,7 @@ impl Core {
         self.cancel_timer(Timer::DrainDeadline(id));
         self.cancel_timer(Timer::ExitGrace(id));
         self.cancel_timer(Timer::Handoff(id));
+        self.cancel_timer(Timer::Connect(id));
         self.forget_worker(id);
         if !disconnected {
             self.emit(Event::Disconnect { id });
@@ -400,7 +512,10 @@ impl Core {
                 Some((key, errno)) => self.give_up(slot, id, SlotFailure::Listen { key, errno }),
                 None => {
                     let uptime = now.saturating_duration_since(worker.started);
-                    self.on_crash(slot, id, now, uptime);
+                    match status {
+                        child::ExitStatus::Exited(0) => self.on_left(slot, id, now, uptime),
+                        _ => self.on_crash(slot, id, now, uptime),
+                    }
                 }
             }
         }

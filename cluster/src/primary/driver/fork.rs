@@ -18,10 +18,10 @@ impl Driver {
         let global = self.env.clone();
         let mut options = ForkOptions::new().parent_death_signal(Signal::SIGKILL);
         if let Some(node) = &self.node {
-            options = options.serialization(ipc::Format::Json).exec_path(node);
-            if self.node_keepalive_drain {
-                options = options.exec_argv(crate::node_drain::import_args());
-            }
+            options = options
+                .serialization(ipc::Format::Json)
+                .exec_path(node)
+                .exec_argv(&self.node_args);
         }
         let node = self.node.is_some();
         let options = options.map_spawn_options(|mut options| {

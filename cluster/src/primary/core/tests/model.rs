@@ -7,9 +7,9 @@ use std::time::Duration;
 use child::ExitStatus;
 use proptest::prelude::*;
 
-use super::serving;
+use super::serving_with;
 use super::sim::{self, Sim, config};
-use crate::primary::core::{Command, Input, Outcome};
+use crate::primary::core::{Command, Config, Input, Outcome};
 use crate::protocol::{ToPrimary, WorkerId};
 use crate::settings::Policy;
 
@@ -18,6 +18,8 @@ use crate::settings::Policy;
 enum Op {
     Online(u8),
     Listen(u8),
+    Ready(u8),
+    LateOnline(u8),
     Deliver(u8, bool),
     Connect(u32),
     Crash(u8, Option<bool>, i32),
@@ -44,6 +46,8 @@ fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
         4 => w().prop_map(Op::Online),
         4 => w().prop_map(Op::Listen),
+        2 => w().prop_map(Op::Ready),
+        1 => w().prop_map(Op::LateOnline),
         12 => (w(), proptest::bool::weighted(0.85)).prop_map(|(w, a)| Op::Deliver(w, a)),
         6 => (0u32..2).prop_map(Op::Connect),
         2 => (w(), proptest::option::of(any::<bool>()), 0i32..3).prop_map(|(w, o, c)| Op::Crash(w, o, c)),
@@ -79,6 +83,10 @@ fn play(sim: &mut Sim, op: Op) {
     match op {
         Op::Online(w) => pick(sim, w).into_iter().for_each(|id| sim.online(id)),
         Op::Listen(w) => pick(sim, w).into_iter().for_each(|id| sim.listen(id)),
+        Op::Ready(w) => pick(sim, w).into_iter().for_each(|id| sim.ready(id)),
+        Op::LateOnline(w) => pick(sim, w)
+            .into_iter()
+            .for_each(|id| sim.exit_right_after_online(id)),
         Op::Deliver(w, accept) => {
             if let Some(id) = pick(sim, w) {
                 sim.deliver(id, accept);
@@ -116,12 +124,14 @@ fn play(sim: &mut Sim, op: Op) {
         }
         Op::Garbage(w) => {
             if let Some(id) = pick(sim, w).filter(|id| sim.procs[id].channel) {
+                sim.procs.get_mut(&id).expect("picked").hostile = true;
                 let reason = "undecodable".to_string();
                 sim.input(Input::Malformed { id, reason });
             }
         }
         Op::Claim(w, index, exclusive) => {
             if let Some(id) = pick(sim, w) {
+                sim.procs.get_mut(&id).expect("picked").hostile = true;
                 let key = sim::key(index);
                 let address = sim::BOUND.parse().expect("address");
                 sim.worker_says(
@@ -163,9 +173,11 @@ proptest! {
     fn any_interleaving_keeps_the_invariants(
         workers in 1usize..4,
         policy in policy(),
+        wait_ready in any::<bool>(),
         ops in proptest::collection::vec(op(), 1..150),
     ) {
-        let mut sim = Sim::new(config(workers, policy));
+        let config = Config { wait_ready, ..config(workers, policy) };
+        let mut sim = Sim::new(config);
         for op in ops {
             play(&mut sim, op);
         }
@@ -179,9 +191,10 @@ proptest! {
     fn a_reload_keeps_serving_and_replaces_everyone(
         workers in 1usize..4,
         policy in policy(),
+        wait_ready in any::<bool>(),
         steps in proptest::collection::vec((any::<u8>(), proptest::bool::weighted(0.7)), 1..400),
     ) {
-        let mut sim = serving(workers, policy);
+        let mut sim = serving_with(workers, policy, wait_ready);
         let before: Vec<WorkerId> = sim.core.workers.keys().copied().collect();
         let reload = sim.command(Command::Reload);
         prop_assert!(sim.core.stats().ready);
@@ -197,6 +210,10 @@ proptest! {
             if !p.online {
                 sim.online(id);
                 sim.listen(id);
+            } else if wait_ready && !p.ready {
+                // A new worker's word that it is ready comes in a later step: the reload
+                // must wait for it.
+                sim.ready(id);
             } else if p.asked {
                 sim.exit(id, ExitStatus::Exited(0), Some(w % 2 == 0));
             } else {

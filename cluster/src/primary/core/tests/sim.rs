@@ -30,6 +30,11 @@ pub(super) struct Proc {
     /// Servers granted and not closed, by key index.
     servers: HashSet<u32>,
     pub(super) asked: bool,
+    /// Whether it said it is ready (`wait_ready`).
+    pub(super) ready: bool,
+    /// Whether it broke the protocol on purpose (garbage, lies, speaking before it was
+    /// online): only such a worker, or a hung one, may be flagged as misbehaving.
+    pub(super) hostile: bool,
 }
 
 /// What a connection went through.
@@ -86,6 +91,8 @@ pub(super) fn config(workers: usize, policy: Policy) -> Config {
         reload_timeout: Duration::from_secs(20),
         max_held: 3,
         handoff_timeout: Duration::from_secs(15),
+        connect_timeout: Duration::from_secs(4),
+        wait_ready: false,
     }
 }
 
@@ -156,10 +163,32 @@ impl Sim {
         request
     }
 
-    /// A message from a worker, if its process can still talk.
+    /// A message from a worker, if its process can still talk. Anything but `Online`
+    /// before it is online breaks the protocol.
     pub(super) fn worker_says(&mut self, id: WorkerId, message: ToPrimary) {
-        if self.procs.get(&id).is_some_and(|p| p.alive && p.channel) {
+        if let Some(p) = self.procs.get_mut(&id).filter(|p| p.alive && p.channel) {
+            if !p.online && message != ToPrimary::Online {
+                p.hostile = true;
+            }
             self.input(Input::Message { id, message });
+        }
+    }
+
+    /// Marks a worker as one that breaks the protocol on purpose.
+    pub(super) fn hostile(&mut self, id: WorkerId) {
+        if let Some(p) = self.procs.get_mut(&id) {
+            p.hostile = true;
+        }
+    }
+
+    /// The worker says it is ready, once, after it came online.
+    pub(super) fn ready(&mut self, id: WorkerId) {
+        if let Some(p) = self.procs.get_mut(&id)
+            && p.online
+            && !p.ready
+        {
+            p.ready = true;
+            self.worker_says(id, ToPrimary::Ready);
         }
     }
 
@@ -280,6 +309,29 @@ impl Sim {
             // The channel is held open by a descendant: only the grace timer ends it.
             (_, None) | (false, _) => self.inputs.push_back(exited),
         }
+        self.drain_inputs();
+    }
+
+    /// The process reports online and exits at once; the primary sees the exit before
+    /// it reads the message, then the channel's end.
+    pub(super) fn exit_right_after_online(&mut self, id: WorkerId) {
+        let Some(p) = self
+            .procs
+            .get_mut(&id)
+            .filter(|p| p.alive && p.channel && !p.online)
+        else {
+            return;
+        };
+        (p.alive, p.channel, p.online) = (false, false, true);
+        let status = ExitStatus::Exited(0);
+        self.inputs.extend([
+            Input::Exited { id, status },
+            Input::Message {
+                id,
+                message: ToPrimary::Online,
+            },
+            Input::ChannelClosed { id, broken: None },
+        ]);
         self.drain_inputs();
     }
 
@@ -455,6 +507,10 @@ impl Sim {
                 if !p.online && p.channel {
                     self.online(id);
                     self.listen(id);
+                    moved = true;
+                }
+                if self.procs.get(&id).is_some_and(|p| !p.ready && p.channel) {
+                    self.ready(id);
                     moved = true;
                 }
                 while self.deliver(id, true) {

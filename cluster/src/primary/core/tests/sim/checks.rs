@@ -22,11 +22,19 @@ impl Sim {
                 self.exits.insert(*id, (*status, *exited_after_disconnect));
                 (*id, "exit")
             }
-            Event::Misbehaved { id, .. } => {
+            Event::Misbehaved { id, reason } => {
+                let hostile = self.procs.get(id).is_some_and(|p| p.hostile);
+                assert!(
+                    hostile || reason.ends_with("hung"),
+                    "{id} kept the protocol but was flagged: {reason}"
+                );
                 self.misbehaved.push(*id);
                 (*id, "other")
             }
-            Event::GoingDown { id, .. } => (*id, "other"),
+            Event::GoingDown { id, .. }
+            | Event::Ready { id }
+            | Event::ListenFailed { id, .. }
+            | Event::NotConnected { id, .. } => (*id, "other"),
             Event::ReloadFailed { slot, .. } => {
                 self.reload_failed.push(*slot);
                 return;
