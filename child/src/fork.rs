@@ -73,9 +73,12 @@ impl ForkOptions {
         self
     }
 
-    /// Asks the child to receive `signal` when this process dies (Linux `PR_SET_PDEATHSIG`,
-    /// applied by the child's [`parent_channel`] call; the parent is the thread that
-    /// spawned, see the crate's `# Caveats`).
+    /// Asks the child to receive `signal` when this process dies (Linux `PR_SET_PDEATHSIG`;
+    /// the parent is the thread that spawned, see the crate's `# Caveats`). It is set in
+    /// the child before it executes the program, whatever the program is (one that never
+    /// opens its channel, a busy loop), so such a child starts through fork + exec rather
+    /// than posix_spawn. [`parent_channel`] sets it again in a child of this workspace
+    /// (harmless), for a child started by an older parent.
     pub fn parent_death_signal(mut self, signal: Signal) -> Self {
         self.spawn.parent_death_signal = Some(signal);
         self

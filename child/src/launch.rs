@@ -127,7 +127,12 @@ pub(crate) fn launch(
         Some(dir) if !cwd_usable(dir) => SpawnError::new(program, args, e).in_cwd(dir),
         _ => SpawnError::new(program, args, e),
     };
-    let pid = if options.uid.is_none() && options.gid.is_none() {
+    // posix_spawn cannot set a parent-death signal: that, like uid and gid, takes the
+    // fork path, so the signal is in place before the program runs a single instruction.
+    let pid = if options.uid.is_none()
+        && options.gid.is_none()
+        && options.parent_death_signal.is_none()
+    {
         let spawn = |path: &Path, argv: &[OsString]| {
             spawn_fast(
                 path,
@@ -302,7 +307,8 @@ fn spawn_fast(
     })
 }
 
-/// The fork path (`std::process::Command`), for what posix_spawn cannot do: uid and gid.
+/// The fork path (`std::process::Command`), for what posix_spawn cannot do: uid, gid and
+/// the parent-death signal.
 fn spawn_slow(
     path: &Path,
     argv: &[OsString],
@@ -331,7 +337,17 @@ fn spawn_slow(
     if let Some(gid) = options.gid {
         command.gid(gid);
     }
-    sys::install_child_setup(&mut command, dup2s, closes, close_from, options.detached);
+    let parent_death = options
+        .parent_death_signal
+        .map(|signal| (signal as libc::c_int, std::process::id() as libc::pid_t));
+    sys::install_child_setup(
+        &mut command,
+        dup2s,
+        closes,
+        close_from,
+        options.detached,
+        parent_death,
+    );
     // Dropping std's `Child` neither waits nor signals; our pidfd takes over.
     let child = command.spawn()?;
     libc::pid_t::try_from(child.id()).map_err(|_| io::Error::other("pid out of range"))

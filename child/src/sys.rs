@@ -159,19 +159,37 @@ const NSIG: c_int = 65;
 /// Registers the slow path's child-side setup on a `std::process::Command` (fork + exec).
 ///
 /// The closure runs between fork and exec, so it only makes async-signal-safe calls:
-/// `setsid`, `signal`, `sigprocmask`, `dup2` and `close_range`.
+/// `setsid`, `prctl`, `getppid`, `kill`, `signal`, `sigprocmask`, `dup2` and
+/// `close_range`.
+///
+/// `parent_death`: the signal the child gets when the spawning thread ends, and the pid of
+/// this process; if this process is already gone when the child sets it (the child was
+/// re-parented), the child sends itself the signal at once.
 pub(crate) fn install_child_setup(
     command: &mut std::process::Command,
     dup2s: Vec<(RawFd, RawFd)>,
     closes: Vec<RawFd>,
     close_from: RawFd,
     setsid: bool,
+    parent_death: Option<(c_int, libc::pid_t)>,
 ) {
     let setup = move || -> io::Result<()> {
         // SAFETY: each call is async-signal-safe and only touches this (forked) process.
         unsafe {
             if setsid {
                 cvt(libc::setsid())?;
+            }
+            if let Some((signal, parent)) = parent_death {
+                cvt(libc::prctl(
+                    libc::PR_SET_PDEATHSIG,
+                    signal as libc::c_ulong,
+                    0,
+                    0,
+                    0,
+                ))?;
+                if libc::getppid() != parent {
+                    libc::kill(libc::getpid(), signal);
+                }
             }
             for sig in 1..NSIG {
                 if sig != libc::SIGKILL && sig != libc::SIGSTOP {

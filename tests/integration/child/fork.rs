@@ -79,6 +79,27 @@ async fn a_forked_child_dies_with_its_parent_when_asked() {
 }
 
 #[tokio::test]
+async fn a_forked_program_that_never_opens_its_channel_dies_with_its_parent_too() {
+    // child_detach forks `/bin/sleep 300` with a parent-death signal and exits at once:
+    // the signal is set before the program runs, not by the program's channel call.
+    // sleep inherits stdout, so stdout ends only once both are gone.
+    let options = super::options().stdin(Stdio::Null).stderr(Stdio::Inherit);
+    let mut parent = child::spawn(helper("child_detach"), ["fork-sleep"], options).unwrap();
+    let mut stdout = parent.stdout.take().unwrap();
+    let mut text = String::new();
+    let read = tokio::time::timeout(
+        std::time::Duration::from_secs(20),
+        stdout.read_to_string(&mut text),
+    )
+    .await;
+    let pid: i32 = text.trim().parse().expect("a pid");
+    let _guard = kill_on_drop(pid);
+    read.expect("sleep died with its parent").unwrap();
+    assert!(parent.wait().await.unwrap().success());
+    super::assert_dead(pid as u32);
+}
+
+#[tokio::test]
 async fn connected_turns_false_when_the_child_disconnects() {
     let options = ForkOptions::new().map_spawn_options(|o| o.kill_on_drop(true));
     let mut forked = child::fork(helper("child_forked"), ["disconnect"], options).unwrap();

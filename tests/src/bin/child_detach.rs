@@ -2,7 +2,9 @@
 //! prints its pid and exits without waiting for it.
 //!
 //! With `fork-linger <helper>` instead, forks `<helper> linger` with a parent-death signal
-//! of SIGKILL, waits for its `ready` message, prints its pid and exits.
+//! of SIGKILL, waits for its `ready` message, prints its pid and exits. With `fork-sleep`,
+//! forks `/bin/sleep 300` (which never opens its channel) with the same signal, prints its
+//! pid and exits.
 
 use std::io::Write;
 
@@ -20,6 +22,10 @@ async fn main() -> anyhow::Result<()> {
                 .decode()?;
             anyhow::ensure!(ready.starts_with("ready"), "unexpected {ready}");
             forked.pid()
+        }
+        [mode] if mode == "fork-sleep" => {
+            let options = child::ForkOptions::new().parent_death_signal(child::Signal::SIGKILL);
+            child::fork("/bin/sleep", ["300"], options)?.pid()
         }
         _ => {
             let options = child::SpawnOptions::new()
