@@ -159,8 +159,8 @@ const NSIG: c_int = 65;
 /// Registers the slow path's child-side setup on a `std::process::Command` (fork + exec).
 ///
 /// The closure runs between fork and exec, so it only makes async-signal-safe calls:
-/// `setsid`, `prctl`, `getppid`, `kill`, `signal`, `sigprocmask`, `dup2` and
-/// `close_range`.
+/// `setsid`, `prctl`, `getppid`, `kill`, `signal`, `sigprocmask`, `dup2`, `close_range`
+/// (or `getrlimit` and `fcntl` where it cannot mark descriptors close-on-exec).
 ///
 /// `parent_death`: the signal the child gets when the spawning thread ends, and the pid of
 /// this process; if this process is already gone when the child sets it (the child was
@@ -209,12 +209,25 @@ pub(crate) fn install_child_setup(
             for &target in &closes {
                 libc::close(target);
             }
-            cvt(libc::syscall(
+            // Everything from `close_from` on is marked close-on-exec rather than closed:
+            // std's own pipe for reporting a failed exec must stay open until the exec.
+            let marked = libc::syscall(
                 libc::SYS_close_range,
                 close_from as libc::c_uint,
                 libc::c_uint::MAX,
-                0,
-            ))?;
+                libc::CLOSE_RANGE_CLOEXEC,
+            );
+            if marked != 0 {
+                // Before Linux 5.11: one fcntl per possible descriptor, up to the limit.
+                let mut limit: libc::rlimit = std::mem::zeroed();
+                let top = match libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) {
+                    0 => limit.rlim_cur.min(1 << 20) as RawFd,
+                    _ => 1 << 16,
+                };
+                for fd in close_from..top {
+                    libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC);
+                }
+            }
         }
         Ok(())
     };

@@ -100,6 +100,18 @@ async fn a_forked_program_that_never_opens_its_channel_dies_with_its_parent_too(
 }
 
 #[tokio::test]
+async fn a_missing_program_with_a_parent_death_signal_is_a_spawn_error() {
+    // The fork + exec path must report a failed exec like posix_spawn does.
+    let options = ForkOptions::new().parent_death_signal(child::Signal::SIGKILL);
+    let error =
+        child::fork("/nonexistent/program", [] as [&str; 0], options).expect_err("no such program");
+    assert!(
+        matches!(&error, child::Error::Spawn(e) if e.raw_os_error() == Some(libc::ENOENT)),
+        "{error:?}"
+    );
+}
+
+#[tokio::test]
 async fn connected_turns_false_when_the_child_disconnects() {
     let options = ForkOptions::new().map_spawn_options(|o| o.kill_on_drop(true));
     let mut forked = child::fork(helper("child_forked"), ["disconnect"], options).unwrap();
