@@ -9,6 +9,8 @@
 
 #[path = "cli/command.rs"]
 mod command;
+#[path = "cli/first_day.rs"]
+mod first_day;
 #[path = "cli/http_workers.rs"]
 mod http_workers;
 #[path = "cli/messages.rs"]

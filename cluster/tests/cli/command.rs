@@ -128,7 +128,7 @@ pub(crate) fn exists(pid: u32) -> bool {
 }
 
 /// Starts `cluster ARGS` under a guard, with its stdout and stderr collected.
-fn spawn(args: &[&OsStr]) -> (KillOnDrop, LineLog) {
+pub(crate) fn spawn(args: &[&OsStr]) -> (KillOnDrop, LineLog) {
     let mut command = Command::new(env!("CARGO_BIN_EXE_cluster"));
     command
         .args(args)
@@ -143,7 +143,7 @@ fn spawn(args: &[&OsStr]) -> (KillOnDrop, LineLog) {
 }
 
 /// Runs `cluster ARGS` to its end and returns its status and everything it wrote.
-fn run_to_end(args: &[&OsStr]) -> (ExitStatus, String) {
+pub(crate) fn run_to_end(args: &[&OsStr]) -> (ExitStatus, String) {
     let (mut guard, log) = spawn(args);
     let status = guard
         .wait_timeout(TIMEOUT)
@@ -175,7 +175,7 @@ fn a_program_that_cannot_start_is_a_clear_error() {
 }
 
 #[test]
-fn a_node_program_that_keeps_crashing_ends_the_command() {
+fn a_node_program_that_exits_at_once_ends_the_command_with_its_stderr() {
     if !node_or_skip() {
         return;
     }
@@ -189,6 +189,12 @@ fn a_node_program_that_keeps_crashing_ends_the_command() {
         script.as_os_str(),
     ]);
     assert_eq!(status.code(), Some(1), "{output}");
-    assert!(output.contains("every worker keeps crashing"), "{output}");
-    assert!(output.contains("| crashing on purpose"), "{output}");
+    assert!(
+        output.contains("every worker exited before it listened (worker "),
+        "{output}"
+    );
+    assert!(
+        output.contains("stderr:\n  | crashing on purpose"),
+        "{output}"
+    );
 }

@@ -1,206 +1,298 @@
-//! `cluster`: runs a program as supervised workers behind this crate's primary, Node
-//! programs (`.js`, `.mjs`, `.cjs`, run with `node`, spoken to in Node's own cluster
-//! protocol, so an unmodified `http.createServer().listen()` becomes a worker) and Rust
-//! programs built on `cluster` alike.
+//! `cluster`: runs a program as supervised workers behind this crate's primary: Node
+//! programs (spoken to in Node's own cluster protocol, so an unmodified
+//! `http.createServer().listen()` becomes a worker) and Rust programs built on `cluster`
+//! alike. See `cluster --help` and the README's `cluster` section.
 //!
 //! ```text
-//! cluster [--workers N] [--policy rr|shared] [--grace SECONDS] [--name NAME]
-//!         [--max-restarts N] [--node PATH] [--no-keepalive-drain] -- PROGRAM [ARGS...]
+//! cluster [OPTIONS] -- app.js [ARGS...]
+//! cluster [OPTIONS] -- node [NODE_FLAGS] app.js [ARGS...]
+//! cluster [OPTIONS] -- PROGRAM [ARGS...]
 //! ```
 //!
 //! Signals: TERM/INT graceful stop, HUP rolling reload, TTIN/TTOU one worker more/less.
 //! Each worker output line is printed as `NAME ID | line` (NAME defaults to `worker`);
 //! `listening on ADDRESS` is printed once per address, when its first worker listens.
-//! Exits 1 with a message when PROGRAM cannot start or every worker keeps crashing.
+//! Output goes through bounded queues written by threads of their own (`output.rs`), so
+//! a stalled stdout or stderr never blocks the primary. Exits 1 with a message when
+//! PROGRAM cannot start, never connects, cannot listen, or its workers keep failing
+//! (`watch.rs`).
 
-use std::collections::HashSet;
-use std::ffi::OsString;
-use std::io::{IsTerminal, Write};
-use std::path::Path;
+mod invocation;
+mod limits;
+mod output;
+mod watch;
+
 use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
-use cluster::{Event, OutputStream, Policy, Primary, RestartPolicy, Settings};
+use cluster::{Policy, Primary, RestartPolicy, Settings};
+use nix::sys::signal::{SigSet, Signal};
 
-/// Runs PROGRAM as N supervised workers (Node's cluster protocol for .js/.mjs/.cjs).
+use self::invocation::Invocation;
+use self::output::{Kind, Sink};
+use self::watch::Watch;
+
+/// How long a worker may take to connect to its channel before it is reported (a Node
+/// worker reports online before its script runs, a Rust one at `Worker::connect`).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+const EXAMPLES: &str = "\
+Examples:
+  cluster -w 4 -- app.js 3000                         a Node script (.js, .mjs, .cjs)
+  cluster -w 4 -- node --max-old-space-size=512 app.js 3000
+                                                      node and its flags (execArgv)
+  cluster --node-args '--enable-source-maps' -- app.js
+  cluster -- ./server.js                              a script whose #! line runs node
+  cluster -w 2 --policy shared -- ./target/release/my-server --port 8000
+                                                      a program built on the cluster crate
+
+Signals to the cluster process: TERM/INT stop gracefully (workers finish their
+requests within --grace), HUP reloads (each worker replaced by a new one that listens
+first), TTIN/TTOU add or remove a worker.";
+
+/// Runs PROGRAM as N supervised workers: Node programs in Node's own cluster protocol,
+/// programs built on the cluster crate in this crate's.
 #[derive(Debug, Parser)]
-#[command(name = "cluster", version)]
+#[command(name = "cluster", version, after_help = EXAMPLES)]
 struct Args {
-    /// How many workers (default: one per CPU).
+    /// How many workers (default: one per CPU; at most 1024).
     #[arg(long, short = 'w')]
     workers: Option<usize>,
-    /// How connections reach workers: rr (the primary hands them out) or shared (one
-    /// socket, every worker accepts); reuseport is accepted too.
+    /// How connections reach workers: rr (the primary hands them out), shared (one
+    /// socket, every worker accepts) or reuseport (a socket per worker, the kernel
+    /// balances).
     #[arg(long, default_value = "rr")]
     policy: Policy,
-    /// How long a stopping worker may finish its requests before it is killed.
-    #[arg(long, default_value_t = 30)]
-    grace: u64,
+    /// How long a stopping worker may finish its requests before it is killed (seconds,
+    /// or with a unit: 500ms, 30s, 2m).
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    grace: Duration,
     /// Give a slot up after this many crashes within a minute (restarts back off from
     /// 100 ms, doubling up to 10 s); the command ends when every slot is given up.
     #[arg(long, default_value_t = 10)]
     max_restarts: u32,
+    /// A worker that exits 0 or disconnects itself sooner than this after its start
+    /// counts as a crash (PM2's min_uptime); later, it is replaced at once, uncounted.
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    min_uptime: Duration,
+    /// How long a new worker may take to listen (and, with --wait-ready, to say it is
+    /// ready) during a reload before the old worker is kept for its slot.
+    #[arg(long, default_value = "8s", value_parser = parse_duration)]
+    listen_timeout: Duration,
+    /// A Node worker counts as ready only once it calls process.send('ready') (PM2's
+    /// wait_ready): a reload stops an old worker only after its replacement said so.
+    #[arg(long)]
+    wait_ready: bool,
     /// The prefix of worker output lines.
     #[arg(long, default_value = "worker")]
     name: String,
     /// The Node executable for .js/.mjs/.cjs programs.
     #[arg(long, default_value = "node")]
-    node: OsString,
+    node: std::ffi::OsString,
+    /// Options for node, before the script (split like a shell would):
+    /// --node-args '--max-old-space-size=512 --enable-source-maps'.
+    #[arg(long, allow_hyphen_values = true)]
+    node_args: Option<String>,
     /// Keep Node's own server.close() on a stop or reload, which drops idle keep-alive
     /// connections at once, instead of answering their next request with
     /// `Connection: close`.
     #[arg(long)]
     no_keepalive_drain: bool,
-    /// The program and its arguments.
-    #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
-    command: Vec<OsString>,
+    /// The program and its arguments (after `--`).
+    #[arg(
+        required = true,
+        trailing_var_arg = true,
+        value_name = "PROGRAM [ARGS]"
+    )]
+    command: Vec<std::ffi::OsString>,
+}
+
+/// What the primary logs without `RUST_LOG`: warnings, but not those of the core about
+/// single workers, which the command prints itself from their events (`watch.rs`).
+const DEFAULT_LOG: &str = "warn,cluster::primary::core::workers=error,\
+                           cluster::primary::core::serving=error";
+
+/// `500ms`, `30s`, `2m`, or a plain number of seconds (`1.5`).
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let (number, unit) = match text.find(|c: char| c.is_ascii_alphabetic()) {
+        Some(at) => text.split_at(at),
+        None => (text, "s"),
+    };
+    let value: f64 = number
+        .trim()
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration (500ms, 30s, 2m)"))?;
+    let seconds = match unit {
+        "ms" => value / 1000.0,
+        "s" => value,
+        "m" => value * 60.0,
+        _ => return Err(format!("{text:?}: unknown unit {unit:?} (ms, s, m)")),
+    };
+    Duration::try_from_secs_f64(seconds).map_err(|e| format!("{text:?}: {e}"))
+}
+
+/// The signals the primary acts on. They are blocked from the start of `main` until the
+/// primary listens for them, so one sent while it starts (a SIGTERM 30 ms after the
+/// command began) waits and is acted on instead of killing the process by default.
+fn primary_signals() -> SigSet {
+    let mut set = SigSet::empty();
+    for signal in [
+        Signal::SIGTERM,
+        Signal::SIGINT,
+        Signal::SIGHUP,
+        Signal::SIGTTIN,
+        Signal::SIGTTOU,
+        Signal::SIGUSR2,
+    ] {
+        set.add(signal);
+    }
+    set
 }
 
 fn main() -> std::process::ExitCode {
+    // Before any thread exists, so that every thread inherits the mask.
+    let _ = primary_signals().thread_block();
+    let args = Args::parse();
+    let stdout = Sink::new(std::io::stdout(), "stdout");
+    let stderr = Sink::new(std::io::stderr(), "stderr");
+    let log = stderr.clone();
     tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(move || log.log_writer())
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(DEFAULT_LOG)),
         )
         .init();
-    let args = Args::parse();
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("a tokio runtime");
-    match runtime.block_on(run(args)) {
+    let code = match run(args, &stdout, &stderr) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("cluster: {e:#}");
+            stderr.line(Kind::Log, &format!("cluster: {e:#}"));
             std::process::ExitCode::FAILURE
         }
-    }
+    };
+    // What is still queued gets a moment; a stream nobody reads does not hold the exit.
+    stdout.finish(Duration::from_secs(1));
+    stderr.finish(Duration::from_secs(1));
+    code
 }
 
-/// Whether `program` is a Node script.
-fn is_node_script(program: &Path) -> bool {
-    matches!(
-        program.extension().and_then(|e| e.to_str()),
-        Some("js" | "mjs" | "cjs")
-    )
-}
-
-async fn run(args: Args) -> anyhow::Result<()> {
-    let mut command = args.command.into_iter();
-    let program = command.next().context("no PROGRAM given")?;
-    let program_args: Vec<OsString> = command.collect();
+fn run(args: Args, stdout: &Sink, stderr: &Sink) -> anyhow::Result<()> {
+    let invocation = Invocation::parse(args.command, &args.node, args.node_args.as_deref())?;
     let workers = args.workers.unwrap_or_else(|| {
         std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
     });
-    anyhow::ensure!(workers > 0, "--workers must be at least 1");
-    let grace = Duration::from_secs(args.grace);
-    let mut settings = Settings::new()
-        .program(program.clone())
-        .args(program_args)
+    limits::check(workers)?;
+    let restart = RestartPolicy::new()
+        .crash_loop_limit(args.max_restarts, Duration::from_secs(60))
+        .min_uptime(args.min_uptime);
+    let settings = Settings::new()
         .workers(workers)
+        .connect_timeout(CONNECT_TIMEOUT)
         .policy(args.policy)
-        .restart(RestartPolicy::new().crash_loop_limit(args.max_restarts, Duration::from_secs(60)))
+        .restart(restart)
         .silent(true)
-        .drain_deadline(grace);
-    let shown = Path::new(&program).display().to_string();
-    if is_node_script(Path::new(&program)) {
-        // Node would start and exit at once: say so now rather than crash-loop.
-        anyhow::ensure!(
-            Path::new(&program).is_file(),
-            "cannot start {shown}: no such file"
-        );
-        settings = settings
-            .node(args.node)
-            .node_keepalive_drain(!args.no_keepalive_drain);
-    }
+        .drain_deadline(args.grace)
+        .reload_timeout(args.listen_timeout)
+        .wait_ready(args.wait_ready);
+    let (settings, shown) = match invocation {
+        Invocation::Node {
+            node,
+            node_args,
+            script,
+            args: script_args,
+        } => {
+            let shown = std::path::Path::new(&script).display().to_string();
+            let settings = settings
+                .program(script)
+                .args(script_args)
+                .node(node)
+                .node_args(node_args)
+                .node_keepalive_drain(!args.no_keepalive_drain);
+            (settings, shown)
+        }
+        Invocation::Program { program, args } => {
+            let shown = std::path::Path::new(&program).display().to_string();
+            (settings.program(program).args(args), shown)
+        }
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    let watch = Watch::new(args.name, shown, workers, stdout.clone(), stderr.clone());
+    runtime.block_on(supervise(settings, watch))
+}
+
+async fn supervise(settings: Settings, mut watch: Watch) -> anyhow::Result<()> {
+    let shown = watch.program().to_owned();
     let mut primary = Primary::start(settings)
         .await
         .with_context(|| format!("cannot start {shown}"))?;
     let mut events = primary.take_events().context("events already taken")?;
     let primary = primary;
     let (result, fatal) = {
-        let watching = watch(&mut events, &args.name, workers);
+        let watching = watch.until_fatal(&mut events);
         tokio::pin!(watching);
         tokio::select! {
+            biased;
             result = primary.run_until_signal() => (result, None),
-            fatal = &mut watching => (Ok(()), fatal),
+            // Polled only after run_until_signal's first poll has installed its signal
+            // handlers: a signal held back by the mask since the start is delivered now.
+            fatal = async {
+                let _ = primary_signals().thread_unblock();
+                (&mut watching).await
+            } => (Ok(()), fatal),
         }
     };
     if fatal.is_some() {
+        // Nothing is served (no listener, no channel, or a crash loop): the workers are
+        // asked with SIGTERM rather than left the whole grace to notice the disconnect.
+        for worker in primary.stats().await.map(|s| s.workers).unwrap_or_default() {
+            let _ = primary.kill(worker.id, cluster::Signal::SIGTERM).await;
+        }
         primary.stop().await.context("stopping the workers")?;
     }
     drop(primary);
     while let Some(event) = events.recv().await {
-        show(&event, &args.name);
+        watch.show(&event);
     }
     result.context("running the workers")?;
-    if let Some(reason) = fatal {
-        anyhow::bail!("{shown}: {reason}");
+    match fatal {
+        Some(fatal) => Err(anyhow::anyhow!("{shown}: {}", watch.explain(fatal))),
+        None => Ok(()),
     }
-    Ok(())
 }
 
-/// Shows events until one says the cluster cannot serve (a listen that retrying cannot
-/// fix, or every slot given up); `None` once the events end.
-async fn watch(events: &mut cluster::Events, name: &str, workers: usize) -> Option<String> {
-    let mut announced = HashSet::new();
-    let mut failed_slots = 0;
-    while let Some(event) = events.recv().await {
-        if let Event::Listening { address, .. } = &event {
-            if announced.insert(address.clone()) {
-                let mut stdout = std::io::stdout().lock();
-                let _ = writeln!(stdout, "listening on {address}");
-                let _ = stdout.flush();
-            }
-        }
-        show(&event, name);
-        if let Event::SlotFailed { cause, .. } = &event {
-            failed_slots += 1;
-            if matches!(cause, cluster::SlotFailure::Listen { .. }) {
-                return Some(format!("cannot listen: {cause}"));
-            }
-            if failed_slots >= workers {
-                return Some(format!("every worker keeps crashing ({cause})"));
-            }
-        }
-    }
-    None
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-fn show(event: &Event, name: &str) {
-    match event {
-        Event::Output { id, stream, line } => {
-            let _ = match stream {
-                OutputStream::Stdout => writeln!(std::io::stdout().lock(), "{name} {id} | {line}"),
-                _ => writeln!(std::io::stderr().lock(), "{name} {id} | {line}"),
-            };
-        }
-        Event::Fork { id, pid } => eprintln!("cluster: worker {id} started (pid {pid})"),
-        Event::Listening { id, address, .. } => {
-            eprintln!("cluster: worker {id} is listening on {address}")
-        }
-        Event::Exit {
-            id,
-            status,
-            exited_after_disconnect,
-        } => eprintln!(
-            "cluster: worker {id} exited ({status}{})",
-            match exited_after_disconnect {
-                true => ", asked to stop",
-                false => "",
-            }
-        ),
-        Event::GoingDown { id, reason } => eprintln!("cluster: worker {id} going down: {reason}"),
-        Event::Misbehaved { id, reason } => eprintln!("cluster: worker {id} misbehaved: {reason}"),
-        Event::SlotFailed { slot, id, cause } => {
-            eprintln!("cluster: slot {slot} given up (last worker {id}): {cause}")
-        }
-        Event::ReloadFailed { slot, kept, .. } => {
-            eprintln!("cluster: reload failed for slot {slot}; worker {kept} keeps serving")
-        }
-        other => tracing::debug!(?other, "cluster event"),
+    #[test]
+    fn durations_take_a_unit_or_seconds() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("1.5"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert!(parse_duration("-1s").is_err());
+        assert!(parse_duration("1h").is_err());
+        assert!(parse_duration("soon").is_err());
+    }
+
+    #[test]
+    fn flags_before_the_program_are_checked_and_the_program_keeps_its_own() {
+        let parse = |line: &str| Args::try_parse_from(line.split_whitespace());
+        let error = parse("cluster --frobnicate -- app.js").expect_err("unknown flag");
+        assert_eq!(error.kind(), clap::error::ErrorKind::UnknownArgument);
+        let args =
+            parse("cluster -w 2 -- node --max-old-space-size=64 app.js --port 1").expect("parsed");
+        assert_eq!(
+            args.command,
+            ["node", "--max-old-space-size=64", "app.js", "--port", "1"]
+        );
+        let args = parse("cluster app.js --port 1").expect("without --");
+        assert_eq!(args.command, ["app.js", "--port", "1"]);
+        let args = parse("cluster --node-args --inspect -- app.js").expect("node args");
+        assert_eq!(args.node_args.as_deref(), Some("--inspect"));
     }
 }

@@ -1,0 +1,3 @@
+// Does not parse: every worker exits at once with Node's SyntaxError on stderr.
+'use strict';
+const broken = ;
