@@ -80,6 +80,9 @@ pub struct Primary {
     events: Option<Events>,
     ready: watch::Receiver<bool>,
     upgrade: upgrade::UpgradeTarget,
+    /// The readiness socket of a primary started by an upgrade, taken (close-on-exec) at
+    /// start and written by [`run_until_signal`](Primary::run_until_signal).
+    upgraded_from: std::sync::Mutex<Option<systemd::UpgradeReadiness>>,
 }
 
 impl Primary {
@@ -89,6 +92,8 @@ impl Primary {
         if matches!(crate::role(), crate::Role::Worker(_)) {
             return Err(Error::WrongRole("primary"));
         }
+        // Before anything is started, so nothing this process starts inherits it.
+        let upgraded_from = systemd::UpgradeReadiness::from_env();
         let (commands, commands_rx) = mpsc::channel(64);
         let (events_tx, events) = events::queue();
         // An upgrade runs this program (the file on disk now) with this process's arguments,
@@ -104,6 +109,7 @@ impl Primary {
             events: Some(events),
             ready,
             upgrade,
+            upgraded_from: std::sync::Mutex::new(Some(upgraded_from)),
         })
     }
 
@@ -222,7 +228,17 @@ impl Primary {
     /// [`run_until_signal`](Primary::run_until_signal) does on `SIGUSR2`). If the new
     /// primary ends or is not ready within
     /// [`Settings::upgrade_timeout`](crate::Settings::upgrade_timeout), it is killed (its
-    /// workers with it) and this one serves on.
+    /// workers with it) and this one serves on. The new primary is watched through its
+    /// pidfd, not only its readiness socket: one that exits fails the upgrade at once,
+    /// even if a process it left behind holds that socket.
+    ///
+    /// The new primary runs in a session and process group of its own; when the upgrade
+    /// fails, the whole group is killed, so nothing it started keeps a listening socket.
+    ///
+    /// # Cancellation
+    ///
+    /// Dropping the future before it resolves kills the new primary's process group
+    /// (`SIGKILL`). Once it has resolved with a pid, the new primary is on its own.
     pub async fn upgrade(&self) -> Result<u32, UpgradeError> {
         let sockets = self
             .ask(Command::Handover)
@@ -282,7 +298,12 @@ impl Primary {
         let mut ttou = listen(SignalKind::from_raw(libc::SIGTTOU))?;
         let mut usr2 = listen(SignalKind::user_defined2())?;
         let mut notifier = systemd::Notifier::new();
-        let mut upgraded_from = systemd::UpgradeReadiness::from_env();
+        let mut upgraded_from = self
+            .upgraded_from
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take()
+            .unwrap_or_else(systemd::UpgradeReadiness::none);
         let mut ready = self.ready.clone();
         ready.mark_changed();
         let mut watchdog = systemd::watchdog_interval().map(tokio::time::interval);
