@@ -102,6 +102,8 @@ impl Primary {
             program: crate::settings::executable_path(),
             args: std::env::args_os().skip(1).collect(),
             timeout: settings.upgrade_timeout,
+            // As long as this primary's own stop may take: its workers' drain, then the exits.
+            stop_timeout: settings.drain_deadline + EXIT_GRACE,
         };
         let ready = driver::Driver::start(settings, events_tx, commands_rx)?;
         Ok(Primary {
@@ -240,12 +242,20 @@ impl Primary {
     /// Dropping the future before it resolves kills the new primary's process group
     /// (`SIGKILL`). Once it has resolved with a pid, the new primary is on its own.
     pub async fn upgrade(&self) -> Result<u32, UpgradeError> {
+        self.upgrade_unless(std::future::pending()).await
+    }
+
+    /// [`upgrade`](Primary::upgrade), abandoned if `stop` resolves before the new primary
+    /// is ready: it is sent `SIGTERM`, given as long as this primary's own stop may take
+    /// (the drain deadline and [`EXIT_GRACE`]), then its process group is killed; returns
+    /// [`UpgradeError::Stopped`] once it is reaped.
+    async fn upgrade_unless(&self, stop: impl Future<Output = ()>) -> Result<u32, UpgradeError> {
         let sockets = self
             .ask(Command::Handover)
             .await
             .map_err(|_| UpgradeError::Stopped)?
             .map_err(UpgradeError::Sockets)?;
-        self.upgrade.run(sockets).await
+        self.upgrade.run(sockets, stop).await
     }
 
     /// Before this primary stops for an upgrade: stops accepting on the round-robin
@@ -282,6 +292,14 @@ impl Primary {
     /// removes one, and `SIGUSR2` [upgrades](Primary::upgrade) the primary: once the new
     /// primary is ready, this one stops and returns `Ok(())`; if it fails, this one serves on.
     ///
+    /// A `SIGTERM` or `SIGINT` during an upgrade, before the new primary is ready, stops
+    /// both: the new primary is sent `SIGTERM` (it drains its workers as this one does),
+    /// its process group is killed if it has not exited when this primary's own stop
+    /// could have ended, and this returns once both are gone. Once the new primary is
+    /// ready the upgrade is done: this primary hands over and stops, and a later signal
+    /// to it does not reach the new one (stop that by its own pid, as systemd does after
+    /// `MAINPID=`).
+    ///
     /// Under systemd (`NOTIFY_SOCKET`) it notifies `READY=1` whenever the cluster turns
     /// ready, `RELOADING=1` with `MONOTONIC_USEC` at a `SIGHUP` and `READY=1` when the
     /// reload ends, `STOPPING=1` at a stop, `STATUS=` with the worker count, `WATCHDOG=1`
@@ -308,7 +326,7 @@ impl Primary {
         ready.mark_changed();
         let mut watchdog = systemd::watchdog_interval().map(tokio::time::interval);
         let (reloaded_tx, mut reloaded) = mpsc::channel::<()>(4);
-        let mut upgrading: Option<std::pin::Pin<Box<dyn Future<Output = _> + Send + '_>>> = None;
+        let mut upgrading: Option<Upgrading<'_>> = None;
         loop {
             tokio::select! {
                 _ = term.recv() => break,
@@ -348,10 +366,17 @@ impl Primary {
                     Some(_) => tracing::warn!("SIGUSR2: an upgrade is already in progress"),
                     None => {
                         tracing::info!(program = ?self.upgrade.program, "SIGUSR2: upgrading the primary");
-                        upgrading = Some(Box::pin(self.upgrade()));
+                        let (stop, stopped) = oneshot::channel::<()>();
+                        let stopped = async move {
+                            let _ = stopped.await;
+                        };
+                        upgrading = Some(Upgrading {
+                            stop,
+                            run: Box::pin(self.upgrade_unless(stopped)),
+                        });
                     }
                 },
-                result = async { upgrading.as_mut().expect("guarded").await }, if upgrading.is_some() => {
+                result = async { upgrading.as_mut().expect("guarded").run.as_mut().await }, if upgrading.is_some() => {
                     upgrading = None;
                     match result {
                         Ok(pid) => {
@@ -382,6 +407,32 @@ impl Primary {
         }
         tracing::info!("stopping all workers");
         notifier.stopping();
-        self.stop().await
+        let Some(Upgrading { stop, run }) = upgrading else {
+            return self.stop().await;
+        };
+        // Before the new primary is ready: it stops too, alongside this one.
+        drop(stop);
+        let (stopped, upgrade) = tokio::join!(self.stop(), run);
+        match upgrade {
+            Err(UpgradeError::Stopped) => {
+                tracing::info!("the upgrade was abandoned; the new primary is gone")
+            }
+            Err(e) => tracing::warn!(error = %e, "upgrade failed while stopping"),
+            // It was ready before it heard of the stop: it is the service now.
+            Ok(pid) => {
+                tracing::warn!(
+                    new_primary = pid,
+                    "the new primary became ready as this one stopped; it serves on"
+                );
+                notifier.hand_over(pid);
+            }
+        }
+        stopped
     }
+}
+
+/// An upgrade in progress in [`Primary::run_until_signal`]: dropping `stop` abandons it.
+struct Upgrading<'a> {
+    stop: oneshot::Sender<()>,
+    run: std::pin::Pin<Box<dyn Future<Output = Result<u32, UpgradeError>> + Send + 'a>>,
 }

@@ -10,6 +10,8 @@
 //!  MAINPID=new (sd_notify), then its stop
 //!  its exit, end of stream or timeout:
 //!    kills its process group, keeps serving
+//!  a stop of this primary before it is ready:
+//!    SIGTERM, then kills its process group
 //! ```
 //!
 //! `LISTEN_PID` must be the new process's pid, which posix_spawn cannot know before the
@@ -31,6 +33,7 @@
 //! parent-death signal).
 
 use std::ffi::OsString;
+use std::future::Future;
 use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
@@ -61,7 +64,8 @@ pub enum UpgradeError {
     /// It was not ready in time (it was killed).
     #[error("the new primary was not ready within {0:?}")]
     TimedOut(Duration),
-    /// This primary has stopped.
+    /// This primary has stopped, or began to stop before the new one was ready (which was
+    /// stopped too).
     #[error("the primary has stopped")]
     Stopped,
     /// An upgrade is already in progress.
@@ -75,15 +79,24 @@ pub(crate) struct UpgradeTarget {
     pub(crate) program: OsString,
     pub(crate) args: Vec<OsString>,
     pub(crate) timeout: Duration,
+    /// How long a new primary told to stop (this one stops before it is ready) may take
+    /// before its process group is killed.
+    pub(crate) stop_timeout: Duration,
 }
 
 impl UpgradeTarget {
     /// Starts the new primary with `sockets` and waits until it is ready; returns its pid.
+    /// If `stop` resolves first, the new primary is sent `SIGTERM` (it stops as gracefully
+    /// as this one) and, after at most `stop_timeout`, its process group `SIGKILL`.
     ///
     /// # Cancellation
     ///
     /// Dropping the future before it resolves kills the new primary's process group.
-    pub(crate) async fn run(&self, sockets: Vec<(OwnedFd, String)>) -> Result<u32, UpgradeError> {
+    pub(crate) async fn run(
+        &self,
+        sockets: Vec<(OwnedFd, String)>,
+        stop: impl Future<Output = ()>,
+    ) -> Result<u32, UpgradeError> {
         let (ours, theirs) = UnixStream::pair().map_err(UpgradeError::Sockets)?;
         let count = sockets.len();
         // systemd's names never hold ':'; keep it so for names of our own.
@@ -109,8 +122,21 @@ impl UpgradeTarget {
         let pid = new.child().pid();
         tracing::info!(pid, program = ?self.program, "upgrade: new primary started");
         let ended = tokio::select! {
-            // A primary that wrote READY=1 and then exited was ready: the socket first.
+            // A stop wins over a readiness that came at the same time (both then stop), and
+            // a primary that wrote READY=1 and then exited was ready.
             biased;
+            () = stop => {
+                tracing::info!(pid, "upgrade abandoned: stopping the new primary");
+                if let Err(e) = new.child().kill(Signal::SIGTERM) {
+                    tracing::warn!(pid, error = %e, "could not stop the new primary");
+                }
+                let stopped = tokio::time::timeout(self.stop_timeout, exited(new.child())).await;
+                if stopped.is_err() {
+                    let timeout = self.stop_timeout;
+                    tracing::warn!(pid, ?timeout, "the new primary did not stop in time; killing it");
+                }
+                Ended::Failed(UpgradeError::Stopped)
+            }
             ready = wait_ready(ours) => match ready {
                 Ok(()) => Ended::Ready,
                 Err(why) => Ended::Failed(UpgradeError::Exited(why)),

@@ -1,7 +1,7 @@
 //! Deploying: systemd socket activation and notifications, reloads that run the binary
 //! on disk (and survive a missing or broken one), and the upgrade of the primary itself
-//! (`SIGUSR2`) under keep-alive load, or failed by a new binary that leaves a process
-//! behind.
+//! (`SIGUSR2`) under keep-alive load, stopped half-way, or failed by a new binary that
+//! leaves a process behind.
 //!
 //! The harness passes a listening socket the systemd way: the test's listener is the
 //! wrapper shell's stdin, which moves it to fd 3, sets `LISTEN_FDS=1` and
@@ -337,6 +337,64 @@ fn assert_all_gone(addr: std::net::SocketAddr, pids: &[u32]) {
         Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {}
         other => panic!("{addr} still accepts connections: {other:?}"),
     }
+}
+
+/// How a test stops the primary.
+#[derive(Debug, Clone, Copy)]
+enum Stop {
+    /// `kill -SIG PID`, as systemd's `KillMode=mixed` does.
+    Primary(Signal),
+    /// `kill -SIG -PGID`, as a terminal's Ctrl-C does.
+    Group(Signal),
+}
+
+/// Stops the primary while its upgrade waits on a new primary that cannot be ready: the
+/// binary on disk is a script that says `gate: waiting pid=$$` and blocks opening a FIFO
+/// nobody writes before it `exec`s httpd-demo. The stop must end both primaries and leave
+/// no listener.
+#[track_caller]
+fn check_stop_during_upgrade(stop: Stop) {
+    let dir = TempDir::new("stop-upgrade");
+    let (mut server, binary) = from_copy(&dir, &[]);
+    let workers = server.workers();
+    let real = dir.0.join("httpd-demo-real");
+    install_copy(&real);
+    let gate = dir.0.join("gate");
+    nix::unistd::mkfifo(&gate, nix::sys::stat::Mode::S_IRWXU).expect("mkfifo");
+    let script = format!(
+        "#!/bin/sh\necho \"gate: waiting pid=$$\" >&2\nread _ < '{}'\nexec '{}' \"$@\"\n",
+        gate.display(),
+        real.display()
+    );
+    install_script(&binary, &script);
+    let mark = server.log.mark();
+    server.signal(Signal::SIGUSR2);
+    let new_primary = pid_in(&server.log.wait_for(mark, "gate: waiting").1, "pid");
+    server.adopt(new_primary);
+    match stop {
+        Stop::Primary(signal) => server.signal(signal),
+        Stop::Group(signal) => server.signal_group(signal),
+    }
+    assert_eq!(server.wait().code(), Some(0), "the old primary exits 0");
+    let mut pids: Vec<u32> = workers.iter().map(|w| w.pid).collect();
+    pids.push(new_primary);
+    assert_all_gone(server.addr, &pids);
+    server.log.wait_for(mark, "the upgrade was abandoned");
+}
+
+#[test]
+fn sigterm_during_an_upgrade_stops_the_new_primary_too() {
+    check_stop_during_upgrade(Stop::Primary(Signal::SIGTERM));
+}
+
+#[test]
+fn sigint_during_an_upgrade_stops_the_new_primary_too() {
+    check_stop_during_upgrade(Stop::Primary(Signal::SIGINT));
+}
+
+#[test]
+fn ctrl_c_during_an_upgrade_stops_the_new_primary_too() {
+    check_stop_during_upgrade(Stop::Group(Signal::SIGINT));
 }
 
 #[test]
