@@ -80,6 +80,9 @@ pub struct Primary {
     events: Option<Events>,
     ready: watch::Receiver<bool>,
     upgrade: upgrade::UpgradeTarget,
+    /// The readiness socket of a primary started by an upgrade, taken (close-on-exec) at
+    /// start and written by [`run_until_signal`](Primary::run_until_signal).
+    upgraded_from: std::sync::Mutex<Option<systemd::UpgradeReadiness>>,
 }
 
 impl Primary {
@@ -89,6 +92,8 @@ impl Primary {
         if matches!(crate::role(), crate::Role::Worker(_)) {
             return Err(Error::WrongRole("primary"));
         }
+        // Before anything is started, so nothing this process starts inherits it.
+        let upgraded_from = systemd::UpgradeReadiness::from_env();
         let (commands, commands_rx) = mpsc::channel(64);
         let (events_tx, events) = events::queue();
         // An upgrade runs this program (the file on disk now) with this process's arguments,
@@ -97,6 +102,8 @@ impl Primary {
             program: crate::settings::executable_path(),
             args: std::env::args_os().skip(1).collect(),
             timeout: settings.upgrade_timeout,
+            // As long as this primary's own stop may take: its workers' drain, then the exits.
+            stop_timeout: settings.drain_deadline + EXIT_GRACE,
         };
         let ready = driver::Driver::start(settings, events_tx, commands_rx)?;
         Ok(Primary {
@@ -104,6 +111,7 @@ impl Primary {
             events: Some(events),
             ready,
             upgrade,
+            upgraded_from: std::sync::Mutex::new(Some(upgraded_from)),
         })
     }
 
@@ -222,14 +230,32 @@ impl Primary {
     /// [`run_until_signal`](Primary::run_until_signal) does on `SIGUSR2`). If the new
     /// primary ends or is not ready within
     /// [`Settings::upgrade_timeout`](crate::Settings::upgrade_timeout), it is killed (its
-    /// workers with it) and this one serves on.
+    /// workers with it) and this one serves on. The new primary is watched through its
+    /// pidfd, not only its readiness socket: one that exits fails the upgrade at once,
+    /// even if a process it left behind holds that socket.
+    ///
+    /// The new primary runs in a session and process group of its own; when the upgrade
+    /// fails, the whole group is killed, so nothing it started keeps a listening socket.
+    ///
+    /// # Cancellation
+    ///
+    /// Dropping the future before it resolves kills the new primary's process group
+    /// (`SIGKILL`). Once it has resolved with a pid, the new primary is on its own.
     pub async fn upgrade(&self) -> Result<u32, UpgradeError> {
+        self.upgrade_unless(std::future::pending()).await
+    }
+
+    /// [`upgrade`](Primary::upgrade), abandoned if `stop` resolves before the new primary
+    /// is ready: it is sent `SIGTERM`, given as long as this primary's own stop may take
+    /// (the drain deadline and [`EXIT_GRACE`]), then its process group is killed; returns
+    /// [`UpgradeError::Stopped`] once it is reaped.
+    async fn upgrade_unless(&self, stop: impl Future<Output = ()>) -> Result<u32, UpgradeError> {
         let sockets = self
             .ask(Command::Handover)
             .await
             .map_err(|_| UpgradeError::Stopped)?
             .map_err(UpgradeError::Sockets)?;
-        self.upgrade.run(sockets).await
+        self.upgrade.run(sockets, stop).await
     }
 
     /// Before this primary stops for an upgrade: stops accepting on the round-robin
@@ -266,6 +292,14 @@ impl Primary {
     /// removes one, and `SIGUSR2` [upgrades](Primary::upgrade) the primary: once the new
     /// primary is ready, this one stops and returns `Ok(())`; if it fails, this one serves on.
     ///
+    /// A `SIGTERM` or `SIGINT` during an upgrade, before the new primary is ready, stops
+    /// both: the new primary is sent `SIGTERM` (it drains its workers as this one does),
+    /// its process group is killed if it has not exited when this primary's own stop
+    /// could have ended, and this returns once both are gone. Once the new primary is
+    /// ready the upgrade is done: this primary hands over and stops, and a later signal
+    /// to it does not reach the new one (stop that by its own pid, as systemd does after
+    /// `MAINPID=`).
+    ///
     /// Under systemd (`NOTIFY_SOCKET`) it notifies `READY=1` whenever the cluster turns
     /// ready, `RELOADING=1` with `MONOTONIC_USEC` at a `SIGHUP` and `READY=1` when the
     /// reload ends, `STOPPING=1` at a stop, `STATUS=` with the worker count, `WATCHDOG=1`
@@ -282,12 +316,17 @@ impl Primary {
         let mut ttou = listen(SignalKind::from_raw(libc::SIGTTOU))?;
         let mut usr2 = listen(SignalKind::user_defined2())?;
         let mut notifier = systemd::Notifier::new();
-        let mut upgraded_from = systemd::UpgradeReadiness::from_env();
+        let mut upgraded_from = self
+            .upgraded_from
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take()
+            .unwrap_or_else(systemd::UpgradeReadiness::none);
         let mut ready = self.ready.clone();
         ready.mark_changed();
         let mut watchdog = systemd::watchdog_interval().map(tokio::time::interval);
         let (reloaded_tx, mut reloaded) = mpsc::channel::<()>(4);
-        let mut upgrading: Option<std::pin::Pin<Box<dyn Future<Output = _> + Send + '_>>> = None;
+        let mut upgrading: Option<Upgrading<'_>> = None;
         loop {
             tokio::select! {
                 _ = term.recv() => break,
@@ -327,10 +366,17 @@ impl Primary {
                     Some(_) => tracing::warn!("SIGUSR2: an upgrade is already in progress"),
                     None => {
                         tracing::info!(program = ?self.upgrade.program, "SIGUSR2: upgrading the primary");
-                        upgrading = Some(Box::pin(self.upgrade()));
+                        let (stop, stopped) = oneshot::channel::<()>();
+                        let stopped = async move {
+                            let _ = stopped.await;
+                        };
+                        upgrading = Some(Upgrading {
+                            stop,
+                            run: Box::pin(self.upgrade_unless(stopped)),
+                        });
                     }
                 },
-                result = async { upgrading.as_mut().expect("guarded").await }, if upgrading.is_some() => {
+                result = async { upgrading.as_mut().expect("guarded").run.as_mut().await }, if upgrading.is_some() => {
                     upgrading = None;
                     match result {
                         Ok(pid) => {
@@ -361,6 +407,32 @@ impl Primary {
         }
         tracing::info!("stopping all workers");
         notifier.stopping();
-        self.stop().await
+        let Some(Upgrading { stop, run }) = upgrading else {
+            return self.stop().await;
+        };
+        // Before the new primary is ready: it stops too, alongside this one.
+        drop(stop);
+        let (stopped, upgrade) = tokio::join!(self.stop(), run);
+        match upgrade {
+            Err(UpgradeError::Stopped) => {
+                tracing::info!("the upgrade was abandoned; the new primary is gone")
+            }
+            Err(e) => tracing::warn!(error = %e, "upgrade failed while stopping"),
+            // It was ready before it heard of the stop: it is the service now.
+            Ok(pid) => {
+                tracing::warn!(
+                    new_primary = pid,
+                    "the new primary became ready as this one stopped; it serves on"
+                );
+                notifier.hand_over(pid);
+            }
+        }
+        stopped
     }
+}
+
+/// An upgrade in progress in [`Primary::run_until_signal`]: dropping `stop` abandons it.
+struct Upgrading<'a> {
+    stop: oneshot::Sender<()>,
+    run: std::pin::Pin<Box<dyn Future<Output = Result<u32, UpgradeError>> + Send + 'a>>,
 }

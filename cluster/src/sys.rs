@@ -1,5 +1,5 @@
-//! The crate's only `unsafe`: registering a listening socket with the reactor, accepting
-//! with `accept4`, and taking ownership of descriptors inherited at exec.
+//! The crate's only `unsafe`: registering a listening socket or a pidfd with the reactor,
+//! accepting with `accept4`, and taking ownership of descriptors inherited at exec.
 
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
@@ -13,6 +13,16 @@ pub(crate) fn readable_listener(listener: OwnedFd) -> io::Result<AsyncFd<OwnedFd
     // SAFETY: an `OwnedFd` owns its descriptor, which stays open and the same for its
     // whole life; the `AsyncFd` owns it, so the descriptor outlives the registration.
     unsafe { AsyncFd::register_with_interest(listener, Interest::READABLE) }
+        .map_err(|e| e.into_parts().1)
+}
+
+/// A copy of a child's pidfd registered with the current runtime's reactor: it turns
+/// readable when the process exits (before it is reaped).
+pub(crate) fn readable_pidfd(pidfd: BorrowedFd<'_>) -> io::Result<AsyncFd<OwnedFd>> {
+    let pidfd = pidfd.try_clone_to_owned()?;
+    // SAFETY: as in `readable_listener`: the `AsyncFd` owns the copy, which stays open and
+    // the same for the whole registration.
+    unsafe { AsyncFd::register_with_interest(pidfd, Interest::READABLE) }
         .map_err(|e| e.into_parts().1)
 }
 

@@ -9,7 +9,8 @@
 //! Signals on the primary: SIGTERM/SIGINT graceful stop, SIGHUP rolling reload (workers
 //! start from the binary on disk now), SIGTTIN/SIGTTOU one worker more/less, SIGUSR2
 //! upgrade of the primary itself (a new primary from the binary on disk takes over the
-//! listening sockets; this one drains and exits). Under systemd it adopts socket-activated
+//! listening sockets; this one drains and exits; a SIGTERM/SIGINT before the new one is
+//! ready stops both). Under systemd it adopts socket-activated
 //! listeners and notifies its state (see `systemd/` and the README). Once the first worker listens, the primary prints
 //! `listening on http://ADDR` on standard output; logs go to standard error, among them
 //! `cluster ready` / `cluster not ready` when the primary-level readiness changes.
@@ -138,10 +139,16 @@ async fn primary(args: Args) -> anyhow::Result<()> {
     let primary = primary;
     let (result, fatal) = {
         let logging = log_events(&primary, &mut events, workers);
-        tokio::pin!(logging);
+        let running = primary.run_until_signal();
+        tokio::pin!(logging, running);
         tokio::select! {
-            result = primary.run_until_signal() => (result, None),
-            fatal = &mut logging => (Ok(()), fatal),
+            result = &mut running => (result, None),
+            fatal = &mut logging => match fatal {
+                Some(fatal) => (Ok(()), Some(fatal)),
+                // The events end when the cluster has stopped; a stop during an upgrade
+                // returns once the new primary is gone too.
+                None => (running.await, None),
+            },
         }
     };
     if fatal.is_some() {

@@ -163,6 +163,11 @@ impl UpgradeReadiness {
         }
     }
 
+    /// No readiness socket (taken already).
+    pub(crate) fn none() -> Self {
+        Self(None)
+    }
+
     /// Tells the primary that started this one that it is ready (once).
     pub(crate) fn ready(&mut self) {
         if let Some(mut stream) = self.0.take() {

@@ -1,6 +1,7 @@
 //! Deploying: systemd socket activation and notifications, reloads that run the binary
 //! on disk (and survive a missing or broken one), and the upgrade of the primary itself
-//! (`SIGUSR2`) under keep-alive load.
+//! (`SIGUSR2`) under keep-alive load, stopped half-way, or failed by a new binary that
+//! leaves a process behind.
 //!
 //! The harness passes a listening socket the systemd way: the test's listener is the
 //! wrapper shell's stdin, which moves it to fd 3, sets `LISTEN_FDS=1` and
@@ -13,6 +14,7 @@ use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
 use testkit::{KeepAliveLoad, LoadConfig};
@@ -299,4 +301,136 @@ fn sigusr2_upgrades_the_primary_under_keep_alive_load_failing_no_request() {
     let mark = server.log.mark();
     crate::server::signal_pid(new_primary, Signal::SIGTERM);
     server.log.wait_for(mark, "primary exiting");
+}
+
+/// Installs an executable shell script at `path`, renamed over whatever is there.
+fn install_script(path: &Path, script: &str) {
+    let staged = path.with_extension("new");
+    std::fs::write(&staged, script).expect("writing a script");
+    let mut permissions = std::fs::metadata(&staged).expect("stat").permissions();
+    std::os::unix::fs::PermissionsExt::set_mode(&mut permissions, 0o755);
+    std::fs::set_permissions(&staged, permissions).expect("chmod");
+    std::fs::rename(&staged, path).expect("installing the script");
+}
+
+/// The number after `key=` in a log line.
+#[track_caller]
+fn pid_in(line: &str, key: &str) -> u32 {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
+        .and_then(|pid| pid.parse().ok())
+        .unwrap_or_else(|| panic!("no {key}= in {line:?}"))
+}
+
+/// Once the primary has exited: none of `pids` runs and nothing listens on `addr`.
+/// Processes that are not our children are killed asynchronously, so `/proc` is polled
+/// until they are gone (there is nothing to block on).
+#[track_caller]
+fn assert_all_gone(addr: std::net::SocketAddr, pids: &[u32]) {
+    let deadline = Instant::now() + TIMEOUT;
+    while pids.iter().any(|pid| is_running(*pid)) {
+        let left: Vec<_> = pids.iter().filter(|pid| is_running(**pid)).collect();
+        assert!(Instant::now() < deadline, "still running: {left:?}");
+        std::thread::yield_now();
+    }
+    match std::net::TcpStream::connect(addr) {
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {}
+        other => panic!("{addr} still accepts connections: {other:?}"),
+    }
+}
+
+/// How a test stops the primary.
+#[derive(Debug, Clone, Copy)]
+enum Stop {
+    /// `kill -SIG PID`, as systemd's `KillMode=mixed` does.
+    Primary(Signal),
+    /// `kill -SIG -PGID`, as a terminal's Ctrl-C does.
+    Group(Signal),
+}
+
+/// Stops the primary while its upgrade waits on a new primary that cannot be ready: the
+/// binary on disk is a script that says `gate: waiting pid=$$` and blocks opening a FIFO
+/// nobody writes before it `exec`s httpd-demo. The stop must end both primaries and leave
+/// no listener.
+#[track_caller]
+fn check_stop_during_upgrade(stop: Stop) {
+    let dir = TempDir::new("stop-upgrade");
+    let (mut server, binary) = from_copy(&dir, &[]);
+    let workers = server.workers();
+    let real = dir.0.join("httpd-demo-real");
+    install_copy(&real);
+    let gate = dir.0.join("gate");
+    nix::unistd::mkfifo(&gate, nix::sys::stat::Mode::S_IRWXU).expect("mkfifo");
+    let script = format!(
+        "#!/bin/sh\necho \"gate: waiting pid=$$\" >&2\nread _ < '{}'\nexec '{}' \"$@\"\n",
+        gate.display(),
+        real.display()
+    );
+    install_script(&binary, &script);
+    let mark = server.log.mark();
+    server.signal(Signal::SIGUSR2);
+    let new_primary = pid_in(&server.log.wait_for(mark, "gate: waiting").1, "pid");
+    server.adopt(new_primary);
+    match stop {
+        Stop::Primary(signal) => server.signal(signal),
+        Stop::Group(signal) => server.signal_group(signal),
+    }
+    assert_eq!(server.wait().code(), Some(0), "the old primary exits 0");
+    let mut pids: Vec<u32> = workers.iter().map(|w| w.pid).collect();
+    pids.push(new_primary);
+    assert_all_gone(server.addr, &pids);
+    server.log.wait_for(mark, "the upgrade was abandoned");
+}
+
+#[test]
+fn sigterm_during_an_upgrade_stops_the_new_primary_too() {
+    check_stop_during_upgrade(Stop::Primary(Signal::SIGTERM));
+}
+
+#[test]
+fn sigint_during_an_upgrade_stops_the_new_primary_too() {
+    check_stop_during_upgrade(Stop::Primary(Signal::SIGINT));
+}
+
+#[test]
+fn ctrl_c_during_an_upgrade_stops_the_new_primary_too() {
+    check_stop_during_upgrade(Stop::Group(Signal::SIGINT));
+}
+
+#[test]
+fn an_upgrade_to_a_binary_that_exits_leaving_a_child_fails_at_once_and_leaves_nothing() {
+    let upgrade_timeout = Duration::from_secs(10);
+    let dir = TempDir::new("upgrade-leak");
+    let timeout = upgrade_timeout.as_secs().to_string();
+    let (mut server, binary) = from_copy(&dir, &["--reload-timeout", &timeout]);
+    let before = serving(&server);
+    let workers = server.workers();
+    // It exits at once; the background `sleep` inherits the listening socket and the
+    // readiness socket (its own stdio goes nowhere, so the test's log pipe can end).
+    let script = "#!/bin/sh\nsleep 300 </dev/null >/dev/null 2>&1 &\n\
+                  echo \"left pid=$! behind\" >&2\nexit 1\n";
+    install_script(&binary, script);
+    let mark = server.log.mark();
+    let started = Instant::now();
+    server.signal(Signal::SIGUSR2);
+    let new_primary = pid_in(
+        &server.log.wait_for(mark, "upgrade: new primary started").1,
+        "pid",
+    );
+    server.adopt(new_primary);
+    let left = pid_in(&server.log.wait_for(mark, "left pid=").1, "pid");
+    server.adopt(left);
+    let (_, failed) = server.log.wait_for(mark, "upgrade failed");
+    let took = started.elapsed();
+    assert!(
+        took < upgrade_timeout / 5,
+        "the upgrade failed after {took:?} (timeout {upgrade_timeout:?}): {failed}"
+    );
+    assert!(failed.contains("exit code 1"), "{failed}");
+    assert_eq!(serving(&server), before, "the old primary serves on");
+    server.signal(Signal::SIGTERM);
+    assert_eq!(server.wait().code(), Some(0));
+    let mut pids: Vec<u32> = workers.iter().map(|w| w.pid).collect();
+    pids.extend([new_primary, left]);
+    assert_all_gone(server.addr, &pids);
 }

@@ -2,9 +2,10 @@
 //! killed and reaped), its log collected line by line, and what `/proc` says about its
 //! processes.
 
+use std::io::ErrorKind;
 use std::net::SocketAddr;
 use std::process::{Command, ExitStatus, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
@@ -84,15 +85,26 @@ impl Server {
     /// and dropping the server kills everything it started (an upgrade's new primary
     /// too). Its stdin is the caller's to set. Returns once [`WORKERS`] workers are listening.
     pub(crate) fn spawn(command: &mut Command) -> Self {
-        let mut process = KillOnDrop::spawn_group(
-            command
-                .env("RUST_LOG", "info")
-                .env("RUST_BACKTRACE", "0")
-                .env_remove(cluster::WORKER_ID_ENV)
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped()),
-        )
-        .expect("starting httpd-demo");
+        command
+            .env("RUST_LOG", "info")
+            .env("RUST_BACKTRACE", "0")
+            .env_remove(cluster::WORKER_ID_ENV)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        // A copy of the binary that a test has just written may still be open for writing
+        // in a child that another test's thread forked meanwhile, until that child's exec
+        // closes it; exec fails with ETXTBSY for that long.
+        let deadline = Instant::now() + TIMEOUT;
+        let mut process = loop {
+            match KillOnDrop::spawn_group(command) {
+                Err(e)
+                    if e.kind() == ErrorKind::ExecutableFileBusy && Instant::now() < deadline =>
+                {
+                    std::thread::yield_now();
+                }
+                spawned => break spawned.expect("starting httpd-demo"),
+            }
+        };
         let child = process.child_mut();
         let log = Log(LineLog::of(child.stderr.take().expect("piped")));
         let stdout = LineLog::of(child.stdout.take().expect("piped"));

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use ::cluster::{Event, Policy, Primary, RestartPolicy, WorkerId};
 
-use super::{expect, listening, request, runtime, settings};
+use super::{EVENT_TIMEOUT, expect, listening, request, runtime, settings};
 
 /// The next user message of any worker, decoded as text.
 async fn next_message(primary: &mut Primary) -> (WorkerId, String) {
@@ -18,10 +18,37 @@ async fn next_message(primary: &mut Primary) -> (WorkerId, String) {
 
 /// One request, bounded in time: a connection left hanging fails it.
 async fn bounded_request(address: std::net::SocketAddr) -> u64 {
-    tokio::time::timeout(Duration::from_secs(5), request(address))
+    request_within(address, Duration::from_secs(5)).await
+}
+
+/// One request that must be answered within `bound`.
+async fn request_within(address: std::net::SocketAddr, bound: Duration) -> u64 {
+    tokio::time::timeout(bound, request(address))
         .await
         .expect("a request hung")
         .expect("request")
+}
+
+/// Sends `SIGSTOP` to `pid`, a worker of this process, and returns once every thread of
+/// it has stopped. `kill` only queues the signal: until the thread picked to take it runs
+/// (late, on a loaded machine), its other threads run on, and can take a hand-off, answer
+/// it and keep the connection. The group stop's end is reported to the parent, which
+/// this process is; `waitid` with `WSTOPPED` alone never reaps.
+async fn freeze(pid: nix::unistd::Pid) {
+    use nix::sys::wait::{Id, WaitPidFlag, WaitStatus, waitid};
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).expect("stop");
+    let stopped = tokio::task::spawn_blocking(move || waitid(Id::Pid(pid), WaitPidFlag::WSTOPPED));
+    let status = tokio::time::timeout(EVENT_TIMEOUT, stopped)
+        .await
+        .expect("the worker did not stop")
+        .expect("join");
+    assert!(
+        matches!(
+            status,
+            Ok(WaitStatus::Stopped(_, nix::sys::signal::Signal::SIGSTOP))
+        ),
+        "{status:?}"
+    );
 }
 
 #[track_caller]
@@ -116,7 +143,7 @@ async fn a_broadcast_skips_a_stopped_worker_after_a_bounded_wait() {
         .expect("alive")
         .pid;
     let pid = nix::unistd::Pid::from_raw(i32::try_from(pid).expect("pid"));
-    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).expect("stop");
+    freeze(pid).await;
     // 1 MiB at a time: the stopped worker's socket fills within a few, the other reads on.
     let big = vec![1u8; 1 << 20];
     let skipped = tokio::time::timeout(Duration::from_secs(30), async {
@@ -136,9 +163,10 @@ async fn a_broadcast_skips_a_stopped_worker_after_a_bounded_wait() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_handed_to_a_frozen_worker_is_served_by_another() {
+    let handoff_timeout = Duration::from_millis(300);
     let settings = settings(2)
         .restart(RestartPolicy::new().backoff_min(Duration::from_millis(20)))
-        .handoff_timeout(Duration::from_millis(300));
+        .handoff_timeout(handoff_timeout);
     let mut primary = Primary::start(settings).await.expect("start");
     let seen = listening(&mut primary, 2).await;
     let (frozen, address) = seen[0];
@@ -150,10 +178,11 @@ async fn a_connection_handed_to_a_frozen_worker_is_served_by_another() {
         .expect("alive")
         .pid;
     let pid = nix::unistd::Pid::from_raw(i32::try_from(pid).expect("pid"));
-    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).expect("stop");
-    // Round-robin hands some of these to the frozen worker: none may hang.
+    freeze(pid).await;
+    // Round-robin hands some of these to the frozen worker: none may hang. One handed to
+    // it waits for the hand-off timeout, then for the other worker to serve it.
     for _ in 0..6 {
-        let served = bounded_request(address).await;
+        let served = request_within(address, handoff_timeout + EVENT_TIMEOUT).await;
         assert_ne!(served, frozen.get(), "served by the frozen worker");
     }
     let (hung, reason) = expect(&mut primary, |e| match e {
