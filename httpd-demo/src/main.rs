@@ -96,6 +96,8 @@ fn main() -> anyhow::Result<()> {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .init();
+    // Before anything opens a descriptor: LISTEN_FDS may count more than were passed.
+    cluster::take_inherited_sockets();
     let args = Args::parse();
     // One thread per process: the cluster gives parallelism, as nginx does.
     let runtime = tokio::runtime::Builder::new_current_thread()
