@@ -153,7 +153,7 @@ impl Inherited {
                 "LISTEN_FDNAMES does not name every descriptor of LISTEN_FDS"
             );
         }
-        let mut fds = Vec::new();
+        let (mut fds, mut not_open) = (Vec::new(), Vec::new());
         for (fd, name) in passed.fds {
             match crate::sys::inspect_inherited(fd, kind_of) {
                 Ok(Kind::Listening) => match crate::sys::adopt_inherited(fd) {
@@ -165,13 +165,18 @@ impl Inherited {
                 Ok(kind) => {
                     tracing::warn!(fd, name, "LISTEN_FDS names {kind}; left alone")
                 }
-                Err(e) if e.raw_os_error() == Some(libc::EBADF) => {
-                    tracing::warn!(fd, name, "LISTEN_FDS names a descriptor that is not open")
-                }
+                Err(e) if e.raw_os_error() == Some(libc::EBADF) => not_open.push(fd),
                 Err(e) => {
                     tracing::warn!(fd, name, error = %e, "LISTEN_FDS: cannot inspect a descriptor; left alone")
                 }
             }
+        }
+        if !not_open.is_empty() {
+            // Once, however large the count: a starter that counts more than it passes.
+            tracing::warn!(
+                fds = ?not_open,
+                "LISTEN_FDS counts descriptors that are not open; ignored"
+            );
         }
         Self::from_fds(fds)
     }

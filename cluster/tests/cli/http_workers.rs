@@ -194,8 +194,11 @@ fn listen_fds_larger_than_the_sockets_passed_serves_and_stops_with_exit_0() {
     let lines = cluster.log.lines_from(0);
     let count = |needle: &str| lines.iter().filter(|l| l.contains(needle)).count();
     assert_eq!(count("adopted an inherited listening socket"), passed);
-    let not_open = count("LISTEN_FDS names a descriptor that is not open");
-    assert_eq!(not_open, counted - passed);
+    // fd 3 was passed; the rest of the count was closed at exec, reported in one line.
+    let not_open: Vec<usize> = (3 + passed..3 + counted).collect();
+    let warning =
+        format!("LISTEN_FDS counts descriptors that are not open; ignored fds={not_open:?}");
+    assert_eq!(count(&warning), 1, "{lines:#?}");
     for worker in &workers {
         assert!(!exists(worker.pid), "worker {worker:?} left behind");
     }
