@@ -22,6 +22,9 @@
 //!   (`SIGTERM`/`SIGINT` stop gracefully, `SIGHUP` reloads, `SIGTTIN`/`SIGTTOU` add or
 //!   remove a worker), or drive it yourself: [`Primary::next_event`], [`Primary::send`],
 //!   [`Primary::disconnect`], [`Primary::reload`], [`Primary::stop`], [`Primary::stats`].
+//!   A primary that may be socket-activated (systemd's `LISTEN_FDS`) or upgraded
+//!   (`SIGUSR2`) calls [`take_inherited_sockets`] first thing in `main`, before it creates
+//!   a runtime.
 //! - A worker: [`Worker::connect`], then [`Worker::listen`] and [`Listener::accept`],
 //!   whatever the [`Policy`]; [`Worker::stopping`] says when to drain.
 //!
@@ -167,7 +170,7 @@ pub use ipc::Received;
 pub use primary::{
     BROADCAST_WAIT, EVENT_BYTES, EVENT_CAPACITY, Event, Events, MAX_SERVERS_PER_WORKER,
     OutputStream, Primary, ReloadFailure, Signal, SlotFailure, Stats, UpgradeError, WorkerState,
-    WorkerStats,
+    WorkerStats, take_inherited_sockets,
 };
 pub use protocol::{AddressFamily, HandleKey, WorkerId};
 pub use settings::{

@@ -15,6 +15,7 @@ mod sockets;
 mod systemd;
 mod upgrade;
 
+pub use self::systemd::take_inherited_sockets;
 pub use self::upgrade::UpgradeError;
 
 use std::ffi::OsString;

@@ -1,5 +1,6 @@
 //! The crate's only `unsafe`: registering a listening socket or a pidfd with the reactor,
-//! accepting with `accept4`, and taking ownership of descriptors inherited at exec.
+//! accepting with `accept4`, and looking at and taking ownership of descriptors inherited
+//! at exec.
 
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
@@ -48,6 +49,24 @@ pub(crate) fn accept_nonblocking(listener: BorrowedFd<'_>) -> io::Result<OwnedFd
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
+/// Runs `inspect` on descriptor `fd`, which this process inherited from whoever started
+/// it, without taking it. Fails with `EBADF` if it is not open.
+pub(crate) fn inspect_inherited<T>(
+    fd: std::os::fd::RawFd,
+    inspect: impl FnOnce(BorrowedFd<'_>) -> T,
+) -> io::Result<T> {
+    // SAFETY: `F_GETFD` only reads the flags of a descriptor number, for any number.
+    if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the descriptor is open (checked above) and stays open while borrowed: the
+    // borrow lasts only for `inspect`, which cannot close it, and this runs before the
+    // process starts its runtime's threads (`take_inherited_sockets`), or on the thread
+    // that starts the primary, where nothing closes a descriptor meanwhile.
+    let fd = unsafe { BorrowedFd::borrow_raw(fd) };
+    Ok(inspect(fd))
+}
+
 /// Takes ownership of descriptor `fd`, which this process inherited from whoever started
 /// it (systemd's `LISTEN_FDS`, an upgrading primary's readiness socket). Fails with
 /// `EBADF` if it is not open.
@@ -57,7 +76,8 @@ pub(crate) fn adopt_inherited(fd: std::os::fd::RawFd) -> io::Result<std::os::fd:
         return Err(io::Error::last_os_error());
     }
     // SAFETY: the descriptor is open (checked above) and nothing in this process owns it:
-    // it was passed to us at exec, and each variable naming it is read once per process
-    // (`systemd::Inherited::from_env`, `systemd::UpgradeReadiness::from_env`).
+    // it was passed to us at exec (for `LISTEN_FDS`, checked to be a listening socket,
+    // which no runtime opens at an inherited number), and each variable naming it is read
+    // once per process (`systemd::Inherited::read_env`, `systemd::UpgradeReadiness::from_env`).
     Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
 }

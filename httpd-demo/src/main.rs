@@ -45,8 +45,8 @@ const LEAN_ALLOCATOR: (&str, &str) = ("MIMALLOC_ARENA_EAGER_COMMIT", "0");
 #[derive(Debug, Clone, Parser)]
 #[command(about = "A cluster HTTP server: one primary, N worker processes")]
 struct Args {
-    /// Number of worker processes (default: the number of CPUs).
-    #[arg(long)]
+    /// Number of worker processes, at least 1 (default: the number of CPUs).
+    #[arg(long, value_parser = at_least_one_worker)]
     workers: Option<usize>,
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1")]
@@ -66,6 +66,16 @@ struct Args {
     /// Enable `GET /crash`, which makes the handling worker panic.
     #[arg(long)]
     allow_crash: bool,
+}
+
+/// `--workers`: a count of at least 1; a cluster with no worker would run with no
+/// listener, serving nothing.
+fn at_least_one_worker(value: &str) -> Result<usize, String> {
+    match value.parse::<usize>() {
+        Ok(0) => Err("must be at least 1 (with no worker nothing listens)".to_owned()),
+        Ok(workers) => Ok(workers),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -97,6 +107,8 @@ fn main() -> anyhow::Result<()> {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .init();
+    // Before anything opens a descriptor: LISTEN_FDS may count more than were passed.
+    cluster::take_inherited_sockets();
     let args = Args::parse();
     // One thread per process: the cluster gives parallelism, as nginx does.
     let runtime = tokio::runtime::Builder::new_current_thread()

@@ -42,8 +42,9 @@ impl Accept for tokio::net::TcpListener {
 /// Serves every connection that `listener` yields until `stopping` resolves or the
 /// listener closes, then drains: no new connections, `/readyz` answers 503, every
 /// response says `Connection: close` (a keep-alive connection's next request is still
-/// answered), connections idle for [`IDLE_CLOSE`] are closed, and whatever is still open
-/// after `grace` is dropped.
+/// answered), connections idle for [`IDLE_CLOSE`] are closed, and so are those whose
+/// request head stopped arriving that long ago, and whatever is still open after `grace`
+/// is dropped.
 ///
 /// Each connection is a detached task (no join set to insert it into and reap it from);
 /// [`Open`] counts them, and the `phase` watch tells them when to drain and when to give up.
@@ -161,7 +162,8 @@ impl Drop for OpenGuard {
 /// The rule is [`activity::drain_step`]: a connection in use is left open, so that its
 /// next request is answered with `Connection: close` (after which hyper stops reading and
 /// closes); one idle for [`IDLE_CLOSE`] is shut down (hyper closes an idle connection at
-/// once). At [`Phase::Abort`] the connection is dropped.
+/// once); one whose request head stopped arriving [`IDLE_CLOSE`] ago is dropped (hyper
+/// would wait for the rest of it). At [`Phase::Abort`] the connection is dropped.
 async fn watch_connection<C>(
     mut connection: Pin<Box<C>>,
     activity: ActivityCell,
@@ -191,6 +193,10 @@ async fn watch_connection<C>(
                     DrainStep::Close => {
                         connection.as_mut().graceful_shutdown();
                         shut_down = true;
+                    }
+                    DrainStep::Drop => {
+                        tracing::debug!("dropping a connection whose request head stalled");
+                        return;
                     }
                     DrainStep::Recheck(at) => recheck.as_mut().reset(at),
                 }
@@ -356,6 +362,48 @@ mod tests {
         // Idle from between `sent` and `answered`: closed IDLE_CLOSE after that.
         assert!(sent.elapsed() >= IDLE_CLOSE, "closed too early");
         assert!(answered.elapsed() <= IDLE_CLOSE + Duration::from_millis(500));
+        assert_eq!(server.done.await.unwrap(), Drained::Clean);
+    }
+
+    /// A connection that sent half a request line, then the server told to stop. Returns
+    /// it and when its bytes were sent.
+    async fn half_sent_head_then_stop(
+        server: &mut Server,
+    ) -> (BufReader<TcpStream>, tokio::time::Instant) {
+        let mut conn = BufReader::new(TcpStream::connect(server.addr).await.unwrap());
+        conn.get_mut().write_all(b"GET / HT").await.unwrap();
+        let sent = tokio::time::Instant::now();
+        let mut draining = server.state.draining();
+        server.stop.take().unwrap().send(()).unwrap();
+        draining.wait_for(|d| *d).await.unwrap();
+        (conn, sent)
+    }
+
+    #[tokio::test]
+    async fn drain_closes_a_half_sent_request_head_once_it_stalled_for_the_threshold() {
+        let mut server = start(Duration::from_secs(10)).await;
+        let (mut conn, sent) = half_sent_head_then_stop(&mut server).await;
+        let stopped = tokio::time::Instant::now();
+        let mut rest = Vec::new();
+        assert_eq!(conn.read_to_end(&mut rest).await.unwrap(), 0, "no answer");
+        // Stalled from just after `sent`: dropped IDLE_CLOSE after that, not at the grace.
+        assert!(sent.elapsed() >= IDLE_CLOSE, "closed too early");
+        assert!(stopped.elapsed() <= IDLE_CLOSE + Duration::from_millis(500));
+        assert_eq!(server.done.await.unwrap(), Drained::Clean);
+    }
+
+    #[tokio::test]
+    async fn drain_answers_a_request_head_that_is_still_arriving() {
+        let mut server = start(Duration::from_secs(10)).await;
+        let (mut conn, _) = half_sent_head_then_stop(&mut server).await;
+        conn.get_mut()
+            .write_all(b"TP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let (head, body) = read_response(&mut conn).await;
+        assert!(head.starts_with("http/1.1 200"), "{head}");
+        assert!(head.contains("connection: close"), "{head}");
+        assert_eq!(body, "hello world\n");
         assert_eq!(server.done.await.unwrap(), Drained::Clean);
     }
 

@@ -115,6 +115,30 @@ fn a_port_in_use_ends_the_server_at_once_with_the_error() {
 }
 
 #[test]
+fn zero_workers_is_refused_at_once_with_a_message() {
+    let mut server = testkit::KillOnDrop::spawn(
+        std::process::Command::new(env!("CARGO_BIN_EXE_httpd-demo"))
+            .args(["--workers", "0", "--port", "0"])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped()),
+    )
+    .expect("spawn httpd-demo");
+    let status = server
+        .wait_timeout(TIMEOUT)
+        .expect("wait")
+        .expect("it ran on with no worker and no listener");
+    let mut stderr = String::new();
+    let pipe = server.child_mut().stderr.as_mut().expect("stderr");
+    std::io::Read::read_to_string(pipe, &mut stderr).expect("read stderr");
+    assert!(!status.success(), "{status:?} {stderr}");
+    assert!(
+        stderr.contains("'--workers <WORKERS>': must be at least 1"),
+        "{stderr}"
+    );
+}
+
+#[test]
 fn crash_route_is_off_by_default() {
     let server = Server::start(&[]);
     // One connection, so every request goes to the same worker.

@@ -4,10 +4,14 @@
 //! # Inherited sockets
 //!
 //! A process started with `LISTEN_PID` set to its own pid finds `LISTEN_FDS` descriptors
-//! from fd 3 on, named by `LISTEN_FDNAMES` (`sd_listen_fds(3)`). [`Inherited::from_env`]
-//! takes them once per process: each listening TCP socket is adopted (close-on-exec,
-//! non-blocking) and matched to the workers' `listen(addr)` by address in
-//! `sockets.rs`; anything else is kept open and unused (and passed on by an upgrade).
+//! from fd 3 on, named by `LISTEN_FDNAMES` (`sd_listen_fds(3)`). They are read once per
+//! process, by [`take_inherited_sockets`] first thing in `main` (before a runtime opens
+//! descriptors whose numbers a too-large `LISTEN_FDS` would cover) or else when the
+//! primary starts ([`Inherited::from_env`]): each open descriptor is checked, listening
+//! sockets are adopted (close-on-exec, non-blocking), TCP ones matched to the workers'
+//! `listen(addr)` by address in `sockets.rs`, other listening ones kept open and unused
+//! (and passed on by an upgrade); a descriptor that is not open, not a socket or not
+//! listening is logged and left alone.
 //! Inherited sockets belong to the primary until it stops: a handle given one uses a copy,
 //! so closing the handle (a reload, a crash, an idle handle, a stop's first step) never
 //! closes the socket itself, which keeps the port and the connections in its backlog.
@@ -22,13 +26,14 @@
 
 use std::io::Write;
 use std::net::{SocketAddr, TcpListener};
-use std::os::fd::OwnedFd;
+use std::os::fd::{BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use sd_notify::NotifyState;
-use socket2::{Protocol, Socket, Type};
+use socket2::{Protocol, SockRef, Socket, Type};
 
 /// The variables of socket activation, read by the primary and removed for its workers.
 pub(crate) const LISTEN_ENV: [&str; 3] = ["LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES"];
@@ -47,7 +52,6 @@ pub(crate) const UPGRADE_READY: &[u8] = b"READY=1\n";
 /// passed on as they came).
 pub(crate) const OWN_SOCKET_NAME: &str = "cluster";
 
-static LISTEN_FDS_TAKEN: AtomicBool = AtomicBool::new(false);
 static UPGRADE_FD_TAKEN: AtomicBool = AtomicBool::new(false);
 
 /// One inherited listening TCP socket.
@@ -65,39 +69,126 @@ pub(crate) struct InheritedSocket {
 #[derive(Debug, Default)]
 pub(crate) struct Inherited {
     pub(crate) sockets: Vec<InheritedSocket>,
-    /// Passed descriptors that are not listening TCP sockets: kept open, never used.
+    /// Passed listening sockets that are not TCP: kept open, never used, passed on by an
+    /// upgrade.
     pub(crate) others: Vec<(OwnedFd, String)>,
 }
 
+/// Where this process's inherited sockets are: not read yet, read and waiting for the
+/// primary, or given to it.
+#[derive(Debug)]
+enum Slot {
+    Unread,
+    Held(Inherited),
+    Given,
+}
+
+/// The process-wide slot of the inherited sockets (`LISTEN_FDS` is about this process, so
+/// it is read at most once per process).
+static SLOT: Mutex<Slot> = Mutex::new(Slot::Unread);
+
+fn slot() -> MutexGuard<'static, Slot> {
+    SLOT.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Takes the listening sockets passed at exec (systemd's socket activation, or a primary
+/// upgrading to this one) into a process-wide slot, where the [`Primary`](crate::Primary)
+/// finds them. Call it first thing in `main`, before creating a tokio runtime or opening
+/// anything else, and after installing a `tracing` subscriber to see its warnings.
+///
+/// `LISTEN_FDS` counts descriptors from fd 3 on; systemd passes exactly that many, but
+/// another starter may set a larger count than it passes. Read before anything else opens
+/// a descriptor, every number the count covers that is not open is known to be no socket
+/// of ours; read later, those numbers may already belong to the runtime (its epoll,
+/// eventfd and signal descriptors). Either way only open, listening sockets are adopted
+/// (close-on-exec, non-blocking); anything else is logged and left alone, never closed.
+/// `LISTEN_PID` naming another process, or a malformed variable, is logged (`warn`) and
+/// the sockets ignored.
+///
+/// A program that does not call it still gets the sockets: the primary reads them when it
+/// starts, which is right unless a descriptor opened before then has a number the count
+/// covers. Only the first call in a process does anything.
+pub fn take_inherited_sockets() {
+    let mut slot = slot();
+    if matches!(*slot, Slot::Unread) {
+        *slot = Slot::Held(Inherited::read_env());
+    }
+}
+
 impl Inherited {
-    /// Takes the descriptors passed with `LISTEN_FDS`, if `LISTEN_PID` is this process.
-    /// Only the first call in a process finds any.
+    /// Takes the sockets [`take_inherited_sockets`] put in the process's slot, or, if it
+    /// was never called, reads them from the environment now. Only the first call in a
+    /// process finds any.
     pub(crate) fn from_env() -> Self {
-        if LISTEN_FDS_TAKEN.swap(true, Ordering::SeqCst) {
-            return Self::default();
+        match std::mem::replace(&mut *slot(), Slot::Given) {
+            Slot::Unread => Self::read_env(),
+            Slot::Held(inherited) => inherited,
+            Slot::Given => Self::default(),
         }
-        let passed = match sd_notify::listen_fds_with_names() {
+    }
+
+    /// Reads `LISTEN_PID`, `LISTEN_FDS` and `LISTEN_FDNAMES` and adopts the listening
+    /// sockets among the descriptors they name.
+    fn read_env() -> Self {
+        let var = |name| std::env::var_os(name).map(|v| v.to_string_lossy().into_owned());
+        let env = ListenEnv {
+            pid: var("LISTEN_PID"),
+            fds: var("LISTEN_FDS"),
+            names: var("LISTEN_FDNAMES"),
+        };
+        // Descriptor numbers stop below the soft limit of open files.
+        let limit = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+            .map_or(u64::from(u32::MAX), |(soft, _)| soft);
+        let passed = match env.passed(std::process::id(), limit) {
             Ok(passed) => passed,
             Err(e) => {
-                tracing::warn!(error = %e, "ignoring LISTEN_FDS");
+                tracing::warn!("ignoring LISTEN_FDS: {e}");
                 return Self::default();
             }
         };
-        let mut fds = Vec::new();
-        for (fd, name) in passed {
-            match crate::sys::adopt_inherited(fd) {
-                Ok(owned) => fds.push((owned, name)),
-                Err(e) => tracing::warn!(fd, error = %e, "LISTEN_FDS names a closed descriptor"),
+        if passed.names_mismatch {
+            tracing::warn!(
+                count = passed.fds.len(),
+                names = env.names.as_deref().unwrap_or_default(),
+                "LISTEN_FDNAMES does not name every descriptor of LISTEN_FDS"
+            );
+        }
+        let (mut fds, mut not_open) = (Vec::new(), Vec::new());
+        for (fd, name) in passed.fds {
+            match crate::sys::inspect_inherited(fd, kind_of) {
+                Ok(Kind::Listening) => match crate::sys::adopt_inherited(fd) {
+                    Ok(owned) => fds.push((owned, name)),
+                    Err(e) => {
+                        tracing::warn!(fd, name, error = %e, "LISTEN_FDS: cannot adopt a descriptor")
+                    }
+                },
+                Ok(kind) => {
+                    tracing::warn!(fd, name, "LISTEN_FDS names {kind}; left alone")
+                }
+                Err(e) if e.raw_os_error() == Some(libc::EBADF) => not_open.push(fd),
+                Err(e) => {
+                    tracing::warn!(fd, name, error = %e, "LISTEN_FDS: cannot inspect a descriptor; left alone")
+                }
             }
+        }
+        if !not_open.is_empty() {
+            // Once, however large the count: a starter that counts more than it passes.
+            tracing::warn!(
+                fds = ?not_open,
+                "LISTEN_FDS counts descriptors that are not open; ignored"
+            );
         }
         Self::from_fds(fds)
     }
 
-    /// Sorts passed descriptors into listening TCP sockets and the rest.
+    /// Sorts adopted listening sockets into TCP ones and the rest, all made close-on-exec.
     pub(crate) fn from_fds(fds: Vec<(OwnedFd, String)>) -> Self {
         let mut inherited = Self::default();
         for (fd, name) in fds {
             let socket = Socket::from(fd);
+            if let Err(e) = socket.set_cloexec(true) {
+                tracing::warn!(name, error = %e, "an inherited socket stays inheritable");
+            }
             let address = socket.local_addr().ok().and_then(|a| a.as_socket());
             let listening = socket.is_listener().unwrap_or(false)
                 && socket.r#type().ok() == Some(Type::STREAM)
@@ -116,13 +207,123 @@ impl Inherited {
                 _ => {
                     tracing::warn!(
                         name,
-                        "an inherited descriptor is not a listening TCP socket; kept unused"
+                        "an inherited listening socket is not TCP; kept unused"
                     );
                     inherited.others.push((socket.into(), name));
                 }
             }
         }
         inherited
+    }
+}
+
+/// The variables of socket activation, as found.
+#[derive(Debug, Clone, Default)]
+struct ListenEnv {
+    pid: Option<String>,
+    fds: Option<String>,
+    names: Option<String>,
+}
+
+/// The descriptors [`ListenEnv`] names for this process.
+#[derive(Debug, PartialEq, Eq)]
+struct Passed {
+    fds: Vec<(RawFd, String)>,
+    /// `LISTEN_FDNAMES` was set with another count of names (missing ones are `unknown`).
+    names_mismatch: bool,
+}
+
+/// Why the variables of socket activation are ignored.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+enum IgnoredListenFds {
+    #[error("LISTEN_PID is {listen_pid}, not this process ({own_pid})")]
+    OtherProcess { listen_pid: u32, own_pid: u32 },
+    #[error("LISTEN_FDS is set without LISTEN_PID")]
+    NoPid,
+    #[error("LISTEN_PID {0:?} is not a pid")]
+    BadPid(String),
+    #[error("LISTEN_FDS {0:?} is not a count of descriptors")]
+    BadCount(String),
+    #[error("LISTEN_FDS {count} runs past the limit of open descriptors ({limit})")]
+    TooMany { count: u32, limit: u64 },
+}
+
+/// The first descriptor of socket activation (`SD_LISTEN_FDS_START`).
+const LISTEN_FDS_START: RawFd = 3;
+
+impl ListenEnv {
+    /// The descriptors passed to process `own_pid`, whose descriptor numbers are below
+    /// `limit` (`RLIMIT_NOFILE`, which also bounds what is allocated here): none without
+    /// `LISTEN_FDS`, an error when the variables are malformed or for another process.
+    fn passed(&self, own_pid: u32, limit: u64) -> Result<Passed, IgnoredListenFds> {
+        let Some(fds) = &self.fds else {
+            return Ok(Passed {
+                fds: Vec::new(),
+                names_mismatch: false,
+            });
+        };
+        let pid = self.pid.as_deref().ok_or(IgnoredListenFds::NoPid)?;
+        let listen_pid: u32 =
+            (pid.trim().parse().ok()).ok_or_else(|| IgnoredListenFds::BadPid(pid.to_owned()))?;
+        if listen_pid != own_pid {
+            return Err(IgnoredListenFds::OtherProcess {
+                listen_pid,
+                own_pid,
+            });
+        }
+        let count: u32 =
+            (fds.trim().parse().ok()).ok_or_else(|| IgnoredListenFds::BadCount(fds.clone()))?;
+        let end = (i32::try_from(count).ok())
+            .and_then(|count| LISTEN_FDS_START.checked_add(count))
+            .filter(|end| u64::try_from(*end).is_ok_and(|end| end <= limit))
+            .ok_or(IgnoredListenFds::TooMany { count, limit })?;
+        let mut names: Vec<&str> = match &self.names {
+            Some(names) => names.split(':').collect(),
+            None => Vec::new(),
+        };
+        let names_mismatch = self.names.is_some() && names.len() != count as usize;
+        names.resize(count as usize, "unknown");
+        Ok(Passed {
+            fds: (LISTEN_FDS_START..end)
+                .zip(names)
+                .map(|(fd, name)| (fd, name.to_owned()))
+                .collect(),
+            names_mismatch,
+        })
+    }
+}
+
+/// What an inherited descriptor is, as far as adopting it goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Listening,
+    NotListening,
+    NotSocket,
+}
+
+impl std::fmt::Display for Kind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Kind::Listening => "a listening socket",
+            Kind::NotListening => "a socket that is not listening",
+            Kind::NotSocket => "a descriptor that is not a socket",
+        })
+    }
+}
+
+/// Whether `fd` is a socket, and a listening one.
+fn kind_of(fd: BorrowedFd<'_>) -> Kind {
+    let is_socket = nix::sys::stat::fstat(fd).is_ok_and(|stat| {
+        nix::sys::stat::SFlag::from_bits_truncate(stat.st_mode) & nix::sys::stat::SFlag::S_IFMT
+            == nix::sys::stat::SFlag::S_IFSOCK
+    });
+    if !is_socket {
+        return Kind::NotSocket;
+    }
+    match SockRef::from(&fd).is_listener() {
+        Ok(true) => Kind::Listening,
+        _ => Kind::NotListening,
     }
 }
 
@@ -247,6 +448,7 @@ pub(crate) fn watchdog_interval() -> Option<Duration> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::fd::AsFd;
 
     #[test]
     fn listening_tcp_sockets_are_adopted_and_the_rest_kept() {
@@ -282,5 +484,112 @@ mod tests {
         let inherited = Inherited::from_fds(vec![(socket.into(), "idle".into())]);
         assert!(inherited.sockets.is_empty());
         assert_eq!(inherited.others.len(), 1);
+    }
+
+    #[track_caller]
+    fn check_env(
+        pid: Option<&str>,
+        fds: Option<&str>,
+        names: Option<&str>,
+        expected: Result<Passed, IgnoredListenFds>,
+    ) {
+        let env = ListenEnv {
+            pid: pid.map(str::to_owned),
+            fds: fds.map(str::to_owned),
+            names: names.map(str::to_owned),
+        };
+        assert_eq!(env.passed(42, 1024), expected, "{env:?}");
+    }
+
+    fn passed(fds: &[(RawFd, &str)], names_mismatch: bool) -> Result<Passed, IgnoredListenFds> {
+        let fds = fds
+            .iter()
+            .map(|(fd, name)| (*fd, (*name).to_owned()))
+            .collect();
+        Ok(Passed {
+            fds,
+            names_mismatch,
+        })
+    }
+
+    #[test]
+    fn listen_fds_for_this_process_name_descriptors_from_3() {
+        check_env(None, None, None, passed(&[], false));
+        check_env(Some("42"), Some("0"), None, passed(&[], false));
+        check_env(
+            Some("42"),
+            Some("2"),
+            Some("web:admin"),
+            passed(&[(3, "web"), (4, "admin")], false),
+        );
+        check_env(
+            Some("42"),
+            Some("2"),
+            None,
+            passed(&[(3, "unknown"), (4, "unknown")], false),
+        );
+        check_env(
+            Some("42"),
+            Some("2"),
+            Some("web"),
+            passed(&[(3, "web"), (4, "unknown")], true),
+        );
+        check_env(
+            Some("42"),
+            Some("1"),
+            Some("web:admin"),
+            passed(&[(3, "web")], true),
+        );
+    }
+
+    #[test]
+    fn listen_fds_for_another_process_or_malformed_are_ignored() {
+        let other = IgnoredListenFds::OtherProcess {
+            listen_pid: 7,
+            own_pid: 42,
+        };
+        check_env(Some("7"), Some("1"), None, Err(other));
+        check_env(None, Some("1"), None, Err(IgnoredListenFds::NoPid));
+        check_env(
+            Some("me"),
+            Some("1"),
+            None,
+            Err(IgnoredListenFds::BadPid("me".into())),
+        );
+        check_env(
+            Some("42"),
+            Some("-1"),
+            None,
+            Err(IgnoredListenFds::BadCount("-1".into())),
+        );
+        check_env(
+            Some("42"),
+            Some(""),
+            None,
+            Err(IgnoredListenFds::BadCount(String::new())),
+        );
+        for count in [1022, u32::MAX] {
+            let too_many = IgnoredListenFds::TooMany { count, limit: 1024 };
+            check_env(Some("42"), Some(&count.to_string()), None, Err(too_many));
+        }
+        check_env(
+            Some("42"),
+            Some("1021"),
+            None,
+            Ok(Passed {
+                fds: (3..1024).map(|fd| (fd, "unknown".to_owned())).collect(),
+                names_mismatch: false,
+            }),
+        );
+    }
+
+    #[test]
+    fn only_listening_sockets_are_of_the_kind_adopted() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let (pair, _other) = UnixStream::pair().unwrap();
+        let (read, _write) = nix::unistd::pipe().unwrap();
+        assert_eq!(kind_of(listener.as_fd()), Kind::Listening);
+        assert_eq!(kind_of(pair.as_fd()), Kind::NotListening);
+        assert_eq!(kind_of(read.as_fd()), Kind::NotSocket);
     }
 }

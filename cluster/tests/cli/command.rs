@@ -36,11 +36,21 @@ pub(crate) struct Started {
 impl Cluster {
     /// Runs `cluster ARGS` and waits until `workers` workers listen.
     pub(crate) fn start<S: AsRef<OsStr>>(workers: usize, args: &[S]) -> Cluster {
-        let mut all: Vec<&OsStr> = vec![OsStr::new("--workers")];
+        Self::start_as(workers, Command::new(env!("CARGO_BIN_EXE_cluster")), args)
+    }
+
+    /// Runs `command` (the `cluster` command, or a wrapper that `exec`s it with the
+    /// arguments it is given) with `--workers N ARGS` and waits until `workers` workers
+    /// listen.
+    pub(crate) fn start_as<S: AsRef<OsStr>>(
+        workers: usize,
+        mut command: Command,
+        args: &[S],
+    ) -> Cluster {
         let count = workers.to_string();
-        all.push(OsStr::new(&count));
-        all.extend(args.iter().map(AsRef::as_ref));
-        let (guard, log) = spawn(&all);
+        command.args(["--workers", &count]);
+        command.args(args);
+        let (guard, log) = spawn_command(&mut command);
         let line = log
             .wait_for(0, "listening on ", TIMEOUT)
             .unwrap_or_else(|e| panic!("cluster never listened: {e}"));
@@ -130,12 +140,15 @@ pub(crate) fn exists(pid: u32) -> bool {
 /// Starts `cluster ARGS` under a guard, with its stdout and stderr collected.
 pub(crate) fn spawn(args: &[&OsStr]) -> (KillOnDrop, LineLog) {
     let mut command = Command::new(env!("CARGO_BIN_EXE_cluster"));
-    command
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut guard = KillOnDrop::spawn(&mut command).expect("start cluster");
+    command.args(args).stdin(Stdio::null());
+    spawn_command(&mut command)
+}
+
+/// Starts `command` under a guard, with its stdout and stderr collected (its stdin is
+/// the caller's to set).
+fn spawn_command(command: &mut Command) -> (KillOnDrop, LineLog) {
+    command.stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut guard = KillOnDrop::spawn(command).expect("start cluster");
     let log = LineLog::new();
     log.collect(guard.child_mut().stdout.take().expect("stdout"));
     log.collect(guard.child_mut().stderr.take().expect("stderr"));

@@ -156,6 +156,54 @@ fn sigterm_with_a_slow_request(program: Program) {
     }
 }
 
+/// `LISTEN_FDS` counting more descriptors than were passed (one socket at fd 3, a count of
+/// 5): fds 4 to 7 are closed at exec and are the first numbers the primary's runtime
+/// takes, which it once adopted as inherited sockets and closed at its stop (a panic,
+/// exit 101). The command serves the passed socket and stops with exit 0.
+#[test]
+fn listen_fds_larger_than_the_sockets_passed_serves_and_stops_with_exit_0() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (passed, counted) = (1, 5);
+    let mut wrapper = std::process::Command::new("/bin/sh");
+    wrapper
+        .args([
+            "-c",
+            r#"export LISTEN_PID=$$; exec "$0" "$@" 3<&0 0</dev/null"#,
+        ])
+        .arg(env!("CARGO_BIN_EXE_cluster"))
+        .env("LISTEN_FDS", counted.to_string())
+        .env("RUST_LOG", "info")
+        .stdin(std::os::fd::OwnedFd::from(listener));
+    let path = Program::Rust.path();
+    let port = addr.port().to_string();
+    let args = [
+        "--grace".as_ref(),
+        "10".as_ref(),
+        "--".as_ref(),
+        path.as_os_str(),
+        port.as_ref(),
+    ];
+    let mut cluster = Cluster::start_as(2, wrapper, &args);
+    let workers = cluster.started_from(0);
+    assert_eq!(cluster.addr(), addr, "serves the socket it was given");
+    pid_of_get(addr);
+    cluster.signal(Signal::SIGTERM);
+    let exit = cluster.wait_exit();
+    assert!(exit.success(), "{exit:?}\n{}", cluster.log.tail(40));
+    let lines = cluster.log.lines_from(0);
+    let count = |needle: &str| lines.iter().filter(|l| l.contains(needle)).count();
+    assert_eq!(count("adopted an inherited listening socket"), passed);
+    // fd 3 was passed; the rest of the count was closed at exec, reported in one line.
+    let not_open: Vec<usize> = (3 + passed..3 + counted).collect();
+    let warning =
+        format!("LISTEN_FDS counts descriptors that are not open; ignored fds={not_open:?}");
+    assert_eq!(count(&warning), 1, "{lines:#?}");
+    for worker in &workers {
+        assert!(!exists(worker.pid), "worker {worker:?} left behind");
+    }
+}
+
 /// A client that sends `GET /` on a new connection after another until stopped, and
 /// records which pid answered each (or the error).
 struct SteadyClient {

@@ -1,13 +1,29 @@
-//! What one connection is doing, and the pure rule a draining worker applies to it.
+//! What one connection is doing, and the pure rules that track it and that a draining
+//! worker applies to it.
 //!
 //! A keep-alive client may send its next request at any moment; closing an idle
 //! connection under it loses that request (the client sees a reset or an early EOF, and a
 //! balancer marks the host as failed). So a draining worker never closes a connection it
 //! has just used: the next request on it is answered with `Connection: close`, after which
 //! hyper stops reading and closes. Only a connection that has been idle for
-//! [`IDLE_CLOSE`] (since it was accepted or since its last response) is closed, because by
-//! then no request of an active client is plausibly on its way; the grace deadline closes
-//! the rest.
+//! [`IDLE_CLOSE`] (since it was accepted or since its last response was written) is
+//! closed, because by then no request of an active client is plausibly on its way; the
+//! grace deadline closes the rest.
+//!
+//! A connection that has sent part of a request head has no request in flight either:
+//! there is nothing to answer until the head is complete. hyper waits for the rest of a
+//! first head even when told to shut down, so one client that stalls mid-head would hold
+//! the whole drain for the grace period. Such a connection is dropped once no byte of it
+//! has arrived for [`IDLE_CLOSE`] (nginx closes it at a graceful stop too); one whose
+//! head is still arriving gets its request answered.
+//!
+//! ```text
+//!  accept    bytes read          head complete          response ready
+//!  ──> Idle ────────────> Head ───────────────> Busy ─────────────────> Responding
+//!       ^                 more bytes: since = now                           │
+//!       └───────────────────────────────────────────────────────────────────┘
+//!                   written (hyper flushed its buffer): since = now
+//! ```
 
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -16,74 +32,111 @@ use tokio::time::Instant;
 
 /// How long a draining worker lets a connection sit idle before closing it: a keep-alive
 /// client in use sends its next request far sooner (microseconds to milliseconds on a
-/// LAN), a pooled connection unused this long is a spare.
+/// LAN), a pooled connection unused this long is a spare. The same bound applies to a
+/// request head that stopped arriving.
 pub(crate) const IDLE_CLOSE: Duration = Duration::from_secs(1);
 
 /// Where one connection is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Activity {
-    /// No request is being handled, since `since` (the accept or the last response).
+    /// Nothing of a request read since `since` (the accept or the last response written).
     Idle {
         /// When the connection last became idle.
+        since: Instant,
+    },
+    /// Part of a request head read, no complete head yet: no request to answer.
+    Head {
+        /// When the last bytes of it arrived.
         since: Instant,
     },
     /// A request is being handled; its response will carry `Connection: close` if the
     /// drain has begun, and hyper closes the connection once it is written.
     Busy,
+    /// Its response is ready and being written.
+    Responding,
+}
+
+/// What happened on a connection, as [`Activity::after`] takes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Step {
+    /// Bytes were read from the socket.
+    Read,
+    /// hyper parsed a complete request head and called the service.
+    Request,
+    /// The service's response is ready.
+    Response,
+    /// hyper's write buffer is empty and the socket flushed.
+    Flushed,
+}
+
+impl Activity {
+    /// Where a connection is after `step`; `now` is asked only when a quiet period starts
+    /// (the clock is read twice per request, not at every step).
+    pub(crate) fn after(self, step: Step, now: impl FnOnce() -> Instant) -> Activity {
+        match (self, step) {
+            // Bytes read while a request is handled or answered are a pipelined request,
+            // or the rest of a request body: the response's end says what follows.
+            (Activity::Idle { .. } | Activity::Head { .. }, Step::Read) => {
+                Activity::Head { since: now() }
+            }
+            (_, Step::Request) => Activity::Busy,
+            (Activity::Busy, Step::Response) => Activity::Responding,
+            (Activity::Responding, Step::Flushed) => Activity::Idle { since: now() },
+            (activity, _) => activity,
+        }
+    }
 }
 
 /// What a draining watcher does with its connection next.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum DrainStep {
-    /// Close it now: it has been idle for [`IDLE_CLOSE`].
+    /// Shut it down now: it has been idle for [`IDLE_CLOSE`] (hyper closes an idle
+    /// connection at once).
     Close,
+    /// Drop it now: its request head stopped arriving [`IDLE_CLOSE`] ago. hyper would wait
+    /// for the rest; nothing was asked, so no answer is lost.
+    Drop,
     /// Look again at this instant (unless the connection ends before).
     Recheck(Instant),
 }
 
-/// The drain rule: close a connection idle for `idle_close`, otherwise wait.
+/// The drain rule: close a connection idle for `idle_close`, drop one whose request head
+/// has not advanced for `idle_close`, otherwise wait.
 pub(crate) fn drain_step(activity: Activity, now: Instant, idle_close: Duration) -> DrainStep {
+    let after_quiet = |since: Instant, step| {
+        let at = since + idle_close;
+        if now >= at {
+            step
+        } else {
+            DrainStep::Recheck(at)
+        }
+    };
     match activity {
         // Its response closes it; look again in case it was written just before the drain.
-        Activity::Busy => DrainStep::Recheck(now + idle_close),
-        Activity::Idle { since } => {
-            let at = since + idle_close;
-            if now >= at {
-                DrainStep::Close
-            } else {
-                DrainStep::Recheck(at)
-            }
-        }
+        Activity::Busy | Activity::Responding => DrainStep::Recheck(now + idle_close),
+        Activity::Idle { since } => after_quiet(since, DrainStep::Close),
+        Activity::Head { since } => after_quiet(since, DrainStep::Drop),
     }
 }
 
-/// A connection's [`Activity`], shared by its service (which marks requests) and its
-/// watcher (which reads it once draining).
+/// A connection's [`Activity`], shared by its socket (which marks reads and flushes), its
+/// service (which marks requests and responses) and its watcher (which reads it once
+/// draining).
 #[derive(Debug, Clone)]
 pub(crate) struct ActivityCell(Arc<Mutex<Activity>>);
 
 impl ActivityCell {
-    /// A connection accepted now, idle until its first request.
+    /// A connection accepted now, idle until its first bytes.
     pub(crate) fn new() -> Self {
         Self(Arc::new(Mutex::new(Activity::Idle {
             since: Instant::now(),
         })))
     }
 
-    fn set(&self, activity: Activity) {
-        *self.0.lock().unwrap_or_else(PoisonError::into_inner) = activity;
-    }
-
-    /// A request has arrived.
-    pub(crate) fn busy(&self) {
-        self.set(Activity::Busy);
-    }
-
-    /// Its response is ready.
-    pub(crate) fn idle(&self) {
-        self.set(Activity::Idle {
-            since: Instant::now(),
-        });
+    /// Records `step`.
+    pub(crate) fn record(&self, step: Step) {
+        let mut activity = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        *activity = activity.after(step, Instant::now);
     }
 
     pub(crate) fn get(&self) -> Activity {
@@ -129,21 +182,89 @@ mod tests {
     fn a_busy_connection_is_closed_by_its_response() {
         let t0 = Instant::now();
         check(Activity::Busy, t0, DrainStep::Recheck(t0 + T));
+        check(Activity::Responding, t0, DrainStep::Recheck(t0 + T));
+    }
+
+    #[test]
+    fn a_request_head_that_stopped_arriving_is_dropped_after_the_threshold() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        check(Activity::Head { since: t0 }, t0, DrainStep::Recheck(t0 + T));
+        check(
+            Activity::Head { since: t0 },
+            t0 + ms(300),
+            DrainStep::Recheck(t0 + T),
+        );
+        check(Activity::Head { since: t0 }, t0 + T, DrainStep::Drop);
+        check(
+            Activity::Head { since: t0 },
+            t0 + T + Duration::from_secs(5),
+            DrainStep::Drop,
+        );
+    }
+
+    /// Runs `steps` from a connection idle since `t0`, one millisecond apart; returns
+    /// where it ends.
+    fn run(t0: Instant, steps: &[Step]) -> Activity {
+        let mut activity = Activity::Idle { since: t0 };
+        for (n, step) in (1..).zip(steps) {
+            activity = activity.after(*step, || t0 + Duration::from_millis(n));
+        }
+        activity
+    }
+
+    #[test]
+    fn the_steps_of_a_request_lead_from_idle_through_head_busy_responding_to_idle() {
+        let t0 = Instant::now();
+        let ms = |n| t0 + Duration::from_millis(n);
+        use Step::{Flushed, Read, Request, Response};
+        let cases: &[(&[Step], Activity)] = &[
+            (&[Read], Activity::Head { since: ms(1) }),
+            // Each read of a head that is still arriving restarts its quiet period.
+            (&[Read, Read], Activity::Head { since: ms(2) }),
+            (&[Read, Request], Activity::Busy),
+            // A flush before the response (hyper flushes on every turn) changes nothing.
+            (&[Read, Request, Flushed], Activity::Busy),
+            (&[Read, Request, Response], Activity::Responding),
+            // Pipelined bytes while answering do not make it a stalled head.
+            (&[Read, Request, Response, Read], Activity::Responding),
+            (
+                &[Read, Request, Response, Flushed],
+                Activity::Idle { since: ms(4) },
+            ),
+            (&[Flushed], Activity::Idle { since: t0 }),
+            // The next request of a keep-alive connection.
+            (
+                &[Read, Request, Response, Flushed, Read],
+                Activity::Head { since: ms(5) },
+            ),
+        ];
+        for (steps, expected) in cases {
+            assert_eq!(run(t0, steps), *expected, "{steps:?}");
+        }
     }
 
     #[tokio::test(start_paused = true)]
-    async fn the_cell_records_requests_and_responses() {
+    async fn the_cell_records_steps_at_the_current_time() {
         let cell = ActivityCell::new();
         let accepted = Instant::now();
         assert_eq!(cell.get(), Activity::Idle { since: accepted });
-        cell.busy();
-        assert_eq!(cell.get(), Activity::Busy);
+        tokio::time::advance(Duration::from_millis(5)).await;
+        cell.record(Step::Read);
+        assert_eq!(
+            cell.get(),
+            Activity::Head {
+                since: accepted + Duration::from_millis(5)
+            }
+        );
+        cell.record(Step::Request);
+        cell.record(Step::Response);
         tokio::time::advance(Duration::from_millis(20)).await;
-        cell.idle();
+        cell.record(Step::Flushed);
         assert_eq!(
             cell.get(),
             Activity::Idle {
-                since: accepted + Duration::from_millis(20)
+                since: accepted + Duration::from_millis(25)
             }
         );
     }

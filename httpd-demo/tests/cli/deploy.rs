@@ -4,9 +4,9 @@
 //! leaves a process behind.
 //!
 //! The harness passes a listening socket the systemd way: the test's listener is the
-//! wrapper shell's stdin, which moves it to fd 3, sets `LISTEN_FDS=1` and
-//! `LISTEN_PID=$$`, and `exec`s httpd-demo (same pid), so no descriptor leaks into other
-//! tests' children and `LISTEN_PID` names the primary.
+//! wrapper shell's stdin, which moves it to fd 3, sets `LISTEN_PID=$$` (`LISTEN_FDS=1`
+//! comes with the environment), and `exec`s httpd-demo (same pid), so no descriptor leaks
+//! into other tests' children and `LISTEN_PID` names the primary.
 
 use std::collections::BTreeSet;
 use std::net::TcpListener;
@@ -23,7 +23,7 @@ use crate::http;
 use crate::server::{Server, TIMEOUT, WORKERS, is_running};
 
 /// Hands `LISTEN_PID=$$` and the socket on stdin (as fd 3) to the program in `$0`.
-const ACTIVATE: &str = r#"export LISTEN_PID=$$ LISTEN_FDS=1 LISTEN_FDNAMES=web
+const ACTIVATE: &str = r#"export LISTEN_PID=$$
 exec "$0" "$@" 3<&0 0</dev/null"#;
 
 /// A directory of its own under the target's temporary directory, removed when dropped.
@@ -85,7 +85,8 @@ fn builds(seen: &BTreeSet<(u64, u32, String)>) -> BTreeSet<&str> {
     seen.iter().map(|(_, _, b)| b.as_str()).collect()
 }
 
-/// httpd-demo started by the activation wrapper with a listener of the test's at fd 3.
+/// httpd-demo started by the activation wrapper with a listener of the test's at fd 3,
+/// `LISTEN_FDS=1` and `LISTEN_FDNAMES=web` unless `env` says otherwise.
 fn activated(policy: &str, listener: TcpListener, env: &[(&str, &str)]) -> Server {
     let port = listener.local_addr().expect("addr").port().to_string();
     let mut command = Command::new("/bin/sh");
@@ -93,6 +94,7 @@ fn activated(policy: &str, listener: TcpListener, env: &[(&str, &str)]) -> Serve
         .args(["-c", ACTIVATE, env!("CARGO_BIN_EXE_httpd-demo")])
         .args(["--workers", &WORKERS.to_string(), "--port", &port])
         .args(["--policy", policy])
+        .envs([("LISTEN_FDS", "1"), ("LISTEN_FDNAMES", "web")])
         .envs(env.iter().copied())
         .stdin(Stdio::from(std::os::fd::OwnedFd::from(listener)));
     Server::spawn(&mut command)
@@ -145,6 +147,57 @@ fn a_socket_passed_by_systemd_is_served_and_survives_a_reload_shared() {
 #[test]
 fn a_socket_passed_by_systemd_is_served_and_survives_a_reload_reuseport() {
     check_activation("reuseport");
+}
+
+/// `LISTEN_FDS` counting more descriptors than were passed: fds 4 to 7 are closed at exec
+/// and are the first numbers the primary's runtime takes (its epoll, eventfd and signal
+/// socketpair), which it once adopted as inherited sockets and closed at its stop.
+#[test]
+fn listen_fds_larger_than_the_sockets_passed_serves_and_stops_with_exit_0() {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let passed = 1;
+    let counted = passed + 4;
+    let names = vec!["web"; counted].join(":");
+    let env = [
+        ("LISTEN_FDS", counted.to_string()),
+        ("LISTEN_FDNAMES", names),
+    ];
+    let env = env.each_ref().map(|(k, v)| (*k, v.as_str()));
+    let mut server = activated("rr", listener, &env);
+    assert_eq!(server.addr, addr, "serves the socket it was given");
+    let response = http::get(server.addr, "/").expect("GET /");
+    assert_eq!(response.status, 200, "{response:?}");
+    let mark = server.log.mark();
+    server.signal(Signal::SIGTERM);
+    assert_eq!(server.wait().code(), Some(0), "{:?}", server.log);
+    server.log.wait_for(mark, "primary exiting");
+    let lines = server.log.lines_from(0);
+    let count = |needle: &str| lines.iter().filter(|l| l.contains(needle)).count();
+    assert_eq!(count("adopted an inherited listening socket"), passed);
+    // fd 3 was passed; the rest of the count was closed at exec, reported in one line.
+    let not_open: Vec<usize> = (3 + passed..3 + counted).collect();
+    let warning =
+        format!("LISTEN_FDS counts descriptors that are not open; ignored fds={not_open:?}");
+    assert_eq!(count(&warning), 1, "{lines:#?}");
+}
+
+#[test]
+fn listen_pid_of_another_process_is_ignored_with_a_warning() {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let passed = listener.local_addr().expect("addr");
+    let mut command = Command::new("/bin/sh");
+    command
+        .args(["-c", r#"exec "$0" "$@" 3<&0 0</dev/null"#])
+        .arg(env!("CARGO_BIN_EXE_httpd-demo"))
+        .args(["--workers", &WORKERS.to_string(), "--port", "0"])
+        .envs([("LISTEN_PID", "1"), ("LISTEN_FDS", "1")])
+        .stdin(Stdio::from(std::os::fd::OwnedFd::from(listener)));
+    let server = Server::spawn(&mut command);
+    assert_ne!(server.addr, passed, "binds a socket of its own");
+    let (_, line) = server.log.wait_for(0, "ignoring LISTEN_FDS");
+    assert!(line.contains(" WARN "), "{line}");
+    assert!(line.contains("LISTEN_PID is 1, not this process"), "{line}");
 }
 
 /// The next datagram containing `needle`, skipping watchdog pings and status updates;

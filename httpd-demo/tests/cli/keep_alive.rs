@@ -1,15 +1,19 @@
 //! Reload and stop under keep-alive load: no request fails, and readiness turns to 503
 //! the moment a stop begins. The load is testkit's keep-alive client; `wrk` runs too
-//! when it is installed.
+//! when it is installed. A client that sent half a request head does not hold a stop.
 
+use std::collections::BTreeSet;
+use std::io::{Read, Write};
+use std::net::TcpStream;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
 use testkit::{KeepAliveLoad, KillOnDrop, LineLog, LoadConfig, Sample, assert_none_failed};
 
-use crate::http::Connection;
-use crate::server::{Server, TIMEOUT};
+use crate::http::{self, Connection};
+use crate::server::{Server, TIMEOUT, WORKERS};
 
 /// Keep-alive connections of the load, as in `wrk -c32`.
 const CONNECTIONS: usize = 32;
@@ -73,6 +77,62 @@ fn readiness_turns_503_when_a_stop_begins_and_the_request_is_still_answered() {
     assert!(draining.body.contains("\"status\": \"draining\""));
     assert!(connection.request("GET", "/").is_err(), "closed after it");
     assert_eq!(server.wait().code(), Some(0));
+}
+
+/// httpd-demo's `IDLE_CLOSE` (`src/serve/activity.rs`, and the README's "1 s"): how long a
+/// draining worker waits on a connection that sends nothing, idle or stalled mid-head.
+const IDLE_CLOSE: Duration = Duration::from_secs(1);
+
+#[test]
+fn a_half_sent_request_head_is_closed_at_a_stop_well_before_the_grace() {
+    // A slow request that outlasts the idle rule, so the stop waits for it; the stop may
+    // take that plus one idle period (the half-sent head's, and the exits), and the grace
+    // is ten times that, so a stop held by the half-sent head cannot pass for a quick one.
+    let slow = 2 * IDLE_CLOSE;
+    let bound = slow + IDLE_CLOSE;
+    let grace = 10 * bound;
+    let mut server = Server::start(&["--grace", &grace.as_secs().to_string()]);
+    let mut half = TcpStream::connect(server.addr).expect("connect");
+    half.set_read_timeout(Some(TIMEOUT)).expect("timeout");
+    half.write_all(b"GET / HT").expect("half a request line");
+    // Every worker has answered a connection opened after it: whichever took the
+    // half-sent one (hand-offs and accepts are in order) has it open.
+    let mut answered = BTreeSet::new();
+    for _ in 0..200 {
+        answered.insert(
+            http::get(server.addr, "/worker")
+                .expect("GET /worker")
+                .worker()
+                .pid,
+        );
+        if answered.len() == WORKERS {
+            break;
+        }
+    }
+    assert_eq!(answered.len(), WORKERS, "only {answered:?} answered");
+    let mark = server.log.mark();
+    let addr = server.addr;
+    let path = format!("/sleep?ms={}", slow.as_millis());
+    let slow_request = std::thread::spawn(move || http::get(addr, &path));
+    server.log.wait_for(mark, "sleep request in flight");
+    let stop = Instant::now();
+    server.signal(Signal::SIGTERM);
+    let status = server.wait();
+    let took = stop.elapsed();
+    assert_eq!(status.code(), Some(0));
+    assert!(
+        took < bound,
+        "the stop took {took:?}, over {bound:?} (grace {grace:?})"
+    );
+    let response = slow_request.join().expect("client thread");
+    let response = response.expect("the slow request failed");
+    assert_eq!(response.status, 200, "{response:?}");
+    assert_eq!(response.header("connection"), Some("close"), "{response:?}");
+    // Closed without an answer: there was no request to answer.
+    let mut rest = Vec::new();
+    let read = half.read_to_end(&mut rest);
+    assert!(rest.is_empty(), "{:?}", String::from_utf8_lossy(&rest));
+    assert!(read.is_ok() || read.is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionReset));
 }
 
 /// A file removed when dropped.

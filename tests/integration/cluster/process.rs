@@ -121,3 +121,43 @@ async fn signals_add_remove_reload_and_stop() {
     assert_eq!(status.code(), Some(0));
     assert!(!pids.adopted().iter().any(|pid| is_running(*pid)));
 }
+
+/// A program that starts its runtime before the primary reads `LISTEN_FDS` (it does not
+/// call `cluster::take_inherited_sockets`), with a count larger than the sockets passed:
+/// the runtime's own descriptors (epoll, eventfd, the signal socketpair) have numbers the
+/// count covers; they are not listening sockets, so the primary leaves them alone, serves
+/// the passed socket and stops with exit 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_primary_that_reads_listen_fds_late_adopts_only_the_sockets_passed() {
+    let passed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let address = passed.local_addr().expect("address");
+    let options = SpawnOptions::new()
+        .kill_on_drop(true)
+        .stdin(Stdio::Null)
+        .stderr(Stdio::Inherit)
+        .stdio(3, Stdio::Fd(passed.into()))
+        // One socket, counted as five: fds 4 to 7 are closed at exec, then the runtime's.
+        .env("LISTEN_FDS", "5")
+        .env("CLUSTER_APP_LISTEN", address.to_string());
+    let wrapper = r#"export LISTEN_PID=$$; exec "$0" "$@""#;
+    let args = ["-c", wrapper, env!("CARGO_BIN_EXE_cluster_app"), "1"];
+    let mut primary = child::spawn("/bin/sh", args, options).expect("spawn the primary");
+    let mut lines = BufReader::new(primary.stdout.take().expect("piped stdout")).lines();
+    let mut pids = KillOnDrop::default();
+    let listening = line(&mut lines, "listening", &mut pids).await;
+    assert_eq!(
+        listening[1],
+        address.to_string(),
+        "serves the socket passed"
+    );
+    request(address)
+        .await
+        .expect("a request on the passed socket");
+    kill(Pid::from_raw(primary.pid() as i32), Signal::SIGTERM).expect("signal");
+    line(&mut lines, "stopped", &mut pids).await;
+    let status = tokio::time::timeout(EVENT_TIMEOUT, primary.wait())
+        .await
+        .expect("the primary exits")
+        .expect("wait");
+    assert_eq!(status.code(), Some(0));
+}

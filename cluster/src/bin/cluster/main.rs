@@ -151,6 +151,8 @@ fn primary_signals() -> SigSet {
 }
 
 fn main() -> std::process::ExitCode {
+    // Before anything opens a descriptor: the sockets passed by systemd or an upgrade.
+    cluster::take_inherited_sockets();
     // Before any thread exists, so that every thread inherits the mask.
     let _ = primary_signals().thread_block();
     let args = Args::parse();
@@ -234,16 +236,22 @@ async fn supervise(settings: Settings, mut watch: Watch) -> anyhow::Result<()> {
     let primary = primary;
     let (result, fatal) = {
         let watching = watch.until_fatal(&mut events);
-        tokio::pin!(watching);
+        let running = primary.run_until_signal();
+        tokio::pin!(watching, running);
         tokio::select! {
             biased;
-            result = primary.run_until_signal() => (result, None),
+            result = &mut running => (result, None),
             // Polled only after run_until_signal's first poll has installed its signal
             // handlers: a signal held back by the mask since the start is delivered now.
             fatal = async {
                 let _ = primary_signals().thread_unblock();
                 (&mut watching).await
-            } => (Ok(()), fatal),
+            } => match fatal {
+                Some(fatal) => (Ok(()), Some(fatal)),
+                // The events end when the cluster has stopped; a stop during an upgrade
+                // returns once the new primary is gone too.
+                None => (running.await, None),
+            },
         }
     };
     if fatal.is_some() {
