@@ -151,11 +151,10 @@ fn primary_signals() -> SigSet {
 }
 
 fn main() -> std::process::ExitCode {
-    // Before anything opens a descriptor: the sockets passed by systemd or an upgrade.
-    cluster::take_inherited_sockets();
     // Before any thread exists, so that every thread inherits the mask.
     let _ = primary_signals().thread_block();
-    let args = Args::parse();
+    // The sinks and the log open no descriptor: the sockets passed by systemd or an
+    // upgrade are taken below, before the runtime opens any (logged through the sink).
     let stdout = Sink::new(std::io::stdout(), "stdout");
     let stderr = Sink::new(std::io::stderr(), "stderr");
     let log = stderr.clone();
@@ -167,6 +166,8 @@ fn main() -> std::process::ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(DEFAULT_LOG)),
         )
         .init();
+    cluster::take_inherited_sockets();
+    let args = Args::parse();
     let code = match run(args, &stdout, &stderr) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
