@@ -53,7 +53,11 @@
 //!   refused before anything is allocated for it, on both ends; the JSON hold-back queue is
 //!   bounded by [`Config::hold_back`] (a full queue makes sending wait); a message may carry at most
 //!   [`Config::max_fds`] descriptors; a sender buffers at most one write buffer and waits
-//!   for the socket (back-pressure) instead of queueing.
+//!   for the socket (back-pressure) instead of queueing. The answers a JSON channel owes
+//!   the peer for its handles (`NODE_HANDLE_ACK`/`NACK`) are never held back, and at most
+//!   1024 of them wait unwritten: a peer that keeps sending handles without reading the
+//!   answers ends the channel with [`Error::PeerNotReading`] (the cluster primary then
+//!   kills and replaces such a worker).
 //! - Received descriptors are close-on-exec (`MSG_CMSG_CLOEXEC`); a truncated control
 //!   message (`MSG_CTRUNC`), a frame declaring descriptors that did not arrive with its
 //!   first byte, or descriptors no frame claims ([`Error::UnclaimedFds`], caught at the

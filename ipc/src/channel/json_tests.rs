@@ -216,3 +216,44 @@ fn hello_works_on_json_channels() {
         assert!(matches!(y, Err(Error::ProtocolMismatch { .. })), "{y:?}");
     });
 }
+
+#[test]
+fn a_peer_that_sends_handles_and_never_reads_the_answers_ends_the_channel() {
+    runtime().block_on(async {
+        let (mut channel, raw) = with_raw_peer();
+        // The peer writes NODE_HANDLE lines without their descriptor, each answered by a
+        // NACK it never reads, until the channel is gone.
+        let flood = std::thread::spawn(move || {
+            let lines = b"{\"cmd\":\"NODE_HANDLE\",\"type\":\"net.Native\",\"msg\":1}\n".repeat(512);
+            let mut sent = 0usize;
+            while (&raw).write_all(&lines).is_ok() {
+                sent += 512;
+            }
+            sent
+        });
+        let ended = tokio::time::timeout(std::time::Duration::from_secs(60), channel.recv())
+            .await
+            .expect("the channel ends instead of answering without bound");
+        let err = ended.unwrap_err();
+        assert!(
+            matches!(err, Error::PeerNotReading { unwritten } if unwritten == node_link::MAX_UNWRITTEN_ANSWERS),
+            "{err:?}"
+        );
+        assert!(err.to_string().contains("does not read its acknowledgements"), "{err}");
+        {
+            let link = channel.receiver.node.as_ref().expect("a JSON channel").link.lock();
+            assert_eq!(link.unwritten_answers(), node_link::MAX_UNWRITTEN_ANSWERS);
+            // Only the bounded answers wait in memory, nothing else.
+            assert!(
+                link.buf.len() <= node_link::MAX_UNWRITTEN_ANSWERS * crate::json::NACK_LINE.len(),
+                "{} bytes unwritten",
+                link.buf.len()
+            );
+        }
+        assert!(matches!(channel.recv().await, Err(Error::Broken)));
+        assert!(matches!(channel.send(&1).await, Err(Error::Closed)));
+        drop(channel);
+        let sent = flood.join().expect("the flood thread");
+        assert!(sent > node_link::MAX_UNWRITTEN_ANSWERS, "{sent} lines");
+    });
+}

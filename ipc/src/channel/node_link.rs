@@ -27,6 +27,12 @@ use crate::{Error, sys};
 /// How many times Node sends a handle again after a `NODE_HANDLE_NACK`.
 const MAX_RETRANSMISSIONS: u8 = 3;
 
+/// The most answers (`NODE_HANDLE_ACK`/`NACK`) to the peer's handles that may wait unwritten
+/// because the peer does not read: one more ends the channel with
+/// [`Error::PeerNotReading`]. A peer that follows the protocol waits for each answer
+/// (Node), or for a few at once (`handles_in_flight`), so it never comes near this.
+pub(crate) const MAX_UNWRITTEN_ANSWERS: usize = 1024;
+
 /// One encoded line (newline included) and the descriptor it carries, if any.
 #[derive(Debug)]
 pub(crate) struct Line {
@@ -65,6 +71,11 @@ pub(crate) struct HoldBack {
 pub(crate) struct LinkState {
     /// Bytes to write, in order.
     pub(crate) buf: BytesMut,
+    /// Bytes written from `buf` so far: the offset in the outgoing stream of its first byte.
+    written: u64,
+    /// Where each answer not yet wholly written ends in the outgoing stream, oldest first
+    /// (at most [`MAX_UNWRITTEN_ANSWERS`]).
+    answers: VecDeque<u64>,
     /// Whether the newest in-flight handle's descriptor goes with the first byte of `buf`.
     fd_at_front: bool,
     /// Handles sent and not yet answered, oldest first (the peer answers in order).
@@ -94,6 +105,8 @@ impl NodeLink {
         Self {
             state: Mutex::new(LinkState {
                 buf: BytesMut::new(),
+                written: 0,
+                answers: VecDeque::new(),
                 fd_at_front: false,
                 in_flight: VecDeque::new(),
                 held: VecDeque::new(),
@@ -191,9 +204,37 @@ impl LinkState {
     }
 
     /// Appends an acknowledgement (or a negative one) for the peer's handle. Answers are
-    /// never held back.
-    pub(crate) fn answer(&mut self, line: &[u8]) {
+    /// never held back, and never queue without bound: a peer that lets
+    /// [`MAX_UNWRITTEN_ANSWERS`] of them wait unwritten and sends another handle does not
+    /// read, and the channel ends ([`Error::PeerNotReading`]).
+    pub(crate) fn answer(&mut self, line: &[u8]) -> Result<(), Error> {
+        while self.answers.front().is_some_and(|&end| end <= self.written) {
+            self.answers.pop_front();
+        }
+        if self.answers.len() >= MAX_UNWRITTEN_ANSWERS {
+            return Err(Error::PeerNotReading {
+                unwritten: self.answers.len(),
+            });
+        }
         self.buf.extend_from_slice(line);
+        self.answers.push_back(self.written + self.buf.len() as u64);
+        Ok(())
+    }
+
+    /// Answers to the peer's handles that are not wholly written yet.
+    #[cfg(test)]
+    pub(crate) fn unwritten_answers(&self) -> usize {
+        self.answers
+            .iter()
+            .filter(|&&end| end > self.written)
+            .count()
+    }
+
+    /// Drops everything unwritten: the peer is gone.
+    pub(crate) fn discard_unwritten(&mut self) {
+        self.written += self.buf.len() as u64;
+        self.buf.clear();
+        self.answers.clear();
     }
 
     /// The peer acknowledged the oldest handle in flight: close our copy, let the next
@@ -244,6 +285,7 @@ impl LinkState {
             };
             self.fd_at_front = false;
             self.buf.advance(written);
+            self.written += written as u64;
             if self.buf.is_empty() && self.buf.capacity() > super::RETAINED_BUFFER {
                 self.buf = BytesMut::new();
             }
@@ -285,6 +327,7 @@ mod tests {
     /// Takes what would be written, as the socket would.
     fn written(state: &mut LinkState) -> String {
         let text = String::from_utf8(state.buf.to_vec()).unwrap();
+        state.written += state.buf.len() as u64;
         state.buf.clear();
         state.fd_at_front = false;
         state.pump();
@@ -305,7 +348,7 @@ mod tests {
         );
         assert_eq!(written(&mut state), "h1;");
         // Answers to the peer's handles are never held back.
-        state.answer(b"ack;");
+        state.answer(b"ack;").unwrap();
         assert_eq!(written(&mut state), "ack;");
         assert!(state.acknowledged());
         assert_eq!(written(&mut state), "b;");
@@ -368,5 +411,24 @@ mod tests {
         assert!(state.acknowledged());
         assert_eq!(written(&mut state), "m;");
         assert!(state.in_flight.is_empty() && state.is_open());
+    }
+
+    #[test]
+    fn answers_the_peer_does_not_read_are_bounded() {
+        let mut state = link();
+        for _ in 0..MAX_UNWRITTEN_ANSWERS {
+            state.answer(b"nack;").unwrap();
+        }
+        let err = state.answer(b"nack;").unwrap_err();
+        assert!(
+            matches!(err, Error::PeerNotReading { unwritten } if unwritten == MAX_UNWRITTEN_ANSWERS),
+            "{err:?}"
+        );
+        assert_eq!(state.buf.len(), MAX_UNWRITTEN_ANSWERS * b"nack;".len());
+        // Once written, answers no longer count.
+        written(&mut state);
+        assert_eq!(state.unwritten_answers(), 0);
+        state.answer(b"ack;").unwrap();
+        assert_eq!(state.unwritten_answers(), 1);
     }
 }

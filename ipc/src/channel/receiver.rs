@@ -220,7 +220,7 @@ impl Receiver {
                         json::ACK_LINE
                     } else {
                         json::NACK_LINE
-                    });
+                    })?;
                     self.write_answers(&link);
                     if !received {
                         continue;
@@ -257,7 +257,7 @@ impl Receiver {
         let written = io.try_io(Interest::WRITABLE, || link.lock().write_some(io));
         if let Err(err) = written {
             if err.kind() != std::io::ErrorKind::WouldBlock {
-                link.lock().buf.clear();
+                link.lock().discard_unwritten();
             }
         }
     }

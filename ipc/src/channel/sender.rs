@@ -246,6 +246,9 @@ impl Sender {
         // The guard lives in plain blocks only: it must never be held across an await.
         let fast = {
             let mut state = link.lock();
+            if state.closed {
+                return Err(Error::Closed);
+            }
             if handle.is_none() && state.is_open() {
                 // The common case: straight into the write buffer, no copy.
                 json::encode_line(lane, None, message, max, &mut state.buf)?;
