@@ -69,6 +69,49 @@ async fn a_node_child_echoes_nested_unicode_newlines_and_a_mebibyte() {
     );
 }
 
+/// How deep `value` nests arrays.
+fn array_depth(mut value: &Value) -> usize {
+    let mut depth = 0;
+    while let Some(inner) = value.as_array().and_then(|a| a.first()) {
+        depth += 1;
+        value = inner;
+    }
+    depth
+}
+
+#[tokio::test]
+async fn lone_surrogates_and_a_thousand_levels_pass_between_node_and_rust() {
+    if !have_node() {
+        return;
+    }
+    let mut peer = node_peer();
+    peer.send(&json!({"op": "odd", "depth": 1000}))
+        .await
+        .unwrap();
+    let (odd, _) = next(&mut peer).await;
+    assert_eq!(odd["lone"], "a\u{fffd}b");
+    assert_eq!(odd["pair"], "\u{1f600}");
+    assert_eq!(odd["low"], "\u{fffd}");
+    assert_eq!(array_depth(&odd["deep"]), 1000);
+    // Back to Node, which counts the levels, and round again.
+    let deep = odd["deep"].clone();
+    peer.send(&json!({"op": "depth", "deep": deep}))
+        .await
+        .unwrap();
+    assert_eq!(
+        next(&mut peer).await.0,
+        json!({"op": "depth", "depth": 1000})
+    );
+    peer.send(&json!({"op": "echo", "deep": deep, "lone": odd["lone"]}))
+        .await
+        .unwrap();
+    let (echoed, _) = next(&mut peer).await;
+    assert_eq!(array_depth(&echoed["deep"]), 1000);
+    assert_eq!(echoed["lone"], "a\u{fffd}b");
+    peer.disconnect().unwrap();
+    assert!(peer.wait().await.unwrap().success());
+}
+
 #[tokio::test]
 async fn ten_thousand_messages_each_way_with_a_node_child() {
     if !have_node() {

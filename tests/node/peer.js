@@ -47,6 +47,19 @@ process.on('message', (m, handle) => {
       server.on('connection', (s) => s.destroy());
       break;
     }
+    case 'odd': {
+      // What JSON.stringify writes that a Rust string cannot hold, and Node's depths.
+      let deep = 'bottom';
+      for (let i = 0; i < m.depth; i++) deep = [deep];
+      send({ op: 'odd', lone: 'a\ud800b', pair: '\ud83d\ude00', low: '\udc00', deep });
+      break;
+    }
+    case 'depth': {
+      let depth = 0;
+      for (let v = m.deep; Array.isArray(v); v = v[0]) depth++;
+      send({ op: 'depth', depth });
+      break;
+    }
     case 'crash':
       for (let i = 0; i < 100; i++) send({ op: 'item', i });
       process.exit(7);

@@ -185,6 +185,7 @@ impl Receiver {
             let Some(line) = node.lines.decode(&mut self.buf)? else {
                 return Ok(None);
             };
+            let line = json::replace_lone_surrogates(line);
             let end = self.received - self.buf.len() as u64;
             let start = end - line.len() as u64 - 1;
             if line.len() > RETAINED_BUFFER {
