@@ -1,6 +1,5 @@
 //! The channel: a connected Unix stream socket, a sending half and a receiving half.
 
-use std::collections::VecDeque;
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
 
@@ -9,7 +8,7 @@ use serde::Serialize;
 use tokio::net::UnixStream;
 
 use crate::codec::FrameCodec;
-use crate::json::{HandleType, InternalMessage, LineCodec};
+use crate::json::{HandleType, InternalMessage};
 use crate::{Error, sys};
 
 mod node_link;
@@ -18,7 +17,7 @@ mod receiver;
 mod sender;
 
 pub use received::Received;
-use receiver::NodeReceive;
+use receiver::Inbound;
 pub use receiver::Receiver;
 pub use sender::Sender;
 
@@ -228,7 +227,11 @@ impl Channel {
         let io = Arc::new(UnixStream::from_std(stream)?);
         let node = match config.format {
             Format::Postcard => None,
-            Format::Json => Some(Arc::new(NodeLink::new(config.hold_back))),
+            Format::Json => Some(Arc::new(NodeLink::new(
+                config.hold_back,
+                config.max_frame_len,
+                usize::from(config.max_fds),
+            ))),
         };
         Ok(Channel {
             sender: Sender {
@@ -243,17 +246,9 @@ impl Channel {
             receiver: Receiver {
                 io,
                 codec: config.codec(),
-                node: node.map(|link| NodeReceive {
-                    lines: LineCodec::new(config.max_frame_len),
-                    link,
-                }),
-                buf: BytesMut::new(),
-                received: 0,
-                batches: VecDeque::new(),
-                control: sys::ControlBuffer::for_fds(usize::from(config.max_fds)),
-                max_fds: usize::from(config.max_fds),
+                node,
+                inbound: Inbound::new(usize::from(config.max_fds)),
                 seen_frame: false,
-                eof: false,
                 broken: false,
             },
         })

@@ -269,6 +269,59 @@ async fn node_disconnecting_or_crashing_ends_the_stream_cleanly() {
     assert_eq!(peer.wait().await.unwrap().code(), Some(7));
 }
 
+#[tokio::test]
+async fn a_parent_that_only_sends_after_a_handle_never_blocks() {
+    if !have_node() {
+        return;
+    }
+    let mut peer = node_peer();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    // The common job-queue shape: a handle, then only sends, never a recv. Node's ACK must
+    // be read by the sender itself, or send 1025 waits for it forever.
+    let sends = async {
+        peer.send_with_fds(&json!({"op": "count", "i": 0}), vec![listener.into()])
+            .await
+            .unwrap();
+        for i in 0..10_000 {
+            peer.send(&json!({"op": "sink", "i": i})).await.unwrap();
+        }
+        peer.send(&json!({"op": "sunk"})).await.unwrap();
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(60), sends)
+        .await
+        .expect("no send blocks");
+    // What Node said meanwhile was kept, in order.
+    assert_eq!(
+        next(&mut peer).await.0,
+        json!({"op": "counted", "i": 0, "handles": 1})
+    );
+    assert_eq!(next(&mut peer).await.0, json!({"op": "sunk", "n": 10_000}));
+}
+
+#[tokio::test]
+async fn sending_to_a_dead_node_child_fails_at_once() {
+    if !have_node() {
+        return;
+    }
+    let mut peer = node_peer();
+    let mut channel = peer.take_channel().unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    channel
+        .send_with_fds(&json!({"op": "count", "i": 0}), vec![listener.into()])
+        .await
+        .unwrap();
+    // Held behind the handle until its ACK, which nobody receives.
+    channel.send(&json!({"op": "crash"})).await.unwrap();
+    assert_eq!(peer.wait().await.unwrap().code(), Some(7));
+    let send = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        channel.send(&json!({"op": "sink"})),
+    )
+    .await
+    .expect("a send to a dead child does not wait");
+    assert!(matches!(send, Err(ipc::Error::Closed)), "{send:?}");
+}
+
 /// Runs one scenario of `tests/node/drive_rust.js` against the `node_peer` binary.
 #[track_caller]
 fn check_node_parent(scenario: &str) {

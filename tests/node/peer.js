@@ -5,6 +5,7 @@ const net = require('node:net');
 
 const send = (m, h) => process.send(m, h);
 let handles = 0;
+let sunk = 0;
 
 process.on('message', (m, handle) => {
   switch (m && m.op) {
@@ -60,6 +61,13 @@ process.on('message', (m, handle) => {
       send({ op: 'depth', depth });
       break;
     }
+    case 'sink':
+      // Taken without an answer: the parent only sends.
+      sunk++;
+      break;
+    case 'sunk':
+      send({ op: 'sunk', n: sunk });
+      break;
     case 'crash':
       for (let i = 0; i < 100; i++) send({ op: 'item', i });
       process.exit(7);

@@ -72,7 +72,11 @@ fn both_lanes_and_a_handle_between_two_json_channels() {
         a.send_handle(&"with a pipe", pipe_end(), HandleType::NetSocket)
             .await
             .unwrap();
-        a.send(&"after the handle").await.unwrap();
+        // Queued behind the handle (`send` would wait here for b's ACK).
+        a.sender()
+            .feed(Lane::User, &"after the handle", Vec::new())
+            .await
+            .unwrap();
 
         let user = b.recv().await.unwrap().unwrap();
         assert_eq!(user.lane(), Lane::User);
@@ -100,7 +104,11 @@ fn later_messages_wait_for_the_acknowledgement_of_a_handle() {
     runtime().block_on(async {
         let (mut channel, raw) = with_raw_peer();
         channel.send_with_fds(&1, vec![pipe_end()]).await.unwrap();
-        channel.send(&2).await.unwrap();
+        channel
+            .sender()
+            .feed(Lane::User, &2, Vec::new())
+            .await
+            .unwrap();
         let (text, fds) = raw_read(&raw);
         assert_eq!(
             text,
@@ -241,7 +249,7 @@ fn a_peer_that_sends_handles_and_never_reads_the_answers_ends_the_channel() {
         );
         assert!(err.to_string().contains("does not read its acknowledgements"), "{err}");
         {
-            let link = channel.receiver.node.as_ref().expect("a JSON channel").link.lock();
+            let link = channel.receiver.node.as_ref().expect("a JSON channel").lock();
             assert_eq!(link.unwritten_answers(), node_link::MAX_UNWRITTEN_ANSWERS);
             // Only the bounded answers wait in memory, nothing else.
             assert!(

@@ -9,7 +9,8 @@ use serde::Serialize;
 use tokio::io::Interest;
 use tokio::net::UnixStream;
 
-use super::node_link::{Line, NodeLink};
+use super::node_link::{Line, NodeLink, SenderRead};
+use super::receiver::{read_more, write_now};
 
 use super::{Format, RETAINED_BUFFER};
 use crate::codec::{FrameCodec, Lane};
@@ -89,7 +90,9 @@ impl Sender {
         self.flush().await
     }
 
-    /// Sends a message on the user lane and waits until the socket has taken it.
+    /// Sends a message on the user lane and waits until the socket has taken it (on a
+    /// [`Format::Json`] channel, a message held back behind a handle waits for the peer's
+    /// answer, which this reads itself: see [`flush`](Sender::flush)).
     pub async fn send<T: Serialize + ?Sized>(&mut self, message: &T) -> Result<(), Error> {
         self.feed(Lane::User, message, Vec::new()).await?;
         self.flush().await
@@ -196,8 +199,11 @@ impl Sender {
     /// ([`Error::InvalidNodeMessage`]). After a handle, later messages are held back until
     /// the peer's `NODE_HANDLE_ACK`, as Node does: `feed` and `send` return once a message
     /// is queued, and wait only when the hold-back queue ([`Config::hold_back`]) is full.
-    /// The acknowledgement is read by the [`Receiver`]: keep receiving while sending
-    /// handles (Node always reads).
+    /// The acknowledgement is read by the [`Receiver`], or by the sender itself while it
+    /// waits for one (it also looks, without waiting, each time it holds a message back),
+    /// so sending never depends on someone calling `recv`; messages it reads on the way
+    /// wait for the [`Receiver`] (see its docs for the bound). Once the peer has closed
+    /// the channel, sending fails with [`Error::Closed`].
     pub async fn feed<T: Serialize + ?Sized>(
         &mut self,
         lane: Lane,
@@ -268,12 +274,21 @@ impl Sender {
                     tokio::pin!(moved);
                     moved.as_mut().enable();
                     match link.enqueue(line)? {
-                        Ok(buffered) => break handle.is_some() || buffered >= self.high_water,
+                        Ok((buffered, held)) => {
+                            if held {
+                                // An answer may be there already, or the end of the
+                                // stream: look, without waiting.
+                                self.read_answers(&link, false).await?;
+                            }
+                            break handle.is_some() || buffered >= self.high_water;
+                        }
                         Err(back) => line = back,
                     }
-                    // Full: write what may go, then wait for an acknowledgement.
-                    self.flush().await?;
-                    moved.await;
+                    // Full: write what may go, then read the peer's answers ourselves until
+                    // one makes room (the receiving half may be reading them too, or
+                    // nobody).
+                    self.write_all(&link).await?;
+                    self.wait_for_answer(&link, moved).await?;
                 }
             }
         };
@@ -283,15 +298,74 @@ impl Sender {
         Ok(())
     }
 
-    /// Writes everything buffered, waiting for the socket to take it. On a
-    /// [`Format::Json`] channel, messages held back behind a handle stay queued until the
-    /// peer acknowledges it.
-    pub async fn flush(&mut self) -> Result<(), Error> {
-        if let Some(link) = &self.node {
+    /// Waits until an answer to one of our handles came (read by us or by the receiving
+    /// half) or the inbox has room again; `moved` was registered before the state that
+    /// makes us wait was seen.
+    async fn wait_for_answer(
+        &self,
+        link: &NodeLink,
+        moved: std::pin::Pin<&mut tokio::sync::futures::Notified<'_>>,
+    ) -> Result<(), Error> {
+        match self.read_answers(link, true).await? {
+            SenderRead::Released => {}
+            SenderRead::InboxFull => moved.await,
+            SenderRead::NeedBytes => {
+                tokio::select! {
+                    () = moved => {}
+                    read = read_more(&self.io, link) => read?,
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes what may go on a JSON channel, waiting for the socket to take it.
+    async fn write_all(&self, link: &NodeLink) -> Result<(), Error> {
+        let io = &self.io;
+        io.async_io(Interest::WRITABLE, || link.lock().write_some(io))
+            .await?;
+        Ok(())
+    }
+
+    /// Decodes what was read from a JSON channel's socket, reading once more without
+    /// waiting when `all_read` is false (answers that came, or the end of the stream).
+    async fn read_answers(&self, link: &NodeLink, all_read: bool) -> Result<SenderRead, Error> {
+        if !all_read {
+            // `read_more` returns at once here: the socket is readable or `try_io` says not.
             let io = &self.io;
-            io.async_io(Interest::WRITABLE, || link.lock().write_some(io))
-                .await?;
-            return Ok(());
+            let readable = io.try_io(tokio::io::Interest::READABLE, || Ok(()));
+            if readable.is_ok() {
+                read_more(io, link).await?;
+            }
+        }
+        loop {
+            let read = link.lock().read_for_sender(&self.io);
+            link.wake_after_reading();
+            write_now(&self.io, link);
+            // Without waiting, look past an answer: the end of the stream may follow it.
+            if all_read || !matches!(read, Ok(SenderRead::Released)) {
+                return read;
+            }
+        }
+    }
+
+    /// Writes everything buffered, waiting for the socket to take it. On a
+    /// [`Format::Json`] channel that includes messages held back behind a handle: this
+    /// reads the peer's answers itself until they may go (handles themselves do not wait
+    /// for their answers). [`feed`](Sender::feed) alone never waits for an answer unless
+    /// the hold-back queue is full.
+    pub async fn flush(&mut self) -> Result<(), Error> {
+        if let Some(link) = self.node.clone() {
+            loop {
+                let moved = link.moved.notified();
+                tokio::pin!(moved);
+                moved.as_mut().enable();
+                self.write_all(&link).await?;
+                if !link.lock().has_held() {
+                    return Ok(());
+                }
+                self.wait_for_answer(&link, moved).await?;
+            }
         }
         while !self.buf.is_empty() {
             let written = self.write_some(&self.fds).await?;
