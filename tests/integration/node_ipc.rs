@@ -310,9 +310,12 @@ async fn sending_to_a_dead_node_child_fails_at_once() {
         .send_with_fds(&json!({"op": "count", "i": 0}), vec![listener.into()])
         .await
         .unwrap();
-    // Held behind the handle until its ACK, which nobody receives.
+    // Held behind the handle until its ACK, which nobody receives: `send` reads it.
     channel.send(&json!({"op": "crash"})).await.unwrap();
-    assert_eq!(peer.wait().await.unwrap().code(), Some(7));
+    let exited = tokio::time::timeout(std::time::Duration::from_secs(20), peer.wait())
+        .await
+        .expect("node got the message sent after the handle, and exited");
+    assert_eq!(exited.unwrap().code(), Some(7));
     let send = tokio::time::timeout(
         std::time::Duration::from_secs(10),
         channel.send(&json!({"op": "sink"})),

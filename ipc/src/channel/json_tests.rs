@@ -265,3 +265,96 @@ fn a_peer_that_sends_handles_and_never_reads_the_answers_ends_the_channel() {
         assert!(sent > node_link::MAX_UNWRITTEN_ANSWERS, "{sent} lines");
     });
 }
+
+/// The raw peer's side of a handle: reads the handle line, writes `reply`, then returns
+/// everything it reads until `until` ends it.
+fn raw_peer_answering(
+    raw: StdUnixStream,
+    reply: &'static [u8],
+    until: &'static str,
+) -> std::thread::JoinHandle<String> {
+    std::thread::spawn(move || {
+        let (text, fds) = raw_read(&raw);
+        assert!(text.starts_with("{\"cmd\":\"NODE_HANDLE\""), "{text}");
+        assert_eq!(fds.len(), 1);
+        (&raw).write_all(reply).unwrap();
+        let mut got = String::new();
+        while !got.ends_with(until) {
+            got += &raw_read(&raw).0;
+        }
+        got
+    })
+}
+
+#[test]
+fn a_sender_reads_the_acknowledgement_itself_and_keeps_what_came_for_the_receiver() {
+    runtime().block_on(async {
+        let (channel, raw) = with_raw_peer();
+        let (mut tx, mut rx) = channel.into_split();
+        let peer = raw_peer_answering(
+            raw,
+            b"\"first\"\n{\"cmd\":\"NODE_HANDLE_ACK\"}\n\"second\"\n",
+            "2\n",
+        );
+        tx.send_with_fds(&0, vec![pipe_end()]).await.unwrap();
+        // Held behind the handle: `send` reads the ACK itself, nobody calls recv.
+        tx.send(&1).await.unwrap();
+        tx.send(&2).await.unwrap();
+        assert_eq!(peer.join().expect("the peer"), "1\n2\n");
+        for want in ["first", "second"] {
+            let got = rx.recv().await.unwrap().expect("a message");
+            assert_eq!(got.decode::<String>().unwrap(), want);
+        }
+    });
+}
+
+#[test]
+fn a_sender_without_its_receiver_still_reads_acknowledgements() {
+    runtime().block_on(async {
+        let (channel, raw) = with_raw_peer();
+        let (mut tx, rx) = channel.into_split();
+        drop(rx);
+        let peer = raw_peer_answering(raw, b"\"dropped\"\n{\"cmd\":\"NODE_HANDLE_ACK\"}\n", "1\n");
+        tx.send_with_fds(&0, vec![pipe_end()]).await.unwrap();
+        tx.send(&1).await.unwrap();
+        assert_eq!(peer.join().expect("the peer"), "1\n");
+    });
+}
+
+#[test]
+fn what_a_waiting_sender_reads_is_bounded_and_waits_for_recv() {
+    runtime().block_on(async {
+        let (ours, raw) = StdUnixStream::pair().expect("socketpair");
+        let config = json().hold_back(2, 1024);
+        let channel = Channel::from_fd_with(ours.into(), &config).expect("channel");
+        let (mut tx, mut rx) = channel.into_split();
+        let link = Arc::clone(rx.node.as_ref().expect("a JSON channel"));
+        let peer = raw_peer_answering(
+            raw,
+            b"\"a\"\n\"b\"\n\"c\"\n{\"cmd\":\"NODE_HANDLE_ACK\"}\n",
+            "1\n",
+        );
+        tx.send_with_fds(&0, vec![pipe_end()]).await.unwrap();
+        let sending = async { tx.send(&1).await.unwrap() };
+        let receiving = async {
+            // The sender reads until its inbox for us is full (two messages), then waits.
+            while link.lock().inbox_len() < 2 {
+                tokio::task::yield_now().await;
+            }
+            let mut got = Vec::new();
+            for _ in 0..3 {
+                assert!(link.lock().inbox_len() <= 2);
+                let msg = rx.recv().await.unwrap().expect("a message");
+                got.push(msg.decode::<String>().unwrap());
+            }
+            got
+        };
+        let ((), got) = tokio::time::timeout(std::time::Duration::from_secs(30), async {
+            tokio::join!(sending, receiving)
+        })
+        .await
+        .expect("the sender goes on once recv took messages");
+        assert_eq!(got, ["a", "b", "c"]);
+        assert_eq!(peer.join().expect("the peer"), "1\n");
+    });
+}

@@ -480,6 +480,12 @@ impl LinkState {
         }
     }
 
+    /// Messages waiting in the inbox.
+    #[cfg(test)]
+    pub(crate) fn inbox_len(&self) -> usize {
+        self.inbox.len()
+    }
+
     fn inbox_is_full(&self) -> bool {
         !self.receiver_gone
             && (self.inbox.len() >= self.limits.messages || self.inbox_bytes >= self.limits.bytes)
