@@ -150,7 +150,10 @@ impl Config {
 
     /// Bounds the queue of messages that a [`Format::Json`] sender holds back while a
     /// handle waits for the peer's `NODE_HANDLE_ACK` (defaults: 1024 messages, 16 MiB; one
-    /// message is always taken). When it is full, sending waits for the acknowledgement.
+    /// message is always taken). When it is full, sending waits for the acknowledgement,
+    /// reading it from the socket itself. The same bounds apply to the messages the sender
+    /// reads on the way, which wait for the [`Receiver`]: when they are full the sender
+    /// waits for [`Receiver::recv`].
     pub fn hold_back(mut self, messages: usize, bytes: usize) -> Self {
         self.hold_back = HoldBack {
             messages: messages.max(1),
