@@ -116,8 +116,9 @@ pub(crate) struct LinkState {
     /// Held-back messages moved on, the inbox has room again, or the stream ended: a
     /// waiting sender should look again.
     wake_sender: bool,
-    /// A sender put something in the inbox: a waiting receiver should look again.
-    wake_receiver: bool,
+    /// A sender put something in the inbox or read bytes: a waiting receiver should look
+    /// again.
+    pub(crate) wake_receiver: bool,
 }
 
 /// What a sender waiting for an acknowledgement found when it read.

@@ -283,6 +283,9 @@ pub(super) async fn read_more(io: &UnixStream, link: &NodeLink) -> Result<(), Er
         if let Err(err) = state.inbound.account(received, fds) {
             state.fail_with(err);
         }
+        // A sender that reads leaves what follows the answer it wanted undecoded: the
+        // receiving half, maybe waiting for the socket, must look at the buffer.
+        state.wake_receiver = true;
         Ok(())
     });
     match read {
