@@ -197,8 +197,9 @@ impl Sender {
     /// [`HandleType::NetNative`] handle); a control message must be an object whose `cmd`
     /// starts with `NODE_`, and a user message must not be one
     /// ([`Error::InvalidNodeMessage`]). After a handle, later messages are held back until
-    /// the peer's `NODE_HANDLE_ACK`, as Node does: `feed` and `send` return once a message
-    /// is queued, and wait only when the hold-back queue ([`Config::hold_back`]) is full.
+    /// the peer's `NODE_HANDLE_ACK`, as Node does: `feed` returns once a message is
+    /// queued, and waits only when the hold-back queue ([`Config::hold_back`]) is full;
+    /// [`send`](Sender::send) and [`flush`](Sender::flush) wait until it is written.
     /// The acknowledgement is read by the [`Receiver`], or by the sender itself while it
     /// waits for one (it also looks, without waiting, each time it holds a message back),
     /// so sending never depends on someone calling `recv`; messages it reads on the way
@@ -278,7 +279,7 @@ impl Sender {
                             if held {
                                 // An answer may be there already, or the end of the
                                 // stream: look, without waiting.
-                                self.read_answers(&link, false).await?;
+                                self.look_for_answers(&link).await?;
                             }
                             break handle.is_some() || buffered >= self.high_water;
                         }
@@ -306,7 +307,7 @@ impl Sender {
         link: &NodeLink,
         moved: std::pin::Pin<&mut tokio::sync::futures::Notified<'_>>,
     ) -> Result<(), Error> {
-        match self.read_answers(link, true).await? {
+        match self.read_answers(link)? {
             SenderRead::Released => {}
             SenderRead::InboxFull => moved.await,
             SenderRead::NeedBytes => {
@@ -327,26 +328,27 @@ impl Sender {
         Ok(())
     }
 
-    /// Decodes what was read from a JSON channel's socket, reading once more without
-    /// waiting when `all_read` is false (answers that came, or the end of the stream).
-    async fn read_answers(&self, link: &NodeLink, all_read: bool) -> Result<SenderRead, Error> {
-        if !all_read {
-            // `read_more` returns at once here: the socket is readable or `try_io` says not.
-            let io = &self.io;
-            let readable = io.try_io(tokio::io::Interest::READABLE, || Ok(()));
-            if readable.is_ok() {
-                read_more(io, link).await?;
-            }
+    /// Decodes what was read from a JSON channel's socket, running the handle protocol,
+    /// up to the first answer to one of our handles.
+    fn read_answers(&self, link: &NodeLink) -> Result<SenderRead, Error> {
+        let read = link.lock().read_for_sender(&self.io);
+        link.wake_after_reading();
+        write_now(&self.io, link);
+        read
+    }
+
+    /// Without waiting: reads what the socket holds and decodes all of it, so that an
+    /// answer that came lets held-back messages go, and a peer that is gone is
+    /// [`Error::Closed`].
+    async fn look_for_answers(&self, link: &NodeLink) -> Result<(), Error> {
+        let io = &self.io;
+        if io.try_io(Interest::READABLE, || Ok(())).is_ok() {
+            // Returns at once: the socket is readable (or the read finds it is not).
+            read_more(io, link).await?;
         }
-        loop {
-            let read = link.lock().read_for_sender(&self.io);
-            link.wake_after_reading();
-            write_now(&self.io, link);
-            // Without waiting, look past an answer: the end of the stream may follow it.
-            if all_read || !matches!(read, Ok(SenderRead::Released)) {
-                return read;
-            }
-        }
+        // Past every answer: the end of the stream may follow one.
+        while self.read_answers(link)? == SenderRead::Released {}
+        Ok(())
     }
 
     /// Writes everything buffered, waiting for the socket to take it. On a
