@@ -17,8 +17,8 @@ mod receiver;
 mod sender;
 
 pub use received::Received;
-use receiver::Inbound;
 pub use receiver::Receiver;
+use receiver::{Inbound, PostcardReceive, ReceiveSide};
 pub use sender::Sender;
 
 use node_link::{HoldBack, NodeLink};
@@ -248,10 +248,14 @@ impl Channel {
             },
             receiver: Receiver {
                 io,
-                codec: config.codec(),
-                node,
-                inbound: Inbound::new(usize::from(config.max_fds)),
-                seen_frame: false,
+                side: match node {
+                    Some(link) => ReceiveSide::Json(link),
+                    None => ReceiveSide::Postcard(PostcardReceive {
+                        codec: config.codec(),
+                        inbound: Inbound::new(usize::from(config.max_fds)),
+                        seen_frame: false,
+                    }),
+                },
                 broken: false,
             },
         })

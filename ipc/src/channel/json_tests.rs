@@ -53,6 +53,13 @@ fn nothing_to_read(sock: &StdUnixStream) -> bool {
     peeked == Err(nix::errno::Errno::EAGAIN)
 }
 
+fn json_link(receiver: &Receiver) -> &Arc<node_link::NodeLink> {
+    match &receiver.side {
+        receiver::ReceiveSide::Json(link) => link,
+        receiver::ReceiveSide::Postcard(_) => panic!("a JSON channel"),
+    }
+}
+
 fn pipe_end() -> OwnedFd {
     std::io::pipe().expect("pipe").1.into()
 }
@@ -249,7 +256,7 @@ fn a_peer_that_sends_handles_and_never_reads_the_answers_ends_the_channel() {
         );
         assert!(err.to_string().contains("does not read its acknowledgements"), "{err}");
         {
-            let link = channel.receiver.node.as_ref().expect("a JSON channel").lock();
+            let link = json_link(&channel.receiver).lock();
             assert_eq!(link.unwritten_answers(), node_link::MAX_UNWRITTEN_ANSWERS);
             // Only the bounded answers wait in memory, nothing else.
             assert!(
@@ -328,7 +335,7 @@ fn what_a_waiting_sender_reads_is_bounded_and_waits_for_recv() {
         let config = json().hold_back(2, 1024);
         let channel = Channel::from_fd_with(ours.into(), &config).expect("channel");
         let (mut tx, mut rx) = channel.into_split();
-        let link = Arc::clone(rx.node.as_ref().expect("a JSON channel"));
+        let link = Arc::clone(json_link(&rx));
         let peer = raw_peer_answering(
             raw,
             b"\"a\"\n\"b\"\n\"c\"\n{\"cmd\":\"NODE_HANDLE_ACK\"}\n",

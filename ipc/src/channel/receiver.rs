@@ -38,17 +38,29 @@ use crate::{Error, sys};
 #[derive(Debug)]
 pub struct Receiver {
     pub(super) io: Arc<UnixStream>,
+    pub(super) side: ReceiveSide,
+    pub(super) broken: bool,
+}
+
+/// What a receiver reads with, per format.
+#[derive(Debug)]
+pub(super) enum ReceiveSide {
+    /// This crate's frames.
+    Postcard(PostcardReceive),
+    /// Node's JSON lines: the read state lives in the state shared with the sender (which
+    /// reads acknowledgements when it waits for one), with the write side.
+    Json(Arc<NodeLink>),
+}
+
+/// The read state of a [`Format::Postcard`] receiver.
+#[derive(Debug)]
+pub(super) struct PostcardReceive {
     pub(super) codec: FrameCodec,
-    /// The write side and the read state of a [`Format::Json`] channel, shared with the
-    /// sender (which reads acknowledgements when it waits for one).
-    pub(super) node: Option<Arc<NodeLink>>,
-    /// What a [`Format::Postcard`] channel read and did not decode yet (a JSON channel's is
-    /// in `node`).
+    /// What was read and not decoded yet.
     pub(super) inbound: Inbound,
     /// Whether a whole frame has been decoded (until then a bad header may mean a foreign
     /// peer).
     pub(super) seen_frame: bool,
-    pub(super) broken: bool,
 }
 
 /// Bytes read from the socket and not decoded yet, with the descriptors that came with them.
@@ -66,7 +78,7 @@ pub(super) struct Inbound {
 
 impl Drop for Receiver {
     fn drop(&mut self) {
-        if let Some(link) = &self.node {
+        if let ReceiveSide::Json(link) = &self.side {
             // Messages a sender reads from now on have nobody to go to.
             link.lock().receiver_dropped();
             link.moved.notify_waiters();
@@ -91,9 +103,9 @@ pub(super) struct FdBatch {
 impl Receiver {
     /// The wire format this receiver reads.
     pub fn format(&self) -> Format {
-        match self.node {
-            None => Format::Postcard,
-            Some(_) => Format::Json,
+        match self.side {
+            ReceiveSide::Postcard(_) => Format::Postcard,
+            ReceiveSide::Json(_) => Format::Json,
         }
     }
 
@@ -116,9 +128,9 @@ impl Receiver {
         if self.broken {
             return Err(Error::Broken);
         }
-        let result = match self.node.clone() {
-            None => self.next_message().await,
-            Some(link) => self.next_json(&link).await,
+        let result = match &mut self.side {
+            ReceiveSide::Postcard(postcard) => postcard.next_message(&self.io).await,
+            ReceiveSide::Json(link) => next_json(&self.io, link).await,
         };
         self.note(&result);
         result
@@ -133,12 +145,12 @@ impl Receiver {
         if self.broken {
             return Err(Error::Broken);
         }
-        let result = match self.node.clone() {
-            None => self.decode_buffered(),
-            Some(link) => {
+        let result = match &mut self.side {
+            ReceiveSide::Postcard(postcard) => postcard.decode_buffered(),
+            ReceiveSide::Json(link) => {
                 let received = link.lock().receive(&self.io, false);
                 link.wake_after_reading();
-                write_now(&self.io, &link);
+                write_now(&self.io, link);
                 match received {
                     Poll::Ready(result) => result,
                     Poll::Pending => Ok(None),
@@ -152,38 +164,44 @@ impl Receiver {
     fn note<T>(&mut self, result: &Result<T, Error>) {
         if let Err(err) = result {
             if err.is_fatal_on_receive() {
-                if let Some(link) = &self.node {
-                    link.lock().fail();
-                    link.moved.notify_waiters();
+                match &mut self.side {
+                    ReceiveSide::Json(link) => {
+                        link.lock().fail();
+                        link.moved.notify_waiters();
+                    }
+                    ReceiveSide::Postcard(postcard) => {
+                        postcard.inbound.batches.clear();
+                        postcard.inbound.buf = BytesMut::new();
+                    }
                 }
                 self.broken = true;
-                self.inbound.batches.clear();
-                self.inbound.buf = BytesMut::new();
             }
         }
     }
+}
 
-    /// [`recv`](Receiver::recv) on a [`Format::Json`] channel.
-    async fn next_json(&mut self, link: &Arc<NodeLink>) -> Result<Option<Received>, Error> {
-        loop {
-            // Registered before looking, so that a message a sender queues in between
-            // wakes us.
-            let arrived = link.arrived.notified();
-            tokio::pin!(arrived);
-            arrived.as_mut().enable();
-            let received = link.lock().receive(&self.io, true);
-            link.wake_after_reading();
-            write_now(&self.io, link);
-            if let Poll::Ready(result) = received {
-                return result;
-            }
-            tokio::select! {
-                () = &mut arrived => {}
-                read = read_more(&self.io, link) => read?,
-            }
+/// [`recv`](Receiver::recv) on a [`Format::Json`] channel.
+async fn next_json(io: &UnixStream, link: &NodeLink) -> Result<Option<Received>, Error> {
+    loop {
+        // Registered before looking, so that a message a sender queues in between
+        // wakes us.
+        let arrived = link.arrived.notified();
+        tokio::pin!(arrived);
+        arrived.as_mut().enable();
+        let received = link.lock().receive(io, true);
+        link.wake_after_reading();
+        write_now(io, link);
+        if let Poll::Ready(result) = received {
+            return result;
+        }
+        tokio::select! {
+            () = &mut arrived => {}
+            read = read_more(io, link) => read?,
         }
     }
+}
 
+impl PostcardReceive {
     fn decode_buffered(&mut self) -> Result<Option<Received>, Error> {
         let frame = match self.codec.decode(&mut self.inbound.buf) {
             Ok(Some(frame)) => frame,
@@ -220,7 +238,7 @@ impl Receiver {
     }
 
     /// [`recv`](Receiver::recv) on a [`Format::Postcard`] channel.
-    async fn next_message(&mut self) -> Result<Option<Received>, Error> {
+    async fn next_message(&mut self, io: &UnixStream) -> Result<Option<Received>, Error> {
         loop {
             if let Some(received) = self.decode_buffered()? {
                 return Ok(Some(received));
@@ -234,7 +252,7 @@ impl Receiver {
                 .bytes_wanted(self.inbound.buf.len())
                 .max(READ_CHUNK);
             let mut fds = Vec::new();
-            let (io, inbound) = (&self.io, &mut self.inbound);
+            let inbound = &mut self.inbound;
             let received = io
                 .async_io(Interest::READABLE, || inbound.recv_now(io, want, &mut fds))
                 .await?;
