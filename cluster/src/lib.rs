@@ -53,7 +53,9 @@
 //! - the primary's control queue to each worker holds what the protocol allows (a reply
 //!   and a hand-off per server, a disconnect); a worker that lets it fill, asks twice for
 //!   the same server or for more than [`MAX_SERVERS_PER_WORKER`] is misbehaving: killed
-//!   and replaced ([`Event::Misbehaved`]), the others unaffected;
+//!   and replaced ([`Event::Misbehaved`]), the others unaffected; so is a Node worker that
+//!   sends handles without reading the answers it is owed (`ipc::Error::PeerNotReading`,
+//!   a broken channel);
 //! - [`Primary::send`] waits while the worker's socket is full (back-pressure); a worker
 //!   keeps at most [`USER_QUEUE_CAPACITY`] unread user messages and [`USER_QUEUE_BYTES`]
 //!   of them, and drops the oldest;

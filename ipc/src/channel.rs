@@ -1,6 +1,5 @@
 //! The channel: a connected Unix stream socket, a sending half and a receiving half.
 
-use std::collections::VecDeque;
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
 
@@ -9,7 +8,7 @@ use serde::Serialize;
 use tokio::net::UnixStream;
 
 use crate::codec::FrameCodec;
-use crate::json::{HandleType, InternalMessage, LineCodec};
+use crate::json::{HandleType, InternalMessage};
 use crate::{Error, sys};
 
 mod node_link;
@@ -18,8 +17,8 @@ mod receiver;
 mod sender;
 
 pub use received::Received;
-use receiver::NodeReceive;
 pub use receiver::Receiver;
+use receiver::{Inbound, PostcardReceive, ReceiveSide};
 pub use sender::Sender;
 
 use node_link::{HoldBack, NodeLink};
@@ -151,7 +150,10 @@ impl Config {
 
     /// Bounds the queue of messages that a [`Format::Json`] sender holds back while a
     /// handle waits for the peer's `NODE_HANDLE_ACK` (defaults: 1024 messages, 16 MiB; one
-    /// message is always taken). When it is full, sending waits for the acknowledgement.
+    /// message is always taken). When it is full, sending waits for the acknowledgement,
+    /// reading it from the socket itself. The same bounds apply to the messages the sender
+    /// reads on the way, which wait for the [`Receiver`]: when they are full the sender
+    /// waits for [`Receiver::recv`].
     pub fn hold_back(mut self, messages: usize, bytes: usize) -> Self {
         self.hold_back = HoldBack {
             messages: messages.max(1),
@@ -228,7 +230,11 @@ impl Channel {
         let io = Arc::new(UnixStream::from_std(stream)?);
         let node = match config.format {
             Format::Postcard => None,
-            Format::Json => Some(Arc::new(NodeLink::new(config.hold_back))),
+            Format::Json => Some(Arc::new(NodeLink::new(
+                config.hold_back,
+                config.max_frame_len,
+                usize::from(config.max_fds),
+            ))),
         };
         Ok(Channel {
             sender: Sender {
@@ -242,18 +248,14 @@ impl Channel {
             },
             receiver: Receiver {
                 io,
-                codec: config.codec(),
-                node: node.map(|link| NodeReceive {
-                    lines: LineCodec::new(config.max_frame_len),
-                    link,
-                }),
-                buf: BytesMut::new(),
-                received: 0,
-                batches: VecDeque::new(),
-                control: sys::ControlBuffer::for_fds(usize::from(config.max_fds)),
-                max_fds: usize::from(config.max_fds),
-                seen_frame: false,
-                eof: false,
+                side: match node {
+                    Some(link) => ReceiveSide::Json(link),
+                    None => ReceiveSide::Postcard(PostcardReceive {
+                        codec: config.codec(),
+                        inbound: Inbound::new(usize::from(config.max_fds)),
+                        seen_frame: false,
+                    }),
+                },
                 broken: false,
             },
         })

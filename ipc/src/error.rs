@@ -139,6 +139,17 @@ pub enum Error {
         /// How many times the handle was sent.
         attempts: u8,
     },
+    /// A Node peer keeps sending handles (`NODE_HANDLE` lines) but does not read the
+    /// answers (`NODE_HANDLE_ACK`/`NACK`) the channel owes it: that many wait unwritten,
+    /// the bound. Rather than queue answers without end, the channel ends: the receiving
+    /// half returns this error once, then [`Broken`](Error::Broken), and sending fails.
+    #[error(
+        "the peer does not read its acknowledgements: {unwritten} answers to its handles wait unwritten"
+    )]
+    PeerNotReading {
+        /// How many answers wait to be written.
+        unwritten: usize,
+    },
     /// The operation needs a channel of another format.
     #[error("this needs a {needed} channel, and this channel speaks {actual}")]
     WrongFormat {

@@ -18,6 +18,12 @@
 //!   and the sender holds back every later message until then.
 //! - A decoder refuses a line longer than its limit once that many bytes are buffered
 //!   without a newline: it never holds more than the limit plus one read.
+//! - What Node writes, this crate reads: a lone UTF-16 surrogate, which `JSON.stringify`
+//!   writes as an escape such as `"a\ud800b"` and which no Rust string can hold, is received
+//!   as U+FFFD (`"a\ufffdb"`, the escape replaced in place in the received line); values
+//!   nest up to [`MAX_DEPTH`] levels (Node's `JSON.stringify` stops near 4,000), decoded on a
+//!   stack that grows on the heap as needed, never on the thread's own stack alone; deeper
+//!   is an [`Error::DecodeJson`] for that message.
 
 use bytes::{BufMut, Bytes, BytesMut};
 use serde::{Deserialize, Serialize};
@@ -32,6 +38,10 @@ pub const HANDLE_CMD: &str = "NODE_HANDLE";
 pub const HANDLE_ACK_CMD: &str = "NODE_HANDLE_ACK";
 /// The `cmd` of the answer to a [`HANDLE_CMD`] line whose descriptor did not come.
 pub const HANDLE_NACK_CMD: &str = "NODE_HANDLE_NACK";
+
+/// How deep a received JSON value may nest (arrays and objects): deeper is a decode error
+/// for that message, so that a hostile peer cannot make decoding use unbounded stack.
+pub const MAX_DEPTH: usize = 10_000;
 
 /// The line of an acknowledgement, newline included.
 pub(crate) const ACK_LINE: &[u8] = b"{\"cmd\":\"NODE_HANDLE_ACK\"}\n";
@@ -127,19 +137,129 @@ pub(crate) fn lane_of(message: &[u8]) -> Lane {
     }
 }
 
-/// A `NODE_HANDLE` line, parsed.
+/// A `NODE_HANDLE` line, parsed; the inner message is only delimited (without recursion),
+/// not decoded.
 #[derive(Deserialize)]
-struct HandleLine {
+struct HandleLine<'a> {
     #[serde(rename = "type")]
     handle_type: HandleType,
-    msg: serde_json::Value,
+    #[serde(borrow)]
+    msg: &'a serde_json::value::RawValue,
 }
 
-/// The handle type and the inner message (re-encoded) of a `NODE_HANDLE` line.
-pub(crate) fn parse_handle(line: &[u8]) -> Result<(HandleType, Bytes), serde_json::Error> {
-    let parsed: HandleLine = serde_json::from_slice(line)?;
-    let msg = serde_json::to_vec(&parsed.msg)?;
-    Ok((parsed.handle_type, msg.into()))
+/// The handle type and the inner message (the bytes of the line that hold it) of a
+/// `NODE_HANDLE` line.
+pub(crate) fn parse_handle(line: &Bytes) -> Result<(HandleType, Bytes), serde_json::Error> {
+    let parsed: HandleLine<'_> = serde_json::from_slice(line)?;
+    Ok((
+        parsed.handle_type,
+        line.slice_ref(parsed.msg.get().as_bytes()),
+    ))
+}
+
+/// Decodes a received JSON text as a `T`: nesting up to [`MAX_DEPTH`] levels, on a stack
+/// that grows on the heap when the thread's own runs low.
+pub(crate) fn from_slice<'de, T: Deserialize<'de>>(json: &'de [u8]) -> serde_json::Result<T> {
+    if nests_deeper_than(json, MAX_DEPTH) {
+        return Err(serde::de::Error::custom(format_args!(
+            "JSON nests deeper than {MAX_DEPTH} levels"
+        )));
+    }
+    let mut de = serde_json::Deserializer::from_slice(json);
+    de.disable_recursion_limit();
+    let value = T::deserialize(serde_stacker::Deserializer::new(&mut de))?;
+    de.end()?;
+    Ok(value)
+}
+
+/// Whether the arrays and objects of a JSON text nest deeper than `max` (brackets inside
+/// strings do not count). Cheap: each level takes at least two bytes.
+fn nests_deeper_than(json: &[u8], max: usize) -> bool {
+    if json.len() <= 2 * max {
+        return false;
+    }
+    let mut depth = 0usize;
+    let mut at = 0;
+    while at < json.len() {
+        match json[at] {
+            b'"' => {
+                // Skip the string: to its closing quote, past escapes.
+                at += 1;
+                while let Some(found) = memchr::memchr2(b'"', b'\\', &json[at..]) {
+                    at += found;
+                    if json[at] == b'"' {
+                        break;
+                    }
+                    at += 2;
+                }
+            }
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > max {
+                    return true;
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+        at += 1;
+    }
+    false
+}
+
+/// A received line with every lone UTF-16 surrogate escape (`\ud800` not followed by a low
+/// surrogate's escape, or a low one alone) replaced by `\ufffd`, the replacement
+/// character, which has the same length. Node's `JSON.stringify` writes lone surrogates so;
+/// a Rust string cannot hold one. Lines without any `\u` escape are returned as they are.
+pub(crate) fn replace_lone_surrogates(line: Bytes) -> Bytes {
+    if memchr::memmem::find(&line, b"\\u").is_none() {
+        return line;
+    }
+    let mut fixed: Option<BytesMut> = None;
+    let mut at = 0;
+    while let Some(found) = memchr::memchr(b'\\', &line[at..]) {
+        at += found;
+        if line.get(at + 1) != Some(&b'u') {
+            // Any other escape, `\\` included, is two bytes.
+            at += 2;
+            continue;
+        }
+        match surrogate_at(&line, at) {
+            Some(Surrogate::High) if surrogate_at(&line, at + 6) == Some(Surrogate::Low) => {
+                at += 12;
+            }
+            Some(_) => {
+                let fixed = fixed.get_or_insert_with(|| BytesMut::from(&line[..]));
+                fixed[at..at + 6].copy_from_slice(b"\\ufffd");
+                at += 6;
+            }
+            None => at += 2,
+        }
+    }
+    match fixed {
+        Some(fixed) => fixed.freeze(),
+        None => line,
+    }
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Surrogate {
+    High,
+    Low,
+}
+
+/// The kind of surrogate the `\uXXXX` escape at `at` encodes, if it is one.
+fn surrogate_at(line: &[u8], at: usize) -> Option<Surrogate> {
+    let escape = line.get(at..at + 6)?;
+    if &escape[..2] != b"\\u" {
+        return None;
+    }
+    let hex = std::str::from_utf8(&escape[2..]).ok()?;
+    match u16::from_str_radix(hex, 16).ok()? {
+        0xD800..=0xDBFF => Some(Surrogate::High),
+        0xDC00..=0xDFFF => Some(Surrogate::Low),
+        _ => None,
+    }
 }
 
 /// A `std::io::Write` into a `BytesMut` that refuses to pass `room` bytes.
@@ -514,10 +634,16 @@ mod tests {
             Some(HandleType::NetNative),
             &serde_json::json!({"a": [1]}),
         );
-        let (handle, msg) = parse_handle(line.trim_end().as_bytes()).expect("parse");
+        let line = Bytes::copy_from_slice(line.trim_end().as_bytes());
+        let (handle, msg) = parse_handle(&line).expect("parse");
         assert_eq!(handle, HandleType::NetNative);
         assert_eq!(&msg[..], br#"{"a":[1]}"#);
-        assert!(parse_handle(br#"{"cmd":"NODE_HANDLE","type":"net.Bogus","msg":1}"#).is_err());
+        assert!(
+            parse_handle(&Bytes::from_static(
+                br#"{"cmd":"NODE_HANDLE","type":"net.Bogus","msg":1}"#
+            ))
+            .is_err()
+        );
     }
 
     #[test]
@@ -573,6 +699,58 @@ mod tests {
             ("NODE_X", Some(&serde_json::json!(1)))
         );
         assert_eq!(msg.with("cmd", "other").cmd(), "NODE_X");
+    }
+
+    #[track_caller]
+    fn check_surrogates(received: &str, decoded: &str) {
+        let line = replace_lone_surrogates(Bytes::copy_from_slice(received.as_bytes()));
+        assert_eq!(from_slice::<String>(&line).unwrap(), decoded, "{received}");
+    }
+
+    #[test]
+    fn lone_surrogates_are_received_as_the_replacement_character() {
+        check_surrogates(r#""a\ud800b""#, "a\u{fffd}b");
+        check_surrogates(r#""\udc00\ud800""#, "\u{fffd}\u{fffd}");
+        check_surrogates(r#""\ud800""#, "\u{fffd}");
+        check_surrogates(r#""x\uDBFF\u0041""#, "x\u{fffd}A");
+        // A pair is a character; an escaped backslash is no escape.
+        check_surrogates(r#""\ud83d\ude00""#, "\u{1f600}");
+        check_surrogates(r#""\\ud800""#, "\\ud800");
+        check_surrogates(r#""\\\ud800""#, "\\\u{fffd}");
+        check_surrogates(r#""plain \n \u00e9""#, "plain \n é");
+        // In a handle's message too, and the line keeps its length.
+        let line = br#"{"cmd":"NODE_HANDLE","type":"net.Native","msg":"\udfff"}"#;
+        let fixed = replace_lone_surrogates(Bytes::from_static(line));
+        assert_eq!(fixed.len(), line.len());
+        let (_, msg) = parse_handle(&fixed).unwrap();
+        assert_eq!(from_slice::<String>(&msg).unwrap(), "\u{fffd}");
+    }
+
+    fn nested(depth: usize) -> String {
+        format!("{}1{}", "[".repeat(depth), "]".repeat(depth))
+    }
+
+    #[test]
+    fn deep_values_decode_up_to_the_limit_and_deeper_is_an_error() {
+        // On a thread with a tokio worker's stack (2 MiB), the value dropped there too.
+        std::thread::Builder::new()
+            .stack_size(2 << 20)
+            .spawn(|| {
+                let deep: serde_json::Value = from_slice(nested(MAX_DEPTH).as_bytes()).unwrap();
+                assert!(deep.is_array());
+                let object = format!("{}1{}", r#"{"a":"#.repeat(1000), "}".repeat(1000));
+                from_slice::<serde_json::Value>(object.as_bytes()).unwrap();
+                for hostile in [nested(MAX_DEPTH + 1), nested(100_000)] {
+                    let err = from_slice::<serde_json::Value>(hostile.as_bytes()).unwrap_err();
+                    assert!(err.to_string().contains("nests deeper"), "{err}");
+                }
+                // Brackets inside strings do not count.
+                let text = format!("[\"{}\\\"{}\"]", "[".repeat(30_000), "{".repeat(30_000));
+                from_slice::<serde_json::Value>(text.as_bytes()).unwrap();
+            })
+            .unwrap()
+            .join()
+            .expect("no stack overflow");
     }
 
     fn arb_json() -> impl Strategy<Value = serde_json::Value> {
@@ -667,6 +845,7 @@ mod tests {
                             prop_assert!(line.len() <= limit as usize);
                             let _ = classify(&line);
                             let _ = parse_handle(&line);
+                            let _ = from_slice::<serde_json::Value>(&replace_lone_surrogates(line.clone()));
                             let _ = serde_json::from_slice::<serde_json::Value>(&line);
                         }
                         Ok(None) => break,

@@ -47,13 +47,29 @@
 //! descriptors in order and gives each frame as many as its header declares. The pure
 //! [`codec`] module implements the byte side and does no I/O.
 //!
+//! # Bounds
+//!
+//! - A frame (or JSON line) longer than [`Config::max_frame_len`] is refused before
+//!   anything is allocated for it, on both ends; a message may carry at most
+//!   [`Config::max_fds`] descriptors.
+//! - A sender buffers at most one write buffer and waits for the socket (back-pressure)
+//!   instead of queueing.
+//! - JSON channels: the messages held back behind a handle until the peer's
+//!   `NODE_HANDLE_ACK` are bounded by [`Config::hold_back`] (1024 messages or 16 MiB); a
+//!   full queue makes sending wait, reading the answer itself.
+//! - JSON channels: the messages a waiting sender reads on the way to that answer wait for
+//!   the [`Receiver`] in an inbox with the same bounds; a full inbox makes the sender wait
+//!   for [`Receiver::recv`] (so a peer that floods messages at a program that never
+//!   receives holds up its sends, never its memory); without a receiver they are dropped.
+//! - JSON channels: the answers owed to the peer's handles (`NODE_HANDLE_ACK`/`NACK`) are
+//!   never held back, and at most 1024 of them wait unwritten: a peer that keeps sending
+//!   handles without reading the answers is misbehaving, and the channel ends with
+//!   [`Error::PeerNotReading`] (the cluster primary then kills and replaces such a worker).
+//! - JSON values nest at most [`json::MAX_DEPTH`] levels when decoded.
+//!
 //! # Invariants
 //!
-//! - Bounded everywhere: a frame (or JSON line) longer than [`Config::max_frame_len`] is
-//!   refused before anything is allocated for it, on both ends; the JSON hold-back queue is
-//!   bounded by [`Config::hold_back`] (a full queue makes sending wait); a message may carry at most
-//!   [`Config::max_fds`] descriptors; a sender buffers at most one write buffer and waits
-//!   for the socket (back-pressure) instead of queueing.
+//! - Bounded everywhere, each queue with a policy for when it is full (see *Bounds*).
 //! - Received descriptors are close-on-exec (`MSG_CMSG_CLOEXEC`); a truncated control
 //!   message (`MSG_CTRUNC`), a frame declaring descriptors that did not arrive with its
 //!   first byte, or descriptors no frame claims ([`Error::UnclaimedFds`], caught at the

@@ -69,6 +69,49 @@ async fn a_node_child_echoes_nested_unicode_newlines_and_a_mebibyte() {
     );
 }
 
+/// How deep `value` nests arrays.
+fn array_depth(mut value: &Value) -> usize {
+    let mut depth = 0;
+    while let Some(inner) = value.as_array().and_then(|a| a.first()) {
+        depth += 1;
+        value = inner;
+    }
+    depth
+}
+
+#[tokio::test]
+async fn lone_surrogates_and_a_thousand_levels_pass_between_node_and_rust() {
+    if !have_node() {
+        return;
+    }
+    let mut peer = node_peer();
+    peer.send(&json!({"op": "odd", "depth": 1000}))
+        .await
+        .unwrap();
+    let (odd, _) = next(&mut peer).await;
+    assert_eq!(odd["lone"], "a\u{fffd}b");
+    assert_eq!(odd["pair"], "\u{1f600}");
+    assert_eq!(odd["low"], "\u{fffd}");
+    assert_eq!(array_depth(&odd["deep"]), 1000);
+    // Back to Node, which counts the levels, and round again.
+    let deep = odd["deep"].clone();
+    peer.send(&json!({"op": "depth", "deep": deep}))
+        .await
+        .unwrap();
+    assert_eq!(
+        next(&mut peer).await.0,
+        json!({"op": "depth", "depth": 1000})
+    );
+    peer.send(&json!({"op": "echo", "deep": deep, "lone": odd["lone"]}))
+        .await
+        .unwrap();
+    let (echoed, _) = next(&mut peer).await;
+    assert_eq!(array_depth(&echoed["deep"]), 1000);
+    assert_eq!(echoed["lone"], "a\u{fffd}b");
+    peer.disconnect().unwrap();
+    assert!(peer.wait().await.unwrap().success());
+}
+
 #[tokio::test]
 async fn ten_thousand_messages_each_way_with_a_node_child() {
     if !have_node() {
@@ -224,6 +267,62 @@ async fn node_disconnecting_or_crashing_ends_the_stream_cleanly() {
         assert_eq!(msg.decode::<Value>().unwrap()["op"], "item");
     }
     assert_eq!(peer.wait().await.unwrap().code(), Some(7));
+}
+
+#[tokio::test]
+async fn a_parent_that_only_sends_after_a_handle_never_blocks() {
+    if !have_node() {
+        return;
+    }
+    let mut peer = node_peer();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    // The common job-queue shape: a handle, then only sends, never a recv. Node's ACK must
+    // be read by the sender itself, or send 1025 waits for it forever.
+    let sends = async {
+        peer.send_with_fds(&json!({"op": "count", "i": 0}), vec![listener.into()])
+            .await
+            .unwrap();
+        for i in 0..10_000 {
+            peer.send(&json!({"op": "sink", "i": i})).await.unwrap();
+        }
+        peer.send(&json!({"op": "sunk"})).await.unwrap();
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(60), sends)
+        .await
+        .expect("no send blocks");
+    // What Node said meanwhile was kept, in order.
+    assert_eq!(
+        next(&mut peer).await.0,
+        json!({"op": "counted", "i": 0, "handles": 1})
+    );
+    assert_eq!(next(&mut peer).await.0, json!({"op": "sunk", "n": 10_000}));
+}
+
+#[tokio::test]
+async fn sending_to_a_dead_node_child_fails_at_once() {
+    if !have_node() {
+        return;
+    }
+    let mut peer = node_peer();
+    let mut channel = peer.take_channel().unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    channel
+        .send_with_fds(&json!({"op": "count", "i": 0}), vec![listener.into()])
+        .await
+        .unwrap();
+    // Held behind the handle until its ACK, which nobody receives: `send` reads it.
+    channel.send(&json!({"op": "crash"})).await.unwrap();
+    let exited = tokio::time::timeout(std::time::Duration::from_secs(20), peer.wait())
+        .await
+        .expect("node got the message sent after the handle, and exited");
+    assert_eq!(exited.unwrap().code(), Some(7));
+    let send = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        channel.send(&json!({"op": "sink"})),
+    )
+    .await
+    .expect("a send to a dead child does not wait");
+    assert!(matches!(send, Err(ipc::Error::Closed)), "{send:?}");
 }
 
 /// Runs one scenario of `tests/node/drive_rust.js` against the `node_peer` binary.

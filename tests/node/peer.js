@@ -5,6 +5,7 @@ const net = require('node:net');
 
 const send = (m, h) => process.send(m, h);
 let handles = 0;
+let sunk = 0;
 
 process.on('message', (m, handle) => {
   switch (m && m.op) {
@@ -47,6 +48,26 @@ process.on('message', (m, handle) => {
       server.on('connection', (s) => s.destroy());
       break;
     }
+    case 'odd': {
+      // What JSON.stringify writes that a Rust string cannot hold, and Node's depths.
+      let deep = 'bottom';
+      for (let i = 0; i < m.depth; i++) deep = [deep];
+      send({ op: 'odd', lone: 'a\ud800b', pair: '\ud83d\ude00', low: '\udc00', deep });
+      break;
+    }
+    case 'depth': {
+      let depth = 0;
+      for (let v = m.deep; Array.isArray(v); v = v[0]) depth++;
+      send({ op: 'depth', depth });
+      break;
+    }
+    case 'sink':
+      // Taken without an answer: the parent only sends.
+      sunk++;
+      break;
+    case 'sunk':
+      send({ op: 'sunk', n: sunk });
+      break;
     case 'crash':
       for (let i = 0; i < 100; i++) send({ op: 'item', i });
       process.exit(7);

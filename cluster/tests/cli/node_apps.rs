@@ -196,3 +196,78 @@ fn a_rolling_reload_under_keep_alive_load_fails_no_request() {
     cluster.signal(Signal::SIGTERM);
     assert!(cluster.wait_exit().success(), "{}", cluster.log.tail(20));
 }
+
+/// The primary's peak resident memory (`VmHWM`), in KiB.
+fn peak_rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("its status");
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmHWM:"))
+        .and_then(|rest| rest.trim().strip_suffix("kB"))
+        .and_then(|kib| kib.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no VmHWM in {status}"))
+}
+
+/// A Node worker that floods the primary with handle lines whose answers it never reads
+/// is killed as misbehaving and replaced, and the primary's memory stays bounded.
+fn a_worker_that_never_reads_its_acknowledgements_is_replaced(policy: &str) {
+    if !node_or_skip() {
+        return;
+    }
+    let script = node_script("nack_flood.js");
+    let mut cluster = Cluster::start(
+        1,
+        &[
+            "--policy".as_ref(),
+            policy.as_ref(),
+            "--".as_ref(),
+            script.as_os_str(),
+        ],
+    );
+    // It floods as soon as it listens: by now it may already be gone.
+    let hostile = cluster.started_from(0)[0];
+    assert_eq!(hostile.id, 1, "{}", cluster.log.tail(20));
+    cluster
+        .log
+        .wait_for(0, "floods its primary", TIMEOUT)
+        .expect("the first worker floods");
+    let misbehaved = cluster
+        .log
+        .wait_for(
+            0,
+            "misbehaved: broken channel: the peer does not read its acknowledgements",
+            TIMEOUT,
+        )
+        .unwrap_or_else(|e| {
+            panic!(
+                "the flooding worker was not stopped: {e}\n{}",
+                cluster.log.tail(20)
+            )
+        });
+    assert!(
+        misbehaved.text.contains("worker 1 misbehaved"),
+        "{}",
+        misbehaved.text
+    );
+    let [replacement] = cluster.wait_listening(misbehaved.index + 1, 1)[..] else {
+        panic!("one replacement: {}", cluster.log.tail(20));
+    };
+    assert_ne!(replacement.pid, hostile.pid);
+    let (status, body) = tcp_request(&cluster, "GET", "/", None);
+    assert_eq!((status, pid(&body)), (200, replacement.pid), "{body}");
+    let peak = peak_rss_kib(cluster.guard.pid());
+    assert!(peak < 64 * 1024, "the primary peaked at {peak} KiB");
+    eprintln!("{policy}: primary peak RSS {peak} KiB");
+    cluster.signal(Signal::SIGTERM);
+    assert!(cluster.wait_exit().success(), "{}", cluster.log.tail(40));
+}
+
+#[test]
+fn a_node_worker_flooding_unread_nacks_is_replaced_round_robin() {
+    a_worker_that_never_reads_its_acknowledgements_is_replaced("rr");
+}
+
+#[test]
+fn a_node_worker_flooding_unread_nacks_is_replaced_shared() {
+    a_worker_that_never_reads_its_acknowledgements_is_replaced("shared");
+}

@@ -53,6 +53,13 @@ fn nothing_to_read(sock: &StdUnixStream) -> bool {
     peeked == Err(nix::errno::Errno::EAGAIN)
 }
 
+fn json_link(receiver: &Receiver) -> &Arc<node_link::NodeLink> {
+    match &receiver.side {
+        receiver::ReceiveSide::Json(link) => link,
+        receiver::ReceiveSide::Postcard(_) => panic!("a JSON channel"),
+    }
+}
+
 fn pipe_end() -> OwnedFd {
     std::io::pipe().expect("pipe").1.into()
 }
@@ -72,7 +79,11 @@ fn both_lanes_and_a_handle_between_two_json_channels() {
         a.send_handle(&"with a pipe", pipe_end(), HandleType::NetSocket)
             .await
             .unwrap();
-        a.send(&"after the handle").await.unwrap();
+        // Queued behind the handle (`send` would wait here for b's ACK).
+        a.sender()
+            .feed(Lane::User, &"after the handle", Vec::new())
+            .await
+            .unwrap();
 
         let user = b.recv().await.unwrap().unwrap();
         assert_eq!(user.lane(), Lane::User);
@@ -100,7 +111,11 @@ fn later_messages_wait_for_the_acknowledgement_of_a_handle() {
     runtime().block_on(async {
         let (mut channel, raw) = with_raw_peer();
         channel.send_with_fds(&1, vec![pipe_end()]).await.unwrap();
-        channel.send(&2).await.unwrap();
+        channel
+            .sender()
+            .feed(Lane::User, &2, Vec::new())
+            .await
+            .unwrap();
         let (text, fds) = raw_read(&raw);
         assert_eq!(
             text,
@@ -214,5 +229,139 @@ fn hello_works_on_json_channels() {
         let (x, y) = tokio::join!(a.hello("jobs", 1), b.hello("jobs", 2));
         assert!(matches!(x, Err(Error::ProtocolMismatch { .. })), "{x:?}");
         assert!(matches!(y, Err(Error::ProtocolMismatch { .. })), "{y:?}");
+    });
+}
+
+#[test]
+fn a_peer_that_sends_handles_and_never_reads_the_answers_ends_the_channel() {
+    runtime().block_on(async {
+        let (mut channel, raw) = with_raw_peer();
+        // The peer writes NODE_HANDLE lines without their descriptor, each answered by a
+        // NACK it never reads, until the channel is gone.
+        let flood = std::thread::spawn(move || {
+            let lines = b"{\"cmd\":\"NODE_HANDLE\",\"type\":\"net.Native\",\"msg\":1}\n".repeat(512);
+            let mut sent = 0usize;
+            while (&raw).write_all(&lines).is_ok() {
+                sent += 512;
+            }
+            sent
+        });
+        let ended = tokio::time::timeout(std::time::Duration::from_secs(60), channel.recv())
+            .await
+            .expect("the channel ends instead of answering without bound");
+        let err = ended.unwrap_err();
+        assert!(
+            matches!(err, Error::PeerNotReading { unwritten } if unwritten == node_link::MAX_UNWRITTEN_ANSWERS),
+            "{err:?}"
+        );
+        assert!(err.to_string().contains("does not read its acknowledgements"), "{err}");
+        {
+            let link = json_link(&channel.receiver).lock();
+            assert_eq!(link.unwritten_answers(), node_link::MAX_UNWRITTEN_ANSWERS);
+            // Only the bounded answers wait in memory, nothing else.
+            assert!(
+                link.buf.len() <= node_link::MAX_UNWRITTEN_ANSWERS * crate::json::NACK_LINE.len(),
+                "{} bytes unwritten",
+                link.buf.len()
+            );
+        }
+        assert!(matches!(channel.recv().await, Err(Error::Broken)));
+        assert!(matches!(channel.send(&1).await, Err(Error::Closed)));
+        drop(channel);
+        let sent = flood.join().expect("the flood thread");
+        assert!(sent > node_link::MAX_UNWRITTEN_ANSWERS, "{sent} lines");
+    });
+}
+
+/// The raw peer's side of a handle: reads the handle line, writes `reply`, then returns
+/// everything it reads until `until` ends it.
+fn raw_peer_answering(
+    raw: StdUnixStream,
+    reply: &'static [u8],
+    until: &'static str,
+) -> std::thread::JoinHandle<String> {
+    std::thread::spawn(move || {
+        let (text, fds) = raw_read(&raw);
+        assert!(text.starts_with("{\"cmd\":\"NODE_HANDLE\""), "{text}");
+        assert_eq!(fds.len(), 1);
+        (&raw).write_all(reply).unwrap();
+        let mut got = String::new();
+        while !got.ends_with(until) {
+            got += &raw_read(&raw).0;
+        }
+        got
+    })
+}
+
+#[test]
+fn a_sender_reads_the_acknowledgement_itself_and_keeps_what_came_for_the_receiver() {
+    runtime().block_on(async {
+        let (channel, raw) = with_raw_peer();
+        let (mut tx, mut rx) = channel.into_split();
+        let peer = raw_peer_answering(
+            raw,
+            b"\"first\"\n{\"cmd\":\"NODE_HANDLE_ACK\"}\n\"second\"\n",
+            "2\n",
+        );
+        tx.send_with_fds(&0, vec![pipe_end()]).await.unwrap();
+        // Held behind the handle: `send` reads the ACK itself, nobody calls recv.
+        tx.send(&1).await.unwrap();
+        tx.send(&2).await.unwrap();
+        assert_eq!(peer.join().expect("the peer"), "1\n2\n");
+        for want in ["first", "second"] {
+            let got = rx.recv().await.unwrap().expect("a message");
+            assert_eq!(got.decode::<String>().unwrap(), want);
+        }
+    });
+}
+
+#[test]
+fn a_sender_without_its_receiver_still_reads_acknowledgements() {
+    runtime().block_on(async {
+        let (channel, raw) = with_raw_peer();
+        let (mut tx, rx) = channel.into_split();
+        drop(rx);
+        let peer = raw_peer_answering(raw, b"\"dropped\"\n{\"cmd\":\"NODE_HANDLE_ACK\"}\n", "1\n");
+        tx.send_with_fds(&0, vec![pipe_end()]).await.unwrap();
+        tx.send(&1).await.unwrap();
+        assert_eq!(peer.join().expect("the peer"), "1\n");
+    });
+}
+
+#[test]
+fn what_a_waiting_sender_reads_is_bounded_and_waits_for_recv() {
+    runtime().block_on(async {
+        let (ours, raw) = StdUnixStream::pair().expect("socketpair");
+        let config = json().hold_back(2, 1024);
+        let channel = Channel::from_fd_with(ours.into(), &config).expect("channel");
+        let (mut tx, mut rx) = channel.into_split();
+        let link = Arc::clone(json_link(&rx));
+        let peer = raw_peer_answering(
+            raw,
+            b"\"a\"\n\"b\"\n\"c\"\n{\"cmd\":\"NODE_HANDLE_ACK\"}\n",
+            "1\n",
+        );
+        tx.send_with_fds(&0, vec![pipe_end()]).await.unwrap();
+        let sending = async { tx.send(&1).await.unwrap() };
+        let receiving = async {
+            // The sender reads until its inbox for us is full (two messages), then waits.
+            while link.lock().inbox_len() < 2 {
+                tokio::task::yield_now().await;
+            }
+            let mut got = Vec::new();
+            for _ in 0..3 {
+                assert!(link.lock().inbox_len() <= 2);
+                let msg = rx.recv().await.unwrap().expect("a message");
+                got.push(msg.decode::<String>().unwrap());
+            }
+            got
+        };
+        let ((), got) = tokio::time::timeout(std::time::Duration::from_secs(30), async {
+            tokio::join!(sending, receiving)
+        })
+        .await
+        .expect("the sender goes on once recv took messages");
+        assert_eq!(got, ["a", "b", "c"]);
+        assert_eq!(peer.join().expect("the peer"), "1\n");
     });
 }

@@ -68,7 +68,7 @@ impl Received {
                 actual: self.format,
             });
         }
-        let value = serde_json::from_slice(&self.payload).map_err(|source| Error::DecodeJson {
+        let value = crate::json::from_slice(&self.payload).map_err(|source| Error::DecodeJson {
             lane: self.lane,
             source,
         })?;
@@ -87,7 +87,9 @@ impl Received {
     /// name and version on both ends to find out when they do not.
     ///
     /// On a [`Format::Json`] channel the body is JSON and self-describing: a message of
-    /// another shape fails with [`Error::DecodeJson`].
+    /// another shape fails with [`Error::DecodeJson`]. A lone UTF-16 surrogate that Node
+    /// wrote (`"\\ud800"`) arrives as U+FFFD, and values nest up to
+    /// [`json::MAX_DEPTH`](crate::json::MAX_DEPTH) levels (see [`json`](crate::json)).
     pub fn decode<'de, T: Deserialize<'de>>(&'de self) -> Result<T, Error> {
         match self.format {
             Format::Postcard => {
@@ -97,7 +99,7 @@ impl Received {
                 })
             }
             Format::Json => {
-                serde_json::from_slice(&self.payload).map_err(|source| Error::DecodeJson {
+                crate::json::from_slice(&self.payload).map_err(|source| Error::DecodeJson {
                     lane: self.lane,
                     source,
                 })

@@ -4,6 +4,7 @@
 use std::collections::VecDeque;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
+use std::task::Poll;
 
 use bytes::BytesMut;
 
@@ -13,22 +14,58 @@ use tokio::net::UnixStream;
 use super::node_link::NodeLink;
 
 use super::{FOREIGN_LEN, Format, READ_CHUNK, RETAINED_BUFFER, Received};
-use crate::codec::{FrameCodec, HEADER_LEN, Lane};
-use crate::json::{self, LineCodec, LineKind};
+use crate::codec::{FrameCodec, HEADER_LEN};
 use crate::{Error, sys};
 
 /// The receiving half of a [`Channel`].
 ///
 /// # Cancellation
 ///
-/// [`recv`](Receiver::recv) is cancel-safe: all state lives in the receiver, so dropping
-/// the future loses no message and no descriptor; the next call picks up where it was.
+/// [`recv`](Receiver::recv) is cancel-safe: all state lives in the receiver (on a
+/// [`Format::Json`] channel, in the state it shares with its [`Sender`]), so dropping the
+/// future loses no message and no descriptor; the next call picks up where it was.
+///
+/// # Node JSON channels
+///
+/// A [`Sender`] that waits for the peer's `NODE_HANDLE_ACK` reads the socket itself, so
+/// sending never depends on someone calling `recv`. The messages it reads on the way wait
+/// for this receiver in a queue bounded like the hold-back queue ([`Config::hold_back`],
+/// 1024 messages or 16 MiB by default); while it is full the sender stops reading and waits
+/// for `recv` to take some. Once the receiver is dropped, such messages are dropped.
+///
+/// [`Sender`]: crate::Sender
+/// [`Config::hold_back`]: crate::Config::hold_back
 #[derive(Debug)]
 pub struct Receiver {
     pub(super) io: Arc<UnixStream>,
+    pub(super) side: ReceiveSide,
+    pub(super) broken: bool,
+}
+
+/// What a receiver reads with, per format.
+#[derive(Debug)]
+pub(super) enum ReceiveSide {
+    /// This crate's frames.
+    Postcard(PostcardReceive),
+    /// Node's JSON lines: the read state lives in the state shared with the sender (which
+    /// reads acknowledgements when it waits for one), with the write side.
+    Json(Arc<NodeLink>),
+}
+
+/// The read state of a [`Format::Postcard`] receiver.
+#[derive(Debug)]
+pub(super) struct PostcardReceive {
     pub(super) codec: FrameCodec,
-    /// The line codec and the shared write side of a [`Format::Json`] channel.
-    pub(super) node: Option<NodeReceive>,
+    /// What was read and not decoded yet.
+    pub(super) inbound: Inbound,
+    /// Whether a whole frame has been decoded (until then a bad header may mean a foreign
+    /// peer).
+    pub(super) seen_frame: bool,
+}
+
+/// Bytes read from the socket and not decoded yet, with the descriptors that came with them.
+#[derive(Debug)]
+pub(super) struct Inbound {
     pub(super) buf: BytesMut,
     /// Bytes read from the socket so far: the stream offset just past `buf`.
     pub(super) received: u64,
@@ -36,27 +73,15 @@ pub struct Receiver {
     pub(super) batches: VecDeque<FdBatch>,
     pub(super) control: sys::ControlBuffer,
     pub(super) max_fds: usize,
-    /// Whether a whole frame has been decoded (until then a bad header may mean a foreign
-    /// peer).
-    pub(super) seen_frame: bool,
     pub(super) eof: bool,
-    pub(super) broken: bool,
-}
-
-/// The receiving state of a [`Format::Json`] channel.
-#[derive(Debug)]
-pub(super) struct NodeReceive {
-    pub(super) lines: LineCodec,
-    pub(super) link: Arc<NodeLink>,
 }
 
 impl Drop for Receiver {
     fn drop(&mut self) {
-        if let Some(node) = &self.node {
-            // No acknowledgement will be read any more: a sender waiting for one must not
-            // wait forever.
-            node.link.lock().closed = true;
-            node.link.moved.notify_waiters();
+        if let ReceiveSide::Json(link) = &self.side {
+            // Messages a sender reads from now on have nobody to go to.
+            link.lock().receiver_dropped();
+            link.moved.notify_waiters();
         }
     }
 }
@@ -78,9 +103,9 @@ pub(super) struct FdBatch {
 impl Receiver {
     /// The wire format this receiver reads.
     pub fn format(&self) -> Format {
-        match self.node {
-            None => Format::Postcard,
-            Some(_) => Format::Json,
+        match self.side {
+            ReceiveSide::Postcard(_) => Format::Postcard,
+            ReceiveSide::Json(_) => Format::Json,
         }
     }
 
@@ -91,17 +116,22 @@ impl Receiver {
     /// `NODE_HANDLE` line is answered with `NODE_HANDLE_ACK` at once and delivered as its
     /// inner message with the descriptor (or answered `NODE_HANDLE_NACK` and dropped when
     /// the descriptor did not come, as Node does); the peer's answers to our handles are
-    /// consumed here and release the messages held back behind them. A line that is not
-    /// valid JSON is an [`Error::DecodeJson`] when decoded, for that message only.
+    /// consumed here (or by a sender waiting for them) and release the messages held back
+    /// behind them. A line that is not valid JSON is an [`Error::DecodeJson`] when decoded,
+    /// for that message only. Messages a waiting sender read come first, in order.
     ///
     /// A framing error (oversized frame, a foreign peer's first bytes, unknown lane, missing
-    /// or unclaimed descriptors, end of stream inside a frame) is returned once; afterwards every call returns
-    /// [`Error::Broken`] and all queued descriptors are closed.
+    /// or unclaimed descriptors, end of stream inside a frame, a peer that does not read its
+    /// acknowledgements) is returned once; afterwards every call returns [`Error::Broken`]
+    /// and all queued descriptors are closed.
     pub async fn recv(&mut self) -> Result<Option<Received>, Error> {
         if self.broken {
             return Err(Error::Broken);
         }
-        let result = self.next_message().await;
+        let result = match &mut self.side {
+            ReceiveSide::Postcard(postcard) => postcard.next_message(&self.io).await,
+            ReceiveSide::Json(link) => next_json(&self.io, link).await,
+        };
         self.note(&result);
         result
     }
@@ -109,11 +139,24 @@ impl Receiver {
     /// Returns a message that was already read from the socket, without reading more:
     /// `Ok(None)` means nothing whole is buffered. With [`Sender::feed`], this lets a
     /// peer answer a whole batch of messages with one write.
+    ///
+    /// [`Sender::feed`]: crate::Sender::feed
     pub fn recv_buffered(&mut self) -> Result<Option<Received>, Error> {
         if self.broken {
             return Err(Error::Broken);
         }
-        let result = self.decode_buffered();
+        let result = match &mut self.side {
+            ReceiveSide::Postcard(postcard) => postcard.decode_buffered(),
+            ReceiveSide::Json(link) => {
+                let received = link.lock().receive(&self.io, false);
+                link.wake_after_reading();
+                write_now(&self.io, link);
+                match received {
+                    Poll::Ready(result) => result,
+                    Poll::Pending => Ok(None),
+                }
+            }
+        };
         self.note(&result);
         result
     }
@@ -121,43 +164,68 @@ impl Receiver {
     fn note<T>(&mut self, result: &Result<T, Error>) {
         if let Err(err) = result {
             if err.is_fatal_on_receive() {
-                if let Some(node) = &self.node {
-                    node.link.lock().closed = true;
-                    node.link.moved.notify_waiters();
+                match &mut self.side {
+                    ReceiveSide::Json(link) => {
+                        link.lock().fail();
+                        link.moved.notify_waiters();
+                    }
+                    ReceiveSide::Postcard(postcard) => {
+                        postcard.inbound.batches.clear();
+                        postcard.inbound.buf = BytesMut::new();
+                    }
                 }
                 self.broken = true;
-                self.batches.clear();
-                self.buf = BytesMut::new();
             }
         }
     }
+}
 
-    fn decode_buffered(&mut self) -> Result<Option<Received>, Error> {
-        if self.node.is_some() {
-            return self.decode_line();
+/// [`recv`](Receiver::recv) on a [`Format::Json`] channel.
+async fn next_json(io: &UnixStream, link: &NodeLink) -> Result<Option<Received>, Error> {
+    loop {
+        // Registered before looking, so that a message a sender queues in between
+        // wakes us.
+        let arrived = link.arrived.notified();
+        tokio::pin!(arrived);
+        arrived.as_mut().enable();
+        let received = link.lock().receive(io, true);
+        link.wake_after_reading();
+        write_now(io, link);
+        if let Poll::Ready(result) = received {
+            return result;
         }
-        let frame = match self.codec.decode(&mut self.buf) {
+        tokio::select! {
+            () = &mut arrived => {}
+            read = read_more(io, link) => read?,
+        }
+    }
+}
+
+impl PostcardReceive {
+    fn decode_buffered(&mut self) -> Result<Option<Received>, Error> {
+        let frame = match self.codec.decode(&mut self.inbound.buf) {
             Ok(Some(frame)) => frame,
             Ok(None) => return Ok(None),
             // An oversized first frame that is also gigantic or names no lane is not a
             // frame at all: the peer is no `ipc` channel (Node's JSON starts with `{"`).
             Err(Error::FrameTooLarge { len, max })
-                if !self.seen_frame && (len >= FOREIGN_LEN || self.buf[4] > 1) =>
+                if !self.seen_frame && (len >= FOREIGN_LEN || self.inbound.buf[4] > 1) =>
             {
                 let mut head = [0; HEADER_LEN];
-                head.copy_from_slice(&self.buf[..HEADER_LEN]);
+                head.copy_from_slice(&self.inbound.buf[..HEADER_LEN]);
                 return Err(Error::ForeignProtocol { head, len, max });
             }
             Err(err) => return Err(err),
         };
         self.seen_frame = true;
-        let end = self.received - self.buf.len() as u64;
+        let inbound = &mut self.inbound;
+        let end = inbound.received - inbound.buf.len() as u64;
         let start = end - (HEADER_LEN + frame.payload.len()) as u64;
-        let (fds, fds_lost) = self.claim_fds(start, end, usize::from(frame.fd_count))?;
+        let (fds, fds_lost) = inbound.claim_fds(start, end, usize::from(frame.fd_count))?;
         if frame.payload.len() > RETAINED_BUFFER {
             // The payload shares the buffer's allocation: keep only the bytes after it, so
             // the large allocation goes away with the message.
-            self.buf = BytesMut::from(&self.buf[..]);
+            inbound.buf = BytesMut::from(&inbound.buf[..]);
         }
         Ok(Some(Received {
             lane: frame.lane,
@@ -169,102 +237,179 @@ impl Receiver {
         }))
     }
 
-    /// [`decode_buffered`](Receiver::decode_buffered) on a [`Format::Json`] channel.
-    fn decode_line(&mut self) -> Result<Option<Received>, Error> {
-        let Some(node) = &mut self.node else {
-            unreachable!("decode_line on a postcard channel");
-        };
-        let link = Arc::clone(&node.link);
+    /// [`recv`](Receiver::recv) on a [`Format::Postcard`] channel.
+    async fn next_message(&mut self, io: &UnixStream) -> Result<Option<Received>, Error> {
         loop {
-            if let Some(attempts) = link.lock().take_dropped() {
-                return Err(Error::HandleDropped { attempts });
+            if let Some(received) = self.decode_buffered()? {
+                return Ok(Some(received));
             }
-            let Some(node) = &mut self.node else {
-                unreachable!("decode_line on a postcard channel");
-            };
-            let Some(line) = node.lines.decode(&mut self.buf)? else {
-                return Ok(None);
-            };
-            let end = self.received - self.buf.len() as u64;
-            let start = end - line.len() as u64 - 1;
-            if line.len() > RETAINED_BUFFER {
-                self.buf = BytesMut::from(&self.buf[..]);
+            if self.inbound.eof {
+                return self.inbound.end_of_stream(self.codec.is_between_frames());
             }
-            let kind = json::classify(&line);
-            let declared = usize::from(kind == LineKind::Handle);
-            // A handle whose descriptor did not come (or was lost for lack of descriptors)
-            // is refused with NACK below, and Node sends it again.
-            let fds = match self.claim_fds(start, end, declared) {
-                Err(Error::MissingFds { received: 0, .. }) => Vec::new(),
-                other => other?.0,
-            };
-            let lane = match kind {
-                LineKind::User => Lane::User,
-                LineKind::Internal => Lane::Control,
-                LineKind::Ack | LineKind::Nack => {
-                    let mut state = link.lock();
-                    let moved = match kind {
-                        LineKind::Ack => state.acknowledged(),
-                        _ => state.refused(),
-                    };
-                    drop(state);
-                    if moved {
-                        link.moved.notify_waiters();
-                    }
-                    self.write_answers(&link);
-                    continue;
-                }
-                LineKind::Handle => {
-                    let received = !fds.is_empty();
-                    link.lock().answer(if received {
-                        json::ACK_LINE
-                    } else {
-                        json::NACK_LINE
-                    });
-                    self.write_answers(&link);
-                    if !received {
-                        continue;
-                    }
-                    let (handle, msg) = json::parse_handle(&line)
-                        .map_err(|e| Error::InvalidHandle(e.to_string()))?;
-                    return Ok(Some(Received {
-                        lane: json::lane_of(&msg),
-                        payload: msg,
-                        fds,
-                        fds_lost: false,
-                        format: Format::Json,
-                        handle: Some(handle),
-                    }));
-                }
-            };
-            return Ok(Some(Received {
-                lane,
-                payload: line,
-                fds,
-                fds_lost: false,
-                format: Format::Json,
-                handle: None,
-            }));
+            self.inbound.check_before_read()?;
+            let want = self
+                .codec
+                .bytes_wanted(self.inbound.buf.len())
+                .max(READ_CHUNK);
+            let mut fds = Vec::new();
+            let inbound = &mut self.inbound;
+            let received = io
+                .async_io(Interest::READABLE, || inbound.recv_now(io, want, &mut fds))
+                .await?;
+            inbound.account(received, fds)?;
+        }
+    }
+}
+
+/// Writes what the shared write side of a JSON channel holds, without waiting: an
+/// acknowledgement, or messages an acknowledgement released. What the socket does not take
+/// now is written by the next send, flush or receive. A write error means the peer is
+/// gone: the bytes are dropped, and reading finds the end of the stream.
+pub(super) fn write_now(io: &UnixStream, link: &NodeLink) {
+    if !link.lock().has_unwritten() {
+        return;
+    }
+    let written = io.try_io(Interest::WRITABLE, || link.lock().write_some(io));
+    if let Err(err) = written {
+        if err.kind() != std::io::ErrorKind::WouldBlock {
+            link.lock().discard_unwritten();
+        }
+    }
+}
+
+/// Waits until the socket of a JSON channel has bytes to read (writing what waits to be
+/// written whenever it takes more), then reads once into the shared read state. What the
+/// read brings is decoded by the caller; an error in what came (descriptors no message
+/// claims) is queued for the receiver. Cancel-safe: what is read is in the shared state.
+pub(super) async fn read_more(io: &UnixStream, link: &NodeLink) -> Result<(), Error> {
+    let interest = if link.lock().has_unwritten() {
+        Interest::READABLE | Interest::WRITABLE
+    } else {
+        Interest::READABLE
+    };
+    let ready = io.ready(interest).await?;
+    if ready.is_writable() {
+        write_now(io, link);
+    }
+    if !ready.is_readable() {
+        return Ok(());
+    }
+    let read = io.try_io(Interest::READABLE, || {
+        let mut state = link.lock();
+        let mut fds = Vec::new();
+        let received = state.inbound.recv_now(io, READ_CHUNK, &mut fds)?;
+        if let Err(err) = state.inbound.account(received, fds) {
+            state.fail_with(err);
+        }
+        // A sender that reads leaves what follows the answer it wanted undecoded: the
+        // receiving half, maybe waiting for the socket, must look at the buffer.
+        state.wake_receiver = true;
+        Ok(())
+    });
+    match read {
+        Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => Ok(()),
+        other => Ok(other?),
+    }
+}
+
+impl Inbound {
+    pub(super) fn new(max_fds: usize) -> Self {
+        Self {
+            buf: BytesMut::new(),
+            received: 0,
+            batches: VecDeque::new(),
+            control: sys::ControlBuffer::for_fds(max_fds),
+            max_fds,
+            eof: false,
         }
     }
 
-    /// Writes what the shared write side holds, without waiting: an acknowledgement, or
-    /// messages an acknowledgement released. What the socket does not take now is written
-    /// by the next send, flush or receive. A write error means the peer is gone: the
-    /// bytes are dropped, and reading finds the end of the stream.
-    fn write_answers(&self, link: &NodeLink) {
-        let io = &self.io;
-        let written = io.try_io(Interest::WRITABLE, || link.lock().write_some(io));
-        if let Err(err) = written {
-            if err.kind() != std::io::ErrorKind::WouldBlock {
-                link.lock().buf.clear();
+    /// One `recvmsg` of up to `want` bytes, without waiting.
+    fn recv_now(
+        &mut self,
+        io: &UnixStream,
+        want: usize,
+        fds: &mut Vec<OwnedFd>,
+    ) -> std::io::Result<sys::Received> {
+        sys::recv(io.as_fd(), &mut self.buf, want, fds, &mut self.control)
+    }
+
+    /// Books what one `recvmsg` brought: the end of the stream, or bytes and descriptors.
+    fn account(&mut self, received: sys::Received, fds: Vec<OwnedFd>) -> Result<(), Error> {
+        match received {
+            sys::Received::Bytes(0) => self.eof = true,
+            sys::Received::Bytes(n) => {
+                let start = self.received;
+                self.received += n as u64;
+                if !fds.is_empty() {
+                    self.batches.push_back(FdBatch {
+                        start,
+                        end: self.received,
+                        fds,
+                        lost: false,
+                    });
+                }
             }
+            sys::Received::Truncated(n) => {
+                // A full buffer means the peer sent more than allowed. Fewer means this
+                // process ran out of descriptors: the bytes are intact and the frame
+                // that claims the lost descriptors is delivered without them, so that
+                // the application can refuse it and carry on.
+                if fds.len() >= self.max_fds {
+                    return Err(Error::ControlTruncated);
+                }
+                drop(fds);
+                let start = self.received;
+                self.received += n as u64;
+                self.batches.push_back(FdBatch {
+                    start,
+                    end: self.received,
+                    fds: Vec::new(),
+                    lost: true,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Before reading more, once every whole frame was decoded: descriptors come with the
+    /// first byte of their frame, so more than one batch waiting, or more than one frame's
+    /// worth of descriptors, means the peer sent descriptors that no frame claims.
+    pub(super) fn check_before_read(&self) -> Result<(), Error> {
+        let queued: usize = self.batches.iter().map(|b| b.fds.len()).sum();
+        if queued > self.max_fds {
+            return Err(Error::TooManyFds {
+                count: queued,
+                max: self.max_fds,
+            });
+        }
+        if self.batches.len() > 1 {
+            return Err(Error::UnclaimedFds {
+                count: self.batches[0].fds.len(),
+            });
+        }
+        Ok(())
+    }
+
+    /// At the end of the stream, once everything whole was decoded: clean (`Ok(None)`) if
+    /// it came between two messages (`between`) and left no descriptor unclaimed.
+    pub(super) fn end_of_stream(&self, between: bool) -> Result<Option<Received>, Error> {
+        if !(self.buf.is_empty() && between) {
+            Err(Error::UnexpectedEof {
+                buffered: self.buf.len(),
+            })
+        } else if !self.batches.is_empty() {
+            Err(Error::UnclaimedFds {
+                count: self.batches.iter().map(|b| b.fds.len()).sum(),
+            })
+        } else {
+            Ok(None)
         }
     }
 
     /// The descriptors of the frame at stream bytes `[start, end)`, which declares
     /// `declared` of them, and whether they were lost (see [`Received::fds_lost`]).
-    fn claim_fds(
+    pub(super) fn claim_fds(
         &mut self,
         start: u64,
         end: u64,
@@ -327,111 +472,6 @@ impl Receiver {
                 count: count - declared,
             }),
             _ => Ok(self.batches.pop_front().map(|b| b.fds).unwrap_or_default()),
-        }
-    }
-
-    async fn next_message(&mut self) -> Result<Option<Received>, Error> {
-        loop {
-            if let Some(received) = self.decode_buffered()? {
-                return Ok(Some(received));
-            }
-            if self.eof {
-                let between = match &self.node {
-                    None => self.codec.is_between_frames(),
-                    Some(node) => node.lines.is_between_lines(),
-                };
-                if let Some(node) = &self.node {
-                    node.link.lock().closed = true;
-                    node.link.moved.notify_waiters();
-                }
-                return if !(self.buf.is_empty() && between) {
-                    Err(Error::UnexpectedEof {
-                        buffered: self.buf.len(),
-                    })
-                } else if !self.batches.is_empty() {
-                    Err(Error::UnclaimedFds {
-                        count: self.batches.iter().map(|b| b.fds.len()).sum(),
-                    })
-                } else {
-                    Ok(None)
-                };
-            }
-            // Descriptors come with the first byte of their frame, and every whole frame
-            // was decoded above: more than one batch waiting, or more than one frame's worth
-            // of descriptors, means the peer sent descriptors that no frame claims.
-            let queued: usize = self.batches.iter().map(|b| b.fds.len()).sum();
-            if queued > self.max_fds {
-                return Err(Error::TooManyFds {
-                    count: queued,
-                    max: self.max_fds,
-                });
-            }
-            if self.batches.len() > 1 {
-                return Err(Error::UnclaimedFds {
-                    count: self.batches[0].fds.len(),
-                });
-            }
-            if let Some(node) = &self.node {
-                // Answers (or released messages) the socket did not take yet: write them
-                // as soon as it takes more, while waiting for the peer.
-                let link = Arc::clone(&node.link);
-                if link.lock().has_unwritten() {
-                    let ready = self
-                        .io
-                        .ready(Interest::READABLE | Interest::WRITABLE)
-                        .await?;
-                    if ready.is_writable() {
-                        self.write_answers(&link);
-                    }
-                    if !ready.is_readable() {
-                        continue;
-                    }
-                }
-            }
-            let want = match self.node {
-                None => self.codec.bytes_wanted(self.buf.len()).max(READ_CHUNK),
-                Some(_) => READ_CHUNK,
-            };
-            let mut fds = Vec::new();
-            let (io, buf, control) = (&self.io, &mut self.buf, &mut self.control);
-            let received = io
-                .async_io(Interest::READABLE, || {
-                    sys::recv(io.as_fd(), buf, want, &mut fds, control)
-                })
-                .await?;
-            match received {
-                sys::Received::Bytes(0) => self.eof = true,
-                sys::Received::Bytes(n) => {
-                    let start = self.received;
-                    self.received += n as u64;
-                    if !fds.is_empty() {
-                        self.batches.push_back(FdBatch {
-                            start,
-                            end: self.received,
-                            fds,
-                            lost: false,
-                        });
-                    }
-                }
-                sys::Received::Truncated(n) => {
-                    // A full buffer means the peer sent more than allowed. Fewer means this
-                    // process ran out of descriptors: the bytes are intact and the frame
-                    // that claims the lost descriptors is delivered without them, so that
-                    // the application can refuse it and carry on.
-                    if fds.len() >= self.max_fds {
-                        return Err(Error::ControlTruncated);
-                    }
-                    drop(fds);
-                    let start = self.received;
-                    self.received += n as u64;
-                    self.batches.push_back(FdBatch {
-                        start,
-                        end: self.received,
-                        fds: Vec::new(),
-                        lost: true,
-                    });
-                }
-            }
         }
     }
 }

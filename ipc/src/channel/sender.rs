@@ -9,7 +9,8 @@ use serde::Serialize;
 use tokio::io::Interest;
 use tokio::net::UnixStream;
 
-use super::node_link::{Line, NodeLink};
+use super::node_link::{Line, NodeLink, SenderRead};
+use super::receiver::{read_more, write_now};
 
 use super::{Format, RETAINED_BUFFER};
 use crate::codec::{FrameCodec, Lane};
@@ -89,7 +90,9 @@ impl Sender {
         self.flush().await
     }
 
-    /// Sends a message on the user lane and waits until the socket has taken it.
+    /// Sends a message on the user lane and waits until the socket has taken it (on a
+    /// [`Format::Json`] channel, a message held back behind a handle waits for the peer's
+    /// answer, which this reads itself: see [`flush`](Sender::flush)).
     pub async fn send<T: Serialize + ?Sized>(&mut self, message: &T) -> Result<(), Error> {
         self.feed(Lane::User, message, Vec::new()).await?;
         self.flush().await
@@ -194,10 +197,14 @@ impl Sender {
     /// [`HandleType::NetNative`] handle); a control message must be an object whose `cmd`
     /// starts with `NODE_`, and a user message must not be one
     /// ([`Error::InvalidNodeMessage`]). After a handle, later messages are held back until
-    /// the peer's `NODE_HANDLE_ACK`, as Node does: `feed` and `send` return once a message
-    /// is queued, and wait only when the hold-back queue ([`Config::hold_back`]) is full.
-    /// The acknowledgement is read by the [`Receiver`]: keep receiving while sending
-    /// handles (Node always reads).
+    /// the peer's `NODE_HANDLE_ACK`, as Node does: `feed` returns once a message is
+    /// queued, and waits only when the hold-back queue ([`Config::hold_back`]) is full;
+    /// [`send`](Sender::send) and [`flush`](Sender::flush) wait until it is written.
+    /// The acknowledgement is read by the [`Receiver`], or by the sender itself while it
+    /// waits for one (it also looks, without waiting, each time it holds a message back),
+    /// so sending never depends on someone calling `recv`; messages it reads on the way
+    /// wait for the [`Receiver`] (see its docs for the bound). Once the peer has closed
+    /// the channel, sending fails with [`Error::Closed`].
     pub async fn feed<T: Serialize + ?Sized>(
         &mut self,
         lane: Lane,
@@ -246,6 +253,9 @@ impl Sender {
         // The guard lives in plain blocks only: it must never be held across an await.
         let fast = {
             let mut state = link.lock();
+            if state.closed {
+                return Err(Error::Closed);
+            }
             if handle.is_none() && state.is_open() {
                 // The common case: straight into the write buffer, no copy.
                 json::encode_line(lane, None, message, max, &mut state.buf)?;
@@ -265,12 +275,21 @@ impl Sender {
                     tokio::pin!(moved);
                     moved.as_mut().enable();
                     match link.enqueue(line)? {
-                        Ok(buffered) => break handle.is_some() || buffered >= self.high_water,
+                        Ok((buffered, held)) => {
+                            if held {
+                                // An answer may be there already, or the end of the
+                                // stream: look, without waiting.
+                                self.look_for_answers(&link).await?;
+                            }
+                            break handle.is_some() || buffered >= self.high_water;
+                        }
                         Err(back) => line = back,
                     }
-                    // Full: write what may go, then wait for an acknowledgement.
-                    self.flush().await?;
-                    moved.await;
+                    // Full: write what may go, then read the peer's answers ourselves until
+                    // one makes room (the receiving half may be reading them too, or
+                    // nobody).
+                    self.write_all(&link).await?;
+                    self.wait_for_answer(&link, moved).await?;
                 }
             }
         };
@@ -280,15 +299,75 @@ impl Sender {
         Ok(())
     }
 
+    /// Waits until an answer to one of our handles came (read by us or by the receiving
+    /// half) or the inbox has room again; `moved` was registered before the state that
+    /// makes us wait was seen.
+    async fn wait_for_answer(
+        &self,
+        link: &NodeLink,
+        moved: std::pin::Pin<&mut tokio::sync::futures::Notified<'_>>,
+    ) -> Result<(), Error> {
+        match self.read_answers(link)? {
+            SenderRead::Released => {}
+            SenderRead::InboxFull => moved.await,
+            SenderRead::NeedBytes => {
+                tokio::select! {
+                    () = moved => {}
+                    read = read_more(&self.io, link) => read?,
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes what may go on a JSON channel, waiting for the socket to take it.
+    async fn write_all(&self, link: &NodeLink) -> Result<(), Error> {
+        let io = &self.io;
+        io.async_io(Interest::WRITABLE, || link.lock().write_some(io))
+            .await?;
+        Ok(())
+    }
+
+    /// Decodes what was read from a JSON channel's socket, running the handle protocol,
+    /// up to the first answer to one of our handles.
+    fn read_answers(&self, link: &NodeLink) -> Result<SenderRead, Error> {
+        let read = link.lock().read_for_sender(&self.io);
+        link.wake_after_reading();
+        write_now(&self.io, link);
+        read
+    }
+
+    /// Without waiting: reads what the socket holds and decodes all of it, so that an
+    /// answer that came lets held-back messages go, and a peer that is gone is
+    /// [`Error::Closed`].
+    async fn look_for_answers(&self, link: &NodeLink) -> Result<(), Error> {
+        let io = &self.io;
+        if io.try_io(Interest::READABLE, || Ok(())).is_ok() {
+            // Returns at once: the socket is readable (or the read finds it is not).
+            read_more(io, link).await?;
+        }
+        // Past every answer: the end of the stream may follow one.
+        while self.read_answers(link)? == SenderRead::Released {}
+        Ok(())
+    }
+
     /// Writes everything buffered, waiting for the socket to take it. On a
-    /// [`Format::Json`] channel, messages held back behind a handle stay queued until the
-    /// peer acknowledges it.
+    /// [`Format::Json`] channel that includes messages held back behind a handle: this
+    /// reads the peer's answers itself until they may go (handles themselves do not wait
+    /// for their answers). [`feed`](Sender::feed) alone never waits for an answer unless
+    /// the hold-back queue is full.
     pub async fn flush(&mut self) -> Result<(), Error> {
-        if let Some(link) = &self.node {
-            let io = &self.io;
-            io.async_io(Interest::WRITABLE, || link.lock().write_some(io))
-                .await?;
-            return Ok(());
+        if let Some(link) = self.node.clone() {
+            loop {
+                let moved = link.moved.notified();
+                tokio::pin!(moved);
+                moved.as_mut().enable();
+                self.write_all(&link).await?;
+                if !link.lock().has_held() {
+                    return Ok(());
+                }
+                self.wait_for_answer(&link, moved).await?;
+            }
         }
         while !self.buf.is_empty() {
             let written = self.write_some(&self.fds).await?;
