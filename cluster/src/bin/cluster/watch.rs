@@ -4,8 +4,9 @@
 //!
 //! - a listen that retrying cannot fix (another program holds the port), whether the
 //!   worker then dies or, like an Express app that ignores the error, lives on;
-//! - every worker of the first generation exited before it listened (a syntax error, a
-//!   missing module, an exit at once), with the last lines of one worker's stderr;
+//! - every worker of the first generation exited on its own before it listened (a syntax
+//!   error, a missing module, an exit at once), with the last lines of one worker's stderr
+//!   (one killed for breaking the protocol does not count: the slots' limit decides);
 //! - no worker of the first generation connected to its channel within the connect
 //!   timeout (a program that speaks no cluster protocol);
 //! - every slot given up after a crash loop.
@@ -42,6 +43,9 @@ pub(crate) enum Fatal {
 struct Start {
     online: bool,
     listened: bool,
+    /// Killed by the primary for breaking the protocol: not a failure to start (a
+    /// crash loop of such workers ends the command by the slots' limit).
+    misbehaved: bool,
     /// Gone without having listened, or never connected: this worker failed to start.
     failed: bool,
 }
@@ -174,6 +178,9 @@ impl Watch {
                 self.say(&format!("cluster: worker {id} going down: {reason}"))
             }
             Event::Misbehaved { id, reason } => {
+                if let Some(start) = self.first.get_mut(id) {
+                    start.misbehaved = true;
+                }
                 self.say(&format!("cluster: worker {id} misbehaved: {reason}"))
             }
             Event::SlotFailed { slot, id, cause } => self.say(&format!(
@@ -220,7 +227,7 @@ impl Watch {
                 exited_after_disconnect: false,
             } => {
                 let start = self.first.get_mut(id)?;
-                if start.listened {
+                if start.listened || start.misbehaved {
                     return None;
                 }
                 start.failed = true;
