@@ -137,6 +137,14 @@ pub(crate) enum Input {
     SendFailed {
         id: WorkerId,
     },
+    /// A grant's listening socket could not be copied for the worker (out of
+    /// descriptors): the grant is withdrawn and the worker told `errno`.
+    GrantFailed {
+        id: WorkerId,
+        key: HandleKey,
+        seq: u64,
+        errno: i32,
+    },
     /// A hand-off could not be sent for a local reason (no descriptor to copy it with).
     HandoffFailed {
         id: WorkerId,
@@ -318,6 +326,12 @@ impl Core {
             Input::Message { id, message } => self.on_message(id, message, now),
             Input::Malformed { id, reason } => self.misbehaved(id, reason),
             Input::SendFailed { id } => self.misbehaved(id, "its control queue is full".into()),
+            Input::GrantFailed {
+                id,
+                key,
+                seq,
+                errno,
+            } => self.on_grant_failed(id, &key, seq, errno, now),
             Input::HandoffFailed { id, key, seq } => self.on_accepted(id, &key, seq, false, now),
             Input::ChannelClosed { id, broken } => self.on_channel_closed(id, broken, now),
             Input::Exited { id, status } => self.on_exited(id, status, now),

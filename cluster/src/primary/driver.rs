@@ -528,6 +528,7 @@ impl Driver {
     }
 
     /// Queues a control message; a full queue is the worker's fault (see [`CONTROL_QUEUE`]).
+    /// A descriptor that cannot be copied is reported to the core, which decides.
     fn send(&mut self, id: WorkerId, message: ToWorker, fd: Option<FdRef>) -> Option<Input> {
         let node = self.links.get(&id)?.node.is_some();
         let fds = match fd {
@@ -546,9 +547,23 @@ impl Driver {
                     conn.map(|c| Fds::Conns(vec![Arc::clone(c)]))
                 }
             }
-            Some(FdRef::Listener { key, socket }) => {
-                (self.listeners.copy(&key, socket)).map(|fd| Fds::Owned(vec![fd]))
-            }
+            Some(FdRef::Listener { key, socket }) => match self.listeners.copy(&key, socket) {
+                Ok(fd) => Ok(Fds::Owned(vec![fd])),
+                Err(e) => {
+                    let seq = match &message {
+                        ToWorker::QueryReply { seq, .. } => *seq,
+                        _ => return None, // only a grant carries a listening socket
+                    };
+                    tracing::warn!(%id, error = %e, "could not copy a listening socket");
+                    let errno = e.raw_os_error().unwrap_or(libc::EINVAL);
+                    return Some(Input::GrantFailed {
+                        id,
+                        key,
+                        seq,
+                        errno,
+                    });
+                }
+            },
         };
         let fds = match (fds, &message) {
             (Ok(fds), _) => fds,
@@ -557,18 +572,7 @@ impl Driver {
                 let (key, seq) = (key.clone(), *seq);
                 return Some(Input::HandoffFailed { id, key, seq });
             }
-            (Err(e), ToWorker::QueryReply { seq, .. }) => {
-                tracing::warn!(%id, error = %e, "could not copy a listening socket");
-                let errno = e.raw_os_error().unwrap_or(libc::EINVAL);
-                let result = Err(errno);
-                let reply = ToWorker::QueryReply { seq: *seq, result };
-                let link = self.links.get_mut(&id)?;
-                link.queue(&reply, Fds::none())
-                    .err()
-                    .map(|_| Input::SendFailed { id })?;
-                return None;
-            }
-            (Err(_), ToWorker::Disconnect | ToWorker::NewConns { .. }) => Fds::none(),
+            (Err(_), _) => Fds::none(),
         };
         let link = self.links.get_mut(&id)?;
         match link.queue(&message, fds) {

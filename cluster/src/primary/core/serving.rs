@@ -156,6 +156,40 @@ impl Core {
         self.update_hold(key, now);
     }
 
+    /// The listening socket of `id`'s grant of `key` could not be copied: the grant is
+    /// withdrawn (the handle may close if nobody else holds it) and the worker is told.
+    pub(super) fn on_grant_failed(
+        &mut self,
+        id: WorkerId,
+        key: &HandleKey,
+        seq: u64,
+        errno: i32,
+        now: Instant,
+    ) {
+        let Some(worker) = self.workers.get_mut(&id) else {
+            return;
+        };
+        if worker.servers.get(key) != Some(&Server::Granted) {
+            return;
+        }
+        worker.servers.remove(key);
+        if let Some(handle) = self.handles.get_mut(key) {
+            handle.remove_worker(id);
+        }
+        let error = std::io::Error::from_raw_os_error(errno);
+        tracing::warn!(%id, %key, %error, "could not give a worker its listening socket");
+        self.emit(Event::ListenFailed {
+            id,
+            key: key.clone(),
+            errno,
+            lasting: false,
+        });
+        let result = Err(errno);
+        self.send(id, ToWorker::QueryReply { seq, result }, None);
+        self.idle_handles();
+        self.advance_reload(now);
+    }
+
     pub(super) fn on_connection(&mut self, key: HandleKey, conn: ConnId, now: Instant) {
         match self.handles.get_mut(&key).and_then(Handle::round_robin) {
             Some(rr) => {

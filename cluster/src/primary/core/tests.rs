@@ -549,3 +549,29 @@ fn under_wait_ready_a_worker_counts_once_it_says_it_is_ready() {
     assert!(sim.core.stats().ready);
     sim.stop_and_check();
 }
+
+/// A grant whose listening socket cannot be copied (out of descriptors) is withdrawn by
+/// the core: the worker is told the errno and holds no server, and a later listen works.
+#[test]
+fn a_grant_whose_socket_cannot_be_copied_is_withdrawn_and_the_worker_told() {
+    let mut sim = Sim::new(config(1, Policy::Shared));
+    sim.fail_next_copy = Some(libc::EMFILE);
+    sim.online(id(1));
+    sim.listen(id(1));
+    let refused = sim.procs[&id(1)].inbox.iter().any(|(m, fd)| {
+        matches!(m, ToWorker::QueryReply { result: Err(e), .. } if *e == libc::EMFILE)
+            && fd.is_none()
+    });
+    assert!(refused, "{:?}", sim.procs[&id(1)].inbox);
+    assert!(
+        sim.core.workers[&id(1)].servers.is_empty(),
+        "no stale grant"
+    );
+    assert!(sim.events[&id(1)].contains(&"other"), "ListenFailed");
+    while sim.deliver(id(1), true) {}
+    sim.listen(id(1)); // the app tries again, on the next key
+    while sim.deliver(id(1), true) {}
+    assert_eq!(sim.listening_current(), 1);
+    assert!(sim.misbehaved.is_empty());
+    sim.stop_and_check();
+}

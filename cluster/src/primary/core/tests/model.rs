@@ -39,6 +39,7 @@ enum Op {
     FireTimer,
     Advance(u64),
     FailNextFork,
+    FailNextCopy,
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -67,6 +68,7 @@ fn op() -> impl Strategy<Value = Op> {
         4 => Just(Op::FireTimer),
         2 => (0u64..3000).prop_map(Op::Advance),
         1 => Just(Op::FailNextFork),
+        1 => Just(Op::FailNextCopy),
     ]
 }
 
@@ -160,6 +162,7 @@ fn play(sim: &mut Sim, op: Op) {
         Op::FireTimer => drop(sim.fire_timer()),
         Op::Advance(ms) => sim.now += Duration::from_millis(ms),
         Op::FailNextFork => sim.fail_next_fork = true,
+        Op::FailNextCopy => sim.fail_next_copy = Some(libc::EMFILE),
     }
 }
 

@@ -72,6 +72,8 @@ pub(super) struct Sim {
     pub(super) fork_failure_transient: bool,
     /// The errno the next first bind of a handle fails with.
     pub(super) fail_next_bind: Option<i32>,
+    /// The errno the next copy of a listening socket for a grant fails with.
+    pub(super) fail_next_copy: Option<i32>,
     pub(super) finished: bool,
     inputs: VecDeque<Input>,
 }
@@ -123,6 +125,7 @@ impl Sim {
             fail_next_fork: false,
             fork_failure_transient: false,
             fail_next_bind: None,
+            fail_next_copy: None,
             finished: false,
             inputs: VecDeque::new(),
         };
@@ -399,10 +402,24 @@ impl Sim {
                     if let Some(FdRef::Conn(conn)) = &fd {
                         assert_eq!(self.conns.get(conn), Some(&ConnState::Held));
                     }
-                    if let Some(p) = self.procs.get_mut(&id).filter(|p| p.channel) {
-                        p.inbox.push_back((message, fd));
+                    match (&fd, &message) {
+                        (Some(FdRef::Listener { key, .. }), ToWorker::QueryReply { seq, .. })
+                            if self.fail_next_copy.is_some() =>
+                        {
+                            Some(Input::GrantFailed {
+                                id,
+                                key: key.clone(),
+                                seq: *seq,
+                                errno: self.fail_next_copy.take().expect("checked"),
+                            })
+                        }
+                        _ => {
+                            if let Some(p) = self.procs.get_mut(&id).filter(|p| p.channel) {
+                                p.inbox.push_back((message, fd));
+                            }
+                            None
+                        }
                     }
-                    None
                 }
                 Effect::Kill {
                     id,
