@@ -95,6 +95,8 @@
 //!   keeps only the output already readable, rather than waiting for grandchildren that may
 //!   hold the pipes open. Without a kill, it waits for the pipes to close, like Node.
 
+#![warn(missing_docs)]
+
 //!
 //! # Logging
 //!

@@ -151,6 +151,8 @@
 //!
 //! Linux.
 
+#![warn(missing_docs)]
+
 mod endpoint;
 mod env;
 mod error;

@@ -17,7 +17,7 @@ use super::{FOREIGN_LEN, Format, READ_CHUNK, RETAINED_BUFFER, Received};
 use crate::codec::{FrameCodec, HEADER_LEN};
 use crate::{Error, sys};
 
-/// The receiving half of a [`Channel`].
+/// The receiving half of a [`Channel`](crate::Channel).
 ///
 /// # Cancellation
 ///
