@@ -31,6 +31,11 @@
 //!   environment except a child given a channel, so a grandchild never mistakes an unrelated
 //!   fd 3 for its channel.
 //! - No zombies: see `# Caveats`.
+//! - No dependency's type is part of the API, so none's major version is: [`Signal`] is
+//!   this crate's own enum (go through its number, `signal as i32`, to use another crate's),
+//!   [`ChildStdin`] and [`ChildStdout`] wrap tokio's pipes and implement tokio 1's
+//!   `AsyncWrite`/`AsyncRead`, and cancellation is any future
+//!   ([`SpawnOptions::cancel_on`]).
 //!
 //! # Example
 //!

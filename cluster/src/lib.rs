@@ -149,6 +149,12 @@
 //!   descriptors is reported (`SIGTTIN: could not add a worker`) and not retried, while a
 //!   replacement's failed fork is; [`Error::Fork`] carries the cause as its `source`.
 //!
+//! # Features
+//!
+//! - `cli` (default): the `cluster` command (`src/bin/cluster/`) and its dependencies
+//!   (clap, anyhow, tracing-subscriber, shlex). The library needs none of them: depend on
+//!   it with `default-features = false`.
+//!
 //! # Platform
 //!
 //! Linux.
