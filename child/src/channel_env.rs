@@ -4,7 +4,7 @@
 
 use std::ffi::{OsStr, OsString};
 
-use nix::sys::signal::Signal;
+use crate::signal::Signal;
 
 /// The variable that holds the child's channel fd (the `ipc` crate's name).
 pub(crate) const CHANNEL_FD_ENV: &str = ipc::CHANNEL_FD_ENV;

@@ -6,26 +6,18 @@ use std::os::fd::{BorrowedFd, OwnedFd};
 use std::sync::Arc;
 use std::time::Duration;
 
-use nix::sys::signal::Signal;
 use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncRead, AsyncReadExt};
-use tokio::net::unix::pipe;
-use tokio_util::sync::CancellationToken;
 
 use crate::error::{Error, SpawnError};
 use crate::launch::launch;
 use crate::options::SpawnOptions;
+use crate::pipes::{ChildStderr, ChildStdin, ChildStdout};
 use crate::process::{ProcessHandle, Target};
 use crate::reaper;
+use crate::signal::Signal;
 use crate::status::{ExitStatus, Output};
 use crate::sys::SharedFd;
-
-/// The parent's end of a child's stdin pipe.
-pub type ChildStdin = pipe::Sender;
-/// The parent's end of a child's stdout pipe.
-pub type ChildStdout = pipe::Receiver;
-/// The parent's end of a child's stderr pipe.
-pub type ChildStderr = pipe::Receiver;
 
 /// A process's pidfd registered with the tokio reactor.
 #[derive(Debug)]
@@ -183,7 +175,7 @@ fn io_driver_available() -> bool {
 async fn enforce_deadline(
     process: Arc<AsyncProcess>,
     timeout: Option<Duration>,
-    cancel: Option<CancellationToken>,
+    cancel: Option<crate::options::Cancel>,
     signal: Signal,
 ) {
     let timer = async {
@@ -193,8 +185,8 @@ async fn enforce_deadline(
         }
     };
     let cancelled = async {
-        match &cancel {
-            Some(token) => token.cancelled().await,
+        match cancel {
+            Some(cancel) => cancel.cancelled().await,
             None => std::future::pending().await,
         }
     };
@@ -221,15 +213,9 @@ impl Child {
         let channel = ipc.map(Channel::Fd);
         Ok(Self {
             process,
-            stdin: stdin
-                .map(pipe::Sender::from_owned_fd_unchecked)
-                .transpose()?,
-            stdout: stdout
-                .map(pipe::Receiver::from_owned_fd_unchecked)
-                .transpose()?,
-            stderr: stderr
-                .map(pipe::Receiver::from_owned_fd_unchecked)
-                .transpose()?,
+            stdin: stdin.map(ChildStdin::from_owned_fd).transpose()?,
+            stdout: stdout.map(ChildStdout::from_owned_fd).transpose()?,
+            stderr: stderr.map(ChildStdout::from_owned_fd).transpose()?,
             extra,
             channel,
             kill_on_drop: None,

@@ -16,13 +16,13 @@ use std::path::PathBuf;
 use std::pin::pin;
 use std::time::Duration;
 
-use nix::sys::signal::Signal;
 use tokio::io::AsyncReadExt;
-use tokio_util::sync::CancellationToken;
 
 use self::error::{ExecError, ExecErrorKind, StreamName};
-use crate::child::{Child, ChildStdin, ChildStdout, spawn_with};
+use crate::child::{Child, spawn_with};
 use crate::options::{SpawnOptions, Stdio};
+use crate::pipes::{ChildStdin, ChildStdout};
+use crate::signal::Signal;
 use crate::status::Output;
 
 /// Node's default `maxBuffer`: 1 MiB per stream.
@@ -132,9 +132,10 @@ impl ExecOptions {
         self
     }
 
-    /// Kills the child when the token is cancelled (async functions only).
-    pub fn cancel_token(mut self, token: CancellationToken) -> Self {
-        self.spawn = self.spawn.cancel_token(token);
+    /// Kills the child once `cancelled` completes (async functions only); see
+    /// [`SpawnOptions::cancel_on`].
+    pub fn cancel_on(mut self, cancelled: impl Future<Output = ()> + Send + 'static) -> Self {
+        self.spawn = self.spawn.cancel_on(cancelled);
         self
     }
 
@@ -185,7 +186,7 @@ impl ExecOptions {
 pub(crate) struct Limits {
     pub(crate) max_buffer: usize,
     pub(crate) timeout: Option<Duration>,
-    pub(crate) cancel: Option<CancellationToken>,
+    pub(crate) cancel: Option<crate::options::Cancel>,
     pub(crate) kill_signal: Signal,
     pub(crate) input: Vec<u8>,
 }
@@ -309,7 +310,7 @@ impl Capture {
         if let Some(pipe) = self.pipe.take() {
             while self.buf.len() <= max {
                 self.buf.reserve(64 * 1024);
-                if !matches!(pipe.try_read_buf(&mut self.buf), Ok(n) if n > 0) {
+                if !matches!(pipe.0.try_read_buf(&mut self.buf), Ok(n) if n > 0) {
                     break;
                 }
             }
@@ -323,9 +324,12 @@ impl Capture {
 async fn feed_input(stdin: &ChildStdin, input: &[u8]) -> std::io::Result<()> {
     let mut written = 0;
     while written < input.len() {
-        stdin.writable().await?;
+        stdin.0.writable().await?;
         let fd = std::os::fd::AsFd::as_fd(stdin);
-        match stdin.try_io(|| crate::sys::write_no_sigpipe(fd, &input[written..])) {
+        match stdin
+            .0
+            .try_io(|| crate::sys::write_no_sigpipe(fd, &input[written..]))
+        {
             Ok(n) => written += n,
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
             Err(e) => return Err(e),
@@ -365,9 +369,10 @@ async fn capture(child: &mut Child, cmd: &str, limits: Limits) -> Result<Output,
             None => std::future::pending().await,
         }
     });
-    let mut cancelled = pin!(async {
-        match &limits.cancel {
-            Some(token) => token.cancelled().await,
+    let cancel = limits.cancel;
+    let mut cancelled = pin!(async move {
+        match cancel {
+            Some(cancel) => cancel.cancelled().await,
             None => std::future::pending().await,
         }
     });

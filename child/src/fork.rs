@@ -13,7 +13,7 @@
 
 use std::ffi::{OsStr, OsString};
 
-use nix::sys::signal::Signal;
+use crate::signal::Signal;
 
 use crate::channel_env::{PARENT_DEATH_ENV, ParentDeath};
 use crate::child::{Child, spawn_with};
@@ -177,7 +177,7 @@ fn apply_parent_death_signal() {
         return;
     }
     if nix::unistd::getppid().as_raw() != parent {
-        let _ = nix::sys::signal::raise(signal);
+        let _ = nix::sys::signal::raise(signal.to_nix());
     }
 }
 

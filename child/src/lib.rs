@@ -31,6 +31,11 @@
 //!   environment except a child given a channel, so a grandchild never mistakes an unrelated
 //!   fd 3 for its channel.
 //! - No zombies: see `# Caveats`.
+//! - No dependency's type is part of the API, so none's major version is: [`Signal`] is
+//!   this crate's own enum (go through its number, `signal as i32`, to use another crate's),
+//!   [`ChildStdin`] and [`ChildStdout`] wrap tokio's pipes and implement tokio 1's
+//!   `AsyncWrite`/`AsyncRead`, and cancellation is any future
+//!   ([`SpawnOptions::cancel_on`]).
 //!
 //! # Example
 //!
@@ -67,11 +72,12 @@
 //!   orphans and reaps each when it exits. The child itself keeps running unless
 //!   [`SpawnOptions::kill_on_drop`] was set (then it gets `SIGKILL`). If this process exits
 //!   first, the orphans are re-parented to init, which reaps them.
-//! - A timeout or cancellation token set on [`SpawnOptions`] is enforced by a tokio task that
-//!   lives until the child exits, even if the handle is dropped, as long as the runtime runs.
+//! - A timeout or cancellation future ([`SpawnOptions::cancel_on`]) set on [`SpawnOptions`]
+//!   is enforced by a tokio task that lives until the child exits, even if the handle is
+//!   dropped, as long as the runtime runs.
 //! - Dropping an [`exec`] or [`exec_file`] future before it completes ends its child: the
 //!   child gets the kill signal (default `SIGTERM`) at once and is reaped in the background,
-//!   so no child outlives its timeout or cancellation token because its future went away.
+//!   so no child outlives its timeout or cancellation because its future went away.
 //!   (A child that ignores the kill signal runs on until it exits, and is then reaped.)
 //! - An async function on a runtime without IO enabled returns [`Error::NoRuntime`] before
 //!   anything is started. tokio offers no way to ask, so the first spawn on each runtime
@@ -93,6 +99,8 @@
 //! - When we kill a child (timeout, cancellation, max buffer), `exec` waits for it to exit and
 //!   keeps only the output already readable, rather than waiting for grandchildren that may
 //!   hold the pipes open. Without a kill, it waits for the pipes to close, like Node.
+
+#![warn(missing_docs)]
 
 //!
 //! # Logging
@@ -119,18 +127,22 @@ mod exec;
 mod fork;
 mod launch;
 mod options;
+mod pipes;
 mod process;
 mod reaper;
+mod signal;
 mod status;
 mod sync;
 mod sys;
 
-pub use crate::child::{Child, ChildStderr, ChildStdin, ChildStdout, spawn};
+pub use crate::child::{Child, spawn};
 pub use crate::error::{Error, SpawnError, SpawnErrorKind};
 pub use crate::exec::error::{ExecError, ExecErrorKind, StreamName};
 pub use crate::exec::{DEFAULT_MAX_BUFFER, ExecOptions, exec, exec_file};
 pub use crate::fork::{ForkOptions, fork, parent_channel};
 pub use crate::options::{SpawnOptions, Stdio};
+pub use crate::pipes::{ChildStderr, ChildStdin, ChildStdout};
+pub use crate::signal::{Signal, UnknownSignal};
 pub use crate::status::{ExitStatus, Output};
 pub use crate::sync::{exec_file_sync, exec_sync, spawn_sync};
 pub use ipc::{Format, HandleType, Received};
@@ -138,5 +150,3 @@ pub use ipc::{Format, HandleType, Received};
 /// An empty argument list for [`spawn`], [`fork`] and the exec functions, so that no
 /// `[] as [&str; 0]` is needed: `child::spawn("cat", child::NO_ARGS, options)`.
 pub const NO_ARGS: [&str; 0] = [];
-pub use nix::sys::signal::Signal;
-pub use tokio_util::sync::CancellationToken;

@@ -1,12 +1,15 @@
 //! [`SpawnOptions`] and [`Stdio`]: everything Node's `spawn` options cover, as a builder.
 
 use std::ffi::{OsStr, OsString};
+use std::fmt;
+use std::future::Future;
 use std::os::fd::OwnedFd;
 use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
-use nix::sys::signal::Signal;
-use tokio_util::sync::CancellationToken;
+use crate::signal::Signal;
 
 /// What a child's stdio slot is connected to (one entry of Node's `stdio` array).
 ///
@@ -72,7 +75,7 @@ pub struct SpawnOptions {
     pub(crate) shell: Option<PathBuf>,
     pub(crate) timeout: Option<Duration>,
     pub(crate) kill_signal: Signal,
-    pub(crate) cancel: Option<CancellationToken>,
+    pub(crate) cancel: Option<Cancel>,
     pub(crate) kill_on_drop: bool,
     /// Set by `fork`: passed to the child in the environment (see `fork::channel`).
     pub(crate) parent_death_signal: Option<Signal>,
@@ -223,10 +226,12 @@ impl SpawnOptions {
         self
     }
 
-    /// Kills the child with the kill signal when this token is cancelled (Node's `signal`
-    /// option with an `AbortController`).
-    pub fn cancel_token(mut self, token: CancellationToken) -> Self {
-        self.cancel = Some(token);
+    /// Kills the child with the kill signal once `cancelled` completes (Node's `signal`
+    /// option with an `AbortController`). Any future does: with tokio-util's
+    /// `CancellationToken`, pass `token.clone().cancelled_owned()`; with a oneshot channel,
+    /// `async move { let _ = rx.await; }`.
+    pub fn cancel_on(mut self, cancelled: impl Future<Output = ()> + Send + 'static) -> Self {
+        self.cancel = Some(Cancel::new(cancelled));
         self
     }
 
@@ -257,8 +262,32 @@ impl SpawnOptions {
 
     /// Takes the fields used by the capture loops (`exec`, `spawn_sync`), which enforce
     /// timeout and cancellation themselves.
-    pub(crate) fn take_deadlines(&mut self) -> (Option<Duration>, Option<CancellationToken>) {
+    pub(crate) fn take_deadlines(&mut self) -> (Option<Duration>, Option<Cancel>) {
         (self.timeout.take(), self.cancel.take())
+    }
+}
+
+/// The future of [`SpawnOptions::cancel_on`]. In a `Mutex` so that the options stay
+/// `Sync` whatever the future is; it is only ever polled by one owner.
+pub(crate) struct Cancel(Mutex<Pin<Box<dyn Future<Output = ()> + Send>>>);
+
+impl Cancel {
+    fn new(cancelled: impl Future<Output = ()> + Send + 'static) -> Self {
+        Self(Mutex::new(Box::pin(cancelled)))
+    }
+
+    /// Completes when the caller's future does.
+    pub(crate) async fn cancelled(self) {
+        self.0
+            .into_inner()
+            .unwrap_or_else(PoisonError::into_inner)
+            .await;
+    }
+}
+
+impl fmt::Debug for Cancel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Cancel(..)")
     }
 }
 

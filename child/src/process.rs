@@ -117,7 +117,7 @@ impl ProcessHandle {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use nix::sys::signal::Signal;
+    use crate::Signal;
 
     fn start(program: &str, args: &[&str]) -> ProcessHandle {
         let mut options = crate::SpawnOptions::new()

@@ -3,7 +3,7 @@
 use std::borrow::Cow;
 use std::fmt;
 
-use nix::sys::signal::Signal;
+use crate::signal::Signal;
 
 /// How a child process ended, as reported by `waitid`.
 ///

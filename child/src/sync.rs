@@ -23,7 +23,8 @@ use crate::sys;
 /// except that a child which handles the timeout's kill signal and exits 0 succeeds, as with
 /// [`exec`](crate::exec).
 ///
-/// The cancellation token of the options is ignored here: a blocked thread cannot observe it.
+/// The cancellation future of the options (`cancel_on`) is ignored here: a blocked thread
+/// cannot observe it.
 ///
 /// ```
 /// let output = child::spawn_sync("/bin/sh", ["-c", "echo out; exit 2"], child::ExecOptions::new()).unwrap();
@@ -331,6 +332,6 @@ mod tests {
         let err = exec_file_sync("/bin/sleep", ["30"], options).unwrap_err();
         assert_eq!(err.kind(), ExecErrorKind::TimedOut);
         assert!(err.killed());
-        assert_eq!(err.signal(), Some(nix::sys::signal::Signal::SIGTERM));
+        assert_eq!(err.signal(), Some(crate::Signal::SIGTERM));
     }
 }

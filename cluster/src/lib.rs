@@ -38,7 +38,9 @@
 //!   server (Node: one); workers with room take turns.
 //! - Every forked worker produces exactly one [`Event::Exit`], after its
 //!   [`Event::Disconnect`]; a worker's events come in Node's order: fork, online,
-//!   listening, disconnect, exit.
+//!   listening, disconnect, exit. The one exception is an application that does not read
+//!   its events: when the bounded event queue is full, later events (an `Exit` too) are
+//!   dropped and logged (see *Bounds*).
 //! - Worker ids are never reused; a replacement gets a new id.
 //! - Nothing a worker sends can crash the primary: a malformed or unexpected control
 //!   frame gets the worker killed and replaced.
@@ -147,9 +149,17 @@
 //!   descriptors is reported (`SIGTTIN: could not add a worker`) and not retried, while a
 //!   replacement's failed fork is; [`Error::Fork`] carries the cause as its `source`.
 //!
+//! # Features
+//!
+//! - `cli` (default): the `cluster` command (`src/bin/cluster/`) and its dependencies
+//!   (clap, anyhow, tracing-subscriber, shlex). The library needs none of them: depend on
+//!   it with `default-features = false`.
+//!
 //! # Platform
 //!
 //! Linux.
+
+#![warn(missing_docs)]
 
 mod endpoint;
 mod env;

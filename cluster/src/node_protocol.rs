@@ -37,8 +37,10 @@ use crate::protocol::{AddressFamily, Granted, HandleKey, ToPrimary, ToWorker};
 /// The `cmd` of every cluster message.
 pub(crate) const CLUSTER_CMD: &str = "NODE_CLUSTER";
 
-/// How many hand-offs and queries one worker may have unanswered; the protocol allows one
-/// hand-off in flight per server and one query per server, so more is misbehaving.
+/// How many queries one Node worker may have unanswered before it counts as misbehaving:
+/// the protocol allows one query per server. Hand-offs are not counted here: the core keeps
+/// at most [`HANDOFF_WINDOW`](crate::protocol::HANDOFF_WINDOW) (8) in flight per server,
+/// and an `accepted` that answers none of them is malformed.
 const MAX_PENDING: usize = 2 * crate::protocol::MAX_SERVERS_PER_WORKER;
 
 /// What to do with a message from a Node worker.

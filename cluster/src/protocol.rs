@@ -58,6 +58,7 @@ impl fmt::Display for WorkerId {
 /// The address family of a handle, as Node's `addressType`: `4`, `6`, or `-1` for a Unix
 /// socket's path.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[non_exhaustive]
 pub enum AddressFamily {
     /// IPv4 (`4`).
     V4,
@@ -77,25 +78,56 @@ impl AddressFamily {
     }
 }
 
-/// What identifies a listening handle in the primary: Node's
-/// `address:port:addressType:fd:index` key.
+/// Which server a worker asked for: what identifies a listening handle in the primary
+/// (Node's handle key), as [`Event::Listening`](crate::Event::Listening),
+/// [`Event::ListenFailed`](crate::Event::ListenFailed) and
+/// [`SlotFailure::Listen`](crate::SlotFailure::Listen) report it.
 ///
-/// `port` is the port asked for (0 for any), not the one bound. `index` counts how many
-/// times the worker already listened on the same `address:port:family:fd`, so the first
-/// `listen(0)` of every worker shares one handle (one port) and a second `listen(0)` in
-/// the same worker gets another.
+/// Read it with [`address`](Self::address), [`port`](Self::port),
+/// [`family`](Self::family) and [`index`](Self::index); its fields are private, so Node's
+/// encoding may change without changing this API. `Display` writes Node's spelling of the
+/// key (`127.0.0.1:0:4:undefined:0`), for logs: do not parse it.
+///
+/// The port is the one asked for (0 for any), not the one bound (that is the
+/// [`Endpoint`](crate::Endpoint) of `Event::Listening`). The index counts how many times
+/// the worker already listened on the same address and port, so the first `listen(0)` of
+/// every worker shares one handle (one port) and a second `listen(0)` in the same worker
+/// gets another.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct HandleKey {
     /// The address asked for, as text (`127.0.0.1`, `::`), or a Unix socket's path.
-    pub address: String,
+    pub(crate) address: String,
     /// The port asked for (0 for a Unix socket, which Node's key spells `-1`).
-    pub port: u16,
+    pub(crate) port: u16,
     /// The address family.
-    pub family: AddressFamily,
+    pub(crate) family: AddressFamily,
     /// An existing descriptor to listen on; always `None` from this crate's workers.
-    pub fd: Option<i32>,
+    pub(crate) fd: Option<i32>,
     /// How many earlier listens of the same worker share the other fields.
-    pub index: u32,
+    pub(crate) index: u32,
+}
+
+impl HandleKey {
+    /// The address asked for, as text (`127.0.0.1`, `::`), or a Unix socket's path.
+    pub fn address(&self) -> &str {
+        &self.address
+    }
+
+    /// The port asked for: 0 for any port (and for a Unix socket).
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The address family: IPv4, IPv6 or a Unix socket.
+    pub fn family(&self) -> AddressFamily {
+        self.family
+    }
+
+    /// How many earlier listens of the same worker asked for the same server (0 for the
+    /// first): every worker's first `listen(0)` shares one port, its second another.
+    pub fn index(&self) -> u32 {
+        self.index
+    }
 }
 
 #[cfg(test)]

@@ -209,13 +209,13 @@ async fn log_events(
     let mut ready = false;
     let mut failed_slots = 0;
     while let Some(event) = events.recv().await {
-        if let Event::Listening { address, .. } = &event {
-            if !announced {
-                announced = true;
-                let mut stdout = std::io::stdout().lock();
-                let _ = writeln!(stdout, "listening on http://{address}");
-                let _ = stdout.flush();
-            }
+        if let Event::Listening { address, .. } = &event
+            && !announced
+        {
+            announced = true;
+            let mut stdout = std::io::stdout().lock();
+            let _ = writeln!(stdout, "listening on http://{address}");
+            let _ = stdout.flush();
         }
         show(&event);
         if let Event::SlotFailed { cause, .. } = &event {

@@ -139,6 +139,8 @@
 //!
 //! Linux. All `unsafe` code is in one private `sys` module.
 
+#![warn(missing_docs)]
+
 mod channel;
 pub mod codec;
 mod error;

@@ -3,7 +3,7 @@
 use std::borrow::Cow;
 use std::fmt;
 
-use nix::sys::signal::Signal;
+use crate::signal::Signal;
 
 use crate::error::Error;
 use crate::status::{ExitStatus, Output};
@@ -38,7 +38,7 @@ pub enum ExecErrorKind {
     /// not then exit 0 (a child that handles the signal and exits 0 is a success, as in
     /// Node's `exec`).
     TimedOut,
-    /// The cancellation token fired; it was killed with the kill signal (Node's `AbortError`).
+    /// The cancellation future ([`SpawnOptions::cancel_on`](crate::SpawnOptions::cancel_on)) completed; it was killed with the kill signal (Node's `AbortError`).
     Cancelled,
     /// A stream exceeded the max buffer; it was killed and the output truncated to the
     /// limit (Node's `ENOBUFS`, "stdout maxBuffer length exceeded").

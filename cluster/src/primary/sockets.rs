@@ -51,7 +51,8 @@ struct Accepting {
     listener: AsyncFd<OwnedFd>,
     /// Set after an accept error: no accept until it fires.
     paused: Option<Pin<Box<tokio::time::Sleep>>>,
-    /// Accept errors since the last one logged (one log line per pause at most).
+    /// Accept errors on this socket so far; the 1st, 2nd, 4th, 8th... are logged, so a
+    /// lasting shortage logs a few lines, not one per pause.
     errors: u64,
     /// Whether the core paused accepting (too many connections wait for a worker).
     held: bool,
@@ -319,8 +320,9 @@ impl Listeners {
 
     /// The next connection accepted on a round-robin handle. Each readiness of a socket
     /// drains up to [`ACCEPT_BATCH`] connections from its backlog. An accept error (out of
-    /// descriptors, say) pauses that socket for [`ACCEPT_BACKOFF`] with one log line: the
-    /// kernel keeps the backlog, and accepting resumes by itself once descriptors are free.
+    /// descriptors, say) pauses that socket for [`ACCEPT_BACKOFF`] (its 1st, 2nd, 4th...
+    /// error logged): the kernel keeps the backlog, and accepting resumes by itself once
+    /// descriptors are free.
     pub(crate) fn poll_accept(&mut self, cx: &mut Context<'_>) -> Poll<(HandleKey, OwnedFd)> {
         if let Some(next) = self.ready.pop_front() {
             return Poll::Ready(next);
@@ -373,7 +375,7 @@ fn accept_ready(
                 taken += 1;
             }
             Ok(Err(e)) => {
-                // EMFILE and friends: pause instead of spinning; log once per pause.
+                // EMFILE and friends: pause instead of spinning; log the 1st, 2nd, 4th...
                 accepting.errors += 1;
                 if accepting.errors == 1 || accepting.errors.is_power_of_two() {
                     let errors = accepting.errors;

@@ -371,10 +371,10 @@ impl UpgradeReadiness {
 
     /// Tells the primary that started this one that it is ready (once).
     pub(crate) fn ready(&mut self) {
-        if let Some(mut stream) = self.0.take() {
-            if let Err(e) = stream.write_all(UPGRADE_READY) {
-                tracing::warn!(error = %e, "could not tell the old primary we are ready");
-            }
+        if let Some(mut stream) = self.0.take()
+            && let Err(e) = stream.write_all(UPGRADE_READY)
+        {
+            tracing::warn!(error = %e, "could not tell the old primary we are ready");
         }
     }
 }

@@ -83,7 +83,7 @@ impl Received {
     /// message of another type can decode without error as a `T` with wrong values (a
     /// `Request::Add { a, b }` sent by a peer can come out as a `Response::Sum(..)`, or a
     /// short message as an empty `String`). [`Error::Decode`] catches only bytes that fit no
-    /// `T` at all. Both ends must agree on the types; [`Channel::hello`] checks a protocol
+    /// `T` at all. Both ends must agree on the types; [`Channel::hello`](crate::Channel::hello) checks a protocol
     /// name and version on both ends to find out when they do not.
     ///
     /// On a [`Format::Json`] channel the body is JSON and self-describing: a message of

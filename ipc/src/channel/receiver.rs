@@ -17,7 +17,7 @@ use super::{FOREIGN_LEN, Format, READ_CHUNK, RETAINED_BUFFER, Received};
 use crate::codec::{FrameCodec, HEADER_LEN};
 use crate::{Error, sys};
 
-/// The receiving half of a [`Channel`].
+/// The receiving half of a [`Channel`](crate::Channel).
 ///
 /// # Cancellation
 ///
@@ -162,20 +162,20 @@ impl Receiver {
     }
 
     fn note<T>(&mut self, result: &Result<T, Error>) {
-        if let Err(err) = result {
-            if err.is_fatal_on_receive() {
-                match &mut self.side {
-                    ReceiveSide::Json(link) => {
-                        link.lock().fail();
-                        link.moved.notify_waiters();
-                    }
-                    ReceiveSide::Postcard(postcard) => {
-                        postcard.inbound.batches.clear();
-                        postcard.inbound.buf = BytesMut::new();
-                    }
+        if let Err(err) = result
+            && err.is_fatal_on_receive()
+        {
+            match &mut self.side {
+                ReceiveSide::Json(link) => {
+                    link.lock().fail();
+                    link.moved.notify_waiters();
                 }
-                self.broken = true;
+                ReceiveSide::Postcard(postcard) => {
+                    postcard.inbound.batches.clear();
+                    postcard.inbound.buf = BytesMut::new();
+                }
             }
+            self.broken = true;
         }
     }
 }
@@ -270,10 +270,10 @@ pub(super) fn write_now(io: &UnixStream, link: &NodeLink) {
         return;
     }
     let written = io.try_io(Interest::WRITABLE, || link.lock().write_some(io));
-    if let Err(err) = written {
-        if err.kind() != std::io::ErrorKind::WouldBlock {
-            link.lock().discard_unwritten();
-        }
+    if let Err(err) = written
+        && err.kind() != std::io::ErrorKind::WouldBlock
+    {
+        link.lock().discard_unwritten();
     }
 }
 

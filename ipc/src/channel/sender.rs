@@ -17,7 +17,7 @@ use crate::codec::{FrameCodec, Lane};
 use crate::json::{self, HandleType, InternalMessage};
 use crate::{Error, sys};
 
-/// The sending half of a [`Channel`].
+/// The sending half of a [`Channel`](crate::Channel).
 ///
 /// # Back-pressure and buffering
 ///
@@ -198,12 +198,12 @@ impl Sender {
     /// starts with `NODE_`, and a user message must not be one
     /// ([`Error::InvalidNodeMessage`]). After a handle, later messages are held back until
     /// the peer's `NODE_HANDLE_ACK`, as Node does: `feed` returns once a message is
-    /// queued, and waits only when the hold-back queue ([`Config::hold_back`]) is full;
+    /// queued, and waits only when the hold-back queue ([`Config::hold_back`](crate::Config::hold_back)) is full;
     /// [`send`](Sender::send) and [`flush`](Sender::flush) wait until it is written.
-    /// The acknowledgement is read by the [`Receiver`], or by the sender itself while it
+    /// The acknowledgement is read by the [`Receiver`](crate::Receiver), or by the sender itself while it
     /// waits for one (it also looks, without waiting, each time it holds a message back),
     /// so sending never depends on someone calling `recv`; messages it reads on the way
-    /// wait for the [`Receiver`] (see its docs for the bound). Once the peer has closed
+    /// wait for the [`Receiver`](crate::Receiver) (see its docs for the bound). Once the peer has closed
     /// the channel, sending fails with [`Error::Closed`].
     pub async fn feed<T: Serialize + ?Sized>(
         &mut self,

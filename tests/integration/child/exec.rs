@@ -4,10 +4,8 @@ use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use child::{
-    CancellationToken, ExecError, ExecErrorKind, ExecOptions, Output, Signal, SpawnErrorKind,
-    StreamName,
-};
+use child::{ExecError, ExecErrorKind, ExecOptions, Output, Signal, SpawnErrorKind, StreamName};
+use tokio_util::sync::CancellationToken;
 
 use super::{assert_reaped, kill_on_drop, run_child_parent};
 
@@ -155,7 +153,10 @@ async fn a_missing_command_is_127_under_exec_and_not_found_under_exec_file() {
 #[tokio::test]
 async fn cancellation_kills_an_exec() {
     let token = CancellationToken::new();
-    let run = child::exec("sleep 30", ExecOptions::new().cancel_token(token.clone()));
+    let run = child::exec(
+        "sleep 30",
+        ExecOptions::new().cancel_on(token.clone().cancelled_owned()),
+    );
     let (result, ()) = tokio::join!(run, async { token.cancel() });
     let err = result.unwrap_err();
     assert_eq!(
@@ -258,7 +259,7 @@ async fn a_dropped_exec_future_ends_its_child() {
         .await;
     let path = pid_file("dropped-exec-file");
     let token = CancellationToken::new();
-    let options = ExecOptions::new().cancel_token(token.clone());
+    let options = ExecOptions::new().cancel_on(token.clone().cancelled_owned());
     let script = publish_pid_then_sleep(&path);
     check_dropping_ends_the_child(child::exec_file("/bin/sh", ["-c", &script], options), &path)
         .await;

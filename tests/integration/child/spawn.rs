@@ -2,8 +2,9 @@
 
 use std::time::Duration;
 
-use child::{CancellationToken, Error, ExitStatus, Signal, SpawnErrorKind, Stdio};
+use child::{Error, ExitStatus, Signal, SpawnErrorKind, Stdio};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_util::sync::CancellationToken;
 
 use super::{assert_reaped, helper, kill_on_drop, options, process_state, quiet_options};
 
@@ -128,8 +129,12 @@ async fn timeout_kills_with_sigterm_by_default_and_the_kill_signal_when_asked() 
 #[tokio::test]
 async fn cancellation_kills_the_child() {
     let token = CancellationToken::new();
-    let sleeper =
-        child::spawn("sleep", ["30"], quiet_options().cancel_token(token.clone())).expect("spawn");
+    let sleeper = child::spawn(
+        "sleep",
+        ["30"],
+        quiet_options().cancel_on(token.clone().cancelled_owned()),
+    )
+    .expect("spawn");
     token.cancel();
     assert_eq!(
         sleeper.wait().await.unwrap().signal(),

@@ -116,7 +116,7 @@ async fn listen_zero_shares_the_first_port_and_a_second_listen_gets_another() {
     for _ in 0..4 {
         let (index, port) = expect(&mut primary, |e| match e {
             Event::Listening { key, address, .. } => {
-                Some((key.index, address.inet().expect("a TCP address").port()))
+                Some((key.index(), address.inet().expect("a TCP address").port()))
             }
             _ => None,
         })

@@ -41,7 +41,7 @@ async fn a_connection_in_flight_to_a_dying_worker_goes_to_its_replacement() {
     }
     // Killed from outside: a crash, so the slot is refilled.
     let pid = nix::unistd::Pid::from_raw(stats_pid(&primary, id).await);
-    nix::sys::signal::kill(pid, Signal::SIGKILL).expect("kill");
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL).expect("kill");
     let served_by = client.await.expect("join").expect("the client was served");
     assert!(
         served_by > id.get(),

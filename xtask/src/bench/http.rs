@@ -128,10 +128,10 @@ pub(super) fn wait_listening(lines: &mut Lines, workers: usize) -> Result<(Strin
         } else if let Some(rest) = line.strip_prefix("listening on ") {
             addr = Some((rest.trim().to_owned(), at));
         }
-        if let Some(found) = &addr {
-            if listening >= workers {
-                return Ok(found.clone());
-            }
+        if let Some(found) = &addr
+            && listening >= workers
+        {
+            return Ok(found.clone());
         }
     }
 }

@@ -151,7 +151,8 @@ impl Watch {
                 let error = std::io::Error::from_raw_os_error(*errno);
                 self.say(&format!(
                     "cluster: worker {id} cannot listen on {}:{}: {error}",
-                    key.address, key.port
+                    key.address(),
+                    key.port()
                 ));
             }
             Event::NotConnected { id, waited } => {
