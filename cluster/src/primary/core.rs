@@ -1,20 +1,22 @@
 //! The primary's whole state as a pure state machine: no I/O, no clock, no tasks.
 //!
 //! [`Core::handle`] takes one [`Input`] (a worker's message, an exit, a closed channel,
-//! an accepted connection, a timer that fired, a command) with the time it happened, and
+//! an accepted connection, time passing, a request) with the time it happened, and
 //! returns the [`Effect`]s the driver must perform, in order: fork, send, kill, bind,
-//! close, start or cancel a timer, emit an event, reply to a command. The driver
-//! (`driver.rs`) owns the processes, channels, sockets and timers and feeds the results
-//! back (`Forked`, `Bound`, ...), so that everything the cluster decides is decided here
-//! and model-checked by `core/tests.rs`.
+//! close, emit an event, reply to a request. The core keeps its own deadlines
+//! (`timers.rs`); the driver asks [`Core::poll_timeout`] after every batch of effects,
+//! sleeps until then and feeds [`Input::Tick`]. The driver (`driver.rs`) owns the
+//! processes, channels and sockets and feeds the results back (`Forked`, `Bound`, ...),
+//! so that everything the cluster decides is decided here and model-checked by
+//! `core/tests.rs`.
 //!
 //! Invariants kept here (and checked by the property test):
 //!
 //! - every forked worker leaves exactly one `Exit` event, after its `Disconnect`; its
 //!   events come in Node's order: fork, online, listening, disconnect, exit;
 //! - a round-robin connection is handed to exactly one worker that accepts it, or closed;
-//! - a timer is pending in the driver exactly while it is in [`Core::timers`];
-//! - a stop ends with no worker, no handle and no timer.
+//! - no timer is armed in the past;
+//! - a stop ends with no worker, no handle and [`Core::poll_timeout`] `None`.
 
 mod control;
 mod handles;
@@ -23,6 +25,7 @@ mod reload;
 mod serving;
 #[cfg(test)]
 mod tests;
+mod timers;
 mod workers;
 
 use crate::Endpoint;
@@ -37,6 +40,8 @@ use self::handles::Handle;
 pub(crate) use self::lifecycle::StopCause;
 use self::lifecycle::{Occupant, Slot, Worker};
 use self::reload::Reload;
+pub(crate) use self::timers::Timer;
+use self::timers::Timers;
 use super::{Event, ReloadFailure, SlotFailure, Stats, WorkerStats};
 pub(crate) use crate::protocol::{HANDOFF_WINDOW, MAX_SERVERS_PER_WORKER};
 use crate::protocol::{HandleKey, ToPrimary, ToWorker, WorkerId};
@@ -171,29 +176,9 @@ pub(crate) enum Input {
         key: HandleKey,
         conn: ConnId,
     },
-    TimerFired(Timer),
+    /// Time passed: every timer due at `now` fires (see [`Core::poll_timeout`]).
+    Tick,
     Command(RequestId, Command),
-}
-
-/// A timer the driver keeps; at most one of each is pending.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub(crate) enum Timer {
-    /// Start the slot's next worker.
-    Respawn(usize),
-    /// Kill a stopping worker that has not exited.
-    DrainDeadline(WorkerId),
-    /// Report an exit whose channel has not closed.
-    ExitGrace(WorkerId),
-    /// Close round-robin connections held too long.
-    Hold(HandleKey),
-    /// Give up the reload step in progress.
-    Reload,
-    /// Close a handle no worker has taken up again since its last one left.
-    HandleIdle(HandleKey),
-    /// A worker with hand-offs in flight has answered none for the hand-off timeout.
-    Handoff(WorkerId),
-    /// A forked worker has not reported online within the connect timeout.
-    Connect(WorkerId),
 }
 
 /// A descriptor the driver attaches to a message.
@@ -251,11 +236,6 @@ pub(crate) enum Effect {
     },
     /// Close the driver's copy of a connection.
     CloseConn(ConnId),
-    StartTimer {
-        timer: Timer,
-        at: Instant,
-    },
-    CancelTimer(Timer),
     Emit(Event),
     Reply(RequestId, Outcome),
     /// The primary has stopped: nothing is left.
@@ -278,7 +258,7 @@ pub(crate) struct Core {
     workers: BTreeMap<WorkerId, Worker>,
     slots: BTreeMap<usize, Slot>,
     handles: HashMap<HandleKey, Handle>,
-    timers: HashMap<Timer, Instant>,
+    timers: Timers,
     /// `AddWorker` requests waiting for their fork.
     adding: HashMap<WorkerId, RequestId>,
     reload: Option<Reload>,
@@ -298,7 +278,7 @@ impl Core {
             workers: BTreeMap::new(),
             slots: BTreeMap::new(),
             handles: HashMap::new(),
-            timers: HashMap::new(),
+            timers: Timers::default(),
             adding: HashMap::new(),
             reload: None,
             run: Run::Running,
@@ -341,7 +321,7 @@ impl Core {
                 result,
             } => self.on_bound(&key, socket, result, now),
             Input::Connection { key, conn } => self.on_connection(key, conn, now),
-            Input::TimerFired(timer) => self.on_timer(timer, now),
+            Input::Tick => self.on_tick(now),
             Input::Command(request, command) => self.on_command(request, command, now),
         }
         // Whatever changed a round-robin queue, its accepting follows its length.
@@ -362,10 +342,11 @@ impl Core {
             .map(|(id, _)| *id)
     }
 
-    /// The pending timers and when they fire.
-    #[cfg(test)]
-    pub(crate) fn timers(&self) -> &HashMap<Timer, Instant> {
-        &self.timers
+    /// When the core next needs `Input::Tick`: its earliest deadline. The driver sleeps
+    /// until then (asking again after every batch of effects); `None` once nothing is
+    /// armed, which a finished stop always is.
+    pub(crate) fn poll_timeout(&self) -> Option<Instant> {
+        self.timers.next_deadline()
     }
 
     pub(crate) fn stats(&mut self) -> Stats {
@@ -433,13 +414,10 @@ impl Core {
     }
 
     fn start_timer(&mut self, timer: Timer, at: Instant) {
-        self.timers.insert(timer.clone(), at);
-        self.out.push(Effect::StartTimer { timer, at });
+        self.timers.start(timer, at);
     }
 
     fn cancel_timer(&mut self, timer: Timer) {
-        if self.timers.remove(&timer).is_some() {
-            self.out.push(Effect::CancelTimer(timer));
-        }
+        self.timers.cancel(&timer);
     }
 }

@@ -1,5 +1,6 @@
 //! The thin async driver around [`Core`]: it owns the worker processes, their channels,
-//! the listening sockets, the accepted connections and the timers, turns what happens
+//! the listening sockets and the accepted connections, and one sleep set to the core's
+//! [`poll_timeout`](Core::poll_timeout); it turns what happens (time passing included)
 //! into [`Input`]s and performs the [`Effect`]s the core returns. It decides nothing.
 //!
 //! Tasks per worker only move bytes: a reader forwards the worker's frames, a writer
@@ -14,7 +15,6 @@ use std::time::{Duration, Instant};
 
 use child::{ForkOptions, Signal, Stdio};
 use tokio::sync::{mpsc, watch};
-use tokio_util::time::{DelayQueue, delay_queue};
 
 mod fork;
 mod tasks;
@@ -22,7 +22,7 @@ mod tasks;
 use self::tasks::{Fds, Outgoing, forward_output, read_worker, wait_worker, write_control};
 use super::core::{
     CONTROL_QUEUE, Command as CoreCommand, Config, ConnId, Core, Effect, FdRef, Input, Outcome,
-    RequestId, Timer,
+    RequestId,
 };
 use super::events::EventQueue;
 use super::sockets::Listeners;
@@ -102,8 +102,6 @@ pub(crate) struct Driver {
     listeners: Listeners,
     conns: HashMap<ConnId, Arc<OwnedFd>>,
     next_conn: u64,
-    timers: DelayQueue<Timer>,
-    timer_keys: HashMap<Timer, delay_queue::Key>,
     pending: HashMap<RequestId, Pending>,
     next_request: u64,
     /// The errors of failed forks that a reply (or `start`) still has to report.
@@ -179,8 +177,6 @@ impl Driver {
             listeners: Listeners::new(policy, inherited),
             conns: HashMap::new(),
             next_conn: 0,
-            timers: DelayQueue::new(),
-            timer_keys: HashMap::new(),
             pending: HashMap::new(),
             next_request: 0,
             fork_errors: HashMap::new(),
@@ -207,9 +203,16 @@ impl Driver {
         mut commands: mpsc::Receiver<Command>,
         mut internal: mpsc::Receiver<Internal>,
     ) {
+        // One sleep, set to the core's earliest deadline after every batch of effects.
+        let sleep = tokio::time::sleep_until(tokio::time::Instant::now());
+        tokio::pin!(sleep);
         while !self.finished {
-            let timers = &mut self.timers;
-            let has_timers = !timers.is_empty();
+            let timeout = self.core.poll_timeout().map(tokio::time::Instant::from_std);
+            if let Some(at) = timeout
+                && sleep.deadline() != at
+            {
+                sleep.as_mut().reset(at);
+            }
             let listeners = &mut self.listeners;
             let accepts = listeners.accepts();
             tokio::select! {
@@ -224,11 +227,7 @@ impl Driver {
                     self.conns.insert(conn, Arc::new(stream));
                     self.input(Input::Connection { key, conn });
                 }
-                Some(expired) = std::future::poll_fn(|cx| timers.poll_expired(cx)), if has_timers => {
-                    let timer = expired.into_inner();
-                    self.timer_keys.remove(&timer);
-                    self.input(Input::TimerFired(timer));
-                }
+                () = &mut sleep, if timeout.is_some() => self.input(Input::Tick),
             }
         }
         self.last_output(&mut internal).await;
@@ -341,23 +340,6 @@ impl Driver {
             }
             Effect::CloseConn(conn) => {
                 self.conns.remove(&conn);
-                None
-            }
-            Effect::StartTimer { timer, at } => {
-                let at = tokio::time::Instant::from_std(at);
-                match self.timer_keys.get(&timer) {
-                    Some(key) => self.timers.reset_at(key, at),
-                    None => {
-                        let key = self.timers.insert_at(timer.clone(), at);
-                        self.timer_keys.insert(timer, key);
-                    }
-                }
-                None
-            }
-            Effect::CancelTimer(timer) => {
-                if let Some(key) = self.timer_keys.remove(&timer) {
-                    self.timers.remove(&key);
-                }
                 None
             }
             Effect::Emit(event) => {

@@ -11,10 +11,18 @@ use super::{Command, Core, Effect, Outcome, RequestId, Run, Timer};
 use crate::protocol::{HandleKey, WorkerId};
 
 impl Core {
-    pub(super) fn on_timer(&mut self, timer: Timer, now: Instant) {
-        if self.timers.remove(&timer).is_none() {
-            return; // cancelled or replaced meanwhile
+    /// Time passed: fires every timer due at `now`, earliest first (equal deadlines in
+    /// the order they were armed). One cancelled or moved by an earlier one does not fire;
+    /// one armed for `now` meanwhile fires at the next tick.
+    pub(super) fn on_tick(&mut self, now: Instant) {
+        for (timer, seq) in self.timers.due(now) {
+            if self.timers.take(&timer, seq) {
+                self.on_timer(timer, now);
+            }
         }
+    }
+
+    fn on_timer(&mut self, timer: Timer, now: Instant) {
         match timer {
             Timer::Respawn(slot) => {
                 let respawning = self
@@ -167,10 +175,7 @@ impl Core {
         for key in keys {
             self.close_handle(&key);
         }
-        let timers: Vec<Timer> = self.timers.keys().cloned().collect();
-        for timer in timers {
-            self.cancel_timer(timer);
-        }
+        self.timers.clear();
         if let Run::Stopping { waiters } = std::mem::replace(&mut self.run, Run::Stopped) {
             for waiter in waiters {
                 self.out.push(Effect::Reply(waiter, Outcome::Done));

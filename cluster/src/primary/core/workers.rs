@@ -447,7 +447,7 @@ impl Core {
         self.dispatch_all(now);
         // A process that closed its channel but lives on is ended at the deadline.
         let timer = Timer::DrainDeadline(id);
-        if !self.timers.contains_key(&timer) {
+        if !self.timers.contains(&timer) {
             self.start_timer(timer, now + self.config.drain_deadline);
         }
     }

@@ -170,7 +170,7 @@ proptest! {
     #![proptest_config(ProptestConfig::with_cases(256))]
 
     /// Whatever happens, in any order: events in Node's order, one exit per fork, no
-    /// connection served twice or lost, timers mirrored, a slot given up at most once,
+    /// connection served twice or lost, no timer armed in the past, a slot given up at most once,
     /// and a stop that ends with nothing left.
     #[test]
     fn any_interleaving_keeps_the_invariants(

@@ -1,5 +1,5 @@
-//! A simulated world around [`Core`]: worker processes that answer (or not), a clock,
-//! timers, sockets that bind, accepted connections. It performs effects as the driver
+//! A simulated world around [`Core`]: worker processes that answer (or not), a clock
+//! that moves to the core's deadlines, sockets that bind, accepted connections. It performs effects as the driver
 //! does and checks (`sim/checks.rs`), after every step, what must hold whatever happens.
 
 mod checks;
@@ -9,9 +9,7 @@ use std::time::{Duration, Instant};
 
 use child::{ExitStatus, Signal};
 
-use super::super::{
-    Command, Config, ConnId, Core, Effect, FdRef, Input, Outcome, RequestId, Timer,
-};
+use super::super::{Command, Config, ConnId, Core, Effect, FdRef, Input, Outcome, RequestId};
 use crate::protocol::{Granted, HandleKey, ToPrimary, ToWorker, WorkerId};
 use crate::settings::{Policy, RestartPolicy};
 
@@ -53,7 +51,9 @@ pub(super) struct Sim {
     pub(super) core: Core,
     pub(super) now: Instant,
     pub(super) procs: BTreeMap<WorkerId, Proc>,
-    pub(super) timers: HashMap<Timer, Instant>,
+    /// The core's timer sequence number at the last check: timers armed since then
+    /// are checked not to be in the past.
+    timers_checked: u64,
     conns: BTreeMap<ConnId, ConnState>,
     next_conn: u64,
     next_request: u64,
@@ -111,7 +111,7 @@ impl Sim {
             core,
             now,
             procs: BTreeMap::new(),
-            timers: HashMap::new(),
+            timers_checked: 0,
             conns: BTreeMap::new(),
             next_conn: 0,
             next_request: 0,
@@ -354,19 +354,14 @@ impl Sim {
         }
     }
 
-    /// Fires the earliest timer, moving the clock to it.
+    /// Moves the clock to the core's next deadline ([`Core::poll_timeout`]) and tells
+    /// it time passed, as the driver's sleep does; `false` if nothing is armed.
     pub(super) fn fire_timer(&mut self) -> bool {
-        let Some((timer, at)) = self
-            .timers
-            .iter()
-            .min_by_key(|(_, at)| **at)
-            .map(|(t, at)| (t.clone(), *at))
-        else {
+        let Some(at) = self.core.poll_timeout() else {
             return false;
         };
         self.now = self.now.max(at);
-        self.timers.remove(&timer);
-        self.input(Input::TimerFired(timer));
+        self.input(Input::Tick);
         true
     }
 
@@ -473,15 +468,6 @@ impl Sim {
                         ConnState::Served(_) => {}
                         ConnState::Closed => panic!("{conn:?} closed twice"),
                     }
-                    None
-                }
-                Effect::StartTimer { timer, at } => {
-                    assert!(at >= self.now, "a timer in the past");
-                    self.timers.insert(timer, at);
-                    None
-                }
-                Effect::CancelTimer(timer) => {
-                    assert!(self.timers.remove(&timer).is_some(), "cancelled twice");
                     None
                 }
                 Effect::Emit(event) => {
