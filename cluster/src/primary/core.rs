@@ -29,7 +29,7 @@ mod timers;
 mod workers;
 
 use crate::Endpoint;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::ffi::OsString;
 use std::time::{Duration, Instant};
 
@@ -102,13 +102,15 @@ pub(crate) enum Command {
     Stop,
 }
 
-/// The answer to a command.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// The answer to a command (or to the start).
+#[derive(Debug)]
 pub(crate) enum Outcome {
     Done,
     Added(WorkerId),
-    /// The fork failed; the driver holds the error.
-    AddFailed(WorkerId),
+    /// The fork failed: the driver's error, which the core passes on to the reply.
+    ForkFailed(child::Error),
+    /// The signal of a `Kill` could not be sent: the driver's error, passed on.
+    KillFailed(child::Error),
     Removed(Option<WorkerId>),
     UnknownWorker(WorkerId),
     Stopped,
@@ -122,11 +124,16 @@ pub(crate) enum Input {
         id: WorkerId,
         pid: u32,
     },
-    /// The driver could not start it; `transient` when for lack of resources (EMFILE,
-    /// ENFILE, EAGAIN, ENOMEM), which is not the program's fault.
+    /// The driver could not start it. The core decides what the error means (for lack
+    /// of resources, it passes) and which reply reports it, if any.
     ForkFailed {
         id: WorkerId,
-        transient: bool,
+        error: child::Error,
+    },
+    /// The result of a `Kill` effect made for a request.
+    Signaled {
+        request: RequestId,
+        result: Result<(), child::Error>,
     },
     /// A decoded control message.
     Message {
@@ -208,7 +215,7 @@ pub(crate) enum Effect {
         message: ToWorker,
         fd: Option<FdRef>,
     },
-    /// Signal a worker; reply to `request` with the result, if given.
+    /// Signal a worker; with a `request`, answer with `Signaled` (the core replies).
     Kill {
         id: WorkerId,
         signal: Signal,
@@ -238,8 +245,16 @@ pub(crate) enum Effect {
     CloseConn(ConnId),
     Emit(Event),
     Reply(RequestId, Outcome),
-    /// The primary has stopped: nothing is left.
+    /// The primary has ended: after a stop nothing is left; after a failed start (see
+    /// [`Core::start`]) the driver ends, killing what was forked.
     Finished,
+}
+
+/// The start in progress: its request and the first-generation forks not yet answered.
+#[derive(Debug)]
+struct Starting {
+    request: RequestId,
+    waiting: BTreeSet<WorkerId>,
 }
 
 #[derive(Debug)]
@@ -261,6 +276,8 @@ pub(crate) struct Core {
     timers: Timers,
     /// `AddWorker` requests waiting for their fork.
     adding: HashMap<WorkerId, RequestId>,
+    /// The start's request, while first-generation forks are unanswered.
+    starting: Option<Starting>,
     reload: Option<Reload>,
     run: Run,
     /// When the input being handled happened (the core reads no clock).
@@ -280,6 +297,7 @@ impl Core {
             handles: HashMap::new(),
             timers: Timers::default(),
             adding: HashMap::new(),
+            starting: None,
             reload: None,
             run: Run::Running,
             now,
@@ -287,12 +305,19 @@ impl Core {
         }
     }
 
-    /// Forks the configured workers.
-    pub(crate) fn start(&mut self, now: Instant) -> Vec<Effect> {
+    /// Forks the configured workers. `request` is answered once every fork is: `Done`,
+    /// or `ForkFailed` with the first error, after which the primary is `Finished` (a
+    /// primary whose program cannot start does not start).
+    pub(crate) fn start(&mut self, now: Instant, request: RequestId) -> Vec<Effect> {
         self.now = now;
+        let mut waiting = BTreeSet::new();
         for _ in 0..self.config.workers {
             let slot = self.new_slot(Vec::new());
-            self.fork_into(slot, now);
+            waiting.insert(self.fork_into(slot, now));
+        }
+        match waiting.is_empty() {
+            true => self.out.push(Effect::Reply(request, Outcome::Done)),
+            false => self.starting = Some(Starting { request, waiting }),
         }
         std::mem::take(&mut self.out)
     }
@@ -302,7 +327,11 @@ impl Core {
         self.now = now;
         match input {
             Input::Forked { id, pid } => self.on_forked(id, pid),
-            Input::ForkFailed { id, transient } => self.on_fork_failed(id, transient, now),
+            Input::ForkFailed { id, error } => self.on_fork_failed(id, error, now),
+            Input::Signaled { request, result } => {
+                let outcome = result.map_or_else(Outcome::KillFailed, |()| Outcome::Done);
+                self.out.push(Effect::Reply(request, outcome));
+            }
             Input::Message { id, message } => self.on_message(id, message, now),
             Input::Malformed { id, reason } => self.misbehaved(id, reason),
             Input::SendFailed { id } => self.misbehaved(id, "its control queue is full".into()),

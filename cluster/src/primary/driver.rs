@@ -84,6 +84,8 @@ enum Pending {
     Remove(Reply<Option<WorkerId>>),
     Result(Reply<Result<(), Error>>),
     Unit(Reply<()>),
+    /// The start's, answered while `start` performs the first forks.
+    Start(Reply<Result<(), Error>>),
 }
 
 #[derive(Debug)]
@@ -104,10 +106,6 @@ pub(crate) struct Driver {
     next_conn: u64,
     pending: HashMap<RequestId, Pending>,
     next_request: u64,
-    /// The errors of failed forks that a reply (or `start`) still has to report.
-    fork_errors: HashMap<WorkerId, child::Error>,
-    /// Whether `start` is forking the first workers (their errors fail `start`).
-    starting: bool,
     /// Silent workers' output streams not yet at their end.
     outputs: usize,
     internal: mpsc::Sender<Internal>,
@@ -179,20 +177,19 @@ impl Driver {
             next_conn: 0,
             pending: HashMap::new(),
             next_request: 0,
-            fork_errors: HashMap::new(),
-            starting: true,
             outputs: 0,
             internal,
             events,
             finished: false,
             ready: watch::Sender::new(false),
         };
-        let effects = driver.core.start(Instant::now());
+        let (reply, mut started) = tokio::sync::oneshot::channel();
+        let request = driver.request(Pending::Start(reply));
+        let effects = driver.core.start(Instant::now(), request);
         driver.perform(effects);
-        if let Some((_, error)) = driver.fork_errors.drain().next() {
-            return Err(Error::Fork(error)); // dropping the driver kills the others
-        }
-        driver.starting = false;
+        // The core answered once every first fork was; if one failed, it also ended the
+        // primary and dropping the driver kills the others.
+        started.try_recv().unwrap_or(Err(Error::Stopped))?;
         let ready = driver.ready.subscribe();
         tokio::spawn(driver.run(commands, internal_rx));
         Ok(ready)
@@ -263,21 +260,7 @@ impl Driver {
         while let Some(effect) = queue.pop_front() {
             readiness_may_change |= matches!(effect, Effect::Emit(_) | Effect::Reply(..));
             if let Some(input) = self.perform_one(effect) {
-                let failed = match input {
-                    Input::ForkFailed { id, .. } => Some(id),
-                    _ => None,
-                };
-                let effects = self.core.handle(Instant::now(), input);
-                // A failed fork's error is kept only for the reply that reports it.
-                if let Some(id) = failed {
-                    let reported = effects
-                        .iter()
-                        .any(|e| matches!(e, Effect::Reply(_, Outcome::AddFailed(f)) if *f == id));
-                    if !reported && !self.starting {
-                        self.fork_errors.remove(&id);
-                    }
-                }
-                queue.extend(effects);
+                queue.extend(self.core.handle(Instant::now(), input));
             }
         }
         if readiness_may_change {
@@ -300,18 +283,19 @@ impl Driver {
                 signal,
                 request,
             } => {
+                // A process already gone has exited: the signal has nothing to reach.
                 let result = match self.links.get(&id) {
-                    Some(link) => link.child.kill(signal).map(drop).map_err(Error::Kill),
-                    None => Err(Error::UnknownWorker(id)),
+                    Some(link) => link.child.kill(signal).map(drop),
+                    None => Ok(()),
                 };
-                if let Some(request) = request {
-                    if let Some(Pending::Result(reply)) = self.pending.remove(&request) {
-                        let _ = reply.send(result);
+                match (request, result) {
+                    (Some(request), result) => Some(Input::Signaled { request, result }),
+                    (None, Err(e)) => {
+                        tracing::warn!(%id, error = %e, "could not signal a worker");
+                        None
                     }
-                } else if let Err(e) = result {
-                    tracing::warn!(%id, error = %e, "could not signal a worker");
+                    (None, Ok(())) => None,
                 }
-                None
             }
             Effect::Bind {
                 key,
@@ -370,18 +354,15 @@ impl Driver {
         };
         let error = |outcome| match outcome {
             Outcome::UnknownWorker(id) => Error::UnknownWorker(id),
+            Outcome::ForkFailed(e) => Error::Fork(e),
+            Outcome::KillFailed(e) => Error::Kill(e),
             _ => Error::Stopped,
         };
         match (pending, outcome) {
             (Pending::Add(reply), Outcome::Added(id)) => drop(reply.send(Ok(id))),
-            (Pending::Add(reply), Outcome::AddFailed(id)) => {
-                let result = match self.fork_errors.remove(&id) {
-                    Some(e) => Err(Error::Fork(e)),
-                    None => Err(Error::Stopped),
-                };
-                drop(reply.send(result));
-            }
             (Pending::Add(reply), other) => drop(reply.send(Err(error(other)))),
+            (Pending::Start(reply), Outcome::Done) => drop(reply.send(Ok(()))),
+            (Pending::Start(reply), other) => drop(reply.send(Err(error(other)))),
             (Pending::Remove(reply), Outcome::Removed(id)) => drop(reply.send(id)),
             (Pending::Remove(reply), _) => drop(reply.send(None)),
             (Pending::Result(reply), Outcome::Done) => drop(reply.send(Ok(()))),
@@ -427,12 +408,18 @@ impl Driver {
             Command::Reload(reply) => (CoreCommand::Reload, Pending::Unit(reply)),
             Command::Stop(reply) => (CoreCommand::Stop, Pending::Unit(reply)),
         };
-        let request = RequestId(self.next_request);
-        self.next_request += 1;
-        self.pending.insert(request, pending);
+        let request = self.request(pending);
         self.input(Input::Command(request, command));
         // A stop begins without an event.
         self.publish_ready();
+    }
+
+    /// Keeps a reply until the core answers the request it names.
+    fn request(&mut self, pending: Pending) -> RequestId {
+        let request = RequestId(self.next_request);
+        self.next_request += 1;
+        self.pending.insert(request, pending);
+        request
     }
 
     fn internal(&mut self, message: Internal) {

@@ -9,7 +9,9 @@ use child::{ExitStatus, Signal};
 
 use self::sim::{Sim, config, signaled};
 use super::lifecycle::Phase;
-use super::{Command, Config, Input, MAX_SERVERS_PER_WORKER, Outcome, Timer};
+use super::{
+    Command, Config, Core, Effect, Input, MAX_SERVERS_PER_WORKER, Outcome, RequestId, Timer,
+};
 use crate::protocol::{ToPrimary, ToWorker, WorkerId};
 use crate::settings::Policy;
 
@@ -109,15 +111,19 @@ fn a_worker_that_disconnects_itself_is_replaced_at_once_and_never_counts_as_a_cr
 fn kill_disconnects_first_sets_exited_after_disconnect_and_is_not_replaced() {
     let mut sim = serving(2, Policy::RoundRobin);
     let kill = sim.command(Command::Kill(id(1), Signal::SIGTERM));
-    assert_eq!(sim.replies.get(&kill), Some(&Outcome::Done));
+    assert!(
+        matches!(sim.replies.get(&kill), Some(Outcome::Done)),
+        "{:?}",
+        sim.replies.get(&kill)
+    );
     assert_eq!(sim.exits[&id(1)], (signaled(Signal::SIGTERM), true));
     sim.settle(100);
     assert_eq!(sim.procs.len(), 2, "not replaced");
     let unknown = sim.command(Command::Kill(id(9), Signal::SIGTERM));
-    assert_eq!(
+    assert!(matches!(
         sim.replies.get(&unknown),
-        Some(&Outcome::UnknownWorker(id(9)))
-    );
+        Some(Outcome::UnknownWorker(n)) if *n == id(9)
+    ));
     sim.stop_and_check();
 }
 
@@ -207,7 +213,11 @@ fn a_reload_replaces_every_worker_and_keeps_the_old_one_when_the_new_code_crash_
     let mut sim = serving(2, Policy::ReusePort);
     let reload = sim.command(Command::Reload);
     sim.settle(1000);
-    assert_eq!(sim.replies.get(&reload), Some(&Outcome::Done));
+    assert!(
+        matches!(sim.replies.get(&reload), Some(Outcome::Done)),
+        "{:?}",
+        sim.replies.get(&reload)
+    );
     assert!(sim.exits.contains_key(&id(1)) && sim.exits.contains_key(&id(2)));
     assert_eq!(sim.listening_current(), 2);
 
@@ -226,7 +236,11 @@ fn a_reload_replaces_every_worker_and_keeps_the_old_one_when_the_new_code_crash_
             }
         }
     }
-    assert_eq!(sim.replies.get(&reload), Some(&Outcome::Done));
+    assert!(
+        matches!(sim.replies.get(&reload), Some(Outcome::Done)),
+        "{:?}",
+        sim.replies.get(&reload)
+    );
     for old in &before {
         assert!(sim.procs[old].alive, "{old} kept serving");
     }
@@ -287,7 +301,11 @@ fn a_reload_step_that_cannot_progress_times_out_and_keeps_the_old_worker() {
     );
     // The reload goes on with slot 1 and ends.
     sim.settle(1000);
-    assert_eq!(sim.replies.get(&reload), Some(&Outcome::Done));
+    assert!(
+        matches!(sim.replies.get(&reload), Some(Outcome::Done)),
+        "{:?}",
+        sim.replies.get(&reload)
+    );
     assert!(sim.procs[&id(1)].alive, "slot 0 kept its old worker");
     assert!(!sim.procs[&id(2)].alive, "slot 1 was replaced");
     sim.stop_and_check();
@@ -307,7 +325,11 @@ fn a_reload_whose_new_workers_cannot_even_start_keeps_every_old_worker() {
         assert!(sim.fire_timer(), "a respawn or the reload timer");
     }
     sim.fail_next_fork = false;
-    assert_eq!(sim.replies.get(&reload), Some(&Outcome::Done));
+    assert!(
+        matches!(sim.replies.get(&reload), Some(Outcome::Done)),
+        "{:?}",
+        sim.replies.get(&reload)
+    );
     assert_eq!(sim.reload_failed, [0, 1], "each slot's failure is reported");
     sim.settle(1000);
     assert!(
@@ -329,8 +351,16 @@ fn a_reload_asked_during_a_reload_runs_a_new_pass_over_every_slot() {
     sim.settle(1); // slot 0 replaced (worker 3), slot 1 in progress
     let second = sim.command(Command::Reload);
     sim.settle(1000);
-    assert_eq!(sim.replies.get(&first), Some(&Outcome::Done));
-    assert_eq!(sim.replies.get(&second), Some(&Outcome::Done));
+    assert!(
+        matches!(sim.replies.get(&first), Some(Outcome::Done)),
+        "{:?}",
+        sim.replies.get(&first)
+    );
+    assert!(
+        matches!(sim.replies.get(&second), Some(Outcome::Done)),
+        "{:?}",
+        sim.replies.get(&second)
+    );
     let alive: Vec<u64> = sim
         .procs
         .iter()
@@ -371,7 +401,10 @@ fn a_failed_fork_is_retried_and_a_failed_add_is_reported() {
     let mut sim = serving(1, Policy::RoundRobin);
     sim.fail_next_fork = true;
     let add = sim.command(Command::AddWorker { env: Vec::new() });
-    assert!(matches!(sim.replies.get(&add), Some(Outcome::AddFailed(_))));
+    assert!(matches!(
+        sim.replies.get(&add),
+        Some(Outcome::ForkFailed(_))
+    ));
     assert_eq!(sim.core.slots.len(), 1, "the slot of a failed add is gone");
     sim.fail_next_fork = true;
     sim.exit(id(1), ExitStatus::Exited(1), Some(true));
@@ -572,4 +605,49 @@ fn a_grant_whose_socket_cannot_be_copied_is_withdrawn_and_the_worker_told() {
     assert_eq!(sim.listening_current(), 1);
     assert!(sim.misbehaved.is_empty());
     sim.stop_and_check();
+}
+
+/// A first-generation worker that cannot be forked fails the start: once every fork is
+/// answered, the core replies to the start with the driver's error and ends the primary.
+#[test]
+fn a_failed_first_fork_fails_the_start_with_its_error() {
+    let now = std::time::Instant::now();
+    let mut core = Core::new(config(2, Policy::RoundRobin), now);
+    let start = RequestId(0);
+    let forks: Vec<WorkerId> = core
+        .start(now, start)
+        .iter()
+        .filter_map(|e| match e {
+            Effect::Fork { id, .. } => Some(*id),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(forks.len(), 2);
+    let forked = core.handle(
+        now,
+        Input::Forked {
+            id: forks[0],
+            pid: 1001,
+        },
+    );
+    assert!(
+        !forked.iter().any(|e| matches!(e, Effect::Reply(..))),
+        "the start waits for every fork: {forked:?}"
+    );
+    let error = std::io::Error::from_raw_os_error(libc::ENOENT);
+    let error = child::Error::Ipc(ipc::Error::Io(error));
+    let failed = core.handle(
+        now,
+        Input::ForkFailed {
+            id: forks[1],
+            error,
+        },
+    );
+    assert!(
+        matches!(
+            &failed[..],
+            [Effect::Reply(r, Outcome::ForkFailed(_)), Effect::Finished] if *r == start
+        ),
+        "{failed:?}"
+    );
 }

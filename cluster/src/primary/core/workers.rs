@@ -8,7 +8,7 @@ use child::Signal;
 
 use super::handles::HandleKind;
 use super::lifecycle::{Occupant, Phase, Server, Slot, StopCause, Worker};
-use super::{Core, Effect, Event, Outcome, RESOURCE_RETRY, ReloadFailure, SlotFailure, Timer};
+use super::{Core, Effect, Event, Outcome, RESOURCE_RETRY, ReloadFailure, Run, SlotFailure, Timer};
 use crate::primary::restart::{Decision, RestartTracker};
 use crate::protocol::{ToPrimary, ToWorker, WorkerId};
 
@@ -74,19 +74,36 @@ impl Core {
         if let Some(request) = self.adding.remove(&id) {
             self.out.push(Effect::Reply(request, Outcome::Added(id)));
         }
+        if let Some(starting) = &mut self.starting
+            && starting.waiting.remove(&id)
+            && starting.waiting.is_empty()
+        {
+            let request = starting.request;
+            self.starting = None;
+            self.out.push(Effect::Reply(request, Outcome::Done));
+        }
     }
 
-    pub(super) fn on_fork_failed(&mut self, id: WorkerId, transient: bool, now: Instant) {
+    pub(super) fn on_fork_failed(&mut self, id: WorkerId, error: child::Error, now: Instant) {
         let Some(worker) = self.workers.remove(&id) else {
             return;
         };
         let slot = worker.slot;
+        if let Some(starting) = self.starting.take_if(|s| s.waiting.contains(&id)) {
+            // The first generation cannot start: neither does the primary.
+            self.run = Run::Stopped;
+            self.out
+                .push(Effect::Reply(starting.request, Outcome::ForkFailed(error)));
+            self.out.push(Effect::Finished);
+            return;
+        }
         if let Some(request) = self.adding.remove(&id) {
             self.slots.remove(&slot);
             self.out
-                .push(Effect::Reply(request, Outcome::AddFailed(id)));
+                .push(Effect::Reply(request, Outcome::ForkFailed(error)));
             return;
         }
+        let transient = lacks_resources(&error);
         if self.slot_current(slot) != Some(id) {
             return;
         }
@@ -524,4 +541,18 @@ impl Core {
         self.advance_reload(now);
         self.check_stopped();
     }
+}
+
+/// Whether a fork failed for lack of resources (descriptors, processes, memory), which
+/// passes, rather than because of the program.
+fn lacks_resources(error: &child::Error) -> bool {
+    let errno = match error {
+        child::Error::Spawn(e) => e.raw_os_error(),
+        child::Error::Ipc(ipc::Error::Io(e)) => e.raw_os_error(),
+        _ => None,
+    };
+    matches!(
+        errno,
+        Some(libc::EMFILE | libc::ENFILE | libc::EAGAIN | libc::ENOMEM)
+    )
 }

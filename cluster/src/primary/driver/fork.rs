@@ -68,10 +68,8 @@ impl Driver {
         let (mut child, channel) = match started {
             Ok(started) => started,
             Err(e) => {
-                let transient = lacks_resources(&e);
-                tracing::error!(%id, slot, error = %e, transient, "could not fork a worker");
-                self.fork_errors.insert(id, e);
-                return Input::ForkFailed { id, transient };
+                tracing::error!(%id, slot, error = %e, "could not fork a worker");
+                return Input::ForkFailed { id, error: e };
             }
         };
         let (sender, receiver) = channel.into_split();
@@ -125,18 +123,4 @@ pub(super) fn warn_unless_requests_migrate() {
              connections waiting in its socket's queue (set the sysctl to migrate them)"
         );
     }
-}
-
-/// Whether a fork failed for lack of resources (descriptors, processes, memory), which
-/// passes, rather than because of the program.
-fn lacks_resources(error: &child::Error) -> bool {
-    let errno = match error {
-        child::Error::Spawn(e) => e.raw_os_error(),
-        child::Error::Ipc(ipc::Error::Io(e)) => e.raw_os_error(),
-        _ => None,
-    };
-    matches!(
-        errno,
-        Some(libc::EMFILE | libc::ENFILE | libc::EAGAIN | libc::ENOMEM)
-    )
 }

@@ -226,7 +226,7 @@ proptest! {
             prop_assert!(sim.core.stats().ready, "a reload never makes the cluster unready");
         }
         sim.settle(10_000);
-        prop_assert_eq!(sim.replies.get(&reload), Some(&Outcome::Done));
+        prop_assert!(matches!(sim.replies.get(&reload), Some(Outcome::Done)), "{:?}", sim.replies.get(&reload));
         for old in &before {
             prop_assert!(sim.exits.contains_key(old), "{} survived the reload", old);
         }

@@ -106,7 +106,7 @@ impl Sim {
     pub(super) fn new(config: Config) -> Self {
         let now = Instant::now();
         let mut core = Core::new(config, now);
-        let effects = core.start(now);
+        let effects = core.start(now, RequestId(u64::MAX));
         let mut sim = Sim {
             core,
             now,
@@ -131,6 +131,8 @@ impl Sim {
         };
         sim.perform(effects);
         sim.drain_inputs();
+        let started = sim.replies.get(&RequestId(u64::MAX));
+        assert!(matches!(started, Some(Outcome::Done)), "{started:?}");
         sim
     }
 
@@ -373,8 +375,14 @@ impl Sim {
                     assert!(!self.procs.contains_key(&id), "{id} forked twice");
                     assert!(!self.finished, "fork after the end");
                     if std::mem::take(&mut self.fail_next_fork) {
-                        let transient = self.fork_failure_transient;
-                        Some(Input::ForkFailed { id, transient })
+                        // Out of descriptors, or a program that is not there.
+                        let errno = match self.fork_failure_transient {
+                            true => libc::EMFILE,
+                            false => libc::ENOENT,
+                        };
+                        let error = std::io::Error::from_raw_os_error(errno);
+                        let error = child::Error::Ipc(ipc::Error::Io(error));
+                        Some(Input::ForkFailed { id, error })
                     } else {
                         let alive = true;
                         let channel = true;
@@ -421,9 +429,6 @@ impl Sim {
                     signal,
                     request,
                 } => {
-                    if let Some(request) = request {
-                        self.reply(request, Outcome::Done);
-                    }
                     let status = signaled(signal);
                     if let Some(p) = self.procs.get_mut(&id).filter(|p| p.alive) {
                         p.alive = false;
@@ -433,7 +438,10 @@ impl Sim {
                         }
                         self.inputs.push_back(Input::Exited { id, status });
                     }
-                    None
+                    request.map(|request| Input::Signaled {
+                        request,
+                        result: Ok(()),
+                    })
                 }
                 Effect::Bind { key, socket, .. } => {
                     let result = match self.fail_next_bind.take() {

@@ -111,7 +111,11 @@ impl Sim {
         let stop = self.command(Command::Stop);
         self.settle(10_000);
         assert!(self.finished, "the stop did not finish: {:?}", self.core);
-        assert_eq!(self.replies.get(&stop), Some(&Outcome::Done));
+        assert!(
+            matches!(self.replies.get(&stop), Some(Outcome::Done)),
+            "{:?}",
+            self.replies.get(&stop)
+        );
         assert!(self.core.workers.is_empty());
         assert!(self.core.handles.is_empty());
         assert_eq!(
