@@ -3,7 +3,7 @@
 //! [`Core::handle`] takes one [`Input`] (a worker's message, an exit, a closed channel,
 //! an accepted connection, time passing, a request) with the time it happened, and
 //! returns the [`Effect`]s the driver must perform, in order: fork, send, kill, bind,
-//! close, emit an event, reply to a request. The core keeps its own deadlines
+//! close, emit an event, forget a worker, reply to a request. The core keeps its own deadlines
 //! (`timers.rs`); the driver asks [`Core::poll_timeout`] after every batch of effects,
 //! sleeps until then and feeds [`Input::Tick`]. The driver (`driver.rs`) owns the
 //! processes, channels and sockets and feeds the results back (`Forked`, `Bound`, ...),
@@ -84,13 +84,14 @@ pub(crate) struct Config {
     pub(crate) wait_ready: bool,
 }
 
-/// A command's tag; the driver keeps the reply channel.
+/// A request's tag; the driver keeps the reply channel until the core answers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(crate) struct RequestId(pub(crate) u64);
 
-/// What the `Primary` handle asks.
+/// What the `Primary` handle asks of the core (the driver answers the handle's queries,
+/// which change nothing, itself).
 #[derive(Debug)]
-pub(crate) enum Command {
+pub(crate) enum Request {
     /// A new slot, with extra environment for its workers.
     AddWorker {
         env: Vec<(OsString, OsString)>,
@@ -102,7 +103,7 @@ pub(crate) enum Command {
     Stop,
 }
 
-/// The answer to a command (or to the start).
+/// The answer to a request (or to the start).
 #[derive(Debug)]
 pub(crate) enum Outcome {
     Done,
@@ -185,7 +186,7 @@ pub(crate) enum Input {
     },
     /// Time passed: every timer due at `now` fires (see [`Core::poll_timeout`]).
     Tick,
-    Command(RequestId, Command),
+    Request(RequestId, Request),
 }
 
 /// A descriptor the driver attaches to a message.
@@ -244,6 +245,8 @@ pub(crate) enum Effect {
     /// Close the driver's copy of a connection.
     CloseConn(ConnId),
     Emit(Event),
+    /// The worker is gone (its `Exit` was emitted): drop its process and channel.
+    Forget(WorkerId),
     Reply(RequestId, Outcome),
     /// The primary has ended: after a stop nothing is left; after a failed start (see
     /// [`Core::start`]) the driver ends, killing what was forked.
@@ -351,7 +354,7 @@ impl Core {
             } => self.on_bound(&key, socket, result, now),
             Input::Connection { key, conn } => self.on_connection(key, conn, now),
             Input::Tick => self.on_tick(now),
-            Input::Command(request, command) => self.on_command(request, command, now),
+            Input::Request(request, asked) => self.on_request(request, asked, now),
         }
         // Whatever changed a round-robin queue, its accepting follows its length.
         self.update_accepting();

@@ -10,7 +10,7 @@ use child::{ExitStatus, Signal};
 use self::sim::{Sim, config, signaled};
 use super::lifecycle::Phase;
 use super::{
-    Command, Config, Core, Effect, Input, MAX_SERVERS_PER_WORKER, Outcome, RequestId, Timer,
+    Config, Core, Effect, Input, MAX_SERVERS_PER_WORKER, Outcome, Request, RequestId, Timer,
 };
 use crate::protocol::{ToPrimary, ToWorker, WorkerId};
 use crate::settings::Policy;
@@ -39,7 +39,7 @@ fn serving_with(workers: usize, policy: Policy, wait_ready: bool) -> Sim {
 #[test]
 fn a_cooperative_worker_goes_through_nodes_events_in_order() {
     let mut sim = serving(1, Policy::RoundRobin);
-    sim.command(Command::Disconnect(Some(id(1))));
+    sim.request(Request::Disconnect(Some(id(1))));
     sim.settle(100);
     assert_eq!(
         sim.events[&id(1)],
@@ -110,7 +110,7 @@ fn a_worker_that_disconnects_itself_is_replaced_at_once_and_never_counts_as_a_cr
 #[test]
 fn kill_disconnects_first_sets_exited_after_disconnect_and_is_not_replaced() {
     let mut sim = serving(2, Policy::RoundRobin);
-    let kill = sim.command(Command::Kill(id(1), Signal::SIGTERM));
+    let kill = sim.request(Request::Kill(id(1), Signal::SIGTERM));
     assert!(
         matches!(sim.replies.get(&kill), Some(Outcome::Done)),
         "{:?}",
@@ -119,7 +119,7 @@ fn kill_disconnects_first_sets_exited_after_disconnect_and_is_not_replaced() {
     assert_eq!(sim.exits[&id(1)], (signaled(Signal::SIGTERM), true));
     sim.settle(100);
     assert_eq!(sim.procs.len(), 2, "not replaced");
-    let unknown = sim.command(Command::Kill(id(9), Signal::SIGTERM));
+    let unknown = sim.request(Request::Kill(id(9), Signal::SIGTERM));
     assert!(matches!(
         sim.replies.get(&unknown),
         Some(Outcome::UnknownWorker(n)) if *n == id(9)
@@ -211,7 +211,7 @@ fn a_connection_in_flight_to_a_dying_worker_goes_to_another() {
 #[test]
 fn a_reload_replaces_every_worker_and_keeps_the_old_one_when_the_new_code_crash_loops() {
     let mut sim = serving(2, Policy::ReusePort);
-    let reload = sim.command(Command::Reload);
+    let reload = sim.request(Request::Reload);
     sim.settle(1000);
     assert!(
         matches!(sim.replies.get(&reload), Some(Outcome::Done)),
@@ -223,7 +223,7 @@ fn a_reload_replaces_every_worker_and_keeps_the_old_one_when_the_new_code_crash_
 
     // Now the new workers die at once: the slot gives up and the old worker stays.
     let before: Vec<WorkerId> = sim.core.workers.keys().copied().collect();
-    let reload = sim.command(Command::Reload);
+    let reload = sim.request(Request::Reload);
     for _ in 0..20 {
         let newest = *sim.procs.keys().last().expect("a worker");
         if !before.contains(&newest) {
@@ -288,7 +288,7 @@ fn a_worker_is_trusted_only_for_what_it_was_granted() {
 #[test]
 fn a_reload_step_that_cannot_progress_times_out_and_keeps_the_old_worker() {
     let mut sim = serving(2, Policy::Shared);
-    let reload = sim.command(Command::Reload);
+    let reload = sim.request(Request::Reload);
     // The new worker of slot 0 (id 3) comes online but never listens.
     sim.online(id(3));
     assert!(sim.fire_timer(), "the reload timer");
@@ -316,7 +316,7 @@ fn a_reload_whose_new_workers_cannot_even_start_keeps_every_old_worker() {
     let mut sim = serving(2, Policy::Shared);
     // The program is gone: every fork fails, and the slots wait for respawns.
     sim.fail_next_fork = true;
-    let reload = sim.command(Command::Reload);
+    let reload = sim.request(Request::Reload);
     for _ in 0..100 {
         if sim.replies.contains_key(&reload) {
             break;
@@ -347,9 +347,9 @@ fn a_reload_whose_new_workers_cannot_even_start_keeps_every_old_worker() {
 #[test]
 fn a_reload_asked_during_a_reload_runs_a_new_pass_over_every_slot() {
     let mut sim = serving(2, Policy::RoundRobin);
-    let first = sim.command(Command::Reload);
+    let first = sim.request(Request::Reload);
     sim.settle(1); // slot 0 replaced (worker 3), slot 1 in progress
-    let second = sim.command(Command::Reload);
+    let second = sim.request(Request::Reload);
     sim.settle(1000);
     assert!(
         matches!(sim.replies.get(&first), Some(Outcome::Done)),
@@ -400,7 +400,7 @@ fn a_server_whose_last_worker_is_gone_closes_after_the_hold_time_unless_taken_up
 fn a_failed_fork_is_retried_and_a_failed_add_is_reported() {
     let mut sim = serving(1, Policy::RoundRobin);
     sim.fail_next_fork = true;
-    let add = sim.command(Command::AddWorker { env: Vec::new() });
+    let add = sim.request(Request::AddWorker { env: Vec::new() });
     assert!(matches!(
         sim.replies.get(&add),
         Some(Outcome::ForkFailed(_))
@@ -481,18 +481,18 @@ fn held_connections_expire_and_a_stop_closes_the_rest() {
 #[test]
 fn a_worker_told_to_stop_before_it_came_online_is_stopped_not_flagged() {
     let commands = [
-        vec![Command::Stop],
-        vec![Command::Reload, Command::Stop],
+        vec![Request::Stop],
+        vec![Request::Reload, Request::Stop],
         vec![
-            Command::AddWorker { env: Vec::new() },
-            Command::RemoveWorker,
-            Command::Stop,
+            Request::AddWorker { env: Vec::new() },
+            Request::RemoveWorker,
+            Request::Stop,
         ],
     ];
     for commands in commands {
         let mut sim = Sim::new(config(2, Policy::RoundRobin));
         for command in commands {
-            sim.command(command);
+            sim.request(command);
         }
         // Every worker still starting now reports online, then reads its messages.
         let ids: Vec<WorkerId> = sim.procs.keys().copied().collect();
@@ -524,7 +524,7 @@ fn a_worker_that_never_connects_is_reported_and_terminated_at_the_stop() {
         Phase::Forked { overdue: true, .. }
     ));
     assert_eq!(sim.events[&id(1)], ["fork", "other"], "reported once");
-    sim.command(Command::Stop);
+    sim.request(Request::Stop);
     assert_eq!(sim.exits[&id(1)].0, signaled(Signal::SIGTERM));
     assert!(
         sim.finished,

@@ -522,6 +522,7 @@ impl Core {
             status,
             exited_after_disconnect,
         });
+        self.out.push(Effect::Forget(id));
         let slot = worker.slot;
         if self.running() && self.slot_current(slot) == Some(id) {
             match worker.listen_failed {

@@ -9,7 +9,7 @@ use proptest::prelude::*;
 
 use super::serving_with;
 use super::sim::{self, Sim, config};
-use crate::primary::core::{Command, Config, Input, Outcome};
+use crate::primary::core::{Config, Input, Outcome, Request};
 use crate::protocol::{ToPrimary, WorkerId};
 use crate::settings::Policy;
 
@@ -146,19 +146,19 @@ fn play(sim: &mut Sim, op: Op) {
                 );
             }
         }
-        Op::Add => drop(sim.command(Command::AddWorker { env: Vec::new() })),
-        Op::Remove => drop(sim.command(Command::RemoveWorker)),
+        Op::Add => drop(sim.request(Request::AddWorker { env: Vec::new() })),
+        Op::Remove => drop(sim.request(Request::RemoveWorker)),
         Op::Disconnect(w) => {
             let target = pick(sim, w);
-            sim.command(Command::Disconnect(target));
+            sim.request(Request::Disconnect(target));
         }
         Op::Kill(w) => {
             if let Some(id) = pick(sim, w) {
-                sim.command(Command::Kill(id, Sim::kill_signal()));
+                sim.request(Request::Kill(id, Sim::kill_signal()));
             }
         }
-        Op::Reload => drop(sim.command(Command::Reload)),
-        Op::Stop => drop(sim.command(Command::Stop)),
+        Op::Reload => drop(sim.request(Request::Reload)),
+        Op::Stop => drop(sim.request(Request::Stop)),
         Op::FireTimer => drop(sim.fire_timer()),
         Op::Advance(ms) => sim.now += Duration::from_millis(ms),
         Op::FailNextFork => sim.fail_next_fork = true,
@@ -199,7 +199,7 @@ proptest! {
     ) {
         let mut sim = serving_with(workers, policy, wait_ready);
         let before: Vec<WorkerId> = sim.core.workers.keys().copied().collect();
-        let reload = sim.command(Command::Reload);
+        let reload = sim.request(Request::Reload);
         prop_assert!(sim.core.stats().ready);
         for (w, connect) in steps {
             if connect {

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use child::{ExitStatus, Signal};
 
-use super::super::{Command, Config, ConnId, Core, Effect, FdRef, Input, Outcome, RequestId};
+use super::super::{Config, ConnId, Core, Effect, FdRef, Input, Outcome, Request, RequestId};
 use crate::protocol::{Granted, HandleKey, ToPrimary, ToWorker, WorkerId};
 use crate::settings::{Policy, RestartPolicy};
 
@@ -161,10 +161,10 @@ impl Sim {
         self.check();
     }
 
-    pub(super) fn command(&mut self, command: Command) -> RequestId {
+    pub(super) fn request(&mut self, asked: Request) -> RequestId {
         let request = RequestId(self.next_request);
         self.next_request += 1;
-        self.input(Input::Command(request, command));
+        self.input(Input::Request(request, asked));
         request
     }
 
@@ -476,6 +476,12 @@ impl Sim {
                         ConnState::Served(_) => {}
                         ConnState::Closed => panic!("{conn:?} closed twice"),
                     }
+                    None
+                }
+                Effect::Forget(id) => {
+                    let exited = self.events.get(&id).is_some_and(|e| e.contains(&"exit"));
+                    assert!(exited, "{id} forgotten before its exit");
+                    assert!(!self.procs[&id].alive, "{id} forgotten alive");
                     None
                 }
                 Effect::Emit(event) => {

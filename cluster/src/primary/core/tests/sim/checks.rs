@@ -5,7 +5,7 @@ use std::collections::HashSet;
 
 use super::{ConnState, Sim};
 use crate::Event;
-use crate::primary::core::{Command, ConnId, Outcome};
+use crate::primary::core::{ConnId, Outcome, Request};
 
 impl Sim {
     pub(super) fn record(&mut self, event: &Event) {
@@ -108,7 +108,7 @@ impl Sim {
 
     /// Stops the primary and checks that it ends clean.
     pub(crate) fn stop_and_check(&mut self) {
-        let stop = self.command(Command::Stop);
+        let stop = self.request(Request::Stop);
         self.settle(10_000);
         assert!(self.finished, "the stop did not finish: {:?}", self.core);
         assert!(
