@@ -38,7 +38,7 @@ use child::Signal;
 pub(crate) use self::handles::ConnId;
 use self::handles::Handle;
 pub(crate) use self::lifecycle::StopCause;
-use self::lifecycle::{Occupant, Slot, Worker};
+use self::lifecycle::{Occupant, Slot, WorkerEntry};
 use self::reload::Reload;
 pub(crate) use self::timers::Timer;
 use self::timers::Timers;
@@ -273,7 +273,7 @@ pub(crate) struct Core {
     config: Config,
     next_id: u64,
     next_slot: usize,
-    workers: BTreeMap<WorkerId, Worker>,
+    workers: BTreeMap<WorkerId, WorkerEntry>,
     slots: BTreeMap<usize, Slot>,
     handles: HashMap<HandleKey, Handle>,
     timers: Timers,

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use child::Signal;
 
 use super::handles::HandleKind;
-use super::lifecycle::{Occupant, Phase, Server, Slot, StopCause, Worker};
+use super::lifecycle::{Occupant, Phase, Server, Slot, StopCause, WorkerEntry};
 use super::{Core, Effect, Event, Outcome, RESOURCE_RETRY, ReloadFailure, Run, SlotFailure, Timer};
 use crate::primary::restart::{Decision, RestartTracker};
 use crate::protocol::{ToPrimary, ToWorker, WorkerId};
@@ -41,7 +41,7 @@ impl Core {
         };
         self.workers.insert(
             id,
-            Worker {
+            WorkerEntry {
                 slot,
                 started: now,
                 phase: Phase::Starting,
