@@ -7,6 +7,7 @@ use std::sync::Arc;
 use tokio::sync::mpsc;
 
 use super::Driver;
+use super::processes::{Protocol, WorkerProcess};
 use super::tasks::{Fds, Outgoing};
 use crate::node_protocol::FromNode;
 use crate::primary::Event;
@@ -23,7 +24,7 @@ impl Driver {
             let ready = self
                 .processes
                 .get(id)
-                .is_some_and(|process| process.node.is_some())
+                .is_some_and(WorkerProcess::speaks_node)
                 && crate::node_protocol::is_ready(&message);
             self.published.events.push(Event::Message { id, message });
             if ready {
@@ -35,7 +36,7 @@ impl Driver {
         if self
             .processes
             .get(id)
-            .is_some_and(|process| process.node.is_some())
+            .is_some_and(WorkerProcess::speaks_node)
         {
             return self.node_message(id, message);
         }
@@ -60,7 +61,7 @@ impl Driver {
         let Some(process) = self.processes.get_mut(id) else {
             return;
         };
-        let Some(node) = process.node.as_mut() else {
+        let Protocol::Node(node) = &mut process.protocol else {
             return;
         };
         let translated = match message.internal() {
@@ -88,7 +89,8 @@ impl Driver {
         self.input(input);
     }
 
-    /// Queues a control message; a full queue is the worker's fault (see [`CONTROL_QUEUE`]).
+    /// Queues a control message; a full queue is the worker's fault (see
+    /// [`CONTROL_QUEUE`](crate::primary::core::CONTROL_QUEUE)).
     /// A descriptor that cannot be copied is reported to the core, which decides.
     pub(super) fn send(
         &mut self,
@@ -96,7 +98,7 @@ impl Driver {
         message: ToWorker,
         fd: Option<FdRef>,
     ) -> Option<Input> {
-        let node = self.processes.get(id)?.node.is_some();
+        let node = self.processes.get(id)?.speaks_node();
         let fds = match fd {
             None => Ok(Fds::none()),
             Some(FdRef::Conn(conn)) => {

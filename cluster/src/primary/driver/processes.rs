@@ -22,9 +22,17 @@ pub(super) struct WorkerProcess {
     child: Arc<child::Child>,
     pub(super) control: mpsc::Sender<(Outgoing, Fds)>,
     pub(super) user: UserSender,
-    /// `Some` for a Node worker: its side of Node's protocol, which this process's
-    /// messages are translated through.
-    pub(super) node: Option<NodeWorker>,
+    pub(super) protocol: Protocol,
+}
+
+/// The protocol a worker speaks.
+#[derive(Debug)]
+pub(super) enum Protocol {
+    /// This crate's (postcard, on the control lane).
+    Cluster,
+    /// Node's: its side of Node's cluster protocol, which the core's messages and the
+    /// worker's are translated through.
+    Node(NodeWorker),
 }
 
 impl WorkerProcess {
@@ -34,11 +42,15 @@ impl WorkerProcess {
         message: &ToWorker,
         fds: Fds,
     ) -> Result<(), mpsc::error::TrySendError<(Outgoing, Fds)>> {
-        let outgoing = match &mut self.node {
-            Some(node) => Outgoing::Node(node.outgoing(message)),
-            None => Outgoing::Cluster(message.clone()),
+        let outgoing = match &mut self.protocol {
+            Protocol::Node(node) => Outgoing::Node(node.outgoing(message)),
+            Protocol::Cluster => Outgoing::Cluster(message.clone()),
         };
         self.control.try_send((outgoing, fds))
+    }
+
+    pub(super) fn speaks_node(&self) -> bool {
+        matches!(self.protocol, Protocol::Node(_))
     }
 }
 
@@ -89,7 +101,10 @@ impl Processes {
             child,
             control,
             user,
-            node: node.then(NodeWorker::new),
+            protocol: match node {
+                true => Protocol::Node(NodeWorker::new()),
+                false => Protocol::Cluster,
+            },
         };
         self.by_id.insert(id, process);
         pid
