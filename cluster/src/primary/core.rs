@@ -1,20 +1,22 @@
 //! The primary's whole state as a pure state machine: no I/O, no clock, no tasks.
 //!
 //! [`Core::handle`] takes one [`Input`] (a worker's message, an exit, a closed channel,
-//! an accepted connection, a timer that fired, a command) with the time it happened, and
+//! an accepted connection, time passing, a request) with the time it happened, and
 //! returns the [`Effect`]s the driver must perform, in order: fork, send, kill, bind,
-//! close, start or cancel a timer, emit an event, reply to a command. The driver
-//! (`driver.rs`) owns the processes, channels, sockets and timers and feeds the results
-//! back (`Forked`, `Bound`, ...), so that everything the cluster decides is decided here
-//! and model-checked by `core/tests.rs`.
+//! close, emit an event, forget a worker, reply to a request. The core keeps its own deadlines
+//! (`timers.rs`); the driver asks [`Core::poll_timeout`] after every batch of effects,
+//! sleeps until then and feeds [`Input::Tick`]. The driver (`driver.rs`) owns the
+//! processes, channels and sockets and feeds the results back (`Forked`, `Bound`, ...),
+//! so that everything the cluster decides is decided here and model-checked by
+//! `core/tests.rs`.
 //!
 //! Invariants kept here (and checked by the property test):
 //!
 //! - every forked worker leaves exactly one `Exit` event, after its `Disconnect`; its
 //!   events come in Node's order: fork, online, listening, disconnect, exit;
 //! - a round-robin connection is handed to exactly one worker that accepts it, or closed;
-//! - a timer is pending in the driver exactly while it is in [`Core::timers`];
-//! - a stop ends with no worker, no handle and no timer.
+//! - no timer is armed in the past;
+//! - a stop ends with no worker, no handle and [`Core::poll_timeout`] `None`.
 
 mod control;
 mod handles;
@@ -23,10 +25,11 @@ mod reload;
 mod serving;
 #[cfg(test)]
 mod tests;
+mod timers;
 mod workers;
 
 use crate::Endpoint;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::ffi::OsString;
 use std::time::{Duration, Instant};
 
@@ -35,8 +38,10 @@ use child::Signal;
 pub(crate) use self::handles::ConnId;
 use self::handles::Handle;
 pub(crate) use self::lifecycle::StopCause;
-use self::lifecycle::{Occupant, Slot, Worker};
+use self::lifecycle::{Occupant, Slot, WorkerEntry};
 use self::reload::Reload;
+pub(crate) use self::timers::Timer;
+use self::timers::Timers;
 use super::{Event, ReloadFailure, SlotFailure, Stats, WorkerStats};
 pub(crate) use crate::protocol::{HANDOFF_WINDOW, MAX_SERVERS_PER_WORKER};
 use crate::protocol::{HandleKey, ToPrimary, ToWorker, WorkerId};
@@ -79,13 +84,14 @@ pub(crate) struct Config {
     pub(crate) wait_ready: bool,
 }
 
-/// A command's tag; the driver keeps the reply channel.
+/// A request's tag; the driver keeps the reply channel until the core answers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(crate) struct RequestId(pub(crate) u64);
 
-/// What the `Primary` handle asks.
+/// What the `Primary` handle asks of the core (the driver answers the handle's queries,
+/// which change nothing, itself).
 #[derive(Debug)]
-pub(crate) enum Command {
+pub(crate) enum Request {
     /// A new slot, with extra environment for its workers.
     AddWorker {
         env: Vec<(OsString, OsString)>,
@@ -97,13 +103,15 @@ pub(crate) enum Command {
     Stop,
 }
 
-/// The answer to a command.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// The answer to a request (or to the start).
+#[derive(Debug)]
 pub(crate) enum Outcome {
     Done,
     Added(WorkerId),
-    /// The fork failed; the driver holds the error.
-    AddFailed(WorkerId),
+    /// The fork failed: the driver's error, which the core passes on to the reply.
+    ForkFailed(child::Error),
+    /// The signal of a `Kill` could not be sent: the driver's error, passed on.
+    KillFailed(child::Error),
     Removed(Option<WorkerId>),
     UnknownWorker(WorkerId),
     Stopped,
@@ -117,11 +125,16 @@ pub(crate) enum Input {
         id: WorkerId,
         pid: u32,
     },
-    /// The driver could not start it; `transient` when for lack of resources (EMFILE,
-    /// ENFILE, EAGAIN, ENOMEM), which is not the program's fault.
+    /// The driver could not start it. The core decides what the error means (for lack
+    /// of resources, it passes) and which reply reports it, if any.
     ForkFailed {
         id: WorkerId,
-        transient: bool,
+        error: child::Error,
+    },
+    /// The result of a `Kill` effect made for a request.
+    Signaled {
+        request: RequestId,
+        result: Result<(), child::Error>,
     },
     /// A decoded control message.
     Message {
@@ -171,29 +184,9 @@ pub(crate) enum Input {
         key: HandleKey,
         conn: ConnId,
     },
-    TimerFired(Timer),
-    Command(RequestId, Command),
-}
-
-/// A timer the driver keeps; at most one of each is pending.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub(crate) enum Timer {
-    /// Start the slot's next worker.
-    Respawn(usize),
-    /// Kill a stopping worker that has not exited.
-    DrainDeadline(WorkerId),
-    /// Report an exit whose channel has not closed.
-    ExitGrace(WorkerId),
-    /// Close round-robin connections held too long.
-    Hold(HandleKey),
-    /// Give up the reload step in progress.
-    Reload,
-    /// Close a handle no worker has taken up again since its last one left.
-    HandleIdle(HandleKey),
-    /// A worker with hand-offs in flight has answered none for the hand-off timeout.
-    Handoff(WorkerId),
-    /// A forked worker has not reported online within the connect timeout.
-    Connect(WorkerId),
+    /// Time passed: every timer due at `now` fires (see [`Core::poll_timeout`]).
+    Tick,
+    Request(RequestId, Request),
 }
 
 /// A descriptor the driver attaches to a message.
@@ -223,7 +216,7 @@ pub(crate) enum Effect {
         message: ToWorker,
         fd: Option<FdRef>,
     },
-    /// Signal a worker; reply to `request` with the result, if given.
+    /// Signal a worker; with a `request`, answer with `Signaled` (the core replies).
     Kill {
         id: WorkerId,
         signal: Signal,
@@ -251,15 +244,20 @@ pub(crate) enum Effect {
     },
     /// Close the driver's copy of a connection.
     CloseConn(ConnId),
-    StartTimer {
-        timer: Timer,
-        at: Instant,
-    },
-    CancelTimer(Timer),
     Emit(Event),
+    /// The worker is gone (its `Exit` was emitted): drop its process and channel.
+    Forget(WorkerId),
     Reply(RequestId, Outcome),
-    /// The primary has stopped: nothing is left.
+    /// The primary has ended: after a stop nothing is left; after a failed start (see
+    /// [`Core::start`]) the driver ends, killing what was forked.
     Finished,
+}
+
+/// The start in progress: its request and the first-generation forks not yet answered.
+#[derive(Debug)]
+struct Starting {
+    request: RequestId,
+    waiting: BTreeSet<WorkerId>,
 }
 
 #[derive(Debug)]
@@ -275,12 +273,14 @@ pub(crate) struct Core {
     config: Config,
     next_id: u64,
     next_slot: usize,
-    workers: BTreeMap<WorkerId, Worker>,
+    workers: BTreeMap<WorkerId, WorkerEntry>,
     slots: BTreeMap<usize, Slot>,
     handles: HashMap<HandleKey, Handle>,
-    timers: HashMap<Timer, Instant>,
+    timers: Timers,
     /// `AddWorker` requests waiting for their fork.
     adding: HashMap<WorkerId, RequestId>,
+    /// The start's request, while first-generation forks are unanswered.
+    starting: Option<Starting>,
     reload: Option<Reload>,
     run: Run,
     /// When the input being handled happened (the core reads no clock).
@@ -298,8 +298,9 @@ impl Core {
             workers: BTreeMap::new(),
             slots: BTreeMap::new(),
             handles: HashMap::new(),
-            timers: HashMap::new(),
+            timers: Timers::default(),
             adding: HashMap::new(),
+            starting: None,
             reload: None,
             run: Run::Running,
             now,
@@ -307,12 +308,19 @@ impl Core {
         }
     }
 
-    /// Forks the configured workers.
-    pub(crate) fn start(&mut self, now: Instant) -> Vec<Effect> {
+    /// Forks the configured workers. `request` is answered once every fork is: `Done`,
+    /// or `ForkFailed` with the first error, after which the primary is `Finished` (a
+    /// primary whose program cannot start does not start).
+    pub(crate) fn start(&mut self, now: Instant, request: RequestId) -> Vec<Effect> {
         self.now = now;
+        let mut waiting = BTreeSet::new();
         for _ in 0..self.config.workers {
             let slot = self.new_slot(Vec::new());
-            self.fork_into(slot, now);
+            waiting.insert(self.fork_into(slot, now));
+        }
+        match waiting.is_empty() {
+            true => self.out.push(Effect::Reply(request, Outcome::Done)),
+            false => self.starting = Some(Starting { request, waiting }),
         }
         std::mem::take(&mut self.out)
     }
@@ -322,7 +330,11 @@ impl Core {
         self.now = now;
         match input {
             Input::Forked { id, pid } => self.on_forked(id, pid),
-            Input::ForkFailed { id, transient } => self.on_fork_failed(id, transient, now),
+            Input::ForkFailed { id, error } => self.on_fork_failed(id, error, now),
+            Input::Signaled { request, result } => {
+                let outcome = result.map_or_else(Outcome::KillFailed, |()| Outcome::Done);
+                self.out.push(Effect::Reply(request, outcome));
+            }
             Input::Message { id, message } => self.on_message(id, message, now),
             Input::Malformed { id, reason } => self.misbehaved(id, reason),
             Input::SendFailed { id } => self.misbehaved(id, "its control queue is full".into()),
@@ -341,8 +353,8 @@ impl Core {
                 result,
             } => self.on_bound(&key, socket, result, now),
             Input::Connection { key, conn } => self.on_connection(key, conn, now),
-            Input::TimerFired(timer) => self.on_timer(timer, now),
-            Input::Command(request, command) => self.on_command(request, command, now),
+            Input::Tick => self.on_tick(now),
+            Input::Request(request, asked) => self.on_request(request, asked, now),
         }
         // Whatever changed a round-robin queue, its accepting follows its length.
         self.update_accepting();
@@ -362,10 +374,11 @@ impl Core {
             .map(|(id, _)| *id)
     }
 
-    /// The pending timers and when they fire.
-    #[cfg(test)]
-    pub(crate) fn timers(&self) -> &HashMap<Timer, Instant> {
-        &self.timers
+    /// When the core next needs `Input::Tick`: its earliest deadline. The driver sleeps
+    /// until then (asking again after every batch of effects); `None` once nothing is
+    /// armed, which a finished stop always is.
+    pub(crate) fn poll_timeout(&self) -> Option<Instant> {
+        self.timers.next_deadline()
     }
 
     pub(crate) fn stats(&mut self) -> Stats {
@@ -433,13 +446,10 @@ impl Core {
     }
 
     fn start_timer(&mut self, timer: Timer, at: Instant) {
-        self.timers.insert(timer.clone(), at);
-        self.out.push(Effect::StartTimer { timer, at });
+        self.timers.start(timer, at);
     }
 
     fn cancel_timer(&mut self, timer: Timer) {
-        if self.timers.remove(&timer).is_some() {
-            self.out.push(Effect::CancelTimer(timer));
-        }
+        self.timers.cancel(&timer);
     }
 }

@@ -1,36 +1,37 @@
 //! The thin async driver around [`Core`]: it owns the worker processes, their channels,
-//! the listening sockets, the accepted connections and the timers, turns what happens
-//! into [`Input`]s and performs the [`Effect`]s the core returns. It decides nothing.
+//! the listening sockets and the accepted connections, and one sleep set to the core's
+//! [`poll_timeout`](Core::poll_timeout); it turns what happens (time passing included)
+//! into [`Input`]s and performs the [`Effect`]s the core returns. It decides nothing and
+//! never looks inside an effect to keep state of its own.
 //!
-//! Tasks per worker only move bytes: a reader forwards the worker's frames, a writer
-//! sends its control messages in order (a bounded queue of [`CONTROL_QUEUE`]), a waiter
-//! reports the exit, and with `silent` two readers forward its output lines.
+//! Tasks per worker only move bytes (`driver/tasks.rs`): a reader forwards the worker's
+//! frames, a writer sends its control messages in order (a bounded queue of
+//! [`CONTROL_QUEUE`](super::core::CONTROL_QUEUE)), a waiter reports the exit, and with
+//! `silent` two readers forward its output lines. `driver/spawner.rs` starts the
+//! processes, `driver/processes.rs` keeps them, `driver/messages.rs` translates between
+//! the workers' messages and the core.
 
 use std::collections::{HashMap, VecDeque};
-use std::ffi::OsString;
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use child::{ForkOptions, Signal, Stdio};
-use tokio::sync::{mpsc, watch};
-use tokio_util::time::{DelayQueue, delay_queue};
+use tokio::sync::{mpsc, oneshot, watch};
 
-mod fork;
+mod messages;
+mod processes;
+mod spawner;
 mod tasks;
 
-use self::tasks::{Fds, Outgoing, forward_output, read_worker, wait_worker, write_control};
-use super::core::{
-    CONTROL_QUEUE, Command as CoreCommand, Config, ConnId, Core, Effect, FdRef, Input, Outcome,
-    RequestId, Timer,
-};
+use self::processes::Processes;
+use self::spawner::Spawner;
+use super::core::{Config, ConnId, Core, Effect, Input, Outcome, RequestId};
 use super::events::EventQueue;
+use super::handle::{Command, EXIT_GRACE, Reply};
 use super::sockets::Listeners;
-use super::systemd::{Inherited, LISTEN_ENV, NOTIFY_ENV, UPGRADE_FD_ENV};
-use super::{Command, Event, OutputStream, Reply, UserSender};
-use crate::error::Error;
-use crate::node_protocol::{FromNode, NodeWorker};
-use crate::protocol::{ToPrimary, ToWorker, WorkerId};
+use super::systemd::Inherited;
+use super::{Event, OutputStream};
+use crate::protocol::WorkerId;
 use crate::settings::Settings;
 
 /// How long the driver, once stopped, still forwards the last workers' output.
@@ -52,98 +53,82 @@ enum Internal {
     OutputEnd,
 }
 
-/// One live worker's process and channel.
-#[derive(Debug)]
-struct Link {
-    child: Arc<child::Child>,
-    control: mpsc::Sender<(Outgoing, Fds)>,
-    user: UserSender,
-    /// `Some` for a Node worker: its side of Node's protocol, which this link translates.
-    node: Option<NodeWorker>,
+/// The replies of the requests the core has not answered yet, each sent once.
+#[derive(Debug, Default)]
+struct Requests {
+    waiting: HashMap<RequestId, Reply<Outcome>>,
+    next: u64,
 }
 
-impl Link {
-    /// Queues a message of the core in the worker's protocol.
-    fn queue(
-        &mut self,
-        message: &ToWorker,
-        fds: Fds,
-    ) -> Result<(), mpsc::error::TrySendError<(Outgoing, Fds)>> {
-        let outgoing = match &mut self.node {
-            Some(node) => Outgoing::Node(node.outgoing(message)),
-            None => Outgoing::Cluster(message.clone()),
-        };
-        self.control.try_send((outgoing, fds))
+impl Requests {
+    fn keep(&mut self, reply: Reply<Outcome>) -> RequestId {
+        let request = RequestId(self.next);
+        self.next += 1;
+        self.waiting.insert(request, reply);
+        request
+    }
+
+    fn answer(&mut self, request: RequestId, outcome: Outcome) {
+        if let Some(reply) = self.waiting.remove(&request) {
+            let _ = reply.send(outcome);
+        }
     }
 }
 
-/// A command's reply channel, by what it answers.
+/// Accepted connections, each held until the core says to close it.
+#[derive(Debug, Default)]
+struct Conns {
+    held: HashMap<ConnId, Arc<OwnedFd>>,
+    next: u64,
+}
+
+impl Conns {
+    fn hold(&mut self, stream: OwnedFd) -> ConnId {
+        let conn = ConnId(self.next);
+        self.next += 1;
+        self.held.insert(conn, Arc::new(stream));
+        conn
+    }
+}
+
+/// What the application sees: the events, and the readiness as of the last batch of
+/// effects.
 #[derive(Debug)]
-enum Pending {
-    Add(Reply<Result<WorkerId, Error>>),
-    Remove(Reply<Option<WorkerId>>),
-    Result(Reply<Result<(), Error>>),
-    Unit(Reply<()>),
+struct Published {
+    events: EventQueue,
+    ready: watch::Sender<bool>,
 }
 
 #[derive(Debug)]
 pub(crate) struct Driver {
     core: Core,
-    program: OsString,
-    args: Vec<OsString>,
-    env: Vec<(OsString, OsString)>,
-    silent: bool,
-    /// `Some(node)`: workers are Node programs run by `node`.
-    node: Option<OsString>,
-    /// Node's `execArgv` for Node workers: the user's options, then the keep-alive-safe
-    /// drain (`node_drain.rs`) if on.
-    node_args: Vec<OsString>,
-    links: HashMap<WorkerId, Link>,
+    spawner: Spawner,
+    processes: Processes,
     listeners: Listeners,
-    conns: HashMap<ConnId, Arc<OwnedFd>>,
-    next_conn: u64,
-    timers: DelayQueue<Timer>,
-    timer_keys: HashMap<Timer, delay_queue::Key>,
-    pending: HashMap<RequestId, Pending>,
-    next_request: u64,
-    /// The errors of failed forks that a reply (or `start`) still has to report.
-    fork_errors: HashMap<WorkerId, child::Error>,
-    /// Whether `start` is forking the first workers (their errors fail `start`).
-    starting: bool,
-    /// Silent workers' output streams not yet at their end.
-    outputs: usize,
-    internal: mpsc::Sender<Internal>,
-    events: EventQueue,
+    conns: Conns,
+    requests: Requests,
+    published: Published,
+    /// Whether the core said the primary has ended.
     finished: bool,
-    /// The core's readiness (`Stats::ready`), published after each batch of effects that
-    /// can change it.
-    ready: watch::Sender<bool>,
 }
 
 impl Driver {
-    /// Forks the configured workers and spawns the driver task.
+    /// Forks the configured workers and, unless the core ended the primary (a failed
+    /// start), spawns the driver task. Returns the core's answer to the start and the
+    /// readiness.
     pub(crate) fn start(
         settings: Settings,
         events: EventQueue,
         commands: mpsc::Receiver<Command>,
-    ) -> Result<watch::Receiver<bool>, Error> {
-        // Resolved once: workers start from this path, so a reload runs the file on disk.
-        let program = settings.resolved_program();
-        let args = settings
-            .args
-            .clone()
-            .unwrap_or_else(|| std::env::args_os().skip(1).collect());
+    ) -> (Outcome, watch::Receiver<bool>) {
         let policy = settings.effective_policy();
-        if policy == crate::Policy::ReusePort {
-            fork::warn_unless_requests_migrate();
-        }
         let config = Config {
             workers: settings.workers,
             policy,
             restart: settings.restart.clone(),
             drain_deadline: settings.drain_deadline,
             hold: settings.hold_connections,
-            exit_grace: super::EXIT_GRACE,
+            exit_grace: EXIT_GRACE,
             reload_timeout: settings.reload_timeout,
             max_held: super::core::MAX_HELD,
             handoff_timeout: settings.handoff_timeout,
@@ -157,49 +142,28 @@ impl Driver {
         };
         let mut driver = Driver {
             core: Core::new(config, Instant::now()),
-            program,
-            args,
-            env: settings.env.clone(),
-            silent: settings.silent,
-            node: settings.node.clone(),
-            node_args: settings
-                .node_args
-                .iter()
-                .cloned()
-                .chain(
-                    settings
-                        .node_keepalive_drain
-                        .then(crate::node_drain::import_args)
-                        .into_iter()
-                        .flatten()
-                        .map(OsString::from),
-                )
-                .collect(),
-            links: HashMap::new(),
+            spawner: Spawner::new(&settings),
+            processes: Processes::new(internal),
             listeners: Listeners::new(policy, inherited),
-            conns: HashMap::new(),
-            next_conn: 0,
-            timers: DelayQueue::new(),
-            timer_keys: HashMap::new(),
-            pending: HashMap::new(),
-            next_request: 0,
-            fork_errors: HashMap::new(),
-            starting: true,
-            outputs: 0,
-            internal,
-            events,
+            conns: Conns::default(),
+            requests: Requests::default(),
+            published: Published {
+                events,
+                ready: watch::Sender::new(false),
+            },
             finished: false,
-            ready: watch::Sender::new(false),
         };
-        let effects = driver.core.start(Instant::now());
+        let (reply, mut started) = oneshot::channel();
+        let request = driver.requests.keep(reply);
+        let effects = driver.core.start(Instant::now(), request);
         driver.perform(effects);
-        if let Some((_, error)) = driver.fork_errors.drain().next() {
-            return Err(Error::Fork(error)); // dropping the driver kills the others
-        }
-        driver.starting = false;
-        let ready = driver.ready.subscribe();
-        tokio::spawn(driver.run(commands, internal_rx));
-        Ok(ready)
+        // Answered once every first fork was.
+        let outcome = started.try_recv().unwrap_or(Outcome::Stopped);
+        let ready = driver.published.ready.subscribe();
+        if !driver.finished {
+            tokio::spawn(driver.run(commands, internal_rx));
+        } // else dropping the driver kills whatever was forked
+        (outcome, ready)
     }
 
     async fn run(
@@ -207,9 +171,16 @@ impl Driver {
         mut commands: mpsc::Receiver<Command>,
         mut internal: mpsc::Receiver<Internal>,
     ) {
+        // One sleep, set to the core's earliest deadline after every batch of effects.
+        let sleep = tokio::time::sleep_until(tokio::time::Instant::now());
+        tokio::pin!(sleep);
         while !self.finished {
-            let timers = &mut self.timers;
-            let has_timers = !timers.is_empty();
+            let timeout = self.core.poll_timeout().map(tokio::time::Instant::from_std);
+            if let Some(at) = timeout
+                && sleep.deadline() != at
+            {
+                sleep.as_mut().reset(at);
+            }
             let listeners = &mut self.listeners;
             let accepts = listeners.accepts();
             tokio::select! {
@@ -219,16 +190,10 @@ impl Driver {
                 },
                 Some(message) = internal.recv() => self.internal(message),
                 (key, stream) = std::future::poll_fn(|cx| listeners.poll_accept(cx)), if accepts => {
-                    let conn = ConnId(self.next_conn);
-                    self.next_conn += 1;
-                    self.conns.insert(conn, Arc::new(stream));
+                    let conn = self.conns.hold(stream);
                     self.input(Input::Connection { key, conn });
                 }
-                Some(expired) = std::future::poll_fn(|cx| timers.poll_expired(cx)), if has_timers => {
-                    let timer = expired.into_inner();
-                    self.timer_keys.remove(&timer);
-                    self.input(Input::TimerFired(timer));
-                }
+                () = &mut sleep, if timeout.is_some() => self.input(Input::Tick),
             }
         }
         self.last_output(&mut internal).await;
@@ -240,7 +205,7 @@ impl Driver {
     async fn last_output(&mut self, internal: &mut mpsc::Receiver<Internal>) {
         let deadline = tokio::time::sleep(OUTPUT_LINGER);
         tokio::pin!(deadline);
-        while self.outputs > 0 {
+        while self.processes.outputs() > 0 {
             tokio::select! {
                 Some(message) = internal.recv() => match message {
                     Internal::Output(..) | Internal::OutputEnd => self.internal(message),
@@ -256,40 +221,18 @@ impl Driver {
         self.perform(effects);
     }
 
-    /// Performs effects in order; results that the core needs (fork, bind) are fed back
-    /// at once and their effects performed in turn.
+    /// Performs effects in order; results that the core needs (fork, bind, a failed
+    /// copy) are fed back at once and their effects performed in turn. Then publishes
+    /// the readiness.
     fn perform(&mut self, effects: Vec<Effect>) {
         let mut queue: VecDeque<Effect> = effects.into();
-        let mut readiness_may_change = false;
         while let Some(effect) = queue.pop_front() {
-            readiness_may_change |= matches!(effect, Effect::Emit(_) | Effect::Reply(..));
             if let Some(input) = self.perform_one(effect) {
-                let failed = match input {
-                    Input::ForkFailed { id, .. } => Some(id),
-                    _ => None,
-                };
-                let effects = self.core.handle(Instant::now(), input);
-                // A failed fork's error is kept only for the reply that reports it.
-                if let Some(id) = failed {
-                    let reported = effects
-                        .iter()
-                        .any(|e| matches!(e, Effect::Reply(_, Outcome::AddFailed(f)) if *f == id));
-                    if !reported && !self.starting {
-                        self.fork_errors.remove(&id);
-                    }
-                }
-                queue.extend(effects);
+                queue.extend(self.core.handle(Instant::now(), input));
             }
         }
-        if readiness_may_change {
-            self.publish_ready();
-        }
-    }
-
-    fn publish_ready(&mut self) {
         let ready = self.core.ready();
-        self.ready
-            .send_if_modified(|was| std::mem::replace(was, ready) != ready);
+        (self.published.ready).send_if_modified(|was| std::mem::replace(was, ready) != ready);
     }
 
     fn perform_one(&mut self, effect: Effect) -> Option<Input> {
@@ -300,20 +243,14 @@ impl Driver {
                 id,
                 signal,
                 request,
-            } => {
-                let result = match self.links.get(&id) {
-                    Some(link) => link.child.kill(signal).map(drop).map_err(Error::Kill),
-                    None => Err(Error::UnknownWorker(id)),
-                };
-                if let Some(request) = request {
-                    if let Some(Pending::Result(reply)) = self.pending.remove(&request) {
-                        let _ = reply.send(result);
-                    }
-                } else if let Err(e) = result {
+            } => match (request, self.processes.kill(id, signal)) {
+                (Some(request), result) => Some(Input::Signaled { request, result }),
+                (None, Err(e)) => {
                     tracing::warn!(%id, error = %e, "could not signal a worker");
+                    None
                 }
-                None
-            }
+                (None, Ok(())) => None,
+            },
             Effect::Bind {
                 key,
                 socket,
@@ -340,35 +277,19 @@ impl Driver {
                 None
             }
             Effect::CloseConn(conn) => {
-                self.conns.remove(&conn);
-                None
-            }
-            Effect::StartTimer { timer, at } => {
-                let at = tokio::time::Instant::from_std(at);
-                match self.timer_keys.get(&timer) {
-                    Some(key) => self.timers.reset_at(key, at),
-                    None => {
-                        let key = self.timers.insert_at(timer.clone(), at);
-                        self.timer_keys.insert(timer, key);
-                    }
-                }
-                None
-            }
-            Effect::CancelTimer(timer) => {
-                if let Some(key) = self.timer_keys.remove(&timer) {
-                    self.timers.remove(&key);
-                }
+                self.conns.held.remove(&conn);
                 None
             }
             Effect::Emit(event) => {
-                if let Event::Exit { id, .. } = &event {
-                    self.links.remove(id);
-                }
-                self.emit(event);
+                self.published.events.push(event);
+                None
+            }
+            Effect::Forget(id) => {
+                self.processes.remove(id);
                 None
             }
             Effect::Reply(request, outcome) => {
-                self.reply(request, outcome);
+                self.requests.answer(request, outcome);
                 None
             }
             Effect::Finished => {
@@ -378,79 +299,55 @@ impl Driver {
         }
     }
 
-    fn emit(&mut self, event: Event) {
-        self.events.push(event);
-    }
-
-    fn reply(&mut self, request: RequestId, outcome: Outcome) {
-        let Some(pending) = self.pending.remove(&request) else {
-            return;
-        };
-        let error = |outcome| match outcome {
-            Outcome::UnknownWorker(id) => Error::UnknownWorker(id),
-            _ => Error::Stopped,
-        };
-        match (pending, outcome) {
-            (Pending::Add(reply), Outcome::Added(id)) => drop(reply.send(Ok(id))),
-            (Pending::Add(reply), Outcome::AddFailed(id)) => {
-                let result = match self.fork_errors.remove(&id) {
-                    Some(e) => Err(Error::Fork(e)),
-                    None => Err(Error::Stopped),
-                };
-                drop(reply.send(result));
+    /// Starts a worker's process and its tasks; the core hears how it went.
+    fn fork(
+        &mut self,
+        id: WorkerId,
+        slot: usize,
+        env: Vec<(std::ffi::OsString, std::ffi::OsString)>,
+    ) -> Input {
+        match self.spawner.spawn(id, slot, env) {
+            Ok((child, channel)) => {
+                let node = self.spawner.speaks_node();
+                let pid = self.processes.add(id, child, channel, node);
+                Input::Forked { id, pid }
             }
-            (Pending::Add(reply), other) => drop(reply.send(Err(error(other)))),
-            (Pending::Remove(reply), Outcome::Removed(id)) => drop(reply.send(id)),
-            (Pending::Remove(reply), _) => drop(reply.send(None)),
-            (Pending::Result(reply), Outcome::Done) => drop(reply.send(Ok(()))),
-            (Pending::Result(reply), other) => drop(reply.send(Err(error(other)))),
-            (Pending::Unit(reply), _) => drop(reply.send(())),
+            Err(error) => {
+                tracing::error!(%id, slot, %error, "could not fork a worker");
+                Input::ForkFailed { id, error }
+            }
         }
     }
 
+    /// A request goes to the core, its reply kept until the core answers; the queries,
+    /// which change nothing, are answered here.
     fn command(&mut self, command: Command) {
-        let (command, pending) = match command {
+        match command {
+            Command::Core(asked, reply) => {
+                let request = self.requests.keep(reply);
+                self.input(Input::Request(request, asked));
+            }
             Command::Senders(target, reply) => {
                 let senders = self
                     .core
                     .connected_workers()
                     .filter(|id| target.is_none_or(|t| t == *id))
-                    .filter_map(|id| self.links.get(&id))
-                    .map(|link| Arc::clone(&link.user))
+                    .filter_map(|id| self.processes.get(id))
+                    .map(|process| Arc::clone(&process.user))
                     .collect();
                 let _ = reply.send(senders);
-                return;
             }
             Command::Stats(reply) => {
                 let _ = reply.send(self.core.stats());
-                return;
             }
             Command::Accepting(accepting, reply) => {
                 self.listeners.set_accepting(accepting);
                 let _ = reply.send(());
-                return;
             }
             Command::Handover(reply) => {
                 let _ = reply.send(self.listeners.handover());
-                return;
             }
-            Command::AddWorker(env, reply) => (CoreCommand::AddWorker { env }, Pending::Add(reply)),
-            Command::RemoveWorker(reply) => (CoreCommand::RemoveWorker, Pending::Remove(reply)),
-            Command::Disconnect(target, reply) => {
-                (CoreCommand::Disconnect(target), Pending::Result(reply))
-            }
-            Command::Kill(id, signal, reply) => {
-                (CoreCommand::Kill(id, signal), Pending::Result(reply))
-            }
-            Command::Reload(reply) => (CoreCommand::Reload, Pending::Unit(reply)),
-            Command::Stop(reply) => (CoreCommand::Stop, Pending::Unit(reply)),
-        };
-        let request = RequestId(self.next_request);
-        self.next_request += 1;
-        self.pending.insert(request, pending);
-        self.input(Input::Command(request, command));
-        // A stop begins without an event.
-        self.publish_ready();
+        }
     }
 
     fn internal(&mut self, message: Internal) {
@@ -458,138 +355,12 @@ impl Driver {
             Internal::Message(id, message) => self.message(id, message),
             Internal::ChannelClosed(id, broken) => self.input(Input::ChannelClosed { id, broken }),
             Internal::Exited(id, status) => self.input(Input::Exited { id, status }),
-            Internal::Output(id, stream, line) => self.emit(Event::Output { id, stream, line }),
-            Internal::OutputEnd => self.outputs = self.outputs.saturating_sub(1),
-        }
-    }
-
-    fn message(&mut self, id: WorkerId, mut message: ipc::Received) {
-        if self.core.connected(id).is_none() {
-            return;
-        }
-        if message.lane() == ipc::Lane::User {
-            // Node's `process.send('ready')` is also the worker's word that it is ready.
-            let ready = self.links.get(&id).is_some_and(|link| link.node.is_some())
-                && crate::node_protocol::is_ready(&message);
-            self.emit(Event::Message { id, message });
-            if ready {
-                let message = ToPrimary::Ready;
-                self.input(Input::Message { id, message });
+            Internal::Output(id, stream, line) => {
+                self.published
+                    .events
+                    .push(Event::Output { id, stream, line })
             }
-            return;
-        }
-        if self.links.get(&id).is_some_and(|link| link.node.is_some()) {
-            return self.node_message(id, message);
-        }
-        let input = match message.decode::<ToPrimary>() {
-            Ok(_) if !message.fds().is_empty() => Input::Malformed {
-                id,
-                reason: "control message with descriptors".into(),
-            },
-            Ok(message) => Input::Message { id, message },
-            Err(e) => Input::Malformed {
-                id,
-                reason: format!("undecodable control message: {e}"),
-            },
-        };
-        drop(message.take_fds());
-        self.input(input);
-    }
-
-    /// A Node worker's internal message, through its adapter.
-    fn node_message(&mut self, id: WorkerId, mut message: ipc::Received) {
-        let fds = message.take_fds();
-        let Some(link) = self.links.get_mut(&id) else {
-            return;
-        };
-        let Some(node) = link.node.as_mut() else {
-            return;
-        };
-        let translated = match message.internal() {
-            Ok(_) if !fds.is_empty() => {
-                FromNode::Malformed("cluster message with a descriptor".into())
-            }
-            Ok(internal) => node.incoming(&internal),
-            Err(e) => FromNode::Malformed(format!("undecodable internal message: {e}")),
-        };
-        drop(fds);
-        let input = match translated {
-            FromNode::Message(message) => Input::Message { id, message },
-            FromNode::Malformed(reason) => Input::Malformed { id, reason },
-            FromNode::Ignore => return,
-            FromNode::Reply(reply) => {
-                match link.control.try_send((Outgoing::Node(reply), Fds::none())) {
-                    Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => return,
-                    Err(mpsc::error::TrySendError::Full(_)) => Input::SendFailed { id },
-                }
-            }
-        };
-        self.input(input);
-    }
-
-    /// Queues a control message; a full queue is the worker's fault (see [`CONTROL_QUEUE`]).
-    /// A descriptor that cannot be copied is reported to the core, which decides.
-    fn send(&mut self, id: WorkerId, message: ToWorker, fd: Option<FdRef>) -> Option<Input> {
-        let node = self.links.get(&id)?.node.is_some();
-        let fds = match fd {
-            None => Ok(Fds::none()),
-            Some(FdRef::Conn(conn)) => {
-                let conn = self
-                    .conns
-                    .get(&conn)
-                    .ok_or_else(|| std::io::Error::from_raw_os_error(libc::EBADF));
-                if node {
-                    // A Node channel keeps its own copy until the ACK; a failed copy
-                    // (out of descriptors) is a failed hand-off, known now.
-                    conn.and_then(|c| c.try_clone())
-                        .map(|copy| Fds::Owned(vec![copy]))
-                } else {
-                    conn.map(|c| Fds::Conns(vec![Arc::clone(c)]))
-                }
-            }
-            Some(FdRef::Listener { key, socket }) => match self.listeners.copy(&key, socket) {
-                Ok(fd) => Ok(Fds::Owned(vec![fd])),
-                Err(e) => {
-                    let seq = match &message {
-                        ToWorker::QueryReply { seq, .. } => *seq,
-                        _ => return None, // only a grant carries a listening socket
-                    };
-                    tracing::warn!(%id, error = %e, "could not copy a listening socket");
-                    let errno = e.raw_os_error().unwrap_or(libc::EINVAL);
-                    return Some(Input::GrantFailed {
-                        id,
-                        key,
-                        seq,
-                        errno,
-                    });
-                }
-            },
-        };
-        let fds = match (fds, &message) {
-            (Ok(fds), _) => fds,
-            (Err(e), ToWorker::NewConn { key, seq }) => {
-                tracing::warn!(%id, error = %e, "could not copy a connection for a worker");
-                let (key, seq) = (key.clone(), *seq);
-                return Some(Input::HandoffFailed { id, key, seq });
-            }
-            (Err(_), _) => Fds::none(),
-        };
-        let link = self.links.get_mut(&id)?;
-        match link.queue(&message, fds) {
-            Ok(()) => None,
-            Err(mpsc::error::TrySendError::Full(_)) => Some(Input::SendFailed { id }),
-            // The writer is gone with the channel: the core hears of it from the reader.
-            Err(mpsc::error::TrySendError::Closed(_)) => None,
-        }
-    }
-}
-
-impl Drop for Driver {
-    fn drop(&mut self) {
-        // Kill every worker still running; the waiter tasks (or the child crate's
-        // reaper, once the last handle drops) reap them.
-        for link in self.links.values() {
-            let _ = link.child.kill(Signal::SIGKILL);
+            Internal::OutputEnd => self.processes.output_ended(),
         }
     }
 }

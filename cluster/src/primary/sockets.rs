@@ -108,6 +108,9 @@ fn requested(key: &HandleKey) -> io::Result<Endpoint> {
 
 impl Listeners {
     pub(crate) fn new(policy: Policy, inherited: Inherited) -> Self {
+        if policy == Policy::ReusePort {
+            warn_unless_requests_migrate();
+        }
         Self {
             policy,
             handles: HashMap::new(),
@@ -393,4 +396,18 @@ fn accept_ready(
     }
     // More may wait: come back after the driver's other work.
     cx.waker().wake_by_ref();
+}
+
+/// Under reuseport, closing a slot's socket (a worker removed, `SIGTTOU`) resets the
+/// connections still in its accept queue unless the kernel migrates them to the group's
+/// other sockets (`net.ipv4.tcp_migrate_req=1`, Linux 5.14+). A library does not change
+/// that setting for the whole system; it says so.
+fn warn_unless_requests_migrate() {
+    let migrate = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_migrate_req");
+    if !migrate.is_ok_and(|value| value.trim() == "1") {
+        tracing::warn!(
+            "net.ipv4.tcp_migrate_req is not 1: under reuseport, removing a worker resets the \
+             connections waiting in its socket's queue (set the sysctl to migrate them)"
+        );
+    }
 }

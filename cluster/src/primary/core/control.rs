@@ -1,4 +1,4 @@
-//! The core's commands (add, remove, disconnect, kill, reload, stop), timers, and the end
+//! The core's requests (add, remove, disconnect, kill, reload, stop), timers, and the end
 //! of a stop.
 
 use std::time::Instant;
@@ -7,14 +7,22 @@ use child::Signal;
 
 use super::handles::Handle;
 use super::lifecycle::{Occupant, Phase, StopCause};
-use super::{Command, Core, Effect, Outcome, RequestId, Run, Timer};
+use super::{Core, Effect, Outcome, Request, RequestId, Run, Timer};
 use crate::protocol::{HandleKey, WorkerId};
 
 impl Core {
-    pub(super) fn on_timer(&mut self, timer: Timer, now: Instant) {
-        if self.timers.remove(&timer).is_none() {
-            return; // cancelled or replaced meanwhile
+    /// Time passed: fires every timer due at `now`, earliest first (equal deadlines in
+    /// the order they were armed). One cancelled or moved by an earlier one does not fire;
+    /// one armed for `now` meanwhile fires at the next tick.
+    pub(super) fn on_tick(&mut self, now: Instant) {
+        for (timer, seq) in self.timers.due(now) {
+            if self.timers.take(&timer, seq) {
+                self.on_timer(timer, now);
+            }
         }
+    }
+
+    fn on_timer(&mut self, timer: Timer, now: Instant) {
         match timer {
             Timer::Respawn(slot) => {
                 let respawning = self
@@ -60,10 +68,10 @@ impl Core {
         }
     }
 
-    pub(super) fn on_command(&mut self, request: RequestId, command: Command, now: Instant) {
+    pub(super) fn on_request(&mut self, request: RequestId, asked: Request, now: Instant) {
         let reply = |core: &mut Core, outcome| core.out.push(Effect::Reply(request, outcome));
-        match command {
-            Command::AddWorker { env } => {
+        match asked {
+            Request::AddWorker { env } => {
                 if !self.running() {
                     return reply(self, Outcome::Stopped);
                 }
@@ -71,7 +79,7 @@ impl Core {
                 let id = self.fork_into(slot, now);
                 self.adding.insert(id, request);
             }
-            Command::RemoveWorker => {
+            Request::RemoveWorker => {
                 let newest = self
                     .slots
                     .iter()
@@ -83,10 +91,10 @@ impl Core {
                 }
                 reply(self, Outcome::Removed(newest.map(|(_, id)| id)));
             }
-            Command::Disconnect(Some(id)) if !self.workers.contains_key(&id) => {
+            Request::Disconnect(Some(id)) if !self.workers.contains_key(&id) => {
                 reply(self, Outcome::UnknownWorker(id));
             }
-            Command::Disconnect(target) => {
+            Request::Disconnect(target) => {
                 let ids: Vec<WorkerId> = match target {
                     Some(id) => vec![id],
                     None => self.workers.keys().copied().collect(),
@@ -102,10 +110,10 @@ impl Core {
                 self.advance_reload(now);
                 reply(self, Outcome::Done);
             }
-            Command::Kill(id, _) if !self.workers.contains_key(&id) => {
+            Request::Kill(id, _) if !self.workers.contains_key(&id) => {
                 reply(self, Outcome::UnknownWorker(id));
             }
-            Command::Kill(id, signal) => {
+            Request::Kill(id, signal) => {
                 // Node's `worker.kill()`: disconnect first, then signal; not replaced.
                 for slot in self.slots_of(id) {
                     self.remove_slot(slot);
@@ -119,8 +127,8 @@ impl Core {
                 });
                 self.advance_reload(now);
             }
-            Command::Reload => self.start_reload(request, now),
-            Command::Stop => match &mut self.run {
+            Request::Reload => self.start_reload(request, now),
+            Request::Stop => match &mut self.run {
                 Run::Stopped => reply(self, Outcome::Done),
                 Run::Stopping { waiters } => waiters.push(request),
                 Run::Running => {
@@ -167,10 +175,7 @@ impl Core {
         for key in keys {
             self.close_handle(&key);
         }
-        let timers: Vec<Timer> = self.timers.keys().cloned().collect();
-        for timer in timers {
-            self.cancel_timer(timer);
-        }
+        self.timers.clear();
         if let Run::Stopping { waiters } = std::mem::replace(&mut self.run, Run::Stopped) {
             for waiter in waiters {
                 self.out.push(Effect::Reply(waiter, Outcome::Done));

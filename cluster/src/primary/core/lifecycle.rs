@@ -62,7 +62,7 @@ pub(crate) enum Phase {
     /// Running, not online yet; `overdue` once it has not connected within the connect
     /// timeout (it may not speak the protocol at all: a stop then also sends `SIGTERM`).
     Forked { pid: u32, overdue: bool },
-    /// Online and serving (its servers are in [`Worker::servers`]).
+    /// Online and serving (its servers are in [`WorkerEntry::servers`]).
     Online { pid: u32 },
     /// Asked to stop (or going down): no new connections, a deadline to exit by.
     /// `online` says whether it had come online before; one told to stop while still
@@ -143,9 +143,10 @@ pub(crate) enum Server {
     Exclusive,
 }
 
-/// One worker in the table.
+/// One worker in the core's table (the public handle on a worker's own side is
+/// [`crate::Worker`]).
 #[derive(Debug)]
-pub(crate) struct Worker {
+pub(crate) struct WorkerEntry {
     pub(crate) slot: usize,
     pub(crate) started: Instant,
     pub(crate) phase: Phase,
@@ -163,7 +164,7 @@ pub(crate) struct Worker {
     pub(crate) ready: bool,
 }
 
-impl Worker {
+impl WorkerEntry {
     /// How many of its servers are listening.
     pub(crate) fn listening(&self) -> usize {
         self.servers

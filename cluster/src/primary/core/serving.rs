@@ -288,13 +288,12 @@ impl Core {
             if let Some(worker) = self.workers.get_mut(&id) {
                 worker.handed += 1;
             }
-            // Its deadline to answer starts with its first hand-off in flight (fields, not
-            // `start_timer`: the scheduler is borrowed).
+            // Its deadline to answer starts with its first hand-off in flight (the field,
+            // not `start_timer`: the scheduler is borrowed).
             let timer = Timer::Handoff(id);
-            if !self.timers.contains_key(&timer) {
-                let at = self.now + self.config.handoff_timeout;
-                self.timers.insert(timer.clone(), at);
-                self.out.push(Effect::StartTimer { timer, at });
+            if !self.timers.contains(&timer) {
+                self.timers
+                    .start(timer, self.now + self.config.handoff_timeout);
             }
             self.out.push(Effect::Send {
                 id,
@@ -324,7 +323,7 @@ impl Core {
             .and_then(|rr| rr.next_deadline());
         let timer = Timer::Hold(key.clone());
         match deadline {
-            Some(at) if self.timers.get(&timer) != Some(&at) => {
+            Some(at) if self.timers.get(&timer) != Some(at) => {
                 self.start_timer(timer, at.max(now));
             }
             Some(_) => {}
@@ -367,7 +366,7 @@ impl Core {
         if restart || !self.waits_on_handoffs(id) {
             self.cancel_timer(timer.clone());
         }
-        if !self.timers.contains_key(&timer) && self.waits_on_handoffs(id) {
+        if !self.timers.contains(&timer) && self.waits_on_handoffs(id) {
             self.start_timer(timer, self.now + self.config.handoff_timeout);
         }
     }
@@ -407,7 +406,7 @@ impl Core {
             .handles
             .iter()
             .filter(|(key, h)| {
-                h.is_unused() && !self.timers.contains_key(&Timer::HandleIdle((*key).clone()))
+                h.is_unused() && !self.timers.contains(&Timer::HandleIdle((*key).clone()))
             })
             .map(|(key, _)| key.clone())
             .collect();

@@ -1,5 +1,6 @@
 //! The core's worker and slot lifecycle: forking into a slot, crashes and restarts,
-//! control messages, draining, misbehaviour, channel ends and exits.
+//! control messages, draining and misbehaviour; `workers/exits.rs` has channel ends and
+//! exits.
 
 use std::ffi::OsString;
 use std::time::{Duration, Instant};
@@ -7,9 +8,11 @@ use std::time::{Duration, Instant};
 use child::Signal;
 
 use super::handles::HandleKind;
-use super::lifecycle::{Occupant, Phase, Server, Slot, StopCause, Worker};
-use super::{Core, Effect, Event, Outcome, RESOURCE_RETRY, ReloadFailure, SlotFailure, Timer};
+use super::lifecycle::{Occupant, Phase, Server, Slot, StopCause, WorkerEntry};
+use super::{Core, Effect, Event, Outcome, RESOURCE_RETRY, ReloadFailure, Run, SlotFailure, Timer};
 use crate::primary::restart::{Decision, RestartTracker};
+
+mod exits;
 use crate::protocol::{ToPrimary, ToWorker, WorkerId};
 
 impl Core {
@@ -41,7 +44,7 @@ impl Core {
         };
         self.workers.insert(
             id,
-            Worker {
+            WorkerEntry {
                 slot,
                 started: now,
                 phase: Phase::Starting,
@@ -74,19 +77,36 @@ impl Core {
         if let Some(request) = self.adding.remove(&id) {
             self.out.push(Effect::Reply(request, Outcome::Added(id)));
         }
+        if let Some(starting) = &mut self.starting
+            && starting.waiting.remove(&id)
+            && starting.waiting.is_empty()
+        {
+            let request = starting.request;
+            self.starting = None;
+            self.out.push(Effect::Reply(request, Outcome::Done));
+        }
     }
 
-    pub(super) fn on_fork_failed(&mut self, id: WorkerId, transient: bool, now: Instant) {
+    pub(super) fn on_fork_failed(&mut self, id: WorkerId, error: child::Error, now: Instant) {
         let Some(worker) = self.workers.remove(&id) else {
             return;
         };
         let slot = worker.slot;
+        if let Some(starting) = self.starting.take_if(|s| s.waiting.contains(&id)) {
+            // The first generation cannot start: neither does the primary.
+            self.run = Run::Stopped;
+            self.out
+                .push(Effect::Reply(starting.request, Outcome::ForkFailed(error)));
+            self.out.push(Effect::Finished);
+            return;
+        }
         if let Some(request) = self.adding.remove(&id) {
             self.slots.remove(&slot);
             self.out
-                .push(Effect::Reply(request, Outcome::AddFailed(id)));
+                .push(Effect::Reply(request, Outcome::ForkFailed(error)));
             return;
         }
+        let transient = lacks_resources(&error);
         if self.slot_current(slot) != Some(id) {
             return;
         }
@@ -420,108 +440,18 @@ impl Core {
         tracing::warn!(%id, ?waited, "worker has not connected to the cluster channel");
         self.emit(Event::NotConnected { id, waited });
     }
+}
 
-    pub(super) fn on_channel_closed(&mut self, id: WorkerId, broken: Option<String>, now: Instant) {
-        if let Some(reason) = broken {
-            self.misbehaved(id, reason);
-        }
-        let Some(worker) = self.workers.get_mut(&id) else {
-            return;
-        };
-        match worker.phase {
-            Phase::Exited { status, cause, .. } => {
-                self.cancel_timer(Timer::ExitGrace(id));
-                return self.finalize(id, status, cause, false, now);
-            }
-            Phase::Starting | Phase::Disconnected { .. } => return,
-            Phase::Forked { pid, .. } | Phase::Online { pid, .. } | Phase::Draining { pid, .. } => {
-                worker.phase = Phase::Disconnected {
-                    pid,
-                    cause: worker.phase.cause(),
-                };
-            }
-        }
-        self.emit(Event::Disconnect { id });
-        // It can no longer answer: its in-flight hand-offs go to others.
-        self.forget_worker(id);
-        self.dispatch_all(now);
-        // A process that closed its channel but lives on is ended at the deadline.
-        let timer = Timer::DrainDeadline(id);
-        if !self.timers.contains_key(&timer) {
-            self.start_timer(timer, now + self.config.drain_deadline);
-        }
-    }
-
-    pub(super) fn on_exited(&mut self, id: WorkerId, status: child::ExitStatus, now: Instant) {
-        let Some(worker) = self.workers.get_mut(&id) else {
-            return;
-        };
-        match worker.phase {
-            Phase::Disconnected { cause, .. } => self.finalize(id, status, cause, true, now),
-            Phase::Exited { .. } | Phase::Starting => {}
-            Phase::Forked { pid, .. } | Phase::Online { pid, .. } | Phase::Draining { pid, .. } => {
-                // Messages it sent before exiting come first: wait for the end of its
-                // channel, for a bounded time (a descendant may hold it open).
-                let (cause, online) = (worker.phase.cause(), worker.phase.came_online());
-                worker.phase = Phase::Exited {
-                    pid,
-                    status,
-                    cause,
-                    online,
-                };
-                for handle in self.handles.values_mut() {
-                    handle.retire_worker(id);
-                }
-                self.cancel_timer(Timer::DrainDeadline(id));
-                self.start_timer(Timer::ExitGrace(id), now + self.config.exit_grace);
-            }
-        }
-    }
-
-    /// The worker is gone: report it, refill or give up its slot.
-    pub(super) fn finalize(
-        &mut self,
-        id: WorkerId,
-        status: child::ExitStatus,
-        cause: Option<StopCause>,
-        disconnected: bool,
-        now: Instant,
-    ) {
-        let Some(worker) = self.workers.remove(&id) else {
-            return;
-        };
-        self.cancel_timer(Timer::DrainDeadline(id));
-        self.cancel_timer(Timer::ExitGrace(id));
-        self.cancel_timer(Timer::Handoff(id));
-        self.cancel_timer(Timer::Connect(id));
-        self.forget_worker(id);
-        if !disconnected {
-            self.emit(Event::Disconnect { id });
-        }
-        tracing::debug!(%id, %status, "worker exited");
-        let exited_after_disconnect = cause.is_some_and(StopCause::exited_after_disconnect);
-        self.emit(Event::Exit {
-            id,
-            status,
-            exited_after_disconnect,
-        });
-        let slot = worker.slot;
-        if self.running() && self.slot_current(slot) == Some(id) {
-            match worker.listen_failed {
-                // Restarting would fail the same way: say so now, not after a crash loop.
-                Some((key, errno)) => self.give_up(slot, id, SlotFailure::Listen { key, errno }),
-                None => {
-                    let uptime = now.saturating_duration_since(worker.started);
-                    match status {
-                        child::ExitStatus::Exited(0) => self.on_left(slot, id, now, uptime),
-                        _ => self.on_crash(slot, id, now, uptime),
-                    }
-                }
-            }
-        }
-        self.close_slot_sockets(slot);
-        self.dispatch_all(now);
-        self.advance_reload(now);
-        self.check_stopped();
-    }
+/// Whether a fork failed for lack of resources (descriptors, processes, memory), which
+/// passes, rather than because of the program.
+fn lacks_resources(error: &child::Error) -> bool {
+    let errno = match error {
+        child::Error::Spawn(e) => e.raw_os_error(),
+        child::Error::Ipc(ipc::Error::Io(e)) => e.raw_os_error(),
+        _ => None,
+    };
+    matches!(
+        errno,
+        Some(libc::EMFILE | libc::ENFILE | libc::EAGAIN | libc::ENOMEM)
+    )
 }

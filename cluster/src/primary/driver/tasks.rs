@@ -8,7 +8,8 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt};
 use tokio::sync::mpsc;
 
 use super::Internal;
-use crate::primary::{OutputStream, UserSender};
+use crate::primary::OutputStream;
+use crate::primary::handle::UserSender;
 use crate::protocol::{ToWorker, WorkerId};
 
 /// A control message for a worker, in the protocol it speaks. It serializes as the

@@ -1,17 +1,17 @@
-//! A simulated world around [`Core`]: worker processes that answer (or not), a clock,
-//! timers, sockets that bind, accepted connections. It performs effects as the driver
-//! does and checks (`sim/checks.rs`), after every step, what must hold whatever happens.
+//! A simulated world around [`Core`]: worker processes that answer (or not), a clock
+//! that moves to the core's deadlines, sockets that bind, accepted connections. It performs effects as the driver
+//! does (`sim/perform.rs`) and checks (`sim/checks.rs`), after every step, what must hold
+//! whatever happens.
 
 mod checks;
+mod perform;
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use child::{ExitStatus, Signal};
 
-use super::super::{
-    Command, Config, ConnId, Core, Effect, FdRef, Input, Outcome, RequestId, Timer,
-};
+use super::super::{Config, ConnId, Core, FdRef, Input, Outcome, Request, RequestId};
 use crate::protocol::{Granted, HandleKey, ToPrimary, ToWorker, WorkerId};
 use crate::settings::{Policy, RestartPolicy};
 
@@ -53,7 +53,9 @@ pub(super) struct Sim {
     pub(super) core: Core,
     pub(super) now: Instant,
     pub(super) procs: BTreeMap<WorkerId, Proc>,
-    pub(super) timers: HashMap<Timer, Instant>,
+    /// The core's timer sequence number at the last check: timers armed since then
+    /// are checked not to be in the past.
+    timers_checked: u64,
     conns: BTreeMap<ConnId, ConnState>,
     next_conn: u64,
     next_request: u64,
@@ -106,12 +108,12 @@ impl Sim {
     pub(super) fn new(config: Config) -> Self {
         let now = Instant::now();
         let mut core = Core::new(config, now);
-        let effects = core.start(now);
+        let effects = core.start(now, RequestId(u64::MAX));
         let mut sim = Sim {
             core,
             now,
             procs: BTreeMap::new(),
-            timers: HashMap::new(),
+            timers_checked: 0,
             conns: BTreeMap::new(),
             next_conn: 0,
             next_request: 0,
@@ -131,6 +133,8 @@ impl Sim {
         };
         sim.perform(effects);
         sim.drain_inputs();
+        let started = sim.replies.get(&RequestId(u64::MAX));
+        assert!(matches!(started, Some(Outcome::Done)), "{started:?}");
         sim
     }
 
@@ -159,10 +163,10 @@ impl Sim {
         self.check();
     }
 
-    pub(super) fn command(&mut self, command: Command) -> RequestId {
+    pub(super) fn request(&mut self, asked: Request) -> RequestId {
         let request = RequestId(self.next_request);
         self.next_request += 1;
-        self.input(Input::Command(request, command));
+        self.input(Input::Request(request, asked));
         request
     }
 
@@ -354,161 +358,15 @@ impl Sim {
         }
     }
 
-    /// Fires the earliest timer, moving the clock to it.
+    /// Moves the clock to the core's next deadline ([`Core::poll_timeout`]) and tells
+    /// it time passed, as the driver's sleep does; `false` if nothing is armed.
     pub(super) fn fire_timer(&mut self) -> bool {
-        let Some((timer, at)) = self
-            .timers
-            .iter()
-            .min_by_key(|(_, at)| **at)
-            .map(|(t, at)| (t.clone(), *at))
-        else {
+        let Some(at) = self.core.poll_timeout() else {
             return false;
         };
         self.now = self.now.max(at);
-        self.timers.remove(&timer);
-        self.input(Input::TimerFired(timer));
+        self.input(Input::Tick);
         true
-    }
-
-    fn perform(&mut self, effects: Vec<Effect>) {
-        let mut queue: VecDeque<Effect> = effects.into();
-        while let Some(effect) = queue.pop_front() {
-            let fed = match effect {
-                Effect::Fork { id, .. } => {
-                    assert!(!self.procs.contains_key(&id), "{id} forked twice");
-                    assert!(!self.finished, "fork after the end");
-                    if std::mem::take(&mut self.fail_next_fork) {
-                        let transient = self.fork_failure_transient;
-                        Some(Input::ForkFailed { id, transient })
-                    } else {
-                        let alive = true;
-                        let channel = true;
-                        let proc = Proc {
-                            alive,
-                            channel,
-                            ..Proc::default()
-                        };
-                        self.procs.insert(id, proc);
-                        let pid = 1000 + u32::try_from(id.0).expect("small");
-                        Some(Input::Forked { id, pid })
-                    }
-                }
-                Effect::Send { id, message, fd } => {
-                    let events = self.events.get(&id).map(Vec::as_slice).unwrap_or(&[]);
-                    assert!(
-                        !events.contains(&"exit"),
-                        "a message for {id} after its exit"
-                    );
-                    if let Some(FdRef::Conn(conn)) = &fd {
-                        assert_eq!(self.conns.get(conn), Some(&ConnState::Held));
-                    }
-                    match (&fd, &message) {
-                        (Some(FdRef::Listener { key, .. }), ToWorker::QueryReply { seq, .. })
-                            if self.fail_next_copy.is_some() =>
-                        {
-                            Some(Input::GrantFailed {
-                                id,
-                                key: key.clone(),
-                                seq: *seq,
-                                errno: self.fail_next_copy.take().expect("checked"),
-                            })
-                        }
-                        _ => {
-                            if let Some(p) = self.procs.get_mut(&id).filter(|p| p.channel) {
-                                p.inbox.push_back((message, fd));
-                            }
-                            None
-                        }
-                    }
-                }
-                Effect::Kill {
-                    id,
-                    signal,
-                    request,
-                } => {
-                    if let Some(request) = request {
-                        self.reply(request, Outcome::Done);
-                    }
-                    let status = signaled(signal);
-                    if let Some(p) = self.procs.get_mut(&id).filter(|p| p.alive) {
-                        p.alive = false;
-                        if std::mem::replace(&mut p.channel, false) {
-                            self.inputs
-                                .push_back(Input::ChannelClosed { id, broken: None });
-                        }
-                        self.inputs.push_back(Input::Exited { id, status });
-                    }
-                    None
-                }
-                Effect::Bind { key, socket, .. } => {
-                    let result = match self.fail_next_bind.take() {
-                        Some(errno) => Err(errno),
-                        None => Ok(BOUND.parse().expect("address")),
-                    };
-                    Some(Input::Bound {
-                        key,
-                        socket,
-                        result,
-                    })
-                }
-                Effect::Accept { key, on } => {
-                    assert_eq!(self.paused.contains(&key), on, "told twice");
-                    if on {
-                        self.paused.remove(&key);
-                    } else {
-                        self.paused.insert(key);
-                    }
-                    None
-                }
-                Effect::CloseHandle(key) => {
-                    self.paused.remove(&key);
-                    None
-                }
-                Effect::CloseSocket { .. } => None,
-                Effect::CloseConn(conn) => {
-                    let state = self.conns.get_mut(&conn).expect("a known connection");
-                    match *state {
-                        ConnState::Held => *state = ConnState::Closed,
-                        // The worker took it: the primary's copy closes, once.
-                        ConnState::Served(_) => {}
-                        ConnState::Closed => panic!("{conn:?} closed twice"),
-                    }
-                    None
-                }
-                Effect::StartTimer { timer, at } => {
-                    assert!(at >= self.now, "a timer in the past");
-                    self.timers.insert(timer, at);
-                    None
-                }
-                Effect::CancelTimer(timer) => {
-                    assert!(self.timers.remove(&timer).is_some(), "cancelled twice");
-                    None
-                }
-                Effect::Emit(event) => {
-                    self.record(&event);
-                    None
-                }
-                Effect::Reply(request, outcome) => {
-                    self.reply(request, outcome);
-                    None
-                }
-                Effect::Finished => {
-                    assert!(!self.finished, "finished twice");
-                    self.finished = true;
-                    None
-                }
-            };
-            if let Some(input) = fed {
-                queue.extend(self.core.handle(self.now, input));
-            }
-        }
-    }
-
-    fn reply(&mut self, request: RequestId, outcome: Outcome) {
-        assert!(
-            self.replies.insert(request, outcome).is_none(),
-            "{request:?} answered twice"
-        );
     }
 
     /// Plays every worker cooperatively until nothing moves: reads every message,

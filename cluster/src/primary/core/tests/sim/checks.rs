@@ -5,7 +5,7 @@ use std::collections::HashSet;
 
 use super::{ConnState, Sim};
 use crate::Event;
-use crate::primary::core::{Command, ConnId, Outcome};
+use crate::primary::core::{ConnId, Outcome, Request};
 
 impl Sim {
     pub(super) fn record(&mut self, event: &Event) {
@@ -77,12 +77,11 @@ impl Sim {
     }
 
     /// What holds after every step.
-    pub(super) fn check(&self) {
-        assert_eq!(
-            &self.timers,
-            self.core.timers(),
-            "the driver's timers and the core's"
-        );
+    pub(super) fn check(&mut self) {
+        for (timer, at) in self.core.timers.armed_since(self.timers_checked) {
+            assert!(at >= self.now, "{timer:?} armed in the past");
+        }
+        self.timers_checked = self.core.timers.next_seq();
         for (key, handle) in &self.core.handles {
             let queued = match &handle.kind {
                 crate::primary::core::handles::HandleKind::RoundRobin(rr) => rr.queued(),
@@ -109,13 +108,22 @@ impl Sim {
 
     /// Stops the primary and checks that it ends clean.
     pub(crate) fn stop_and_check(&mut self) {
-        let stop = self.command(Command::Stop);
+        let stop = self.request(Request::Stop);
         self.settle(10_000);
         assert!(self.finished, "the stop did not finish: {:?}", self.core);
-        assert_eq!(self.replies.get(&stop), Some(&Outcome::Done));
+        assert!(
+            matches!(self.replies.get(&stop), Some(Outcome::Done)),
+            "{:?}",
+            self.replies.get(&stop)
+        );
         assert!(self.core.workers.is_empty());
         assert!(self.core.handles.is_empty());
-        assert!(self.timers.is_empty(), "timers left: {:?}", self.timers);
+        assert_eq!(
+            self.core.poll_timeout(),
+            None,
+            "timers left: {:?}",
+            self.core.timers
+        );
         for (id, events) in &self.events {
             let exits = events.iter().filter(|k| **k == "exit").count();
             assert_eq!(exits, 1, "{id}: {events:?}");
