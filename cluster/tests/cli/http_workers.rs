@@ -322,14 +322,23 @@ fn node_two_servers_per_worker_share_two_ports_under_each_policy() {
         );
         // 2 workers x 2 servers.
         cluster.wait_listening(0, 4);
-        let ports: BTreeSet<u16> = cluster
-            .log
-            .lines_from(0)
-            .iter()
-            .filter_map(|line| line.strip_prefix("listening on "))
-            .filter_map(|a| a.parse::<SocketAddr>().ok())
-            .map(|a| a.port())
-            .collect();
+        // stdout's `listening on` lines and stderr's come through separate writers: wait
+        // for both of stdout's, whatever came first.
+        let deadline = Instant::now() + TIMEOUT;
+        let ports = loop {
+            let lines = cluster.log.lines_from(0);
+            let ports: BTreeSet<u16> = lines
+                .iter()
+                .filter_map(|line| line.strip_prefix("listening on "))
+                .filter_map(|a| a.parse::<SocketAddr>().ok())
+                .map(|a| a.port())
+                .collect();
+            let left = deadline.saturating_duration_since(Instant::now());
+            if ports.len() >= 2 || left.is_zero() {
+                break ports;
+            }
+            let _ = cluster.log.wait_for(lines.len(), "", left); // the next line
+        };
         assert_eq!(ports.len(), 2, "{policy}: {ports:?}");
         let names: BTreeSet<String> = ports
             .iter()
