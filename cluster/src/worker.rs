@@ -1,13 +1,14 @@
-//! The worker side: [`Worker`] (the link to the primary, `listen`, messaging, stopping)
-//! and [`Listener`]. `worker/link.rs` is the protocol with the primary (a pure core and
-//! its read loop), `worker/listener.rs` the listener and its hand-off queue,
+//! The worker side: [`Worker`] (its session with the primary, `listen`, messaging,
+//! stopping) and [`Listener`]. `worker/session.rs` is the protocol with the primary (a
+//! pure core, the server table, and its read loop), `worker/listener.rs` the listener and
+//! `worker/handoff_queue.rs` its hand-off queue,
 //! `worker/messages.rs` the bounded queue of user messages, `worker/panic.rs` the hook.
 
-mod handoff;
-mod link;
+mod handoff_queue;
 mod listener;
 mod messages;
 mod panic;
+mod session;
 
 use std::io;
 use std::net::SocketAddr;
@@ -20,11 +21,11 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use self::link::Inner;
 use self::listener::Kind;
 pub use self::listener::Listener;
 use self::messages::UserQueue;
 pub use self::messages::{USER_QUEUE_BYTES, USER_QUEUE_CAPACITY};
+use self::session::Session;
 use crate::error::{Error, ListenError};
 use crate::protocol::{Granted, ToPrimary};
 use crate::{Endpoint, WorkerId, net};
@@ -103,7 +104,7 @@ impl ListenOptions {
 pub struct Worker {
     id: WorkerId,
     slot: Option<usize>,
-    inner: Arc<Inner>,
+    session: Arc<Session>,
     messages: Arc<UserQueue>,
 }
 
@@ -121,20 +122,20 @@ impl Worker {
         let (mut sender, receiver) = channel.into_split();
         sender.send_control(&ToPrimary::Online, Vec::new()).await?;
         let sender = Arc::new(tokio::sync::Mutex::new(sender));
-        let (control, control_rx) = mpsc::channel(link::CONTROL_QUEUE);
-        let inner = Arc::new(Inner::new(control, Arc::clone(&sender)));
+        let (control, control_rx) = mpsc::channel(session::CONTROL_QUEUE);
+        let session = Arc::new(Session::new(control, Arc::clone(&sender)));
         let messages = Arc::new(UserQueue::default());
-        tokio::spawn(link::write_control(sender, control_rx));
-        tokio::spawn(link::read_loop(
+        tokio::spawn(session::write_control(sender, control_rx));
+        tokio::spawn(session::read_loop(
             receiver,
-            Arc::clone(&inner),
+            Arc::clone(&session),
             Arc::clone(&messages),
         ));
-        panic::install(&inner);
+        panic::install(&session);
         Ok(Worker {
             id,
             slot: crate::env::worker_slot(),
-            inner,
+            session,
             messages,
         })
     }
@@ -169,13 +170,13 @@ impl Worker {
         address: SocketAddr,
         options: ListenOptions,
     ) -> Result<Listener, ListenError> {
-        if self.inner.stop_token().is_cancelled() {
+        if self.session.stop_token().is_cancelled() {
             return Err(ListenError::Stopping { address });
         }
-        let (key, seq) = self.inner.core().new_listen(address);
+        let (key, seq) = self.session.table().new_listen(address);
         let listening = self.listen_key(key.clone(), seq, address, options).await;
         if listening.is_err() {
-            self.inner.core().close(&key); // its index is free again
+            self.session.table().close(&key); // its index is free again
         }
         listening
     }
@@ -198,9 +199,9 @@ impl Worker {
             return Ok(self.announce(key, bound, Kind::Socket(listener), true));
         }
         let (tx, reply) = oneshot::channel();
-        self.inner.answers().insert(seq, tx);
-        self.inner.core().await_reply(seq, key.clone());
-        self.inner.send_control(ToPrimary::QueryServer {
+        self.session.answers().insert(seq, tx);
+        self.session.table().await_reply(seq, key.clone());
+        self.session.send_control(ToPrimary::QueryServer {
             seq,
             key: key.clone(),
             backlog: options.backlog,
@@ -219,14 +220,14 @@ impl Worker {
                     }
                     Err(e) => {
                         // Granted but unusable here: give it back.
-                        self.inner.send_control(ToPrimary::Close { key });
+                        self.session.send_control(ToPrimary::Close { key });
                         Err(ListenError::from_io(address, e))
                     }
                 }
             }
             (Ok((Granted::Socket, _)), None, _) => {
                 // Its descriptor was lost on the way (this process is out of them).
-                self.inner.send_control(ToPrimary::Close { key });
+                self.session.send_control(ToPrimary::Close { key });
                 Err(ListenError::from_errno(address, libc::EMFILE))
             }
             _ => Err(ListenError::NoReply { address }),
@@ -240,17 +241,17 @@ impl Worker {
         kind: Kind,
         exclusive: bool,
     ) -> Listener {
-        self.inner.send_control(ToPrimary::Listening {
+        self.session.send_control(ToPrimary::Listening {
             key: key.clone(),
             address: address.into(),
             exclusive,
         });
-        Listener::new(key, address, kind, Arc::clone(&self.inner))
+        Listener::new(key, address, kind, Arc::clone(&self.session))
     }
 
     /// Sends a message to the primary on the user lane (Node's `process.send`).
     pub async fn send<T: Serialize + ?Sized>(&self, message: &T) -> Result<(), Error> {
-        self.inner.sender.lock().await.send(message).await?;
+        self.session.sender.lock().await.send(message).await?;
         Ok(())
     }
 
@@ -271,23 +272,25 @@ impl Worker {
     /// Resolves when this worker should stop, with the reason. Listeners yield no more
     /// connections from then on. See [Stopping](Worker#stopping).
     pub async fn stopping(&self) -> StopReason {
-        self.inner.stop_token().cancelled().await;
-        self.inner.stop_reason().unwrap_or(StopReason::Disconnected)
+        self.session.stop_token().cancelled().await;
+        self.session
+            .stop_reason()
+            .unwrap_or(StopReason::Disconnected)
     }
 
     /// Why this worker is stopping, if it is.
     pub fn stop_reason(&self) -> Option<StopReason> {
-        self.inner.stop_reason()
+        self.session.stop_reason()
     }
 
     /// Whether this worker was asked to stop.
     pub fn is_stopping(&self) -> bool {
-        self.inner.stop_token().is_cancelled()
+        self.session.stop_token().is_cancelled()
     }
 
     /// A token cancelled when this worker should stop, to hand to connection tasks.
     pub fn stop_token(&self) -> CancellationToken {
-        self.inner.stop_token().child_token()
+        self.session.stop_token().child_token()
     }
 
     /// Tells the primary this worker is ready to serve (Node's `process.send('ready')`
@@ -296,7 +299,7 @@ impl Worker {
     /// not count as ready, and a rolling reload does not stop the worker it replaces.
     /// Saying it twice is harmless.
     pub fn ready(&self) {
-        self.inner.send_control(ToPrimary::Ready);
+        self.session.send_control(ToPrimary::Ready);
     }
 
     /// Stops this worker by its own choice (Node's `worker.disconnect()` in a worker):
@@ -306,16 +309,16 @@ impl Worker {
     /// a crash; sooner, it counts as one), and the exit has `exited_after_disconnect` set. Finish in-flight work and return from `main`; the
     /// primary kills the process if its drain deadline passes first.
     pub fn disconnect(&self) {
-        if self.inner.stop_token().is_cancelled() {
+        if self.session.stop_token().is_cancelled() {
             return;
         }
-        self.inner.send_control(ToPrimary::Disconnecting);
-        self.inner.stop(StopReason::Disconnecting);
+        self.session.send_control(ToPrimary::Disconnecting);
+        self.session.stop(StopReason::Disconnecting);
     }
 
     /// Whether a panic happened in this process since [`connect`](Worker::connect).
     pub fn panicked(&self) -> bool {
-        self.inner.panicked.load(Ordering::SeqCst)
+        self.session.panicked.load(Ordering::SeqCst)
     }
 }
 

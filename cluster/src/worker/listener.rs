@@ -1,5 +1,5 @@
 //! A worker's [`Listener`]: accepting on a socket, or under round-robin taking hand-offs
-//! from its queue (`handoff.rs`).
+//! from its queue (`handoff_queue.rs`).
 
 use std::io;
 use std::net::SocketAddr;
@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
 
-use super::handoff::HandoffQueue;
-use super::link::Inner;
+use super::handoff_queue::HandoffQueue;
+use super::session::Session;
 use crate::protocol::{HandleKey, ToPrimary};
 
 #[derive(Debug)]
@@ -38,18 +38,23 @@ pub struct Listener {
     key: HandleKey,
     address: SocketAddr,
     kind: Option<Kind>,
-    inner: Arc<Inner>,
+    session: Arc<Session>,
     /// Accept errors in a row that pass by themselves, for the pause and the log.
     shortages: u32,
 }
 
 impl Listener {
-    pub(crate) fn new(key: HandleKey, address: SocketAddr, kind: Kind, inner: Arc<Inner>) -> Self {
+    pub(crate) fn new(
+        key: HandleKey,
+        address: SocketAddr,
+        kind: Kind,
+        session: Arc<Session>,
+    ) -> Self {
         Self {
             key,
             address,
             kind: Some(kind),
-            inner,
+            session,
             shortages: 0,
         }
     }
@@ -74,7 +79,7 @@ impl Listener {
     /// resources are free. Other errors are returned.
     pub async fn accept(&mut self) -> io::Result<Option<TcpStream>> {
         loop {
-            let stop = self.inner.stop_token().clone();
+            let stop = self.session.stop_token().clone();
             if stop.is_cancelled() {
                 self.close();
                 return Ok(None);
@@ -105,7 +110,7 @@ impl Listener {
                         let accepted = stream
                             .set_nonblocking(true)
                             .and_then(|()| TcpStream::from_std(stream));
-                        self.inner.send_control(ToPrimary::Accepted {
+                        self.session.send_control(ToPrimary::Accepted {
                             key: self.key.clone(),
                             seq,
                             accepted: accepted.is_ok(),
@@ -143,7 +148,7 @@ impl Listener {
         if let Some(Kind::RoundRobin(queue)) = &self.kind {
             queue.set_refusing(refusing);
             if refusing {
-                self.inner.refuse_queue(queue);
+                self.session.refuse_queue(queue);
             }
         }
     }
@@ -154,10 +159,10 @@ impl Listener {
         let Some(kind) = self.kind.take() else {
             return;
         };
-        self.inner.core().close(&self.key);
+        self.session.table().close(&self.key);
         if let Kind::RoundRobin(queue) = kind {
             queue.close();
-            self.inner.refuse_queue(&queue);
+            self.session.refuse_queue(&queue);
         }
     }
 }
@@ -166,8 +171,8 @@ impl Drop for Listener {
     fn drop(&mut self) {
         let open = self.kind.is_some();
         self.close();
-        if open && !self.inner.stop_token().is_cancelled() {
-            self.inner.send_control(ToPrimary::Close {
+        if open && !self.session.stop_token().is_cancelled() {
+            self.session.send_control(ToPrimary::Close {
                 key: self.key.clone(),
             });
         }

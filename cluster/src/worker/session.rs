@@ -1,6 +1,7 @@
-//! The worker's link to the primary: a pure protocol core ([`LinkCore`]: which listen
-//! waits for which reply, which hand-off goes to which listener, when to refuse) and the
-//! read loop that feeds it frames and performs what it decides.
+//! The worker's session with the primary: a pure core ([`ServerTable`]: which listen
+//! waits for which reply, which hand-off goes to which listener, when to refuse), what the
+//! worker's handles share ([`Session`]), and the read loop that feeds the table frames and
+//! performs what it decides.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -12,14 +13,14 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use super::StopReason;
-use super::handoff::HandoffQueue;
+use super::handoff_queue::HandoffQueue;
 use super::messages::UserQueue;
 use crate::Endpoint;
 use crate::protocol::{AddressFamily, Granted, HandleKey, ToPrimary, ToWorker};
 
 /// How many control messages wait for the writer. By the protocol a worker has at most
 /// a query and a window of `Accepted` replies per server in flight plus a few one-offs,
-/// so a full queue means the primary stopped reading: the link counts as broken.
+/// so a full queue means the primary stopped reading: the session counts as broken.
 pub(crate) const CONTROL_QUEUE: usize =
     (1 + crate::protocol::HANDOFF_WINDOW) * crate::protocol::MAX_SERVERS_PER_WORKER + 8;
 
@@ -31,9 +32,9 @@ pub(crate) struct QueryAnswer {
     pub(crate) queue: Option<Arc<HandoffQueue>>,
 }
 
-/// What the link decides about a hand-off.
+/// What the table decides about a hand-off.
 #[derive(Debug, PartialEq, Eq)]
-pub(crate) enum Handoff {
+pub(crate) enum HandoffDecision {
     /// Queue it for the listener of this key.
     Deliver,
     /// Refuse it: the primary gives it to another worker.
@@ -48,10 +49,10 @@ struct Indexes {
     live: std::collections::BTreeSet<u32>,
 }
 
-/// The pure part of the link: sequence numbers, Node's handle indexes, and which keys
-/// have a listener. No I/O, no locks; [`Inner`] keeps it behind a mutex.
+/// The worker's servers as the protocol sees them: sequence numbers, Node's handle
+/// indexes, and which keys have a listener. No I/O, no locks; [`Session`] keeps it behind a mutex.
 #[derive(Debug, Default)]
-pub(crate) struct LinkCore {
+pub(crate) struct ServerTable {
     next_seq: u64,
     /// Node's handle indexes per `address:port:family`: the next index and the live ones.
     indexes: HashMap<(String, u16, AddressFamily), Indexes>,
@@ -61,7 +62,7 @@ pub(crate) struct LinkCore {
     listeners: HashMap<HandleKey, Arc<HandoffQueue>>,
 }
 
-impl LinkCore {
+impl ServerTable {
     /// The key and sequence number of a new listen on `address` (Node's index: how many
     /// earlier listens of this worker share address, port and family).
     pub(crate) fn new_listen(&mut self, address: SocketAddr) -> (HandleKey, u64) {
@@ -109,10 +110,15 @@ impl LinkCore {
 
     /// Whether a hand-off for `key` is taken: only by an open listener that is not
     /// refusing and has room, while the worker is not stopping, with its descriptor.
-    pub(crate) fn on_handoff(&self, key: &HandleKey, has_fd: bool, stopping: bool) -> Handoff {
+    pub(crate) fn on_handoff(
+        &self,
+        key: &HandleKey,
+        has_fd: bool,
+        stopping: bool,
+    ) -> HandoffDecision {
         match self.listeners.get(key) {
-            Some(queue) if has_fd && !stopping && queue.takes() => Handoff::Deliver,
-            _ => Handoff::Refuse,
+            Some(queue) if has_fd && !stopping && queue.takes() => HandoffDecision::Deliver,
+            _ => HandoffDecision::Refuse,
         }
     }
 
@@ -141,19 +147,19 @@ impl LinkCore {
 
 /// What the worker's handles share: the way to the primary and the stop state.
 #[derive(Debug)]
-pub(crate) struct Inner {
+pub(crate) struct Session {
     control: mpsc::Sender<ToPrimary>,
     pub(crate) sender: Arc<tokio::sync::Mutex<ipc::Sender>>,
     stop: CancellationToken,
     reason: OnceLock<StopReason>,
     pub(crate) panicked: AtomicBool,
-    core: Mutex<LinkCore>,
+    table: Mutex<ServerTable>,
     /// Answers for listens waiting on the primary.
     answers: Mutex<HashMap<u64, oneshot::Sender<QueryAnswer>>>,
     dropped_control: AtomicU64,
 }
 
-impl Inner {
+impl Session {
     pub(crate) fn new(
         control: mpsc::Sender<ToPrimary>,
         sender: Arc<tokio::sync::Mutex<ipc::Sender>>,
@@ -164,7 +170,7 @@ impl Inner {
             stop: CancellationToken::new(),
             reason: OnceLock::new(),
             panicked: AtomicBool::new(false),
-            core: Mutex::default(),
+            table: Mutex::default(),
             answers: Mutex::default(),
             dropped_control: AtomicU64::new(0),
         }
@@ -183,8 +189,8 @@ impl Inner {
         }
     }
 
-    pub(crate) fn core(&self) -> std::sync::MutexGuard<'_, LinkCore> {
-        self.core.lock().unwrap_or_else(|e| e.into_inner())
+    pub(crate) fn table(&self) -> std::sync::MutexGuard<'_, ServerTable> {
+        self.table.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     pub(crate) fn answers(
@@ -198,7 +204,7 @@ impl Inner {
     pub(crate) fn stop(&self, reason: StopReason) {
         let _ = self.reason.set(reason);
         self.stop.cancel();
-        let listeners = self.core().listeners();
+        let listeners = self.table().listeners();
         for queue in listeners {
             queue.close();
             self.refuse_queue(&queue);
@@ -255,21 +261,21 @@ pub(crate) async fn write_control(
 
 /// One connection handed over on `key`: into its listener's queue, or refused (no
 /// listener, stopping, full, or its descriptor lost on the way).
-fn hand_off(inner: &Inner, key: HandleKey, seq: u64, fd: Option<OwnedFd>, fds_lost: bool) {
+fn hand_off(session: &Session, key: HandleKey, seq: u64, fd: Option<OwnedFd>, fds_lost: bool) {
     if fds_lost && fd.is_none() {
         tracing::warn!(%key, "out of descriptors: refusing a hand-off");
     }
-    let stopping = inner.stop_token().is_cancelled();
+    let stopping = session.stop_token().is_cancelled();
     let (decision, queue) = {
-        let core = inner.core();
+        let table = session.table();
         (
-            core.on_handoff(&key, fd.is_some(), stopping),
-            core.listener(&key),
+            table.on_handoff(&key, fd.is_some(), stopping),
+            table.listener(&key),
         )
     };
     match (decision, fd, queue) {
-        (Handoff::Deliver, Some(fd), Some(queue)) => queue.push(seq, fd),
-        _ => inner.send_control(ToPrimary::Accepted {
+        (HandoffDecision::Deliver, Some(fd), Some(queue)) => queue.push(seq, fd),
+        _ => session.send_control(ToPrimary::Accepted {
             key,
             seq,
             accepted: false,
@@ -281,7 +287,7 @@ fn hand_off(inner: &Inner, key: HandleKey, seq: u64, fd: Option<OwnedFd>, fds_lo
 /// [`StopReason::PrimaryGone`] (a library never exits the process).
 pub(crate) async fn read_loop(
     mut receiver: ipc::Receiver,
-    inner: Arc<Inner>,
+    session: Arc<Session>,
     user: Arc<UserQueue>,
 ) {
     loop {
@@ -300,38 +306,38 @@ pub(crate) async fn read_loop(
         match message.decode::<ToWorker>() {
             Ok(ToWorker::QueryReply { seq, result }) => {
                 let fd = message.take_fds().pop();
-                let Some((key, queue)) = inner.core().on_reply(seq, &result) else {
+                let Some((key, queue)) = session.table().on_reply(seq, &result) else {
                     continue;
                 };
                 let granted = result.is_ok();
-                let abandoned = match inner.answers().remove(&seq) {
+                let abandoned = match session.answers().remove(&seq) {
                     Some(answer) => answer.send(QueryAnswer { result, fd, queue }).is_err(),
                     None => true,
                 };
                 if abandoned {
                     // The listen was dropped before its reply: give the server back.
-                    inner.core().close(&key);
+                    session.table().close(&key);
                     if granted {
-                        inner.send_control(ToPrimary::Close { key });
+                        session.send_control(ToPrimary::Close { key });
                     }
                 }
             }
             Ok(ToWorker::NewConn { key, seq }) => {
                 let fd = message.take_fds().pop();
-                hand_off(&inner, key, seq, fd, message.fds_lost());
+                hand_off(&session, key, seq, fd, message.fds_lost());
             }
             Ok(ToWorker::NewConns { key, seqs }) => {
                 let mut fds = message.take_fds().into_iter();
                 for seq in seqs {
-                    hand_off(&inner, key.clone(), seq, fds.next(), message.fds_lost());
+                    hand_off(&session, key.clone(), seq, fds.next(), message.fds_lost());
                 }
             }
-            Ok(ToWorker::Disconnect) => inner.stop(StopReason::Disconnected),
+            Ok(ToWorker::Disconnect) => session.stop(StopReason::Disconnected),
             Err(e) => tracing::warn!(error = %e, "ignoring an undecodable control message"),
         }
     }
     user.close();
-    inner.stop(StopReason::PrimaryGone);
+    session.stop(StopReason::PrimaryGone);
 }
 
 #[cfg(test)]
@@ -344,10 +350,10 @@ mod tests {
 
     #[test]
     fn listens_count_their_index_per_address() {
-        let mut core = LinkCore::default();
-        let (a, s0) = core.new_listen(addr("127.0.0.1:0"));
-        let (b, s1) = core.new_listen(addr("127.0.0.1:0"));
-        let (c, _) = core.new_listen(addr("127.0.0.1:80"));
+        let mut table = ServerTable::default();
+        let (a, s0) = table.new_listen(addr("127.0.0.1:0"));
+        let (b, s1) = table.new_listen(addr("127.0.0.1:0"));
+        let (c, _) = table.new_listen(addr("127.0.0.1:80"));
         assert_eq!((a.index, b.index, c.index), (0, 1, 0));
         assert_ne!(s0, s1);
         assert_eq!(b.to_string(), "127.0.0.1:0:4:undefined:1");
@@ -355,41 +361,47 @@ mod tests {
 
     #[test]
     fn a_closed_index_is_freed_and_the_count_restarts_once_none_is_live() {
-        let mut core = LinkCore::default();
-        let (a, _) = core.new_listen(addr("127.0.0.1:8080"));
-        let (b, _) = core.new_listen(addr("127.0.0.1:8080"));
-        core.close(&a);
-        let (c, _) = core.new_listen(addr("127.0.0.1:8080"));
+        let mut table = ServerTable::default();
+        let (a, _) = table.new_listen(addr("127.0.0.1:8080"));
+        let (b, _) = table.new_listen(addr("127.0.0.1:8080"));
+        table.close(&a);
+        let (c, _) = table.new_listen(addr("127.0.0.1:8080"));
         assert_eq!((a.index, b.index, c.index), (0, 1, 2), "b is still live");
-        core.close(&b);
-        core.close(&c);
-        let (d, _) = core.new_listen(addr("127.0.0.1:8080"));
+        table.close(&b);
+        table.close(&c);
+        let (d, _) = table.new_listen(addr("127.0.0.1:8080"));
         assert_eq!(d, a, "listen, close, listen: the same key again");
     }
 
     #[test]
     fn a_reply_nobody_waits_for_is_ignored_and_a_grant_registers_the_listener() {
-        let mut core = LinkCore::default();
-        let (key, seq) = core.new_listen(addr("127.0.0.1:0"));
+        let mut table = ServerTable::default();
+        let (key, seq) = table.new_listen(addr("127.0.0.1:0"));
         let granted = Ok((Granted::RoundRobin, addr("127.0.0.1:5000").into()));
-        assert!(core.on_reply(seq, &granted).is_none(), "not awaited");
-        core.await_reply(seq, key.clone());
-        let (answered, queue) = core.on_reply(seq, &granted).expect("awaited");
+        assert!(table.on_reply(seq, &granted).is_none(), "not awaited");
+        table.await_reply(seq, key.clone());
+        let (answered, queue) = table.on_reply(seq, &granted).expect("awaited");
         assert_eq!(answered, key);
         assert!(queue.is_some());
-        assert_eq!(core.on_handoff(&key, true, false), Handoff::Deliver);
-        assert!(core.on_reply(seq, &granted).is_none(), "answered once");
+        assert_eq!(
+            table.on_handoff(&key, true, false),
+            HandoffDecision::Deliver
+        );
+        assert!(table.on_reply(seq, &granted).is_none(), "answered once");
     }
 
     #[test]
     fn a_whole_window_of_hand_offs_is_delivered_before_any_accept() {
-        let mut core = LinkCore::default();
-        let (key, seq) = core.new_listen(addr("127.0.0.1:0"));
-        core.await_reply(seq, key.clone());
-        core.on_reply(seq, &Ok((Granted::RoundRobin, addr("127.0.0.1:1").into())));
-        let queue = core.listener(&key).expect("listener");
+        let mut table = ServerTable::default();
+        let (key, seq) = table.new_listen(addr("127.0.0.1:0"));
+        table.await_reply(seq, key.clone());
+        table.on_reply(seq, &Ok((Granted::RoundRobin, addr("127.0.0.1:1").into())));
+        let queue = table.listener(&key).expect("listener");
         for seq in 0..crate::protocol::HANDOFF_WINDOW as u64 {
-            assert_eq!(core.on_handoff(&key, true, false), Handoff::Deliver);
+            assert_eq!(
+                table.on_handoff(&key, true, false),
+                HandoffDecision::Deliver
+            );
             let fd = std::fs::File::open("/dev/null").expect("/dev/null");
             queue.push(seq, fd.into());
         }
@@ -402,20 +414,26 @@ mod tests {
 
     #[test]
     fn hand_offs_are_refused_unless_a_listener_can_take_them() {
-        let mut core = LinkCore::default();
-        let (key, seq) = core.new_listen(addr("127.0.0.1:0"));
+        let mut table = ServerTable::default();
+        let (key, seq) = table.new_listen(addr("127.0.0.1:0"));
         let other = HandleKey {
             index: 9,
             ..key.clone()
         };
-        core.await_reply(seq, key.clone());
-        core.on_reply(seq, &Ok((Granted::RoundRobin, addr("127.0.0.1:1").into())));
-        assert_eq!(core.on_handoff(&other, true, false), Handoff::Refuse);
-        assert_eq!(core.on_handoff(&key, false, false), Handoff::Refuse);
-        assert_eq!(core.on_handoff(&key, true, true), Handoff::Refuse);
-        core.listener(&key).expect("listener").set_refusing(true);
-        assert_eq!(core.on_handoff(&key, true, false), Handoff::Refuse);
-        core.close(&key);
-        assert_eq!(core.on_handoff(&key, true, false), Handoff::Refuse);
+        table.await_reply(seq, key.clone());
+        table.on_reply(seq, &Ok((Granted::RoundRobin, addr("127.0.0.1:1").into())));
+        assert_eq!(
+            table.on_handoff(&other, true, false),
+            HandoffDecision::Refuse
+        );
+        assert_eq!(
+            table.on_handoff(&key, false, false),
+            HandoffDecision::Refuse
+        );
+        assert_eq!(table.on_handoff(&key, true, true), HandoffDecision::Refuse);
+        table.listener(&key).expect("listener").set_refusing(true);
+        assert_eq!(table.on_handoff(&key, true, false), HandoffDecision::Refuse);
+        table.close(&key);
+        assert_eq!(table.on_handoff(&key, true, false), HandoffDecision::Refuse);
     }
 }

@@ -1,5 +1,5 @@
 //! The bounded queue of round-robin hand-offs waiting for one listener's `accept`. A leaf:
-//! the link fills it, the listener empties it.
+//! the session fills it, the listener empties it.
 
 use std::collections::VecDeque;
 use std::os::fd::OwnedFd;
