@@ -1,13 +1,16 @@
 //! The worker side: [`Worker`] (its session with the primary, `listen`, messaging,
-//! stopping) and [`Listener`]. `worker/session.rs` is the protocol with the primary (a
-//! pure core, the server table, and its read loop), `worker/listener.rs` the listener and
-//! `worker/handoff_queue.rs` its hand-off queue,
+//! stopping) and [`Listener`]. `worker/server_table.rs` is the pure core of the protocol
+//! with the primary (handle indexes, listens waiting for their reply, round-robin
+//! listeners and their hand-off queues from `worker/handoff_queue.rs`),
+//! `worker/session.rs` what the worker's handles share (the table behind one lock, the
+//! control queue, the stop state) and the read loop, `worker/listener.rs` the listener,
 //! `worker/messages.rs` the bounded queue of user messages, `worker/panic.rs` the hook.
 
 mod handoff_queue;
 mod listener;
 mod messages;
 mod panic;
+mod server_table;
 mod session;
 
 use std::io;
@@ -25,6 +28,7 @@ use self::listener::Kind;
 pub use self::listener::Listener;
 use self::messages::UserQueue;
 pub use self::messages::{USER_QUEUE_BYTES, USER_QUEUE_CAPACITY};
+use self::server_table::QueryAnswer;
 use self::session::Session;
 use crate::error::{Error, ListenError};
 use crate::protocol::{Granted, ToPrimary};
@@ -112,9 +116,9 @@ impl Worker {
     /// Connects to the primary through the channel and id this process was started with,
     /// and reports it online. Call it once, early, within a tokio runtime.
     pub async fn connect() -> Result<Worker, Error> {
-        let id = match crate::role() {
-            crate::Role::Worker(id) => id,
-            crate::Role::Primary => return Err(Error::WrongRole("worker")),
+        let id = match crate::env::role() {
+            crate::env::Role::Worker(id) => id,
+            crate::env::Role::Primary => return Err(Error::WrongRole("worker")),
         };
         let channel = child::parent_channel()
             .map_err(|e| Error::Environment(format!("no channel to the primary: {e}")))?
@@ -170,47 +174,58 @@ impl Worker {
         address: SocketAddr,
         options: ListenOptions,
     ) -> Result<Listener, ListenError> {
-        if self.session.stop_token().is_cancelled() {
-            return Err(ListenError::Stopping { address });
-        }
-        let (key, seq) = self.session.table().new_listen(address);
-        let listening = self.listen_key(key.clone(), seq, address, options).await;
-        if listening.is_err() {
-            self.session.table().close(&key); // its index is free again
-        }
-        listening
-    }
-
-    async fn listen_key(
-        &self,
-        key: crate::HandleKey,
-        seq: u64,
-        address: SocketAddr,
-        options: ListenOptions,
-    ) -> Result<Listener, ListenError> {
         if options.exclusive {
-            let listener = net::bind_listener(address, options.backlog, false)
-                .map_err(|e| ListenError::from_io(address, e))?;
-            let listener =
-                into_tokio(listener.into()).map_err(|e| ListenError::from_io(address, e))?;
-            let bound = listener
-                .local_addr()
-                .map_err(|e| ListenError::from_io(address, e))?;
-            return Ok(self.announce(key, bound, Kind::Socket(listener), true));
+            return self.listen_exclusive(address, options.backlog);
         }
-        let (tx, reply) = oneshot::channel();
-        self.session.answers().insert(seq, tx);
-        self.session.table().await_reply(seq, key.clone());
+        let (answer, reply) = oneshot::channel();
+        let query = self.session.table().query(address, answer);
+        let Some((key, seq)) = query else {
+            return Err(ListenError::Stopping { address });
+        };
         self.session.send_control(ToPrimary::QueryServer {
             seq,
             key: key.clone(),
             backlog: options.backlog,
         });
-        let answer = reply.await.map_err(|_| ListenError::NoReply { address })?;
-        match (answer.result, answer.fd, answer.queue) {
+        let listening = match reply.await {
+            Ok(answer) => self.granted(key.clone(), address, answer),
+            Err(_) => Err(ListenError::NoReply { address }),
+        };
+        if listening.is_err() {
+            self.session.close(&key); // its index is free again
+        }
+        listening
+    }
+
+    /// Binds in this worker (Node's `exclusive: true`).
+    fn listen_exclusive(&self, address: SocketAddr, backlog: u32) -> Result<Listener, ListenError> {
+        let key = self.session.table().listen_exclusive(address);
+        let Some(key) = key else {
+            return Err(ListenError::Stopping { address });
+        };
+        let bound = net::bind_listener(address, backlog, false)
+            .and_then(|listener| into_tokio(listener.into()))
+            .and_then(|listener| Ok((listener.local_addr()?, listener)));
+        match bound {
+            Ok((bound, listener)) => Ok(self.announce(key, bound, Kind::Socket(listener), true)),
+            Err(e) => {
+                self.session.close(&key); // its index is free again
+                Err(ListenError::from_io(address, e))
+            }
+        }
+    }
+
+    /// The primary's answer to the listen on `key`, as a listener or the error.
+    fn granted(
+        &self,
+        key: crate::HandleKey,
+        address: SocketAddr,
+        answer: QueryAnswer,
+    ) -> Result<Listener, ListenError> {
+        match (answer.result, answer.fd, answer.arrived) {
             (Err(errno), _, _) => Err(ListenError::from_errno(address, errno)),
-            (Ok((Granted::RoundRobin, Endpoint::Inet(bound))), _, Some(queue)) => {
-                Ok(self.announce(key, bound, Kind::RoundRobin(queue), false))
+            (Ok((Granted::RoundRobin, Endpoint::Inet(bound))), _, Some(arrived)) => {
+                Ok(self.announce(key, bound, Kind::RoundRobin(arrived), false))
             }
             (Ok((Granted::Socket, _)), Some(fd), _) => {
                 let listener = into_tokio(fd).and_then(|l| Ok((l.local_addr()?, l)));
