@@ -187,10 +187,16 @@ impl Worker {
             key: key.clone(),
             backlog: options.backlog,
         });
-        let listening = match reply.await {
+        let mut pending = PendingAnswer {
+            session: &self.session,
+            key: &key,
+            reply,
+        };
+        let listening = match (&mut pending.reply).await {
             Ok(answer) => self.granted(key.clone(), address, answer),
             Err(_) => Err(ListenError::NoReply { address }),
         };
+        drop(pending);
         if listening.is_err() {
             self.session.close(&key); // its index is free again
         }
@@ -337,8 +343,65 @@ impl Worker {
     }
 }
 
+/// A listen waiting for the primary's answer. If the listen is dropped after the answer
+/// came but before it was read, the drop gives the server back (frees its index, and
+/// returns a grant to the primary); an answer that comes after the drop finds the receiver
+/// closed, and the table gives it back (`ServerTable::on_reply`).
+struct PendingAnswer<'a> {
+    session: &'a Session,
+    key: &'a crate::HandleKey,
+    reply: oneshot::Receiver<QueryAnswer>,
+}
+
+impl Drop for PendingAnswer<'_> {
+    fn drop(&mut self) {
+        self.reply.close();
+        if let Ok(unread) = self.reply.try_recv() {
+            self.session.close(self.key);
+            if unread.result.is_ok() {
+                self.session.send_control(ToPrimary::Close {
+                    key: self.key.clone(),
+                });
+            }
+        }
+    }
+}
+
 fn into_tokio(fd: OwnedFd) -> io::Result<TcpListener> {
     let listener = std::net::TcpListener::from(fd);
     listener.set_nonblocking(true)?;
     TcpListener::from_std(listener)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addr(s: &str) -> SocketAddr {
+        s.parse().expect("address")
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_listen_dropped_after_its_answer_came_gives_its_server_back() {
+        let (channel, _primary) = ipc::Channel::pair().expect("pair");
+        let (sender, _receiver) = channel.into_split();
+        let (control, mut to_primary) = mpsc::channel(8);
+        let session = Session::new(control, Arc::new(tokio::sync::Mutex::new(sender)));
+        let (answer, reply) = oneshot::channel();
+        let (key, seq) = session.table().query(addr("127.0.0.1:0"), answer).unwrap();
+        let granted = Ok((Granted::RoundRobin, addr("127.0.0.1:5000").into()));
+        assert_eq!(
+            session.table().on_reply(seq, granted, None),
+            None,
+            "delivered"
+        );
+        drop(PendingAnswer {
+            session: &session,
+            key: &key,
+            reply,
+        });
+        assert!(matches!(to_primary.try_recv(), Ok(ToPrimary::Close { key: k }) if k == key));
+        let again = session.table().listen_exclusive(addr("127.0.0.1:0"));
+        assert_eq!(again, Some(key), "its index is free again");
+    }
 }
