@@ -1,6 +1,6 @@
-//! The environment a primary gives its workers: the names, and how they are written and
-//! read. A leaf: the primary (which writes them) and the worker side (which reads them)
-//! both depend on it, and it on nothing of theirs.
+//! The environment a primary gives its workers: the names, how they are written and
+//! read, and the [`Role`] they give this process. A leaf: the primary (which writes them)
+//! and the worker side (which reads them) both depend on it, and it on nothing of theirs.
 
 use crate::protocol::WorkerId;
 
@@ -30,6 +30,31 @@ pub(crate) fn parse_id(value: &str) -> Option<WorkerId> {
 /// The slot in a [`WORKER_SLOT_ENV`] value.
 pub(crate) fn parse_slot(value: &str) -> Option<usize> {
     value.parse().ok()
+}
+
+/// Which part this process plays.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Not started by a primary.
+    Primary,
+    /// Started by a primary, with this id.
+    Worker(WorkerId),
+}
+
+/// This process's role, from [`WORKER_ID_ENV`]. A value that is not a positive number
+/// counts as absent (the process is a primary).
+pub fn role() -> Role {
+    worker_id().map_or(Role::Primary, Role::Worker)
+}
+
+/// Whether this process is a primary (Node's `cluster.isPrimary`).
+pub fn is_primary() -> bool {
+    role() == Role::Primary
+}
+
+/// Whether this process is a worker (Node's `cluster.isWorker`).
+pub fn is_worker() -> bool {
+    !is_primary()
 }
 
 /// This process's worker id, if a primary started it.

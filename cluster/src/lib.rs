@@ -176,7 +176,7 @@ mod worker;
 
 pub use child::ExitStatus;
 pub use endpoint::Endpoint;
-pub use env::{WORKER_ID_ENV, WORKER_SLOT_ENV};
+pub use env::{Role, WORKER_ID_ENV, WORKER_SLOT_ENV, is_primary, is_worker, role};
 pub use error::{Error, ListenError};
 pub use ipc::Received;
 pub use primary::{
@@ -192,28 +192,3 @@ pub use worker::{
     DEFAULT_BACKLOG, ListenOptions, Listener, StopReason, USER_QUEUE_BYTES, USER_QUEUE_CAPACITY,
     Worker,
 };
-
-/// Which part this process plays.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Role {
-    /// Not started by a primary.
-    Primary,
-    /// Started by a primary, with this id.
-    Worker(WorkerId),
-}
-
-/// This process's role, from [`WORKER_ID_ENV`]. A value that is not a positive number
-/// counts as absent (the process is a primary).
-pub fn role() -> Role {
-    env::worker_id().map_or(Role::Primary, Role::Worker)
-}
-
-/// Whether this process is a primary (Node's `cluster.isPrimary`).
-pub fn is_primary() -> bool {
-    role() == Role::Primary
-}
-
-/// Whether this process is a worker (Node's `cluster.isWorker`).
-pub fn is_worker() -> bool {
-    !is_primary()
-}

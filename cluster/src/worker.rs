@@ -1,13 +1,17 @@
-//! The worker side: [`Worker`] (the link to the primary, `listen`, messaging, stopping)
-//! and [`Listener`]. `worker/link.rs` is the protocol with the primary (a pure core and
-//! its read loop), `worker/listener.rs` the listener and its hand-off queue,
+//! The worker side: [`Worker`] (its session with the primary, `listen`, messaging,
+//! stopping) and [`Listener`]. `worker/server_table.rs` is the pure core of the protocol
+//! with the primary (handle indexes, listens waiting for their reply, round-robin
+//! listeners and their hand-off queues from `worker/handoff_queue.rs`),
+//! `worker/session.rs` what the worker's handles share (the table behind one lock, the
+//! control queue, the stop state) and the read loop, `worker/listener.rs` the listener,
 //! `worker/messages.rs` the bounded queue of user messages, `worker/panic.rs` the hook.
 
-mod handoff;
-mod link;
+mod handoff_queue;
 mod listener;
 mod messages;
 mod panic;
+mod server_table;
+mod session;
 
 use std::io;
 use std::net::SocketAddr;
@@ -20,11 +24,12 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use self::link::Inner;
 use self::listener::Kind;
 pub use self::listener::Listener;
 use self::messages::UserQueue;
 pub use self::messages::{USER_QUEUE_BYTES, USER_QUEUE_CAPACITY};
+use self::server_table::QueryAnswer;
+use self::session::Session;
 use crate::error::{Error, ListenError};
 use crate::protocol::{Granted, ToPrimary};
 use crate::{Endpoint, WorkerId, net};
@@ -103,7 +108,7 @@ impl ListenOptions {
 pub struct Worker {
     id: WorkerId,
     slot: Option<usize>,
-    inner: Arc<Inner>,
+    session: Arc<Session>,
     messages: Arc<UserQueue>,
 }
 
@@ -111,9 +116,9 @@ impl Worker {
     /// Connects to the primary through the channel and id this process was started with,
     /// and reports it online. Call it once, early, within a tokio runtime.
     pub async fn connect() -> Result<Worker, Error> {
-        let id = match crate::role() {
-            crate::Role::Worker(id) => id,
-            crate::Role::Primary => return Err(Error::WrongRole("worker")),
+        let id = match crate::env::role() {
+            crate::env::Role::Worker(id) => id,
+            crate::env::Role::Primary => return Err(Error::WrongRole("worker")),
         };
         let channel = child::parent_channel()
             .map_err(|e| Error::Environment(format!("no channel to the primary: {e}")))?
@@ -121,20 +126,20 @@ impl Worker {
         let (mut sender, receiver) = channel.into_split();
         sender.send_control(&ToPrimary::Online, Vec::new()).await?;
         let sender = Arc::new(tokio::sync::Mutex::new(sender));
-        let (control, control_rx) = mpsc::channel(link::CONTROL_QUEUE);
-        let inner = Arc::new(Inner::new(control, Arc::clone(&sender)));
+        let (control, control_rx) = mpsc::channel(session::CONTROL_QUEUE);
+        let session = Arc::new(Session::new(control, Arc::clone(&sender)));
         let messages = Arc::new(UserQueue::default());
-        tokio::spawn(link::write_control(sender, control_rx));
-        tokio::spawn(link::read_loop(
+        tokio::spawn(session::write_control(sender, control_rx));
+        tokio::spawn(session::read_loop(
             receiver,
-            Arc::clone(&inner),
+            Arc::clone(&session),
             Arc::clone(&messages),
         ));
-        panic::install(&inner);
+        panic::install(&session);
         Ok(Worker {
             id,
             slot: crate::env::worker_slot(),
-            inner,
+            session,
             messages,
         })
     }
@@ -169,47 +174,64 @@ impl Worker {
         address: SocketAddr,
         options: ListenOptions,
     ) -> Result<Listener, ListenError> {
-        if self.inner.stop_token().is_cancelled() {
-            return Err(ListenError::Stopping { address });
-        }
-        let (key, seq) = self.inner.core().new_listen(address);
-        let listening = self.listen_key(key.clone(), seq, address, options).await;
-        if listening.is_err() {
-            self.inner.core().close(&key); // its index is free again
-        }
-        listening
-    }
-
-    async fn listen_key(
-        &self,
-        key: crate::HandleKey,
-        seq: u64,
-        address: SocketAddr,
-        options: ListenOptions,
-    ) -> Result<Listener, ListenError> {
         if options.exclusive {
-            let listener = net::bind_listener(address, options.backlog, false)
-                .map_err(|e| ListenError::from_io(address, e))?;
-            let listener =
-                into_tokio(listener.into()).map_err(|e| ListenError::from_io(address, e))?;
-            let bound = listener
-                .local_addr()
-                .map_err(|e| ListenError::from_io(address, e))?;
-            return Ok(self.announce(key, bound, Kind::Socket(listener), true));
+            return self.listen_exclusive(address, options.backlog);
         }
-        let (tx, reply) = oneshot::channel();
-        self.inner.answers().insert(seq, tx);
-        self.inner.core().await_reply(seq, key.clone());
-        self.inner.send_control(ToPrimary::QueryServer {
+        let (answer, reply) = oneshot::channel();
+        let query = self.session.table().query(address, answer);
+        let Some((key, seq)) = query else {
+            return Err(ListenError::Stopping { address });
+        };
+        self.session.send_control(ToPrimary::QueryServer {
             seq,
             key: key.clone(),
             backlog: options.backlog,
         });
-        let answer = reply.await.map_err(|_| ListenError::NoReply { address })?;
-        match (answer.result, answer.fd, answer.queue) {
+        let mut pending = PendingAnswer {
+            session: &self.session,
+            key: &key,
+            reply,
+        };
+        let listening = match (&mut pending.reply).await {
+            Ok(answer) => self.granted(key.clone(), address, answer),
+            Err(_) => Err(ListenError::NoReply { address }),
+        };
+        drop(pending);
+        if listening.is_err() {
+            self.session.close(&key); // its index is free again
+        }
+        listening
+    }
+
+    /// Binds in this worker (Node's `exclusive: true`).
+    fn listen_exclusive(&self, address: SocketAddr, backlog: u32) -> Result<Listener, ListenError> {
+        let key = self.session.table().listen_exclusive(address);
+        let Some(key) = key else {
+            return Err(ListenError::Stopping { address });
+        };
+        let bound = net::bind_listener(address, backlog, false)
+            .and_then(|listener| into_tokio(listener.into()))
+            .and_then(|listener| Ok((listener.local_addr()?, listener)));
+        match bound {
+            Ok((bound, listener)) => Ok(self.announce(key, bound, Kind::Socket(listener), true)),
+            Err(e) => {
+                self.session.close(&key); // its index is free again
+                Err(ListenError::from_io(address, e))
+            }
+        }
+    }
+
+    /// The primary's answer to the listen on `key`, as a listener or the error.
+    fn granted(
+        &self,
+        key: crate::HandleKey,
+        address: SocketAddr,
+        answer: QueryAnswer,
+    ) -> Result<Listener, ListenError> {
+        match (answer.result, answer.fd, answer.arrived) {
             (Err(errno), _, _) => Err(ListenError::from_errno(address, errno)),
-            (Ok((Granted::RoundRobin, Endpoint::Inet(bound))), _, Some(queue)) => {
-                Ok(self.announce(key, bound, Kind::RoundRobin(queue), false))
+            (Ok((Granted::RoundRobin, Endpoint::Inet(bound))), _, Some(arrived)) => {
+                Ok(self.announce(key, bound, Kind::RoundRobin(arrived), false))
             }
             (Ok((Granted::Socket, _)), Some(fd), _) => {
                 let listener = into_tokio(fd).and_then(|l| Ok((l.local_addr()?, l)));
@@ -219,14 +241,14 @@ impl Worker {
                     }
                     Err(e) => {
                         // Granted but unusable here: give it back.
-                        self.inner.send_control(ToPrimary::Close { key });
+                        self.session.send_control(ToPrimary::Close { key });
                         Err(ListenError::from_io(address, e))
                     }
                 }
             }
             (Ok((Granted::Socket, _)), None, _) => {
                 // Its descriptor was lost on the way (this process is out of them).
-                self.inner.send_control(ToPrimary::Close { key });
+                self.session.send_control(ToPrimary::Close { key });
                 Err(ListenError::from_errno(address, libc::EMFILE))
             }
             _ => Err(ListenError::NoReply { address }),
@@ -240,17 +262,17 @@ impl Worker {
         kind: Kind,
         exclusive: bool,
     ) -> Listener {
-        self.inner.send_control(ToPrimary::Listening {
+        self.session.send_control(ToPrimary::Listening {
             key: key.clone(),
             address: address.into(),
             exclusive,
         });
-        Listener::new(key, address, kind, Arc::clone(&self.inner))
+        Listener::new(key, address, kind, Arc::clone(&self.session))
     }
 
     /// Sends a message to the primary on the user lane (Node's `process.send`).
     pub async fn send<T: Serialize + ?Sized>(&self, message: &T) -> Result<(), Error> {
-        self.inner.sender.lock().await.send(message).await?;
+        self.session.sender.lock().await.send(message).await?;
         Ok(())
     }
 
@@ -271,23 +293,25 @@ impl Worker {
     /// Resolves when this worker should stop, with the reason. Listeners yield no more
     /// connections from then on. See [Stopping](Worker#stopping).
     pub async fn stopping(&self) -> StopReason {
-        self.inner.stop_token().cancelled().await;
-        self.inner.stop_reason().unwrap_or(StopReason::Disconnected)
+        self.session.stop_token().cancelled().await;
+        self.session
+            .stop_reason()
+            .unwrap_or(StopReason::Disconnected)
     }
 
     /// Why this worker is stopping, if it is.
     pub fn stop_reason(&self) -> Option<StopReason> {
-        self.inner.stop_reason()
+        self.session.stop_reason()
     }
 
     /// Whether this worker was asked to stop.
     pub fn is_stopping(&self) -> bool {
-        self.inner.stop_token().is_cancelled()
+        self.session.stop_token().is_cancelled()
     }
 
     /// A token cancelled when this worker should stop, to hand to connection tasks.
     pub fn stop_token(&self) -> CancellationToken {
-        self.inner.stop_token().child_token()
+        self.session.stop_token().child_token()
     }
 
     /// Tells the primary this worker is ready to serve (Node's `process.send('ready')`
@@ -296,7 +320,7 @@ impl Worker {
     /// not count as ready, and a rolling reload does not stop the worker it replaces.
     /// Saying it twice is harmless.
     pub fn ready(&self) {
-        self.inner.send_control(ToPrimary::Ready);
+        self.session.send_control(ToPrimary::Ready);
     }
 
     /// Stops this worker by its own choice (Node's `worker.disconnect()` in a worker):
@@ -306,16 +330,40 @@ impl Worker {
     /// a crash; sooner, it counts as one), and the exit has `exited_after_disconnect` set. Finish in-flight work and return from `main`; the
     /// primary kills the process if its drain deadline passes first.
     pub fn disconnect(&self) {
-        if self.inner.stop_token().is_cancelled() {
+        if self.session.stop_token().is_cancelled() {
             return;
         }
-        self.inner.send_control(ToPrimary::Disconnecting);
-        self.inner.stop(StopReason::Disconnecting);
+        self.session.send_control(ToPrimary::Disconnecting);
+        self.session.stop(StopReason::Disconnecting);
     }
 
     /// Whether a panic happened in this process since [`connect`](Worker::connect).
     pub fn panicked(&self) -> bool {
-        self.inner.panicked.load(Ordering::SeqCst)
+        self.session.panicked.load(Ordering::SeqCst)
+    }
+}
+
+/// A listen waiting for the primary's answer. If the listen is dropped after the answer
+/// came but before it was read, the drop gives the server back (frees its index, and
+/// returns a grant to the primary); an answer that comes after the drop finds the receiver
+/// closed, and the table gives it back (`ServerTable::on_reply`).
+struct PendingAnswer<'a> {
+    session: &'a Session,
+    key: &'a crate::HandleKey,
+    reply: oneshot::Receiver<QueryAnswer>,
+}
+
+impl Drop for PendingAnswer<'_> {
+    fn drop(&mut self) {
+        self.reply.close();
+        if let Ok(unread) = self.reply.try_recv() {
+            self.session.close(self.key);
+            if unread.result.is_ok() {
+                self.session.send_control(ToPrimary::Close {
+                    key: self.key.clone(),
+                });
+            }
+        }
     }
 }
 
@@ -323,4 +371,37 @@ fn into_tokio(fd: OwnedFd) -> io::Result<TcpListener> {
     let listener = std::net::TcpListener::from(fd);
     listener.set_nonblocking(true)?;
     TcpListener::from_std(listener)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addr(s: &str) -> SocketAddr {
+        s.parse().expect("address")
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_listen_dropped_after_its_answer_came_gives_its_server_back() {
+        let (channel, _primary) = ipc::Channel::pair().expect("pair");
+        let (sender, _receiver) = channel.into_split();
+        let (control, mut to_primary) = mpsc::channel(8);
+        let session = Session::new(control, Arc::new(tokio::sync::Mutex::new(sender)));
+        let (answer, reply) = oneshot::channel();
+        let (key, seq) = session.table().query(addr("127.0.0.1:0"), answer).unwrap();
+        let granted = Ok((Granted::RoundRobin, addr("127.0.0.1:5000").into()));
+        assert_eq!(
+            session.table().on_reply(seq, granted, None),
+            None,
+            "delivered"
+        );
+        drop(PendingAnswer {
+            session: &session,
+            key: &key,
+            reply,
+        });
+        assert!(matches!(to_primary.try_recv(), Ok(ToPrimary::Close { key: k }) if k == key));
+        let again = session.table().listen_exclusive(addr("127.0.0.1:0"));
+        assert_eq!(again, Some(key), "its index is free again");
+    }
 }

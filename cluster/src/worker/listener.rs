@@ -1,20 +1,23 @@
 //! A worker's [`Listener`]: accepting on a socket, or under round-robin taking hand-offs
-//! from its queue (`handoff.rs`).
+//! from its queue (`handoff_queue.rs`, held in the session's server table).
 
 use std::io;
 use std::net::SocketAddr;
+use std::os::fd::OwnedFd;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Notify;
 
-use super::handoff::HandoffQueue;
-use super::link::Inner;
+use super::server_table::Popped;
+use super::session::Session;
 use crate::protocol::{HandleKey, ToPrimary};
 
 #[derive(Debug)]
 pub(crate) enum Kind {
-    RoundRobin(Arc<HandoffQueue>),
+    /// Round-robin: hand-offs wait in the server table; this wakes the listener.
+    RoundRobin(Arc<Notify>),
     Socket(TcpListener),
 }
 
@@ -38,18 +41,23 @@ pub struct Listener {
     key: HandleKey,
     address: SocketAddr,
     kind: Option<Kind>,
-    inner: Arc<Inner>,
+    session: Arc<Session>,
     /// Accept errors in a row that pass by themselves, for the pause and the log.
     shortages: u32,
 }
 
 impl Listener {
-    pub(crate) fn new(key: HandleKey, address: SocketAddr, kind: Kind, inner: Arc<Inner>) -> Self {
+    pub(crate) fn new(
+        key: HandleKey,
+        address: SocketAddr,
+        kind: Kind,
+        session: Arc<Session>,
+    ) -> Self {
         Self {
             key,
             address,
             kind: Some(kind),
-            inner,
+            session,
             shortages: 0,
         }
     }
@@ -73,15 +81,16 @@ impl Listener {
     /// count of errors doubles) while the kernel keeps the backlog, and goes on once
     /// resources are free. Other errors are returned.
     pub async fn accept(&mut self) -> io::Result<Option<TcpStream>> {
+        let session = Arc::clone(&self.session);
         loop {
-            let stop = self.inner.stop_token().clone();
-            if stop.is_cancelled() {
-                self.close();
-                return Ok(None);
-            }
             match &self.kind {
                 None => return Ok(None),
                 Some(Kind::Socket(listener)) => {
+                    let stop = session.stop_token();
+                    if stop.is_cancelled() {
+                        self.close();
+                        return Ok(None);
+                    }
                     // Accept first: a ready connection is taken without polling the stop
                     // token (no random branch order, no lock in the token per accept).
                     let accepted = tokio::select! {
@@ -94,31 +103,40 @@ impl Listener {
                             self.shortages = 0;
                             return Ok(Some(stream));
                         }
-                        Err(e) if passes(&e) => self.pause(&e, &stop).await,
+                        Err(e) if passes(&e) => self.pause(&e, stop).await,
                         Err(e) => return Err(e),
                     }
                 }
-                Some(Kind::RoundRobin(queue)) => {
-                    let notified = queue.notify.notified();
-                    if let Some((seq, fd)) = queue.pop() {
-                        let stream = std::net::TcpStream::from(fd);
-                        let accepted = stream
-                            .set_nonblocking(true)
-                            .and_then(|()| TcpStream::from_std(stream));
-                        self.inner.send_control(ToPrimary::Accepted {
-                            key: self.key.clone(),
-                            seq,
-                            accepted: accepted.is_ok(),
-                        });
-                        return accepted.map(Some);
-                    }
-                    tokio::select! {
-                        () = notified => {}
-                        () = stop.cancelled() => {}
+                Some(Kind::RoundRobin(arrived)) => {
+                    // Waits from before the look: a hand-off or a stop after it wakes us.
+                    let notified = arrived.notified();
+                    let popped = session.table().pop_handoff(&self.key);
+                    match popped {
+                        Popped::Connection(seq, fd) => return self.take(seq, fd).map(Some),
+                        Popped::Empty => notified.await,
+                        Popped::Closed => {
+                            drop(notified);
+                            self.close();
+                            return Ok(None);
+                        }
                     }
                 }
             }
         }
+    }
+
+    /// Takes a handed-off connection, and tells the primary whether it was accepted.
+    fn take(&self, seq: u64, fd: OwnedFd) -> io::Result<TcpStream> {
+        let stream = std::net::TcpStream::from(fd);
+        let accepted = stream
+            .set_nonblocking(true)
+            .and_then(|()| TcpStream::from_std(stream));
+        self.session.send_control(ToPrimary::Accepted {
+            key: self.key.clone(),
+            seq,
+            accepted: accepted.is_ok(),
+        });
+        accepted
     }
 
     /// Waits out a shortage (see [`accept`](Listener::accept)), or until the worker stops.
@@ -140,34 +158,24 @@ impl Listener {
     /// go to another worker (Node refuses when `maxConnections` is reached). No effect on
     /// the shared and reuseport policies, where the kernel picks the acceptor.
     pub fn set_refusing(&self, refusing: bool) {
-        if let Some(Kind::RoundRobin(queue)) = &self.kind {
-            queue.set_refusing(refusing);
-            if refusing {
-                self.inner.refuse_queue(queue);
-            }
+        if let Some(Kind::RoundRobin(_)) = &self.kind {
+            let held = self.session.table().set_refusing(&self.key, refusing);
+            self.session.refuse(&self.key, held);
         }
     }
 
     /// Stops listening: its index is free again, hand-offs not yet accepted go to other
-    /// workers.
-    fn close(&mut self) {
-        let Some(kind) = self.kind.take() else {
-            return;
-        };
-        self.inner.core().close(&self.key);
-        if let Kind::RoundRobin(queue) = kind {
-            queue.close();
-            self.inner.refuse_queue(&queue);
-        }
+    /// workers. Whether the worker is stopping, if the listener was still open.
+    fn close(&mut self) -> Option<bool> {
+        self.kind.take()?;
+        Some(self.session.close(&self.key))
     }
 }
 
 impl Drop for Listener {
     fn drop(&mut self) {
-        let open = self.kind.is_some();
-        self.close();
-        if open && !self.inner.stop_token().is_cancelled() {
-            self.inner.send_control(ToPrimary::Close {
+        if self.close() == Some(false) {
+            self.session.send_control(ToPrimary::Close {
                 key: self.key.clone(),
             });
         }

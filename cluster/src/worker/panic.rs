@@ -5,22 +5,22 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use super::StopReason;
-use super::link::Inner;
+use super::session::Session;
 use crate::protocol::ToPrimary;
 
 /// Chains a hook onto the current panic hook.
-pub(crate) fn install(inner: &Arc<Inner>) {
-    let inner = Arc::downgrade(inner);
+pub(crate) fn install(session: &Arc<Session>) {
+    let session = Arc::downgrade(session);
     let previous = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
         previous(info);
-        if let Some(inner) = inner.upgrade() {
-            if !inner.panicked.swap(true, Ordering::SeqCst) {
-                inner.send_control(ToPrimary::GoingDown {
+        if let Some(session) = session.upgrade() {
+            if !session.panicked.swap(true, Ordering::SeqCst) {
+                session.send_control(ToPrimary::GoingDown {
                     reason: info.to_string(),
                 });
             }
-            inner.stop(StopReason::Panicked);
+            session.stop(StopReason::Panicked);
         }
     }));
 }
