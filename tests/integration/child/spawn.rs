@@ -248,6 +248,13 @@ async fn killing_a_group_kills_the_whole_group() {
     let mut rest = Vec::new();
     stdout.read_to_end(&mut rest).await.unwrap();
     assert_eq!(group.wait().await.unwrap().signal(), Some(Signal::SIGKILL));
+    // Its stdout closes while it exits, a moment before it is a zombie (or reaped).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !process_state(sleep_pid as u32).is_none_or(|s| s == 'Z')
+        && std::time::Instant::now() < deadline
+    {
+        tokio::task::yield_now().await;
+    }
     assert!(
         process_state(sleep_pid as u32).is_none_or(|s| s == 'Z'),
         "the background sleep died too"
