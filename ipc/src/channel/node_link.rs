@@ -31,7 +31,7 @@ use bytes::{Buf, Bytes, BytesMut};
 use tokio::net::UnixStream;
 
 use super::receiver::Inbound;
-use super::{Format, RETAINED_BUFFER, Received};
+use super::{Encoding, RETAINED_BUFFER, Received};
 use crate::codec::Lane;
 use crate::json::{self, LineCodec, LineKind};
 use crate::{Error, sys};
@@ -585,8 +585,9 @@ impl LinkState {
                         payload: msg,
                         fds,
                         fds_lost: false,
-                        format: Format::Json,
-                        handle: Some(handle),
+                        encoding: Encoding::Json {
+                            handle: Some(handle),
+                        },
                     }));
                 }
             };
@@ -595,8 +596,7 @@ impl LinkState {
                 payload: line,
                 fds,
                 fds_lost: false,
-                format: Format::Json,
-                handle: None,
+                encoding: Encoding::Json { handle: None },
             }));
         }
     }
