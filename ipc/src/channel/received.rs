@@ -76,17 +76,20 @@ impl Received {
     /// [`Format::Json`] channel ([`Error::WrongFormat`] on a postcard channel,
     /// [`Error::InvalidNodeMessage`] for a user message).
     pub fn internal(&self) -> Result<InternalMessage, Error> {
-        if let Encoding::Postcard = self.encoding {
-            return Err(Error::WrongFormat {
+        match self.encoding {
+            Encoding::Postcard => Err(Error::WrongFormat {
                 needed: Format::Json,
                 actual: Format::Postcard,
-            });
+            }),
+            Encoding::Json { .. } => {
+                let value =
+                    crate::json::from_slice(&self.payload).map_err(|source| Error::DecodeJson {
+                        lane: self.lane,
+                        source,
+                    })?;
+                InternalMessage::from_value(value)
+            }
         }
-        let value = crate::json::from_slice(&self.payload).map_err(|source| Error::DecodeJson {
-            lane: self.lane,
-            source,
-        })?;
-        InternalMessage::from_value(value)
     }
 
     /// Decodes the body as a `T`.
