@@ -205,7 +205,17 @@ impl Sender {
         fds: Vec<OwnedFd>,
     ) -> Result<(), Error> {
         match &mut self.writer {
-            Writer::Postcard(postcard) => postcard.feed(&self.io, lane, message, fds).await,
+            Writer::Postcard(postcard) => {
+                // No future of its own: this is the hot path of small messages.
+                if !fds.is_empty() && !postcard.buf.is_empty() {
+                    // Descriptors must ride on the sendmsg that starts their frame.
+                    postcard.flush(&self.io).await?;
+                }
+                if postcard.push(lane, message, fds)? {
+                    postcard.flush(&self.io).await?;
+                }
+                Ok(())
+            }
             Writer::Json(json) => json.feed(&self.io, lane, message, fds).await,
         }
     }
@@ -235,26 +245,20 @@ impl Sender {
 }
 
 impl PostcardWriter {
-    /// [`Sender::feed`] on a [`Format::Postcard`] channel.
-    async fn feed<T: Serialize + ?Sized>(
+    /// Appends a message and takes its descriptors, which ride on the buffer's first
+    /// `sendmsg` (the caller flushed what was ahead of them); returns whether the buffer
+    /// is full enough to write.
+    fn push<T: Serialize + ?Sized>(
         &mut self,
-        io: &UnixStream,
         lane: Lane,
         message: &T,
         fds: Vec<OwnedFd>,
-    ) -> Result<(), Error> {
-        if !fds.is_empty() && !self.buf.is_empty() {
-            // Descriptors must ride on the sendmsg that starts their frame.
-            self.flush(io).await?;
-        }
+    ) -> Result<bool, Error> {
         self.encode_frame(lane, fds.len(), message)?;
         if !fds.is_empty() {
             self.fds = fds;
         }
-        if self.buf.len() >= self.high_water {
-            self.flush(io).await?;
-        }
-        Ok(())
+        Ok(self.buf.len() >= self.high_water)
     }
 
     /// [`Sender::send_borrowed`] on a [`Format::Postcard`] channel.
