@@ -91,7 +91,14 @@ impl Sender {
                 actual: Format::Postcard,
             }),
             Writer::Json(json) => {
-                json.feed(&self.io, Lane::Control, message, fds).await?;
+                json.feed_line(
+                    &self.io,
+                    Lane::Control,
+                    message,
+                    single_fd(fds)?,
+                    HandleType::NetNative,
+                )
+                .await?;
                 json.flush(&self.io).await
             }
         }
@@ -160,7 +167,14 @@ impl Sender {
                     .iter()
                     .map(|fd| fd.try_clone_to_owned())
                     .collect::<Result<Vec<_>, _>>()?;
-                json.feed(&self.io, lane, message, owned).await?;
+                json.feed_line(
+                    &self.io,
+                    lane,
+                    message,
+                    single_fd(owned)?,
+                    HandleType::NetNative,
+                )
+                .await?;
                 json.flush(&self.io).await
             }
         }
@@ -216,7 +230,11 @@ impl Sender {
                 }
                 Ok(())
             }
-            Writer::Json(json) => json.feed(&self.io, lane, message, fds).await,
+            Writer::Json(json) => {
+                let fd = single_fd(fds)?;
+                json.feed_line(&self.io, lane, message, fd, HandleType::NetNative)
+                    .await
+            }
         }
     }
 
@@ -334,26 +352,19 @@ impl PostcardWriter {
     }
 }
 
-impl JsonWriter {
-    /// [`Sender::feed`] on a [`Format::Json`] channel: at most one descriptor, sent as a
-    /// [`HandleType::NetNative`] handle.
-    async fn feed<T: Serialize + ?Sized>(
-        &mut self,
-        io: &UnixStream,
-        lane: Lane,
-        message: &T,
-        mut fds: Vec<OwnedFd>,
-    ) -> Result<(), Error> {
-        if fds.len() > 1 {
-            return Err(Error::TooManyFds {
-                count: fds.len(),
-                max: 1,
-            });
-        }
-        self.feed_line(io, lane, message, fds.pop(), HandleType::NetNative)
-            .await
+/// The one descriptor a message on a [`Format::Json`] channel may carry (as a
+/// [`HandleType::NetNative`] handle, unless said otherwise).
+fn single_fd(mut fds: Vec<OwnedFd>) -> Result<Option<OwnedFd>, Error> {
+    if fds.len() > 1 {
+        return Err(Error::TooManyFds {
+            count: fds.len(),
+            max: 1,
+        });
     }
+    Ok(fds.pop())
+}
 
+impl JsonWriter {
     /// Queues one line, with `fd` as a handle of `handle_type`.
     async fn feed_line<T: Serialize + ?Sized>(
         &mut self,
