@@ -16,10 +16,12 @@ mod received;
 mod receiver;
 mod sender;
 
+use received::Encoding;
 pub use received::Received;
 pub use receiver::Receiver;
-use receiver::{Inbound, PostcardReceive, ReceiveSide};
+use receiver::{Inbound, JsonReceive, PostcardReceive, ReceiveSide};
 pub use sender::Sender;
+use sender::{JsonWriter, PostcardWriter, Writer};
 
 use node_link::{HoldBack, NodeLink};
 
@@ -228,34 +230,45 @@ impl Channel {
                 nix::sys::socket::setsockopt(&stream, nix::sys::socket::sockopt::SndBuf, &bytes);
         }
         let io = Arc::new(UnixStream::from_std(stream)?);
-        let node = match config.format {
-            Format::Postcard => None,
-            Format::Json => Some(Arc::new(NodeLink::new(
-                config.hold_back,
-                config.max_frame_len,
-                usize::from(config.max_fds),
-            ))),
+        let (writer, side) = match config.format {
+            Format::Postcard => (
+                Writer::Postcard(PostcardWriter {
+                    codec: config.codec(),
+                    buf: BytesMut::new(),
+                    fds: Vec::new(),
+                    high_water: config.write_buffer,
+                    grown: false,
+                }),
+                ReceiveSide::Postcard(PostcardReceive {
+                    codec: config.codec(),
+                    inbound: Inbound::new(usize::from(config.max_fds)),
+                    seen_frame: false,
+                }),
+            ),
+            Format::Json => {
+                let link = Arc::new(NodeLink::new(
+                    config.hold_back,
+                    config.max_frame_len,
+                    usize::from(config.max_fds),
+                ));
+                (
+                    Writer::Json(JsonWriter {
+                        link: Arc::clone(&link),
+                        max_line_len: config.max_frame_len,
+                        high_water: config.write_buffer,
+                    }),
+                    ReceiveSide::Json(JsonReceive(link)),
+                )
+            }
         };
         Ok(Channel {
             sender: Sender {
                 io: Arc::clone(&io),
-                codec: config.codec(),
-                buf: BytesMut::new(),
-                fds: Vec::new(),
-                high_water: config.write_buffer,
-                grown: false,
-                node: node.clone(),
+                writer,
             },
             receiver: Receiver {
                 io,
-                side: match node {
-                    Some(link) => ReceiveSide::Json(link),
-                    None => ReceiveSide::Postcard(PostcardReceive {
-                        codec: config.codec(),
-                        inbound: Inbound::new(usize::from(config.max_fds)),
-                        seen_frame: false,
-                    }),
-                },
+                side,
                 broken: false,
             },
         })

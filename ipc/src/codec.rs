@@ -22,7 +22,6 @@
 
 use bytes::{Buf, BufMut, BytesMut};
 use serde::Serialize;
-use tokio_util::codec::Decoder;
 
 use crate::Error;
 
@@ -241,15 +240,6 @@ impl FrameCodec {
         head[4] = lane as u8;
         head[5] = fd_count as u8;
         Ok(())
-    }
-}
-
-impl Decoder for FrameCodec {
-    type Item = Frame;
-    type Error = Error;
-
-    fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Frame>, Error> {
-        FrameCodec::decode(self, src)
     }
 }
 

@@ -30,6 +30,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::{Error, Lane};
 
+mod incoming;
+
+pub(crate) use incoming::{Incoming, LineKind, kind, sort};
+
 /// The prefix of an internal message's `cmd`.
 pub const INTERNAL_PREFIX: &str = "NODE_";
 /// The `cmd` of a message that carries a descriptor.
@@ -73,6 +77,19 @@ pub enum HandleType {
 }
 
 impl HandleType {
+    /// The handle type Node names `name` in the `type` field.
+    fn from_name(name: &str) -> Option<Self> {
+        [
+            HandleType::NetNative,
+            HandleType::NetSocket,
+            HandleType::NetServer,
+            HandleType::DgramSocket,
+            HandleType::DgramNative,
+        ]
+        .into_iter()
+        .find(|handle_type| handle_type.as_str() == name)
+    }
+
     /// The name Node writes in the `type` field, such as `"net.Native"`.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -83,78 +100,6 @@ impl HandleType {
             HandleType::DgramNative => "dgram.Native",
         }
     }
-}
-
-/// What a received line is for the channel.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum LineKind {
-    /// A user message (including a line that is no JSON: it fails to decode later).
-    User,
-    /// An internal message for the control lane.
-    Internal,
-    /// A message that carries a descriptor.
-    Handle,
-    /// The peer acknowledged our handle.
-    Ack,
-    /// The peer did not get our handle's descriptor.
-    Nack,
-}
-
-/// Only the `cmd` of an object; every other field is skipped without allocating.
-#[derive(Deserialize)]
-struct Probe {
-    #[serde(default)]
-    cmd: Option<serde_json::Value>,
-}
-
-/// The `cmd` of `line` if it is a JSON object whose `cmd` is a string.
-fn command(line: &[u8]) -> Option<String> {
-    if line.first() != Some(&b'{') {
-        return None;
-    }
-    match serde_json::from_slice::<Probe>(line).ok()?.cmd? {
-        serde_json::Value::String(cmd) => Some(cmd),
-        _ => None,
-    }
-}
-
-/// Sorts a line (without its newline) the way a Node receiver does.
-pub(crate) fn classify(line: &[u8]) -> LineKind {
-    match command(line) {
-        Some(cmd) if cmd == HANDLE_CMD => LineKind::Handle,
-        Some(cmd) if cmd == HANDLE_ACK_CMD => LineKind::Ack,
-        Some(cmd) if cmd == HANDLE_NACK_CMD => LineKind::Nack,
-        Some(cmd) if cmd.starts_with(INTERNAL_PREFIX) => LineKind::Internal,
-        _ => LineKind::User,
-    }
-}
-
-/// The lane a message (its JSON, without a newline) arrives on.
-pub(crate) fn lane_of(message: &[u8]) -> Lane {
-    match classify(message) {
-        LineKind::User => Lane::User,
-        _ => Lane::Control,
-    }
-}
-
-/// A `NODE_HANDLE` line, parsed; the inner message is only delimited (without recursion),
-/// not decoded.
-#[derive(Deserialize)]
-struct HandleLine<'a> {
-    #[serde(rename = "type")]
-    handle_type: HandleType,
-    #[serde(borrow)]
-    msg: &'a serde_json::value::RawValue,
-}
-
-/// The handle type and the inner message (the bytes of the line that hold it) of a
-/// `NODE_HANDLE` line.
-pub(crate) fn parse_handle(line: &Bytes) -> Result<(HandleType, Bytes), serde_json::Error> {
-    let parsed: HandleLine<'_> = serde_json::from_slice(line)?;
-    Ok((
-        parsed.handle_type,
-        line.slice_ref(parsed.msg.get().as_bytes()),
-    ))
 }
 
 /// Decodes a received JSON text as a `T`: nesting up to [`MAX_DEPTH`] levels, on a stack
@@ -324,7 +269,7 @@ fn check_lane(message: &[u8], lane: Lane) -> Result<(), Error> {
     {
         return Ok(());
     }
-    match (classify(message), lane) {
+    match (kind(message), lane) {
         (LineKind::User, Lane::User) | (LineKind::Internal, Lane::Control) => Ok(()),
         (LineKind::User, Lane::Control) => Err(Error::InvalidNodeMessage(
             "a control message must be an object whose cmd starts with NODE_",
@@ -543,32 +488,6 @@ mod tests {
         String::from_utf8(buf.to_vec()).expect("utf-8")
     }
 
-    #[track_caller]
-    fn check_kind(line: &str, kind: LineKind) {
-        assert_eq!(classify(line.as_bytes()), kind, "{line}");
-    }
-
-    #[test]
-    fn lines_are_sorted_as_node_sorts_them() {
-        check_kind(r#""text""#, LineKind::User);
-        check_kind(r#"{"cmd":"hello"}"#, LineKind::User);
-        check_kind(r#"{"cmd":5,"x":"NODE_"}"#, LineKind::User);
-        check_kind(r#"{"a":{"cmd":"NODE_X"}}"#, LineKind::User);
-        check_kind(
-            r#"{"cmd":"NODE_CLUSTER","act":"online"}"#,
-            LineKind::Internal,
-        );
-        check_kind(r#"{"seq":1, "cmd" : "NODE_X"}"#, LineKind::Internal);
-        check_kind(
-            r#"{"cmd":"NODE_HANDLE","type":"net.Native","msg":1}"#,
-            LineKind::Handle,
-        );
-        check_kind(r#"{"cmd":"NODE_HANDLE_ACK"}"#, LineKind::Ack);
-        check_kind(r#"{"cmd":"NODE_HANDLE_NACK"}"#, LineKind::Nack);
-        check_kind("{not json", LineKind::User);
-        check_kind("", LineKind::User);
-    }
-
     #[test]
     fn encoded_lines_are_what_node_writes() {
         assert_eq!(line_of(Lane::User, None, &"a\nb"), "\"a\\nb\"\n");
@@ -581,8 +500,8 @@ mod tests {
             line_of(Lane::Control, None, &internal),
             "{\"cmd\":\"NODE_CLUSTER\",\"seq\":1}\n"
         );
-        assert_eq!(classify(ACK_LINE.trim_ascii_end()), LineKind::Ack);
-        assert_eq!(classify(NACK_LINE.trim_ascii_end()), LineKind::Nack);
+        assert_eq!(kind(ACK_LINE.trim_ascii_end()), LineKind::Ack);
+        assert_eq!(kind(NACK_LINE.trim_ascii_end()), LineKind::Nack);
     }
 
     #[test]
@@ -627,6 +546,15 @@ mod tests {
         assert!(matches!(err, Error::EncodeJson(_)), "{err:?}");
     }
 
+    /// The type and message of a handle line.
+    #[track_caller]
+    fn parse_handle(line: &Bytes) -> (HandleType, Bytes) {
+        match sort(line) {
+            Incoming::Handle(Ok(handle)) => (handle.handle_type, handle.msg),
+            other => panic!("no valid handle line: {other:?}"),
+        }
+    }
+
     #[test]
     fn a_handle_line_gives_its_type_and_message() {
         let line = line_of(
@@ -635,15 +563,9 @@ mod tests {
             &serde_json::json!({"a": [1]}),
         );
         let line = Bytes::copy_from_slice(line.trim_end().as_bytes());
-        let (handle, msg) = parse_handle(&line).expect("parse");
+        let (handle, msg) = parse_handle(&line);
         assert_eq!(handle, HandleType::NetNative);
         assert_eq!(&msg[..], br#"{"a":[1]}"#);
-        assert!(
-            parse_handle(&Bytes::from_static(
-                br#"{"cmd":"NODE_HANDLE","type":"net.Bogus","msg":1}"#
-            ))
-            .is_err()
-        );
     }
 
     #[test]
@@ -722,7 +644,7 @@ mod tests {
         let line = br#"{"cmd":"NODE_HANDLE","type":"net.Native","msg":"\udfff"}"#;
         let fixed = replace_lone_surrogates(Bytes::from_static(line));
         assert_eq!(fixed.len(), line.len());
-        let (_, msg) = parse_handle(&fixed).unwrap();
+        let (_, msg) = parse_handle(&fixed);
         assert_eq!(from_slice::<String>(&msg).unwrap(), "\u{fffd}");
     }
 
@@ -775,7 +697,7 @@ mod tests {
     /// A user-lane message: a JSON value that is not an internal object.
     fn arb_user_json() -> impl Strategy<Value = serde_json::Value> {
         arb_json().prop_filter("not internal", |v| {
-            lane_of(serde_json::to_string(v).unwrap().as_bytes()) == Lane::User
+            kind(serde_json::to_string(v).unwrap().as_bytes()) == LineKind::User
         })
     }
 
@@ -808,10 +730,9 @@ mod tests {
             for (line, (value, handle)) in lines.iter().zip(&values) {
                 prop_assert!(!line.contains(&b'\n'));
                 let decoded: serde_json::Value = if *handle {
-                    prop_assert_eq!(classify(line), LineKind::Handle);
-                    serde_json::from_slice(&parse_handle(line).unwrap().1).unwrap()
+                    serde_json::from_slice(&parse_handle(line).1).unwrap()
                 } else {
-                    prop_assert_eq!(classify(line), LineKind::User);
+                    prop_assert!(matches!(sort(line), Incoming::Message(Lane::User)));
                     serde_json::from_slice(line).unwrap()
                 };
                 prop_assert_eq!(&decoded, value);
@@ -843,8 +764,9 @@ mod tests {
                     match codec.decode(&mut buf) {
                         Ok(Some(line)) => {
                             prop_assert!(line.len() <= limit as usize);
-                            let _ = classify(&line);
-                            let _ = parse_handle(&line);
+                            if let Incoming::Handle(Ok(handle)) = sort(&line) {
+                                let _ = handle.lane();
+                            }
                             let _ = from_slice::<serde_json::Value>(&replace_lone_surrogates(line.clone()));
                             let _ = serde_json::from_slice::<serde_json::Value>(&line);
                         }

@@ -55,7 +55,7 @@ fn nothing_to_read(sock: &StdUnixStream) -> bool {
 
 fn json_link(receiver: &Receiver) -> &Arc<node_link::NodeLink> {
     match &receiver.side {
-        receiver::ReceiveSide::Json(link) => link,
+        receiver::ReceiveSide::Json(receiver::JsonReceive(link)) => link,
         receiver::ReceiveSide::Postcard(_) => panic!("a JSON channel"),
     }
 }

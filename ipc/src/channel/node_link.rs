@@ -31,9 +31,8 @@ use bytes::{Buf, Bytes, BytesMut};
 use tokio::net::UnixStream;
 
 use super::receiver::Inbound;
-use super::{Format, RETAINED_BUFFER, Received};
-use crate::codec::Lane;
-use crate::json::{self, LineCodec, LineKind};
+use super::{Encoding, RETAINED_BUFFER, Received};
+use crate::json::{self, Incoming, LineCodec};
 use crate::{Error, sys};
 
 /// How many times Node sends a handle again after a `NODE_HANDLE_NACK`.
@@ -548,26 +547,25 @@ impl LinkState {
             if line.len() > RETAINED_BUFFER {
                 self.inbound.buf = BytesMut::from(&self.inbound.buf[..]);
             }
-            let kind = json::classify(&line);
-            let declared = usize::from(kind == LineKind::Handle);
+            let incoming = json::sort(&line);
+            let declared = usize::from(matches!(incoming, Incoming::Handle(_)));
             // A handle whose descriptor did not come (or was lost for lack of descriptors)
             // is refused with NACK below, and Node sends it again.
             let fds = match self.inbound.claim_fds(start, end, declared) {
                 Err(Error::MissingFds { received: 0, .. }) => Vec::new(),
                 other => other?.0,
             };
-            let lane = match kind {
-                LineKind::User => Lane::User,
-                LineKind::Internal => Lane::Control,
-                LineKind::Ack | LineKind::Nack => {
-                    let moved = match kind {
-                        LineKind::Ack => self.acknowledged(),
-                        _ => self.refused(),
-                    };
-                    self.wake_sender |= moved;
+            let (lane, payload, handle) = match incoming {
+                Incoming::Message(lane) => (lane, line, None),
+                Incoming::Ack => {
+                    self.wake_sender |= self.acknowledged();
                     continue;
                 }
-                LineKind::Handle => {
+                Incoming::Nack => {
+                    self.wake_sender |= self.refused();
+                    continue;
+                }
+                Incoming::Handle(parsed) => {
                     let received = !fds.is_empty();
                     let answer = if received {
                         json::ACK_LINE
@@ -578,25 +576,16 @@ impl LinkState {
                     if !received {
                         continue;
                     }
-                    let (handle, msg) = json::parse_handle(&line)
-                        .map_err(|e| Error::InvalidHandle(e.to_string()))?;
-                    return Ok(Some(Received {
-                        lane: json::lane_of(&msg),
-                        payload: msg,
-                        fds,
-                        fds_lost: false,
-                        format: Format::Json,
-                        handle: Some(handle),
-                    }));
+                    let handle = parsed.map_err(Error::InvalidHandle)?;
+                    (handle.lane(), handle.msg, Some(handle.handle_type))
                 }
             };
             return Ok(Some(Received {
                 lane,
-                payload: line,
+                payload,
                 fds,
                 fds_lost: false,
-                format: Format::Json,
-                handle: None,
+                encoding: Encoding::Json { handle },
             }));
         }
     }

@@ -21,9 +21,17 @@ pub struct Received {
     pub(super) payload: Bytes,
     pub(super) fds: Vec<OwnedFd>,
     pub(super) fds_lost: bool,
-    pub(super) format: Format,
-    /// The `type` of the `NODE_HANDLE` line the message came in, on a JSON channel.
-    pub(super) handle: Option<HandleType>,
+    pub(super) encoding: Encoding,
+}
+
+/// How a received body is encoded: the format of the channel it came on, with what only
+/// that format says.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Encoding {
+    /// A postcard payload.
+    Postcard,
+    /// A JSON text, and the `type` of the `NODE_HANDLE` line it came in, if it did.
+    Json { handle: Option<HandleType> },
 }
 
 impl Received {
@@ -49,30 +57,39 @@ impl Received {
 
     /// The format of the channel it came on, which [`decode`](Received::decode) uses.
     pub fn format(&self) -> Format {
-        self.format
+        match self.encoding {
+            Encoding::Postcard => Format::Postcard,
+            Encoding::Json { .. } => Format::Json,
+        }
     }
 
     /// On a [`Format::Json`] channel, what the Node peer said the descriptor is (the
     /// `type` of its `NODE_HANDLE` line); `None` for a message without one.
     pub fn handle_type(&self) -> Option<HandleType> {
-        self.handle
+        match self.encoding {
+            Encoding::Postcard => None,
+            Encoding::Json { handle } => handle,
+        }
     }
 
     /// The message as an internal message of Node's protocol, on the control lane of a
     /// [`Format::Json`] channel ([`Error::WrongFormat`] on a postcard channel,
     /// [`Error::InvalidNodeMessage`] for a user message).
     pub fn internal(&self) -> Result<InternalMessage, Error> {
-        if self.format != Format::Json {
-            return Err(Error::WrongFormat {
+        match self.encoding {
+            Encoding::Postcard => Err(Error::WrongFormat {
                 needed: Format::Json,
-                actual: self.format,
-            });
+                actual: Format::Postcard,
+            }),
+            Encoding::Json { .. } => {
+                let value =
+                    crate::json::from_slice(&self.payload).map_err(|source| Error::DecodeJson {
+                        lane: self.lane,
+                        source,
+                    })?;
+                InternalMessage::from_value(value)
+            }
         }
-        let value = crate::json::from_slice(&self.payload).map_err(|source| Error::DecodeJson {
-            lane: self.lane,
-            source,
-        })?;
-        InternalMessage::from_value(value)
     }
 
     /// Decodes the body as a `T`.
@@ -91,14 +108,14 @@ impl Received {
     /// wrote (`"\\ud800"`) arrives as U+FFFD, and values nest up to
     /// [`json::MAX_DEPTH`](crate::json::MAX_DEPTH) levels (see [`json`](crate::json)).
     pub fn decode<'de, T: Deserialize<'de>>(&'de self) -> Result<T, Error> {
-        match self.format {
-            Format::Postcard => {
+        match self.encoding {
+            Encoding::Postcard => {
                 postcard::from_bytes(&self.payload).map_err(|source| Error::Decode {
                     lane: self.lane,
                     source,
                 })
             }
-            Format::Json => {
+            Encoding::Json { .. } => {
                 crate::json::from_slice(&self.payload).map_err(|source| Error::DecodeJson {
                     lane: self.lane,
                     source,

@@ -13,7 +13,7 @@ use tokio::net::UnixStream;
 
 use super::node_link::NodeLink;
 
-use super::{FOREIGN_LEN, Format, READ_CHUNK, RETAINED_BUFFER, Received};
+use super::{Encoding, FOREIGN_LEN, Format, READ_CHUNK, RETAINED_BUFFER, Received};
 use crate::codec::{FrameCodec, HEADER_LEN};
 use crate::{Error, sys};
 
@@ -49,7 +49,19 @@ pub(super) enum ReceiveSide {
     Postcard(PostcardReceive),
     /// Node's JSON lines: the read state lives in the state shared with the sender (which
     /// reads acknowledgements when it waits for one), with the write side.
-    Json(Arc<NodeLink>),
+    Json(JsonReceive),
+}
+
+/// The receiving half's hold on the state of a [`Format::Json`] channel; dropping it tells
+/// a sender that what it reads from then on has nobody to go to.
+#[derive(Debug)]
+pub(super) struct JsonReceive(pub(super) Arc<NodeLink>);
+
+impl Drop for JsonReceive {
+    fn drop(&mut self) {
+        self.0.lock().receiver_dropped();
+        self.0.moved.notify_waiters();
+    }
 }
 
 /// The read state of a [`Format::Postcard`] receiver.
@@ -74,16 +86,6 @@ pub(super) struct Inbound {
     pub(super) control: sys::ControlBuffer,
     pub(super) max_fds: usize,
     pub(super) eof: bool,
-}
-
-impl Drop for Receiver {
-    fn drop(&mut self) {
-        if let ReceiveSide::Json(link) = &self.side {
-            // Messages a sender reads from now on have nobody to go to.
-            link.lock().receiver_dropped();
-            link.moved.notify_waiters();
-        }
-    }
 }
 
 /// The descriptors of one `recvmsg` and the stream bytes `[start, end)` it read.
@@ -130,7 +132,7 @@ impl Receiver {
         }
         let result = match &mut self.side {
             ReceiveSide::Postcard(postcard) => postcard.next_message(&self.io).await,
-            ReceiveSide::Json(link) => next_json(&self.io, link).await,
+            ReceiveSide::Json(JsonReceive(link)) => next_json(&self.io, link).await,
         };
         self.note(&result);
         result
@@ -147,7 +149,7 @@ impl Receiver {
         }
         let result = match &mut self.side {
             ReceiveSide::Postcard(postcard) => postcard.decode_buffered(),
-            ReceiveSide::Json(link) => {
+            ReceiveSide::Json(JsonReceive(link)) => {
                 let received = link.lock().receive(&self.io, false);
                 link.wake_after_reading();
                 write_now(&self.io, link);
@@ -166,7 +168,7 @@ impl Receiver {
             && err.is_fatal_on_receive()
         {
             match &mut self.side {
-                ReceiveSide::Json(link) => {
+                ReceiveSide::Json(JsonReceive(link)) => {
                     link.lock().fail();
                     link.moved.notify_waiters();
                 }
@@ -232,8 +234,7 @@ impl PostcardReceive {
             payload: frame.payload,
             fds,
             fds_lost,
-            format: Format::Postcard,
-            handle: None,
+            encoding: Encoding::Postcard,
         }))
     }
 

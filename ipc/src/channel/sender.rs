@@ -34,6 +34,22 @@ use crate::{Error, sys};
 #[derive(Debug)]
 pub struct Sender {
     pub(super) io: Arc<UnixStream>,
+    pub(super) writer: Writer,
+}
+
+/// What a sender writes with, per format: each arm holds only what its format uses.
+#[derive(Debug)]
+pub(super) enum Writer {
+    /// This crate's frames, gathered in the sender's own write buffer.
+    Postcard(PostcardWriter),
+    /// Node's JSON lines, written through the state shared with the receiver (which
+    /// writes handle acknowledgements) and held back behind unanswered handles.
+    Json(JsonWriter),
+}
+
+/// The write state of a [`Format::Postcard`] sender.
+#[derive(Debug)]
+pub(super) struct PostcardWriter {
     pub(super) codec: FrameCodec,
     pub(super) buf: BytesMut,
     /// Descriptors that belong to the frame at the start of `buf`.
@@ -41,17 +57,23 @@ pub struct Sender {
     pub(super) high_water: usize,
     /// Whether `buf` grew past what it may keep (given back once it is written out).
     pub(super) grown: bool,
-    /// The write side of a [`Format::Json`] channel, shared with the receiver (which writes
-    /// handle acknowledgements); `buf` and `fds` are unused then.
-    pub(super) node: Option<Arc<NodeLink>>,
+}
+
+/// The write state of a [`Format::Json`] sender: its bytes live in the shared link.
+#[derive(Debug)]
+pub(super) struct JsonWriter {
+    pub(super) link: Arc<NodeLink>,
+    /// The longest message (a line without its newline) that may be sent.
+    pub(super) max_line_len: u32,
+    pub(super) high_water: usize,
 }
 
 impl Sender {
     /// The wire format this sender writes.
     pub fn format(&self) -> Format {
-        match self.node {
-            None => Format::Postcard,
-            Some(_) => Format::Json,
+        match self.writer {
+            Writer::Postcard(_) => Format::Postcard,
+            Writer::Json(_) => Format::Json,
         }
     }
 
@@ -63,13 +85,23 @@ impl Sender {
         message: &InternalMessage,
         fds: Vec<OwnedFd>,
     ) -> Result<(), Error> {
-        if self.node.is_none() {
-            return Err(Error::WrongFormat {
+        match &mut self.writer {
+            Writer::Postcard(_) => Err(Error::WrongFormat {
                 needed: Format::Json,
                 actual: Format::Postcard,
-            });
+            }),
+            Writer::Json(json) => {
+                json.feed_line(
+                    &self.io,
+                    Lane::Control,
+                    message,
+                    single_fd(fds)?,
+                    HandleType::NetNative,
+                )
+                .await?;
+                json.flush(&self.io).await
+            }
         }
-        self.send_control(message, fds).await
     }
 
     /// Sends a user message with one descriptor, telling a Node peer what to make of it
@@ -82,12 +114,14 @@ impl Sender {
         fd: OwnedFd,
         handle_type: HandleType,
     ) -> Result<(), Error> {
-        if self.node.is_none() {
-            return self.send_with_fds(message, vec![fd]).await;
+        match &mut self.writer {
+            Writer::Postcard(_) => self.send_with_fds(message, vec![fd]).await,
+            Writer::Json(json) => {
+                json.feed_line(&self.io, Lane::User, message, Some(fd), handle_type)
+                    .await?;
+                json.flush(&self.io).await
+            }
         }
-        self.feed_json(Lane::User, message, Some(fd), handle_type)
-            .await?;
-        self.flush().await
     }
 
     /// Sends a message on the user lane and waits until the socket has taken it (on a
@@ -124,53 +158,26 @@ impl Sender {
         message: &T,
         fds: &[BorrowedFd<'_>],
     ) -> Result<(), Error> {
-        if self.node.is_some() {
-            let owned = fds
-                .iter()
-                .map(|fd| fd.try_clone_to_owned())
-                .collect::<Result<Vec<_>, _>>()?;
-            self.feed(lane, message, owned).await?;
-            return self.flush().await;
+        match &mut self.writer {
+            Writer::Postcard(postcard) => {
+                postcard.send_borrowed(&self.io, lane, message, fds).await
+            }
+            Writer::Json(json) => {
+                let owned = fds
+                    .iter()
+                    .map(|fd| fd.try_clone_to_owned())
+                    .collect::<Result<Vec<_>, _>>()?;
+                json.feed_line(
+                    &self.io,
+                    lane,
+                    message,
+                    single_fd(owned)?,
+                    HandleType::NetNative,
+                )
+                .await?;
+                json.flush(&self.io).await
+            }
         }
-        if !self.buf.is_empty() {
-            self.flush().await?;
-        }
-        self.encode_frame(lane, fds.len(), message)?;
-        // The descriptors ride on the first sendmsg that takes bytes of the frame.
-        let mut pending = fds;
-        while !self.buf.is_empty() {
-            let written = self.write_some(pending).await?;
-            pending = &[];
-            self.buf.advance(written);
-        }
-        self.give_back();
-        Ok(())
-    }
-
-    /// Appends one postcard frame declaring `fd_count` descriptors to the write buffer;
-    /// a refused message leaves nothing behind.
-    fn encode_frame<T: Serialize + ?Sized>(
-        &mut self,
-        lane: Lane,
-        fd_count: usize,
-        message: &T,
-    ) -> Result<(), Error> {
-        let encoded = self.codec.encode(lane, fd_count, message, &mut self.buf);
-        self.grown |= self.buf.capacity() > self.high_water.max(RETAINED_BUFFER);
-        if encoded.is_err() {
-            self.give_back();
-        }
-        encoded
-    }
-
-    /// One `sendmsg` of the postcard write buffer, `fds` with its first byte, once the
-    /// socket takes bytes; returns how many it took.
-    async fn write_some<F: std::os::fd::AsRawFd>(&self, fds: &[F]) -> Result<usize, Error> {
-        let io = &self.io;
-        let written = io
-            .async_io(Interest::WRITABLE, || sys::send(io.as_fd(), &self.buf, fds))
-            .await?;
-        Ok(written)
     }
 
     /// Sends a message on the control lane, optionally with descriptors.
@@ -211,44 +218,164 @@ impl Sender {
         message: &T,
         fds: Vec<OwnedFd>,
     ) -> Result<(), Error> {
-        if self.node.is_some() {
-            let mut fds = fds;
-            if fds.len() > 1 {
-                return Err(Error::TooManyFds {
-                    count: fds.len(),
-                    max: 1,
-                });
+        match &mut self.writer {
+            Writer::Postcard(postcard) => {
+                // No future of its own: this is the hot path of small messages.
+                if !fds.is_empty() && !postcard.buf.is_empty() {
+                    // Descriptors must ride on the sendmsg that starts their frame.
+                    postcard.flush(&self.io).await?;
+                }
+                if postcard.push(lane, message, fds)? {
+                    postcard.flush(&self.io).await?;
+                }
+                Ok(())
             }
-            return self
-                .feed_json(lane, message, fds.pop(), HandleType::NetNative)
-                .await;
+            Writer::Json(json) => {
+                let fd = single_fd(fds)?;
+                json.feed_line(&self.io, lane, message, fd, HandleType::NetNative)
+                    .await
+            }
         }
-        if !fds.is_empty() && !self.buf.is_empty() {
-            // Descriptors must ride on the sendmsg that starts their frame.
-            self.flush().await?;
+    }
+
+    /// Writes everything buffered, waiting for the socket to take it. On a
+    /// [`Format::Json`] channel that includes messages held back behind a handle: this
+    /// reads the peer's answers itself until they may go (handles themselves do not wait
+    /// for their answers). [`feed`](Sender::feed) alone never waits for an answer unless
+    /// the hold-back queue is full.
+    pub async fn flush(&mut self) -> Result<(), Error> {
+        match &mut self.writer {
+            Writer::Postcard(postcard) => postcard.flush(&self.io).await,
+            Writer::Json(json) => json.flush(&self.io).await,
         }
+    }
+
+    /// Flushes, then shuts down the writing side: the peer's receiver sees the end of
+    /// the stream once it has read everything sent before.
+    pub async fn shutdown(&mut self) -> Result<(), Error> {
+        self.flush().await?;
+        nix::sys::socket::shutdown(
+            std::os::fd::AsRawFd::as_raw_fd(&*self.io),
+            nix::sys::socket::Shutdown::Write,
+        )
+        .map_err(|e| Error::from(std::io::Error::from(e)))
+    }
+}
+
+impl PostcardWriter {
+    /// Appends a message and takes its descriptors, which ride on the buffer's first
+    /// `sendmsg` (the caller flushed what was ahead of them); returns whether the buffer
+    /// is full enough to write.
+    fn push<T: Serialize + ?Sized>(
+        &mut self,
+        lane: Lane,
+        message: &T,
+        fds: Vec<OwnedFd>,
+    ) -> Result<bool, Error> {
         self.encode_frame(lane, fds.len(), message)?;
         if !fds.is_empty() {
             self.fds = fds;
         }
-        if self.buf.len() >= self.high_water {
-            self.flush().await?;
+        Ok(self.buf.len() >= self.high_water)
+    }
+
+    /// [`Sender::send_borrowed`] on a [`Format::Postcard`] channel.
+    async fn send_borrowed<T: Serialize + ?Sized>(
+        &mut self,
+        io: &UnixStream,
+        lane: Lane,
+        message: &T,
+        fds: &[BorrowedFd<'_>],
+    ) -> Result<(), Error> {
+        if !self.buf.is_empty() {
+            self.flush(io).await?;
         }
+        self.encode_frame(lane, fds.len(), message)?;
+        // The descriptors ride on the first sendmsg that takes bytes of the frame.
+        let mut pending = fds;
+        while !self.buf.is_empty() {
+            let written = self.write_some(io, pending).await?;
+            pending = &[];
+            self.buf.advance(written);
+        }
+        self.give_back();
         Ok(())
     }
 
-    /// [`feed`](Sender::feed) on a [`Format::Json`] channel.
-    async fn feed_json<T: Serialize + ?Sized>(
+    /// Appends one postcard frame declaring `fd_count` descriptors to the write buffer;
+    /// a refused message leaves nothing behind.
+    fn encode_frame<T: Serialize + ?Sized>(
         &mut self,
+        lane: Lane,
+        fd_count: usize,
+        message: &T,
+    ) -> Result<(), Error> {
+        let encoded = self.codec.encode(lane, fd_count, message, &mut self.buf);
+        self.grown |= self.buf.capacity() > self.high_water.max(RETAINED_BUFFER);
+        if encoded.is_err() {
+            self.give_back();
+        }
+        encoded
+    }
+
+    /// One `sendmsg` of the write buffer, `fds` with its first byte, once the socket takes
+    /// bytes; returns how many it took.
+    async fn write_some<F: std::os::fd::AsRawFd>(
+        &self,
+        io: &UnixStream,
+        fds: &[F],
+    ) -> Result<usize, Error> {
+        let written = io
+            .async_io(Interest::WRITABLE, || sys::send(io.as_fd(), &self.buf, fds))
+            .await?;
+        Ok(written)
+    }
+
+    /// [`Sender::flush`] on a [`Format::Postcard`] channel.
+    async fn flush(&mut self, io: &UnixStream) -> Result<(), Error> {
+        while !self.buf.is_empty() {
+            let written = self.write_some(io, &self.fds).await?;
+            // The kernel holds its own references to the descriptors now.
+            self.fds.clear();
+            self.buf.advance(written);
+        }
+        self.give_back();
+        Ok(())
+    }
+
+    /// Drops a buffer grown for a large message once nothing is left in it.
+    fn give_back(&mut self) {
+        if self.grown && self.buf.is_empty() {
+            self.buf = BytesMut::new();
+            self.grown = false;
+        }
+    }
+}
+
+/// The one descriptor a message on a [`Format::Json`] channel may carry (as a
+/// [`HandleType::NetNative`] handle, unless said otherwise).
+fn single_fd(mut fds: Vec<OwnedFd>) -> Result<Option<OwnedFd>, Error> {
+    if fds.len() > 1 {
+        return Err(Error::TooManyFds {
+            count: fds.len(),
+            max: 1,
+        });
+    }
+    Ok(fds.pop())
+}
+
+impl JsonWriter {
+    /// Queues one line, with `fd` as a handle of `handle_type`.
+    async fn feed_line<T: Serialize + ?Sized>(
+        &mut self,
+        io: &UnixStream,
         lane: Lane,
         message: &T,
         fd: Option<OwnedFd>,
         handle_type: HandleType,
     ) -> Result<(), Error> {
-        let Some(link) = self.node.clone() else {
-            unreachable!("feed_json on a postcard channel");
-        };
-        let max = self.codec.max_frame_len();
+        let link = Arc::clone(&self.link);
+        let max = self.max_line_len;
         let handle = fd.as_ref().map(|_| handle_type);
         // The guard lives in plain blocks only: it must never be held across an await.
         let fast = {
@@ -279,7 +406,7 @@ impl Sender {
                             if held {
                                 // An answer may be there already, or the end of the
                                 // stream: look, without waiting.
-                                self.look_for_answers(&link).await?;
+                                self.look_for_answers(io).await?;
                             }
                             break handle.is_some() || buffered >= self.high_water;
                         }
@@ -288,15 +415,29 @@ impl Sender {
                     // Full: write what may go, then read the peer's answers ourselves until
                     // one makes room (the receiving half may be reading them too, or
                     // nobody).
-                    self.write_all(&link).await?;
-                    self.wait_for_answer(&link, moved).await?;
+                    self.write_all(io).await?;
+                    self.wait_for_answer(io, moved).await?;
                 }
             }
         };
         if full {
-            self.flush().await?;
+            self.flush(io).await?;
         }
         Ok(())
+    }
+
+    /// [`Sender::flush`] on a [`Format::Json`] channel.
+    async fn flush(&mut self, io: &UnixStream) -> Result<(), Error> {
+        loop {
+            let moved = self.link.moved.notified();
+            tokio::pin!(moved);
+            moved.as_mut().enable();
+            self.write_all(io).await?;
+            if !self.link.lock().has_held() {
+                return Ok(());
+            }
+            self.wait_for_answer(io, moved).await?;
+        }
     }
 
     /// Waits until an answer to one of our handles came (read by us or by the receiving
@@ -304,98 +445,49 @@ impl Sender {
     /// makes us wait was seen.
     async fn wait_for_answer(
         &self,
-        link: &NodeLink,
+        io: &UnixStream,
         moved: std::pin::Pin<&mut tokio::sync::futures::Notified<'_>>,
     ) -> Result<(), Error> {
-        match self.read_answers(link)? {
+        match self.read_answers(io)? {
             SenderRead::Released => {}
             SenderRead::InboxFull => moved.await,
             SenderRead::NeedBytes => {
                 tokio::select! {
                     () = moved => {}
-                    read = read_more(&self.io, link) => read?,
+                    read = read_more(io, &self.link) => read?,
                 }
             }
         }
         Ok(())
     }
 
-    /// Writes what may go on a JSON channel, waiting for the socket to take it.
-    async fn write_all(&self, link: &NodeLink) -> Result<(), Error> {
-        let io = &self.io;
-        io.async_io(Interest::WRITABLE, || link.lock().write_some(io))
+    /// Writes what may go, waiting for the socket to take it.
+    async fn write_all(&self, io: &UnixStream) -> Result<(), Error> {
+        io.async_io(Interest::WRITABLE, || self.link.lock().write_some(io))
             .await?;
         Ok(())
     }
 
-    /// Decodes what was read from a JSON channel's socket, running the handle protocol,
-    /// up to the first answer to one of our handles.
-    fn read_answers(&self, link: &NodeLink) -> Result<SenderRead, Error> {
-        let read = link.lock().read_for_sender(&self.io);
-        link.wake_after_reading();
-        write_now(&self.io, link);
+    /// Decodes what was read from the socket, running the handle protocol, up to the
+    /// first answer to one of our handles.
+    fn read_answers(&self, io: &UnixStream) -> Result<SenderRead, Error> {
+        let read = self.link.lock().read_for_sender(io);
+        self.link.wake_after_reading();
+        write_now(io, &self.link);
         read
     }
 
     /// Without waiting: reads what the socket holds and decodes all of it, so that an
     /// answer that came lets held-back messages go, and a peer that is gone is
     /// [`Error::Closed`].
-    async fn look_for_answers(&self, link: &NodeLink) -> Result<(), Error> {
-        let io = &self.io;
+    async fn look_for_answers(&self, io: &UnixStream) -> Result<(), Error> {
         if io.try_io(Interest::READABLE, || Ok(())).is_ok() {
             // Returns at once: the socket is readable (or the read finds it is not).
-            read_more(io, link).await?;
+            read_more(io, &self.link).await?;
         }
         // Past every answer: the end of the stream may follow one.
-        while self.read_answers(link)? == SenderRead::Released {}
+        while self.read_answers(io)? == SenderRead::Released {}
         Ok(())
-    }
-
-    /// Writes everything buffered, waiting for the socket to take it. On a
-    /// [`Format::Json`] channel that includes messages held back behind a handle: this
-    /// reads the peer's answers itself until they may go (handles themselves do not wait
-    /// for their answers). [`feed`](Sender::feed) alone never waits for an answer unless
-    /// the hold-back queue is full.
-    pub async fn flush(&mut self) -> Result<(), Error> {
-        if let Some(link) = self.node.clone() {
-            loop {
-                let moved = link.moved.notified();
-                tokio::pin!(moved);
-                moved.as_mut().enable();
-                self.write_all(&link).await?;
-                if !link.lock().has_held() {
-                    return Ok(());
-                }
-                self.wait_for_answer(&link, moved).await?;
-            }
-        }
-        while !self.buf.is_empty() {
-            let written = self.write_some(&self.fds).await?;
-            // The kernel holds its own references to the descriptors now.
-            self.fds.clear();
-            self.buf.advance(written);
-        }
-        self.give_back();
-        Ok(())
-    }
-
-    /// Drops a buffer grown for a large message once nothing is left in it.
-    fn give_back(&mut self) {
-        if self.grown && self.buf.is_empty() {
-            self.buf = BytesMut::new();
-            self.grown = false;
-        }
-    }
-
-    /// Flushes, then shuts down the writing side: the peer's receiver sees the end of
-    /// the stream once it has read everything sent before.
-    pub async fn shutdown(&mut self) -> Result<(), Error> {
-        self.flush().await?;
-        nix::sys::socket::shutdown(
-            std::os::fd::AsRawFd::as_raw_fd(&*self.io),
-            nix::sys::socket::Shutdown::Write,
-        )
-        .map_err(|e| Error::from(std::io::Error::from(e)))
     }
 }
 

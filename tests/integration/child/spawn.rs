@@ -250,7 +250,7 @@ async fn killing_a_group_kills_the_whole_group() {
     assert_eq!(group.wait().await.unwrap().signal(), Some(Signal::SIGKILL));
     // Its stdout closes while it exits, a moment before it is a zombie (or reaped).
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while !process_state(sleep_pid as u32).is_none_or(|s| s == 'Z')
+    while process_state(sleep_pid as u32).is_some_and(|s| s != 'Z')
         && std::time::Instant::now() < deadline
     {
         tokio::task::yield_now().await;
