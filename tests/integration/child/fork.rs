@@ -56,12 +56,10 @@ async fn a_child_without_a_channel_gets_none() {
     );
 }
 
-#[tokio::test]
-async fn a_forked_child_dies_with_its_parent_when_asked() {
-    // child_detach forks `child_forked linger` (which survives end of channel) with a
-    // parent-death signal, prints its pid and exits. The grandchild inherits stdout, so
-    // stdout ends only once both are gone.
-    let args = ["fork-linger", helper("child_forked")];
+/// Runs `child_detach ARGS`, which forks a grandchild with a parent-death signal, prints
+/// its pid and exits at once; the grandchild inherits stdout, so stdout ends only once
+/// both are gone. Asserts that it did end: the grandchild died with its parent.
+async fn assert_the_grandchild_dies_with_its_parent<const N: usize>(args: [&str; N]) {
     let options = super::options().stdin(Stdio::Null).stderr(Stdio::Inherit);
     let mut parent = child::spawn(helper("child_detach"), args, options).unwrap();
     let mut stdout = parent.stdout.take().unwrap();
@@ -79,24 +77,16 @@ async fn a_forked_child_dies_with_its_parent_when_asked() {
 }
 
 #[tokio::test]
+async fn a_forked_child_dies_with_its_parent_when_asked() {
+    // `child_forked linger` survives the end of its channel.
+    assert_the_grandchild_dies_with_its_parent(["fork-linger", helper("child_forked")]).await;
+}
+
+#[tokio::test]
 async fn a_forked_program_that_never_opens_its_channel_dies_with_its_parent_too() {
-    // child_detach forks `/bin/sleep 300` with a parent-death signal and exits at once:
-    // the signal is set before the program runs, not by the program's channel call.
-    // sleep inherits stdout, so stdout ends only once both are gone.
-    let options = super::options().stdin(Stdio::Null).stderr(Stdio::Inherit);
-    let mut parent = child::spawn(helper("child_detach"), ["fork-sleep"], options).unwrap();
-    let mut stdout = parent.stdout.take().unwrap();
-    let mut text = String::new();
-    let read = tokio::time::timeout(
-        std::time::Duration::from_secs(20),
-        stdout.read_to_string(&mut text),
-    )
-    .await;
-    let pid: i32 = text.trim().parse().expect("a pid");
-    let _guard = kill_on_drop(pid);
-    read.expect("sleep died with its parent").unwrap();
-    assert!(parent.wait().await.unwrap().success());
-    super::assert_dead(pid as u32);
+    // `/bin/sleep 300`: the signal is set before the program runs, not by the program's
+    // channel call.
+    assert_the_grandchild_dies_with_its_parent(["fork-sleep"]).await;
 }
 
 #[tokio::test]
