@@ -5,6 +5,7 @@
 //! state machine in `core.rs`, which it feeds with what happens (time passing included)
 //! and whose effects it performs.
 
+mod command;
 mod core;
 mod driver;
 mod events;

@@ -25,9 +25,9 @@ mod tasks;
 
 use self::processes::Processes;
 use self::spawner::Spawner;
+use super::command::{Command, EXIT_GRACE, Reply};
 use super::core::{Config, ConnId, Core, Effect, Input, Outcome, RequestId};
 use super::events::EventQueue;
-use super::handle::{Command, EXIT_GRACE, Reply};
 use super::sockets::Listeners;
 use super::systemd::Inherited;
 use super::{Event, OutputStream};

@@ -4,12 +4,12 @@
 //! comes back as the core's [`Outcome`], turned here into the method's result.
 
 use std::ffi::OsString;
-use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot, watch};
 
+use super::command::{Command, EXIT_GRACE, Reply};
 use super::core::{Outcome, Request};
 use super::events::{self, Event, Events, Stats};
 use super::upgrade::{self, UpgradeError};
@@ -22,34 +22,11 @@ use child::Signal;
 /// How long [`Primary::broadcast`] waits for one worker whose channel is full.
 pub const BROADCAST_WAIT: Duration = Duration::from_secs(1);
 
-/// How long an exited worker's channel may stay open before its exit is reported anyway
-/// (its last messages are read first; a descendant may hold the channel open).
-pub(crate) const EXIT_GRACE: Duration = Duration::from_secs(1);
-
 /// How long a primary that hands over to an upgrade's new primary waits for the
 /// connections it accepted to reach its workers before it stops.
 const HANDOVER_WAIT: Duration = Duration::from_secs(1);
 /// How often it looks.
 const HANDOVER_POLL: Duration = Duration::from_millis(5);
-
-pub(crate) type Reply<T> = oneshot::Sender<T>;
-pub(crate) type UserSender = Arc<tokio::sync::Mutex<ipc::Sender>>;
-
-/// What the [`Primary`] handle asks its driver, each with where the answer goes.
-#[derive(Debug)]
-pub(crate) enum Command {
-    /// A request for the core: the driver keeps the reply under a `RequestId` and sends
-    /// it the core's answer, once.
-    Core(Request, Reply<Outcome>),
-    /// The user-message channels of the connected workers (one, or all).
-    Senders(Option<WorkerId>, Reply<Vec<UserSender>>),
-    Stats(Reply<Stats>),
-    /// Whether the round-robin handles accept (paused once an upgrade's new primary is
-    /// ready, so that connections wait in the shared backlog for it).
-    Accepting(bool, Reply<()>),
-    /// Copies of every listening socket, for an upgrade.
-    Handover(Reply<std::io::Result<Vec<(std::os::fd::OwnedFd, String)>>>),
-}
 
 /// The error a request's outcome stands for, when it is not what was asked.
 fn failure(outcome: Outcome) -> Error {

@@ -12,8 +12,8 @@ use super::Internal;
 use super::tasks::{Fds, Outgoing, forward_output, read_worker, wait_worker, write_control};
 use crate::node_protocol::NodeWorker;
 use crate::primary::OutputStream;
+use crate::primary::command::UserSender;
 use crate::primary::core::CONTROL_QUEUE;
-use crate::primary::handle::UserSender;
 use crate::protocol::{ToWorker, WorkerId};
 
 /// One live worker's process and channel.

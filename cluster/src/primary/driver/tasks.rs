@@ -9,7 +9,7 @@ use tokio::sync::mpsc;
 
 use super::Internal;
 use crate::primary::OutputStream;
-use crate::primary::handle::UserSender;
+use crate::primary::command::UserSender;
 use crate::protocol::{ToWorker, WorkerId};
 
 /// A control message for a worker, in the protocol it speaks. It serializes as the
