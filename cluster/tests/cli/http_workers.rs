@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
-use testkit::http_get;
+use testkit::{LineLog, http_get};
 
 use crate::command::{Cluster, TIMEOUT, exists, pids};
 use crate::{node_or_skip, node_script};
@@ -244,11 +244,26 @@ impl SteadyClient {
         self.results.lock().unwrap().len()
     }
 
-    /// Waits until `done` holds for the results from `from` on.
-    fn wait_until(&self, from: usize, done: impl Fn(&[Result<u32, String>]) -> bool) {
+    /// Waits until `done` holds for the results from `from` on; `log` says what the
+    /// cluster did if it never does.
+    fn wait_until(
+        &self,
+        from: usize,
+        done: impl Fn(&[Result<u32, String>]) -> bool,
+        log: &LineLog,
+    ) {
         let deadline = Instant::now() + TIMEOUT;
         while !done(&self.results.lock().unwrap()[from..]) {
-            assert!(Instant::now() < deadline, "the client never saw it");
+            if Instant::now() >= deadline {
+                let results = &self.results.lock().unwrap()[from..];
+                let pids: BTreeSet<_> = results.iter().filter_map(|r| r.clone().ok()).collect();
+                let failed = results.iter().filter(|r| r.is_err()).count();
+                panic!(
+                    "the client never saw it: {} results, pids {pids:?}, {failed} failed\n{}",
+                    results.len(),
+                    log.tail(40)
+                );
+            }
             std::thread::yield_now();
         }
     }
@@ -275,7 +290,7 @@ fn sighup_under_a_steady_client(program: Program) {
     let mut cluster = program.cluster(3);
     let old = pids(&cluster.started_from(0));
     let client = SteadyClient::start(cluster.addr());
-    client.wait_until(0, |results| results.len() >= 50);
+    client.wait_until(0, |results| results.len() >= 50, &cluster.log);
     let mark = cluster.log.mark();
     cluster.signal(Signal::SIGHUP);
     let new = pids(&cluster.wait_listening(mark, 3));
@@ -287,10 +302,14 @@ fn sighup_under_a_steady_client(program: Program) {
         next = line.expect("old workers exit").index + 1;
     }
     let after = client.count();
-    client.wait_until(after, |results| {
-        let seen: BTreeSet<u32> = results.iter().filter_map(|r| r.clone().ok()).collect();
-        seen == new
-    });
+    client.wait_until(
+        after,
+        |results| {
+            let seen: BTreeSet<u32> = results.iter().filter_map(|r| r.clone().ok()).collect();
+            seen == new
+        },
+        &cluster.log,
+    );
     let results = client.stop();
     let failed: Vec<_> = results.iter().filter(|r| r.is_err()).collect();
     assert!(
