@@ -11,15 +11,17 @@ use crate::codec::FrameCodec;
 use crate::json::{HandleType, InternalMessage};
 use crate::{Error, sys};
 
+mod inbound;
 mod node_link;
 mod received;
 mod receiver;
 mod sender;
 
+use inbound::Inbound;
 use received::Encoding;
 pub use received::Received;
 pub use receiver::Receiver;
-use receiver::{Inbound, JsonReceive, PostcardReceive, ReceiveSide};
+use receiver::{JsonReceive, PostcardReceive, ReceiveSide};
 pub use sender::Sender;
 use sender::{JsonWriter, PostcardWriter, Writer};
 

@@ -30,7 +30,7 @@ use std::task::Poll;
 use bytes::{Buf, Bytes, BytesMut};
 use tokio::net::UnixStream;
 
-use super::receiver::Inbound;
+use super::inbound::Inbound;
 use super::{Encoding, RETAINED_BUFFER, Received};
 use crate::json::{self, Incoming, LineCodec};
 use crate::{Error, sys};
