@@ -71,7 +71,7 @@ async fn workers_end_when_the_primary_is_killed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn signals_add_remove_reload_and_stop() {
-    let (primary, mut lines) = start_primary(2);
+    let (mut primary, mut lines) = start_primary(2);
     let mut pids = KillOnDrop::default();
     let address = line(&mut lines, "listening", &mut pids).await[1]
         .parse()
@@ -112,13 +112,7 @@ async fn signals_add_remove_reload_and_stop() {
     let exit = line(&mut lines, "exit", &mut pids).await;
     assert_eq!(exit.last().map(String::as_str), Some("true"));
 
-    signal(Signal::SIGTERM);
-    line(&mut lines, "stopped", &mut pids).await;
-    let status = tokio::time::timeout(EVENT_TIMEOUT, primary.wait())
-        .await
-        .expect("the primary exits")
-        .expect("wait");
-    assert_eq!(status.code(), Some(0));
+    stop_and_expect_exit_0(&mut primary, &mut lines, &mut pids).await;
     assert!(!pids.adopted().iter().any(|pid| is_running(*pid)));
 }
 
@@ -153,8 +147,17 @@ async fn a_primary_that_reads_listen_fds_late_adopts_only_the_sockets_passed() {
     request(address)
         .await
         .expect("a request on the passed socket");
+    stop_and_expect_exit_0(&mut primary, &mut lines, &mut pids).await;
+}
+
+/// SIGTERM to the primary: it reports `stopped` and exits 0.
+async fn stop_and_expect_exit_0(
+    primary: &mut child::Child,
+    lines: &mut StdoutLines,
+    pids: &mut KillOnDrop,
+) {
     kill(Pid::from_raw(primary.pid() as i32), Signal::SIGTERM).expect("signal");
-    line(&mut lines, "stopped", &mut pids).await;
+    line(lines, "stopped", pids).await;
     let status = tokio::time::timeout(EVENT_TIMEOUT, primary.wait())
         .await
         .expect("the primary exits")
