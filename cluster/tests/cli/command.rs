@@ -72,14 +72,7 @@ impl Cluster {
     /// Waits for `count` "worker N is listening" lines from line `from` on; adopts every
     /// worker started so far (so the guard kills them too) and returns them.
     pub(crate) fn wait_listening(&mut self, from: usize, count: usize) -> Vec<Started> {
-        let mut next = from;
-        for _ in 0..count {
-            let line = self
-                .log
-                .wait_for(next, " is listening on ", TIMEOUT)
-                .unwrap_or_else(|e| panic!("a worker never listened: {e}"));
-            next = line.index + 1;
-        }
+        wait_lines(&self.log, from, " is listening on ", count);
         let started = self.started_from(from);
         for worker in &started {
             if !self.guard.adopted().contains(&worker.pid) {
@@ -114,6 +107,20 @@ impl Cluster {
             .expect("wait for cluster")
             .unwrap_or_else(|| panic!("cluster did not exit:\n{}", self.log.tail(40)))
     }
+}
+
+/// Waits for `count` lines that contain `needle`, from line `from` on; returns the index
+/// just past the last of them.
+pub(crate) fn wait_lines(log: &LineLog, from: usize, needle: &str, count: usize) -> usize {
+    let mut next = from;
+    for _ in 0..count {
+        let line = log.wait_for(next, needle, TIMEOUT);
+        next = line
+            .unwrap_or_else(|e| panic!("no line {needle:?}: {e}"))
+            .index
+            + 1;
+    }
+    next
 }
 
 /// `cluster: worker ID started (pid PID)`.

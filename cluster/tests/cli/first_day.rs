@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::Signal;
 use testkit::{KeepAliveLoad, KillOnDrop, LineLog, LoadConfig, http_get};
 
-use crate::command::{Cluster, TIMEOUT, exists, pids, run_to_end};
+use crate::command::{Cluster, TIMEOUT, exists, pids, run_to_end, wait_lines};
 use crate::{node_or_skip, node_script};
 
 /// The connect timeout of the `cluster` command (`CONNECT_TIMEOUT` in its `main.rs`).
@@ -103,11 +103,7 @@ fn a_stdout_nobody_reads_never_blocks_the_primary() {
     let mut guard = KillOnDrop::spawn(&mut command).expect("start cluster");
     drop(command); // it holds our copy of the pipe's write end
     let log = LineLog::of(guard.child_mut().stderr.take().expect("stderr"));
-    let mut next = 0;
-    for _ in 0..2 {
-        let line = log.wait_for(next, " is listening on ", TIMEOUT);
-        next = line.unwrap_or_else(|e| panic!("never listened: {e}")).index + 1;
-    }
+    wait_lines(&log, 0, " is listening on ", 2);
     for worker in command_pids(&log) {
         guard.adopt(worker);
     }
@@ -309,21 +305,14 @@ fn every_worker_dies_with_its_primary() {
         let mut args = vec![OsStr::new("-w"), OsStr::new("2")];
         args.extend_from_slice(program);
         let (mut guard, log) = crate::command::spawn(&args);
-        let mut next = 0;
-        for _ in 0..2 {
-            let line = log.wait_for(next, " started (pid ", TIMEOUT);
-            next = line.unwrap_or_else(|e| panic!("never started: {e}")).index + 1;
-        }
+        let next = wait_lines(&log, 0, " started (pid ", 2);
         let workers = command_pids(&log);
         for pid in &workers {
             guard.adopt(*pid);
         }
         if program[1] == busy.as_os_str() {
             // Spinning: past its listen and the 100 ms before the loop.
-            for _ in 0..2 {
-                let line = log.wait_for(next, " is listening on ", TIMEOUT);
-                next = line.unwrap_or_else(|e| panic!("never listened: {e}")).index + 1;
-            }
+            wait_lines(&log, next, " is listening on ", 2);
         }
         guard.signal(Signal::SIGKILL).expect("kill -9 the primary");
         for pid in workers {
@@ -392,11 +381,7 @@ fn wait_ready_holds_each_reload_step_until_the_new_worker_says_so() {
         script.as_os_str(),
     ];
     let mut cluster = Cluster::start(2, &args);
-    let mut next = cluster.log.mark();
-    for _ in 0..2 {
-        let line = cluster.log.wait_for(next, " is ready", TIMEOUT);
-        next = line.expect("the first workers say ready").index + 1;
-    }
+    wait_lines(&cluster.log, 0, " is ready", 2);
     let mut config = LoadConfig::new(8, "/");
     config.max_duration = 4 * TIMEOUT;
     let load = KeepAliveLoad::start(cluster.addr(), config);
