@@ -51,7 +51,7 @@ pub use guard::{KillOnDrop, kill_all_groups};
 pub use load::{
     KeepAliveLoad, LoadConfig, Outcome, Sample, assert_none_failed, http_exchange, http_get,
 };
-pub use log::{Line, LineLog, LogError};
+pub use log::{Line, LineLog, LogError, assert_listen_fds_log};
 pub use node::{NODE_INSTALL_HINT, NodeError, node_available, node_timing};
 pub use proc_stat::{ProcStat, children_of, is_running};
 pub use stats::median;

@@ -198,6 +198,19 @@ fn tail(state: &State, count: usize) -> String {
     texts.join("\n")
 }
 
+/// Checks a primary's log after a start with `LISTEN_FDS` = `counted` of which only the
+/// first `passed` (from fd 3) were open: exactly `passed` sockets adopted, and the rest of
+/// the count reported as not open, in one warning.
+#[track_caller]
+pub fn assert_listen_fds_log(lines: &[String], passed: usize, counted: usize) {
+    let count = |needle: &str| lines.iter().filter(|l| l.contains(needle)).count();
+    assert_eq!(count("adopted an inherited listening socket"), passed);
+    let not_open: Vec<usize> = (3 + passed..3 + counted).collect();
+    let warning =
+        format!("LISTEN_FDS counts descriptors that are not open; ignored fds={not_open:?}");
+    assert_eq!(count(&warning), 1, "{lines:#?}");
+}
+
 #[cfg(test)]
 mod tests {
     use std::io::Write;
