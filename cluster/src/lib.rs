@@ -180,9 +180,10 @@ pub use env::{Role, WORKER_ID_ENV, WORKER_SLOT_ENV, is_primary, is_worker, role}
 pub use error::{Error, ListenError};
 pub use ipc::Received;
 pub use primary::{
-    BROADCAST_WAIT, EVENT_BYTES, EVENT_CAPACITY, Event, Events, MAX_SERVERS_PER_WORKER,
-    OutputStream, Primary, ReloadFailure, Signal, SlotFailure, Stats, UpgradeError, WorkerState,
-    WorkerStats, take_inherited_sockets,
+    BROADCAST_WAIT, EVENT_BYTES, EVENT_CAPACITY, Event, Events, ExitCause, ExitCounts, LastExit,
+    MAX_SERVERS_PER_WORKER, OutputStream, Primary, ReloadFailure, ReloadProgress, ReloadReport,
+    Signal, SlotFailure, SlotReloadFailure, SlotStats, Stats, Totals, UpgradeError, Usage,
+    WorkerState, WorkerStats, take_inherited_sockets,
 };
 pub use protocol::{AddressFamily, HandleKey, WorkerId};
 pub use settings::{

@@ -12,16 +12,20 @@ mod events;
 mod handle;
 mod restart;
 mod sockets;
+mod stats;
 mod systemd;
 mod upgrade;
 
 pub use child::Signal;
 
 pub use self::events::{
-    EVENT_BYTES, EVENT_CAPACITY, Event, Events, OutputStream, ReloadFailure, SlotFailure, Stats,
-    WorkerState, WorkerStats,
+    EVENT_BYTES, EVENT_CAPACITY, Event, Events, OutputStream, ReloadFailure, SlotFailure,
 };
 pub use self::handle::{BROADCAST_WAIT, Primary};
+pub use self::stats::{
+    ExitCause, ExitCounts, LastExit, ReloadProgress, ReloadReport, SlotReloadFailure, SlotStats,
+    Stats, Totals, Usage, WorkerState, WorkerStats,
+};
 pub use self::systemd::take_inherited_sockets;
 pub use self::upgrade::UpgradeError;
 pub use crate::protocol::MAX_SERVERS_PER_WORKER;

@@ -38,6 +38,23 @@ impl FromStr for Policy {
     }
 }
 
+impl Policy {
+    /// `rr`, `shared` or `reuseport`, as the `cluster` command spells it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::RoundRobin => "rr",
+            Self::Shared => "shared",
+            Self::ReusePort => "reuseport",
+        }
+    }
+}
+
+impl std::fmt::Display for Policy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// A scheduling policy name that is not `rr`, `shared`, `none` or `reuseport`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("unknown scheduling policy {0:?} (expected rr, shared or reuseport)")]
@@ -168,6 +185,14 @@ pub struct Settings {
     pub(crate) node_args: Vec<OsString>,
     /// Load the keep-alive-safe drain into Node workers.
     pub(crate) node_keepalive_drain: bool,
+    /// Where the control socket is created, if anywhere.
+    pub(crate) control_socket: Option<std::path::PathBuf>,
+    /// Where `/metrics`, `/status` and `/readyz` are served, if anywhere.
+    pub(crate) metrics: Option<std::net::SocketAddr>,
+    /// How long a stop serves on, not ready, before the workers drain.
+    pub(crate) stop_delay: Duration,
+    /// The resident set size past which a worker is replaced.
+    pub(crate) max_worker_rss: Option<u64>,
 }
 
 impl Default for Settings {
@@ -191,6 +216,10 @@ impl Default for Settings {
             node: None,
             node_args: Vec::new(),
             node_keepalive_drain: true,
+            control_socket: None,
+            metrics: None,
+            stop_delay: Duration::ZERO,
+            max_worker_rss: None,
         }
     }
 }
@@ -362,6 +391,50 @@ impl Settings {
     pub fn node_keepalive_drain(mut self, on: bool) -> Self {
         self.node_keepalive_drain = on;
         self
+    }
+
+    /// Creates a control socket at `path` (a Unix stream socket, mode 0600, in a
+    /// directory this process's user owns and nobody else may write; created 0700 if
+    /// missing): `cluster status`, `reload`, `scale` and `stop` talk to it. A peer
+    /// whose uid is neither this process's nor root is refused. A socket file left by a
+    /// primary that was killed is replaced; one a running primary answers on is an
+    /// error ([`Error::Control`](crate::Error::Control)). The file is removed when the
+    /// primary stops. The protocol is described in the crate docs (*Control socket*).
+    pub fn control_socket(mut self, path: impl Into<std::path::PathBuf>) -> Self {
+        self.control_socket = Some(path.into());
+        self
+    }
+
+    /// Serves `/metrics` (Prometheus' text format 0.0.4), `/status` (an HTML status
+    /// page) and `/readyz` (200 while the cluster is ready, else 503) over HTTP on
+    /// `address`. Off by default.
+    pub fn metrics(mut self, address: std::net::SocketAddr) -> Self {
+        self.metrics = Some(address);
+        self
+    }
+
+    /// On a stop, the cluster turns not ready at once (`/readyz` answers 503,
+    /// [`Stats::ready`](crate::Stats::ready) is false) and keeps serving for `delay`
+    /// before the workers are asked to drain, so that a balancer whose health checks
+    /// see the change stops sending first (Kubernetes' `preStop` sleep). Zero (the
+    /// default): the drain begins at once.
+    pub fn stop_delay(mut self, delay: Duration) -> Self {
+        self.stop_delay = delay;
+        self
+    }
+
+    /// Replaces a worker whose resident set size stays above `bytes` (two samples in
+    /// a row, a second apart) gracefully: a new worker listening first, then the old
+    /// one drains, one slot at a time (PM2's `max_memory_restart`). Its exit has the
+    /// cause [`ExitCause::MemoryLimit`](crate::ExitCause::MemoryLimit).
+    pub fn max_worker_rss(mut self, bytes: u64) -> Self {
+        self.max_worker_rss = Some(bytes);
+        self
+    }
+
+    /// Whether anything reads the workers' memory and CPU (so the primary samples them).
+    pub(crate) fn samples_usage(&self) -> bool {
+        self.control_socket.is_some() || self.metrics.is_some() || self.max_worker_rss.is_some()
     }
 
     /// The program workers run: [`program`](Self::program) if set, else

@@ -264,7 +264,10 @@ fn log_event(event: &Event) {
             id,
             status,
             exited_after_disconnect,
-        } => tracing::info!(%id, %status, asked_to_stop = exited_after_disconnect, "worker exited"),
+            cause,
+        } => {
+            tracing::info!(%id, %status, %cause, asked_to_stop = exited_after_disconnect, "worker exited")
+        }
         Event::Message { id, .. } => tracing::debug!(%id, "message from worker"),
         Event::GoingDown { id, reason } => {
             tracing::warn!(%id, ?reason, "worker crashed, starting a replacement")

@@ -8,7 +8,7 @@ use std::time::Duration;
 use tokio::sync::oneshot;
 
 use super::core::{Outcome, Request};
-use super::events::Stats;
+use super::stats::Stats;
 use crate::protocol::WorkerId;
 
 /// How long an exited worker's channel may stay open before its exit is reported anyway

@@ -23,9 +23,11 @@ mod handles;
 mod lifecycle;
 mod reload;
 mod serving;
+mod status;
 #[cfg(test)]
 mod tests;
 mod timers;
+mod usage;
 mod workers;
 
 use crate::Endpoint;
@@ -38,11 +40,13 @@ use child::Signal;
 pub(crate) use self::handles::ConnId;
 use self::handles::Handle;
 pub(crate) use self::lifecycle::StopCause;
-use self::lifecycle::{Occupant, Slot, WorkerEntry};
+use self::lifecycle::{Slot, WorkerEntry};
 use self::reload::Reload;
 pub(crate) use self::timers::Timer;
 use self::timers::Timers;
-use super::{Event, ReloadFailure, SlotFailure, Stats, WorkerStats};
+pub(crate) use self::usage::Sample;
+use super::stats::{ReloadReport, Totals};
+use super::{Event, ReloadFailure, SlotFailure};
 pub(crate) use crate::protocol::{HANDOFF_WINDOW, MAX_SERVERS_PER_WORKER};
 use crate::protocol::{HandleKey, ToPrimary, ToWorker, WorkerId};
 use crate::settings::{Policy, RestartPolicy};
@@ -82,6 +86,13 @@ pub(crate) struct Config {
     pub(crate) connect_timeout: Duration,
     /// Whether a worker counts as ready only once it says so.
     pub(crate) wait_ready: bool,
+    /// How often to sample the workers' memory and CPU (`None`: never).
+    pub(crate) sample_every: Option<Duration>,
+    /// The resident set size a worker may stay above for [`usage::OVER_LIMIT_SAMPLES`]
+    /// samples before it is replaced.
+    pub(crate) max_rss: Option<u64>,
+    /// How long a stop keeps serving, not ready, before its workers are asked to drain.
+    pub(crate) stop_delay: Duration,
 }
 
 /// A request's tag; the driver keeps the reply channel until the core answers.
@@ -100,7 +111,10 @@ pub(crate) enum Request {
     Disconnect(Option<WorkerId>),
     Kill(WorkerId, Signal),
     Reload,
-    Stop,
+    /// Stop; with a grace, workers drain for that long instead of the drain deadline.
+    Stop {
+        grace: Option<Duration>,
+    },
 }
 
 /// The answer to a request (or to the start).
@@ -114,6 +128,8 @@ pub(crate) enum Outcome {
     KillFailed(child::Error),
     Removed(Option<WorkerId>),
     UnknownWorker(WorkerId),
+    /// A reload ended (or was cut short by a stop).
+    Reloaded(ReloadReport),
     Stopped,
 }
 
@@ -184,6 +200,9 @@ pub(crate) enum Input {
         key: HandleKey,
         conn: ConnId,
     },
+    /// The answer to a `Sample` effect: each worker's memory and CPU (`None` when its
+    /// `/proc` entry could not be read: it is ending).
+    Usage(Vec<(WorkerId, Option<Sample>)>),
     /// Time passed: every timer due at `now` fires (see [`Core::poll_timeout`]).
     Tick,
     Request(RequestId, Request),
@@ -245,6 +264,8 @@ pub(crate) enum Effect {
     /// Close the driver's copy of a connection.
     CloseConn(ConnId),
     Emit(Event),
+    /// Read these workers' memory and CPU; answer with `Usage`.
+    Sample(Vec<(WorkerId, u32)>),
     /// The worker is gone (its `Exit` was emitted): drop its process and channel.
     Forget(WorkerId),
     Reply(RequestId, Outcome),
@@ -263,7 +284,13 @@ struct Starting {
 #[derive(Debug)]
 enum Run {
     Running,
-    Stopping { waiters: Vec<RequestId> },
+    /// A stop with a delay: serving on, not ready, until the `StopDelay` timer.
+    Leaving {
+        waiters: Vec<RequestId>,
+    },
+    Stopping {
+        waiters: Vec<RequestId>,
+    },
     Stopped,
 }
 
@@ -282,7 +309,15 @@ pub(crate) struct Core {
     /// The start's request, while first-generation forks are unanswered.
     starting: Option<Starting>,
     reload: Option<Reload>,
+    /// How the last asked-for reload ended.
+    last_reload: Option<ReloadReport>,
     run: Run,
+    /// How long a worker asked to stop may drain: the drain deadline, or a stop's grace.
+    drain_deadline: Duration,
+    /// When the core was made.
+    born: Instant,
+    /// Counts since the start.
+    totals: Totals,
     /// When the input being handled happened (the core reads no clock).
     now: Instant,
     out: Vec<Effect>,
@@ -292,6 +327,7 @@ impl Core {
     /// A core whose first input comes at or after `now`.
     pub(crate) fn new(config: Config, now: Instant) -> Self {
         Self {
+            drain_deadline: config.drain_deadline,
             config,
             next_id: 1,
             next_slot: 0,
@@ -302,7 +338,10 @@ impl Core {
             adding: HashMap::new(),
             starting: None,
             reload: None,
+            last_reload: None,
             run: Run::Running,
+            born: now,
+            totals: Totals::default(),
             now,
             out: Vec::new(),
         }
@@ -321,6 +360,9 @@ impl Core {
         match waiting.is_empty() {
             true => self.out.push(Effect::Reply(request, Outcome::Done)),
             false => self.starting = Some(Starting { request, waiting }),
+        }
+        if let Some(every) = self.config.sample_every {
+            self.start_timer(Timer::Sample, now + every);
         }
         std::mem::take(&mut self.out)
     }
@@ -353,6 +395,7 @@ impl Core {
                 result,
             } => self.on_bound(&key, socket, result, now),
             Input::Connection { key, conn } => self.on_connection(key, conn, now),
+            Input::Usage(samples) => self.on_usage(samples, now),
             Input::Tick => self.on_tick(now),
             Input::Request(request, asked) => self.on_request(request, asked, now),
         }
@@ -381,43 +424,6 @@ impl Core {
         self.timers.next_deadline()
     }
 
-    pub(crate) fn stats(&mut self) -> Stats {
-        let mut stats = Stats {
-            queued: 0,
-            failed_slots: self
-                .slots
-                .iter()
-                .filter(|(_, s)| matches!(s.occupant, Occupant::Failed { .. }))
-                .map(|(slot, _)| *slot)
-                .collect(),
-            workers: Vec::new(),
-            ready: self.ready(),
-        };
-        for handle in self.handles.values_mut() {
-            if let Some(rr) = handle.round_robin() {
-                stats.queued += rr.queued();
-            }
-        }
-        for (id, worker) in &self.workers {
-            let in_flight = self
-                .handles
-                .values_mut()
-                .filter_map(Handle::round_robin)
-                .map(|rr| rr.in_flight(*id))
-                .sum();
-            stats.workers.push(WorkerStats {
-                id: *id,
-                pid: worker.phase.pid().unwrap_or_default(),
-                slot: worker.slot,
-                state: worker.state(),
-                handed: worker.handed,
-                in_flight,
-                restarts: worker.restarts,
-            });
-        }
-        stats
-    }
-
     /// Whether every slot has a worker listening and no stop has begun. During a reload
     /// step the slot's old worker, still serving, counts for it.
     pub(crate) fn ready(&self) -> bool {
@@ -433,11 +439,22 @@ impl Core {
                 .all(|(slot, s)| serving(s.current()) || serving(self.reload_keeps_old(*slot)))
     }
 
+    /// Whether workers are kept: no stop has begun, or it is still in its delay.
     fn running(&self) -> bool {
-        matches!(self.run, Run::Running)
+        matches!(self.run, Run::Running | Run::Leaving { .. })
     }
 
+    /// Emits `event`, counting it in the totals.
     fn emit(&mut self, event: Event) {
+        match &event {
+            Event::Fork { .. } => self.totals.starts += 1,
+            Event::Exit { cause, .. } => self.totals.exits.add(*cause),
+            Event::ReloadEnded { report } if report.succeeded() => {
+                self.totals.reloads_succeeded += 1;
+            }
+            Event::ReloadEnded { .. } => self.totals.reloads_failed += 1,
+            _ => {}
+        }
         self.out.push(Effect::Emit(event));
     }
 

@@ -22,6 +22,7 @@ mod messages;
 mod processes;
 mod spawner;
 mod tasks;
+mod usage;
 
 use self::processes::Processes;
 use self::spawner::Spawner;
@@ -36,6 +37,9 @@ use crate::settings::Settings;
 
 /// How long the driver, once stopped, still forwards the last workers' output.
 const OUTPUT_LINGER: Duration = Duration::from_secs(1);
+
+/// How often the workers' memory and CPU are sampled, when something reads them.
+const SAMPLE_EVERY: Duration = Duration::from_secs(1);
 
 /// How many messages from the per-worker tasks wait for the driver; a full queue makes
 /// those tasks wait (back-pressure on the workers' channels).
@@ -134,6 +138,9 @@ impl Driver {
             handoff_timeout: settings.handoff_timeout,
             connect_timeout: settings.connect_timeout,
             wait_ready: settings.wait_ready,
+            sample_every: settings.samples_usage().then_some(SAMPLE_EVERY),
+            max_rss: settings.max_worker_rss,
+            stop_delay: settings.stop_delay,
         };
         let (internal, internal_rx) = mpsc::channel(INTERNAL_QUEUE);
         let inherited = match settings.inherit_listeners {
@@ -284,6 +291,11 @@ impl Driver {
                 self.published.events.push(event);
                 None
             }
+            Effect::Sample(pids) => Some(Input::Usage(
+                pids.into_iter()
+                    .map(|(id, pid)| (id, usage::read(pid)))
+                    .collect(),
+            )),
             Effect::Forget(id) => {
                 self.processes.remove(id);
                 None
@@ -309,7 +321,8 @@ impl Driver {
         match self.spawner.spawn(id, slot, env) {
             Ok((child, channel)) => {
                 let node = self.spawner.speaks_node();
-                let pid = self.processes.add(id, child, channel, node);
+                let build = self.spawner.build_id();
+                let pid = self.processes.add(id, child, channel, node, build);
                 Input::Forked { id, pid }
             }
             Err(error) => {
@@ -338,7 +351,13 @@ impl Driver {
                 let _ = reply.send(senders);
             }
             Command::Stats(reply) => {
-                let _ = reply.send(self.core.stats());
+                let mut stats = self.core.stats(Instant::now());
+                for worker in &mut stats.workers {
+                    worker.build = self.processes.get(worker.id).and_then(|p| p.build.clone());
+                }
+                stats.totals.dropped_events = self.published.events.dropped();
+                stats.totals.accept_pauses += self.listeners.accept_pauses();
+                let _ = reply.send(stats);
             }
             Command::Accepting(accepting, reply) => {
                 self.listeners.set_accepting(accepting);

@@ -1,4 +1,4 @@
-//! What the primary tells the application: [`Event`]s and [`Stats`], and the queue the
+//! What the primary tells the application: [`Event`]s, and the queue the
 //! events wait in, bounded by count
 //! ([`EVENT_CAPACITY`]) and by the bytes of the messages and output lines it holds
 //! ([`EVENT_BYTES`]). When either is full, a new event is dropped and logged by its kind
@@ -12,6 +12,7 @@ use tokio::sync::mpsc;
 use crate::Endpoint;
 use std::time::Duration;
 
+use super::stats::{ExitCause, ReloadReport};
 use crate::protocol::{HandleKey, WorkerId};
 
 /// Why a slot was given up.
@@ -134,6 +135,8 @@ pub enum Event {
         /// Whether it ended after being asked to stop (disconnect, stop, reload, removal),
         /// Node's `worker.exitedAfterDisconnect`.
         exited_after_disconnect: bool,
+        /// Why it ended.
+        cause: ExitCause,
     },
     /// A user-lane message from the worker.
     Message {
@@ -177,6 +180,25 @@ pub enum Event {
         /// Why.
         reason: ReloadFailure,
     },
+    /// A worker stayed above [`Settings::max_worker_rss`](crate::Settings::max_worker_rss):
+    /// it is replaced like a reload replaces it (a new worker listening first), and its
+    /// exit has the cause [`ExitCause::MemoryLimit`].
+    MemoryLimit {
+        /// The worker.
+        id: WorkerId,
+        /// Its slot.
+        slot: usize,
+        /// Its resident set size at the last sample, in bytes.
+        rss_bytes: u64,
+        /// The limit, in bytes.
+        limit: u64,
+    },
+    /// A rolling reload asked for ([`Primary::reload`](crate::Primary::reload), `SIGHUP`,
+    /// the control socket) has ended.
+    ReloadEnded {
+        /// What it replaced and what it could not.
+        report: ReloadReport,
+    },
     /// A line a [`silent`](crate::Settings::silent) worker wrote, without its newline
     /// (lines over 64 KiB arrive in pieces). Output may still arrive after the worker's
     /// `Exit`, and like every event it is dropped when nobody reads the event queue.
@@ -207,60 +229,11 @@ impl Event {
             Self::Misbehaved { .. } => "misbehaved",
             Self::SlotFailed { .. } => "slot-failed",
             Self::ReloadFailed { .. } => "reload-failed",
+            Self::MemoryLimit { .. } => "memory-limit",
+            Self::ReloadEnded { .. } => "reload-ended",
             Self::Output { .. } => "output",
         }
     }
-}
-
-/// Where a worker is in its life (Node's `worker.state`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum WorkerState {
-    /// Started, not yet online.
-    Forked,
-    /// Online, no server listening yet.
-    Online,
-    /// At least one server listening.
-    Listening,
-    /// Asked to stop (or going down), draining.
-    Disconnecting,
-    /// Its channel closed; waiting for the process to end.
-    Disconnected,
-}
-
-/// One worker's line in [`Stats`].
-#[derive(Debug, Clone)]
-#[non_exhaustive]
-pub struct WorkerStats {
-    /// The worker.
-    pub id: WorkerId,
-    /// Its process id.
-    pub pid: u32,
-    /// The slot it runs in.
-    pub slot: usize,
-    /// Its state.
-    pub state: WorkerState,
-    /// Connections handed to it by round-robin.
-    pub handed: u64,
-    /// Round-robin hand-offs it has not answered yet (at most a small window per server).
-    pub in_flight: usize,
-    /// How many replacements its slot had before it.
-    pub restarts: u32,
-}
-
-/// A snapshot of the cluster.
-#[derive(Debug, Clone, Default)]
-#[non_exhaustive]
-pub struct Stats {
-    /// Live workers by id.
-    pub workers: Vec<WorkerStats>,
-    /// Connections the primary holds for lack of a worker.
-    pub queued: usize,
-    /// Slots given up after a crash loop.
-    pub failed_slots: Vec<usize>,
-    /// Whether the cluster is ready for traffic: no stop has begun and every slot has a
-    /// worker listening (during a reload step, the old worker that still serves counts).
-    pub ready: bool,
 }
 
 /// How many events wait for a reader before later ones are dropped (and logged).
@@ -318,6 +291,11 @@ pub(crate) fn queue() -> (EventQueue, Events) {
 }
 
 impl EventQueue {
+    /// How many events were dropped so far.
+    pub(crate) fn dropped(&self) -> u64 {
+        self.dropped
+    }
+
     /// Queues `event`, or drops it (with a log line) when the queue is full.
     pub(crate) fn push(&mut self, event: Event) {
         let size = weight(&event);

@@ -11,7 +11,8 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use super::command::{Command, EXIT_GRACE, Reply};
 use super::core::{Outcome, Request};
-use super::events::{self, Event, Events, Stats};
+use super::events::{self, Event, Events};
+use super::stats::{ReloadReport, Stats};
 use super::upgrade::{self, UpgradeError};
 use super::{driver, systemd};
 use crate::error::Error;
@@ -34,9 +35,11 @@ fn failure(outcome: Outcome) -> Error {
         Outcome::UnknownWorker(id) => Error::UnknownWorker(id),
         Outcome::ForkFailed(e) => Error::Fork(e),
         Outcome::KillFailed(e) => Error::Kill(e),
-        Outcome::Done | Outcome::Added(_) | Outcome::Removed(_) | Outcome::Stopped => {
-            Error::Stopped
-        }
+        Outcome::Done
+        | Outcome::Added(_)
+        | Outcome::Removed(_)
+        | Outcome::Reloaded(_)
+        | Outcome::Stopped => Error::Stopped,
     }
 }
 
@@ -263,15 +266,28 @@ impl Primary {
 
     /// Rolling reload: each worker in turn is replaced by a new one, which must be
     /// listening on as many servers as the old one before the old one is asked to stop.
-    /// Resolves when every slot has been replaced.
-    pub async fn reload(&self) -> Result<(), Error> {
-        self.request(Request::Reload).await.map(drop)
+    /// Resolves when every slot has been dealt with: the report lists the slots replaced
+    /// and those that kept their old worker (the new one crashed or did not listen in
+    /// time), and whether a stop cut the reload short. A reload asked for during another
+    /// runs after it, so that every slot ends on the newest code.
+    pub async fn reload(&self) -> Result<ReloadReport, Error> {
+        match self.request(Request::Reload).await? {
+            Outcome::Reloaded(report) => Ok(report),
+            other => Err(failure(other)),
+        }
     }
 
     /// Stops every worker gracefully (each drains until the deadline, then is killed),
-    /// closes the listening sockets, and resolves when all have exited.
+    /// closes the listening sockets, and resolves when all have exited. With a
+    /// [`stop_delay`](crate::Settings::stop_delay), the drain begins after the delay.
     pub async fn stop(&self) -> Result<(), Error> {
-        match self.request(Request::Stop).await {
+        self.stop_within(None).await
+    }
+
+    /// [`stop`](Primary::stop), the workers given `grace` to drain instead of the drain
+    /// deadline (`None`: the deadline).
+    pub async fn stop_within(&self, grace: Option<Duration>) -> Result<(), Error> {
+        match self.request(Request::Stop { grace }).await {
             Ok(_) | Err(Error::Stopped) => Ok(()),
             Err(e) => Err(e),
         }

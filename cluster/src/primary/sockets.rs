@@ -83,6 +83,8 @@ pub(crate) struct Listeners {
     lent: HashMap<(HandleKey, Option<usize>), usize>,
     /// Whether round-robin sockets are accepted on (paused for an upgrade's hand-over).
     accepting: bool,
+    /// Accept errors so far, each a pause of its socket (for the stats).
+    accept_pauses: u64,
 }
 
 /// How a bind is served by an inherited socket.
@@ -118,6 +120,7 @@ impl Listeners {
             inherited,
             lent: HashMap::new(),
             accepting: true,
+            accept_pauses: 0,
         }
     }
 
@@ -321,6 +324,11 @@ impl Listeners {
             || (self.accepting && self.handles.values().any(|s| s.accepting.is_some()))
     }
 
+    /// How many times accepting paused after an error (`EMFILE`, `ENFILE`, ...).
+    pub(crate) fn accept_pauses(&self) -> u64 {
+        self.accept_pauses
+    }
+
     /// The next connection accepted on a round-robin handle. Each readiness of a socket
     /// drains up to [`ACCEPT_BATCH`] connections from its backlog. An accept error (out of
     /// descriptors, say) pauses that socket for [`ACCEPT_BACKOFF`] (its 1st, 2nd, 4th...
@@ -343,7 +351,9 @@ impl Listeners {
                 }
                 accepting.paused = None;
             }
+            let before = accepting.errors;
             accept_ready(key, accepting, &mut self.ready, cx);
+            self.accept_pauses += accepting.errors - before;
         }
         match self.ready.pop_front() {
             Some(next) => Poll::Ready(next),

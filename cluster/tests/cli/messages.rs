@@ -51,6 +51,7 @@ async fn a_node_worker_talks_json_both_ways() {
                 id: exited,
                 exited_after_disconnect,
                 status,
+                ..
             }) if exited == id => {
                 assert!(exited_after_disconnect, "{status}");
                 assert_eq!(status.code(), Some(0), "{status}");

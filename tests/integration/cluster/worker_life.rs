@@ -100,8 +100,10 @@ async fn a_worker_that_disconnects_itself_is_replaced_at_once_and_is_no_crash() 
                     id,
                     exited_after_disconnect,
                     status,
+                    cause,
                 } => {
                     assert_eq!(id, current);
+                    assert_eq!(cause, cluster::ExitCause::Disconnect);
                     exit = Some((status.code(), exited_after_disconnect));
                 }
                 Event::SlotFailed { .. } => panic!("a self-disconnect counted as a crash"),

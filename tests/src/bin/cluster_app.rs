@@ -65,6 +65,7 @@ async fn primary() -> anyhow::Result<()> {
                     id,
                     status,
                     exited_after_disconnect,
+                    ..
                 } => format!("exit {id} {status} {exited_after_disconnect}"),
                 _ => continue,
             };

@@ -13,7 +13,7 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 
-use cluster::{Event, OutputStream, SlotFailure, WorkerId};
+use cluster::{Event, ExitCause, OutputStream, SlotFailure, WorkerId};
 
 use super::output::{Kind, Sink};
 
@@ -165,16 +165,41 @@ impl Watch {
                 ));
             }
             Event::Exit {
-                id,
-                status,
-                exited_after_disconnect,
+                id, status, cause, ..
             } => self.say(&format!(
                 "cluster: worker {id} exited ({status}{})",
-                match exited_after_disconnect {
-                    true => ", asked to stop",
-                    false => "",
+                match cause {
+                    ExitCause::Asked => ", asked to stop".to_owned(),
+                    ExitCause::MemoryLimit => ", replaced: memory limit".to_owned(),
+                    ExitCause::Disconnect => ", disconnected itself".to_owned(),
+                    _ => String::new(),
                 }
             )),
+            Event::MemoryLimit {
+                id,
+                slot,
+                rss_bytes,
+                limit,
+            } => self.say(&format!(
+                "cluster: worker {id} (slot {slot}) uses {} MiB, above the limit of {} MiB: \
+                 replacing it",
+                rss_bytes >> 20,
+                limit >> 20
+            )),
+            Event::ReloadEnded { report } => {
+                let failed = report.failed.len();
+                self.say(&format!(
+                    "cluster: reload {} in {:.1}s: {} replaced, {failed} kept their old worker{}",
+                    if report.succeeded() { "done" } else { "failed" },
+                    report.took.as_secs_f64(),
+                    report.replaced.len(),
+                    if report.interrupted {
+                        " (cut short by a stop)"
+                    } else {
+                        ""
+                    }
+                ));
+            }
             Event::GoingDown { id, reason } => {
                 self.say(&format!("cluster: worker {id} going down: {reason}"))
             }
@@ -226,6 +251,7 @@ impl Watch {
                 id,
                 status,
                 exited_after_disconnect: false,
+                ..
             } => {
                 let start = self.first.get_mut(id)?;
                 if start.listened || start.misbehaved {

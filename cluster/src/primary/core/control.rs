@@ -55,6 +55,14 @@ impl Core {
             Timer::HandleIdle(key) => self.handle_idle(&key),
             Timer::Handoff(id) => self.handoff_timed_out(id),
             Timer::Connect(id) => self.connect_timed_out(id),
+            Timer::Sample => self.sample(now),
+            Timer::StopDelay => {
+                if let Run::Leaving { waiters } = &mut self.run {
+                    let waiters = std::mem::take(waiters);
+                    self.run = Run::Stopping { waiters };
+                    self.begin_stop(now);
+                }
+            }
             Timer::Hold(key) => {
                 if let Some(rr) = self.handles.get_mut(&key).and_then(Handle::round_robin) {
                     let expired = rr.expire(now);
@@ -128,16 +136,30 @@ impl Core {
                 self.advance_reload(now);
             }
             Request::Reload => self.start_reload(request, now),
-            Request::Stop => match &mut self.run {
-                Run::Stopped => reply(self, Outcome::Done),
-                Run::Stopping { waiters } => waiters.push(request),
-                Run::Running => {
-                    self.run = Run::Stopping {
-                        waiters: vec![request],
-                    };
-                    self.begin_stop(now);
+            Request::Stop { grace } => {
+                if let Some(grace) = grace {
+                    self.drain_deadline = grace;
                 }
-            },
+                match &mut self.run {
+                    Run::Stopped => reply(self, Outcome::Done),
+                    Run::Stopping { waiters } | Run::Leaving { waiters } => waiters.push(request),
+                    Run::Running if !self.config.stop_delay.is_zero() => {
+                        // Not ready at once (a balancer's health check sees it), serving
+                        // on until the delay has passed.
+                        tracing::info!(delay = ?self.config.stop_delay, "stopping after the stop delay");
+                        self.run = Run::Leaving {
+                            waiters: vec![request],
+                        };
+                        self.start_timer(Timer::StopDelay, now + self.config.stop_delay);
+                    }
+                    Run::Running => {
+                        self.run = Run::Stopping {
+                            waiters: vec![request],
+                        };
+                        self.begin_stop(now);
+                    }
+                }
+            }
         }
     }
 
@@ -151,11 +173,7 @@ impl Core {
     }
 
     pub(super) fn begin_stop(&mut self, now: Instant) {
-        if let Some(reload) = self.reload.take() {
-            for waiter in reload.waiters {
-                self.out.push(Effect::Reply(waiter, Outcome::Done));
-            }
-        }
+        self.end_reload_for_stop(now);
         let respawning: Vec<usize> = self.slots.keys().copied().collect();
         for slot in respawning {
             self.cancel_timer(Timer::Respawn(slot));

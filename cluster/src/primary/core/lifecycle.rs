@@ -20,6 +20,7 @@ use std::time::Instant;
 
 use crate::WorkerState;
 use crate::primary::restart::RestartTracker;
+use crate::primary::stats::{ExitCause, LastExit, Usage};
 use crate::protocol::{HandleKey, WorkerId};
 
 /// Why a worker is stopping.
@@ -35,12 +36,33 @@ pub(crate) enum StopCause {
     Panicked,
     /// The worker broke the protocol and was killed.
     Misbehaved,
+    /// The primary replaced it for staying above the memory limit (asked, like a reload).
+    MemoryLimit,
 }
 
 impl StopCause {
     /// Node's `exitedAfterDisconnect`.
     pub(crate) fn exited_after_disconnect(self) -> bool {
-        matches!(self, Self::Asked | Self::WorkerDisconnected)
+        matches!(
+            self,
+            Self::Asked | Self::WorkerDisconnected | Self::MemoryLimit
+        )
+    }
+
+    /// Why a worker that was stopping for `cause` (if it was) and ended with `status`
+    /// ended, as events, status and metrics say it.
+    pub(crate) fn exit_cause(cause: Option<StopCause>, status: child::ExitStatus) -> ExitCause {
+        match cause {
+            Some(Self::MemoryLimit) => ExitCause::MemoryLimit,
+            Some(Self::Asked) => ExitCause::Asked,
+            Some(Self::WorkerDisconnected) => ExitCause::Disconnect,
+            Some(Self::Panicked | Self::Misbehaved) => ExitCause::Crash,
+            None => match status {
+                child::ExitStatus::Signaled { .. } => ExitCause::Signal,
+                child::ExitStatus::Exited(0) => ExitCause::Disconnect,
+                _ => ExitCause::Crash,
+            },
+        }
     }
 
     /// The cause that stands when `self` holds and `other` happens too: an intentional
@@ -162,6 +184,11 @@ pub(crate) struct WorkerEntry {
     /// Whether it counts as ready once listening: set at the start unless the cluster
     /// waits for the worker to say so ([`crate::Settings::wait_ready`]).
     pub(crate) ready: bool,
+    /// Its last memory and CPU sample, and when it was taken.
+    pub(crate) usage: Option<Usage>,
+    pub(crate) sampled: Option<Instant>,
+    /// How many samples in a row it has been above the memory limit.
+    pub(crate) over_limit: u32,
 }
 
 impl WorkerEntry {
@@ -209,6 +236,8 @@ pub(crate) struct Slot {
     pub(crate) tracker: RestartTracker,
     /// Node's `cluster.fork(env)`: extra environment for this slot's workers.
     pub(crate) env: Vec<(std::ffi::OsString, std::ffi::OsString)>,
+    /// How its last worker ended.
+    pub(crate) last_exit: Option<LastExit>,
 }
 
 impl Slot {

@@ -288,6 +288,7 @@ impl Core {
             if let Some(worker) = self.workers.get_mut(&id) {
                 worker.handed += 1;
             }
+            self.totals.handed += 1;
             // Its deadline to answer starts with its first hand-off in flight (the field,
             // not `start_timer`: the scheduler is borrowed).
             let timer = Timer::Handoff(id);
@@ -343,6 +344,7 @@ impl Core {
             if full != handle.paused {
                 handle.paused = full;
                 if full {
+                    self.totals.accept_pauses += 1;
                     tracing::warn!(%key, queued, "no worker takes connections: accepting paused");
                 }
                 let key = key.clone();

@@ -27,6 +27,10 @@ pub(crate) enum Timer {
     Handoff(WorkerId),
     /// A forked worker has not reported online within the connect timeout.
     Connect(WorkerId),
+    /// Sample the workers' memory and CPU.
+    Sample,
+    /// The stop's delay has passed: ask the workers to drain.
+    StopDelay,
 }
 
 /// The armed timers: each with its deadline and when it was armed (a sequence number,

@@ -26,6 +26,7 @@ impl Core {
                 occupant: Occupant::Respawning,
                 tracker,
                 env,
+                last_exit: None,
             },
         );
         slot
@@ -53,6 +54,9 @@ impl Core {
                 restarts,
                 listen_failed: None,
                 ready: !self.config.wait_ready,
+                usage: None,
+                sampled: None,
+                over_limit: 0,
             },
         );
         self.out.push(Effect::Fork { id, slot, env });
@@ -74,6 +78,12 @@ impl Core {
         self.emit(Event::Fork { id, pid });
         let at = self.now + self.config.connect_timeout;
         self.start_timer(Timer::Connect(id), at);
+        if matches!(self.run, Run::Stopping { .. }) {
+            // Forked by the batch in which the stop began (a respawn due together with
+            // the end of the stop delay): it was still starting when the others were
+            // asked to drain.
+            self.begin_drain(id, StopCause::Asked, self.now);
+        }
         if let Some(request) = self.adding.remove(&id) {
             self.out.push(Effect::Reply(request, Outcome::Added(id)));
         }
@@ -88,6 +98,12 @@ impl Core {
     }
 
     pub(super) fn on_fork_failed(&mut self, id: WorkerId, error: child::Error, now: Instant) {
+        self.fork_failed(id, error, now);
+        // A fork that failed in the batch that began a stop may have been the last worker.
+        self.check_stopped();
+    }
+
+    fn fork_failed(&mut self, id: WorkerId, error: child::Error, now: Instant) {
         let Some(worker) = self.workers.remove(&id) else {
             return;
         };
@@ -176,12 +192,7 @@ impl Core {
                         s.occupant = Occupant::Worker(old);
                         s.tracker = RestartTracker::new(self.config.restart.clone());
                     }
-                    self.emit(Event::ReloadFailed {
-                        slot,
-                        id,
-                        kept: old,
-                        reason: ReloadFailure::CrashLoop,
-                    });
+                    self.reload_failed(slot, id, old, ReloadFailure::CrashLoop);
                 }
                 None => self.give_up(slot, id, SlotFailure::CrashLoop),
             },
@@ -365,7 +376,7 @@ impl Core {
         if terminate {
             self.terminate(id);
         }
-        self.start_timer(Timer::DrainDeadline(id), now + self.config.drain_deadline);
+        self.start_timer(Timer::DrainDeadline(id), now + self.drain_deadline);
         for handle in self.handles.values_mut() {
             handle.retire_worker(id);
         }

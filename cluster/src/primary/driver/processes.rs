@@ -23,6 +23,8 @@ pub(super) struct WorkerProcess {
     pub(super) control: mpsc::Sender<(Outgoing, Fds)>,
     pub(super) user: UserSender,
     pub(super) protocol: Protocol,
+    /// Which build of the program it runs (see `Spawner::build_id`).
+    pub(super) build: Option<String>,
 }
 
 /// The protocol a worker speaks.
@@ -80,6 +82,7 @@ impl Processes {
         mut child: child::Child,
         channel: ipc::Channel,
         node: bool,
+        build: Option<String>,
     ) -> u32 {
         let (sender, receiver) = channel.into_split();
         let streams = [
@@ -105,6 +108,7 @@ impl Processes {
                 true => Protocol::Node(NodeWorker::new()),
                 false => Protocol::Cluster,
             },
+            build,
         };
         self.by_id.insert(id, process);
         pid

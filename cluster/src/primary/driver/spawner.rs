@@ -57,6 +57,20 @@ impl Spawner {
         }
     }
 
+    /// Which build of the program a worker started now runs: a short hex id of the
+    /// program file's inode, size and modification time (`None` when it cannot be read,
+    /// a program found on `PATH`, say).
+    pub(super) fn build_id(&self) -> Option<String> {
+        use std::hash::{Hash, Hasher};
+        use std::os::unix::fs::MetadataExt;
+        let meta = std::fs::metadata(&self.program).ok()?;
+        // `DefaultHasher::new` has fixed keys: the same file gives the same id in every
+        // process of one build of this crate.
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        (meta.ino(), meta.size(), meta.mtime(), meta.mtime_nsec()).hash(&mut hasher);
+        Some(format!("{:08x}", hasher.finish() as u32))
+    }
+
     /// Whether the workers speak Node's protocol.
     pub(super) fn speaks_node(&self) -> bool {
         self.node.is_some()

@@ -46,7 +46,7 @@ fn an_unexpected_exit_with_code_zero_counts_toward_the_crash_loop_limit() {
     assert_eq!(sim.slot_failed.get(&0), Some(&1));
     assert_eq!(sim.procs.len(), 5, "the first worker and four replacements");
     assert!(sim.exits.values().all(|(_, after)| !after));
-    let stats = sim.core.stats();
+    let stats = sim.core.stats(sim.now);
     assert_eq!(stats.failed_slots, [0]);
     assert!(!stats.ready);
     sim.stop_and_check();
@@ -100,12 +100,12 @@ fn kill_disconnects_first_sets_exited_after_disconnect_and_is_not_replaced() {
 #[test]
 fn a_worker_told_to_stop_before_it_came_online_is_stopped_not_flagged() {
     let commands = [
-        vec![Request::Stop],
-        vec![Request::Reload, Request::Stop],
+        vec![Request::Stop { grace: None }],
+        vec![Request::Reload, Request::Stop { grace: None }],
         vec![
             Request::AddWorker { env: Vec::new() },
             Request::RemoveWorker,
-            Request::Stop,
+            Request::Stop { grace: None },
         ],
     ];
     for commands in commands {
@@ -143,7 +143,7 @@ fn a_worker_that_never_connects_is_reported_and_terminated_at_the_stop() {
         Phase::Forked { overdue: true, .. }
     ));
     assert_eq!(sim.events[&id(1)], ["fork", "other"], "reported once");
-    sim.request(Request::Stop);
+    sim.request(Request::Stop { grace: None });
     assert_eq!(sim.exits[&id(1)].0, signaled(Signal::SIGTERM));
     assert!(
         sim.finished,
@@ -194,8 +194,43 @@ fn under_wait_ready_a_worker_counts_once_it_says_it_is_ready() {
     sim.listen(id(1));
     while sim.deliver(id(1), true) {}
     assert_eq!(sim.listening_current(), 1);
-    assert!(!sim.core.stats().ready, "listening is not enough");
+    assert!(!sim.core.stats(sim.now).ready, "listening is not enough");
     sim.ready(id(1));
-    assert!(sim.core.stats().ready);
+    assert!(sim.core.stats(sim.now).ready);
     sim.stop_and_check();
+}
+
+#[test]
+fn a_stop_with_a_delay_turns_unready_at_once_and_drains_only_after_the_delay() {
+    let delay = std::time::Duration::from_secs(2);
+    let config = Config {
+        stop_delay: delay,
+        ..config(2, Policy::RoundRobin)
+    };
+    let mut sim = Sim::new(config);
+    sim.settle(100);
+    assert!(sim.core.stats(sim.now).ready);
+    let stop = sim.request(Request::Stop { grace: None });
+    let stats = sim.core.stats(sim.now);
+    assert!(
+        !stats.ready && stats.stopping,
+        "not ready as soon as the stop is asked"
+    );
+    let told = |sim: &Sim| {
+        sim.procs
+            .values()
+            .any(|p| p.asked || p.inbox.iter().any(|(m, _)| *m == ToWorker::Disconnect))
+    };
+    assert!(!told(&sim), "workers serve on during the delay");
+    let before = sim.now;
+    while !told(&sim) {
+        assert!(sim.fire_timer(), "the stop delay fires");
+    }
+    assert!(
+        sim.now >= before + delay,
+        "drained no sooner than the delay"
+    );
+    assert!(!sim.replies.contains_key(&stop));
+    sim.settle(1000);
+    assert!(matches!(sim.replies.get(&stop), Some(Outcome::Done)));
 }

@@ -13,6 +13,9 @@ use crate::primary::core::{Config, Input, Outcome, Request};
 use crate::protocol::{ToPrimary, WorkerId};
 use crate::settings::Policy;
 
+/// The memory limit of the model's workers, when it has one.
+const MEMORY_LIMIT: u64 = 64 << 20;
+
 /// One step of the world.
 #[derive(Debug, Clone)]
 enum Op {
@@ -40,6 +43,8 @@ enum Op {
     Advance(u64),
     FailNextFork,
     FailNextCopy,
+    /// The worker's memory grows past the limit (`true`) or falls back under it.
+    Memory(u8, bool),
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -69,6 +74,7 @@ fn op() -> impl Strategy<Value = Op> {
         2 => (0u64..3000).prop_map(Op::Advance),
         1 => Just(Op::FailNextFork),
         1 => Just(Op::FailNextCopy),
+        2 => (w(), any::<bool>()).prop_map(|(w, high)| Op::Memory(w, high)),
     ]
 }
 
@@ -158,11 +164,19 @@ fn play(sim: &mut Sim, op: Op) {
             }
         }
         Op::Reload => drop(sim.request(Request::Reload)),
-        Op::Stop => drop(sim.request(Request::Stop)),
+        Op::Stop => drop(sim.request(Request::Stop { grace: None })),
         Op::FireTimer => drop(sim.fire_timer()),
         Op::Advance(ms) => sim.now += Duration::from_millis(ms),
         Op::FailNextFork => sim.fail_next_fork = true,
         Op::FailNextCopy => sim.fail_next_copy = Some(libc::EMFILE),
+        Op::Memory(w, high) => {
+            if let Some(id) = pick(sim, w) {
+                sim.procs.get_mut(&id).expect("picked").rss = match high {
+                    true => 2 * MEMORY_LIMIT,
+                    false => MEMORY_LIMIT / 2,
+                };
+            }
+        }
     }
 }
 
@@ -171,15 +185,24 @@ proptest! {
 
     /// Whatever happens, in any order: events in Node's order, one exit per fork, no
     /// connection served twice or lost, no timer armed in the past, a slot given up at most once,
-    /// and a stop that ends with nothing left.
+    /// and a stop that ends with nothing left; with or without a memory limit (sampled
+    /// each second) and a stop delay.
     #[test]
     fn any_interleaving_keeps_the_invariants(
         workers in 1usize..4,
         policy in policy(),
         wait_ready in any::<bool>(),
+        memory_limit in any::<bool>(),
+        stop_delay in prop_oneof![Just(0u64), Just(2000)],
         ops in proptest::collection::vec(op(), 1..150),
     ) {
-        let config = Config { wait_ready, ..config(workers, policy) };
+        let config = Config {
+            wait_ready,
+            sample_every: memory_limit.then_some(Duration::from_secs(1)),
+            max_rss: memory_limit.then_some(MEMORY_LIMIT),
+            stop_delay: Duration::from_millis(stop_delay),
+            ..config(workers, policy)
+        };
         let mut sim = Sim::new(config);
         for op in ops {
             play(&mut sim, op);
@@ -200,7 +223,7 @@ proptest! {
         let mut sim = serving_with(workers, policy, wait_ready);
         let before: Vec<WorkerId> = sim.core.workers.keys().copied().collect();
         let reload = sim.request(Request::Reload);
-        prop_assert!(sim.core.stats().ready);
+        prop_assert!(sim.core.stats(sim.now).ready);
         for (w, connect) in steps {
             if connect {
                 sim.connect(0);
@@ -223,10 +246,13 @@ proptest! {
                 sim.deliver(id, true);
             }
             prop_assert!(sim.listening_current() + 1 >= workers, "too few listening");
-            prop_assert!(sim.core.stats().ready, "a reload never makes the cluster unready");
+            prop_assert!(sim.core.stats(sim.now).ready, "a reload never makes the cluster unready");
         }
         sim.settle(10_000);
-        prop_assert!(matches!(sim.replies.get(&reload), Some(Outcome::Done)), "{:?}", sim.replies.get(&reload));
+        prop_assert!(
+            matches!(sim.replies.get(&reload), Some(Outcome::Reloaded(r)) if r.succeeded() && r.replaced.len() == workers),
+            "{:?}", sim.replies.get(&reload)
+        );
         for old in &before {
             prop_assert!(sim.exits.contains_key(old), "{} survived the reload", old);
         }

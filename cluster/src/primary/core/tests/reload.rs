@@ -2,17 +2,25 @@
 //! crash-loops, never listens or cannot start.
 
 use super::*;
+use crate::ReloadFailure;
+use crate::primary::stats::ReloadReport;
+
+/// The report a reload request was answered with.
+fn reload_report(sim: &Sim, request: RequestId) -> ReloadReport {
+    match sim.replies.get(&request) {
+        Some(Outcome::Reloaded(report)) => report.clone(),
+        other => panic!("the reload was answered {other:?}"),
+    }
+}
 
 #[test]
 fn a_reload_replaces_every_worker_and_keeps_the_old_one_when_the_new_code_crash_loops() {
     let mut sim = serving(2, Policy::ReusePort);
     let reload = sim.request(Request::Reload);
     sim.settle(1000);
-    assert!(
-        matches!(sim.replies.get(&reload), Some(Outcome::Done)),
-        "{:?}",
-        sim.replies.get(&reload)
-    );
+    let report = reload_report(&sim, reload);
+    assert!(report.succeeded(), "{report:?}");
+    assert_eq!(report.replaced, [0, 1]);
     assert!(sim.exits.contains_key(&id(1)) && sim.exits.contains_key(&id(2)));
     assert_eq!(sim.listening_current(), 2);
 
@@ -31,11 +39,14 @@ fn a_reload_replaces_every_worker_and_keeps_the_old_one_when_the_new_code_crash_
             }
         }
     }
-    assert!(
-        matches!(sim.replies.get(&reload), Some(Outcome::Done)),
-        "{:?}",
-        sim.replies.get(&reload)
+    let report = reload_report(&sim, reload);
+    let failed: Vec<(usize, ReloadFailure)> =
+        report.failed.iter().map(|f| (f.slot, f.reason)).collect();
+    assert_eq!(
+        failed,
+        [(0, ReloadFailure::CrashLoop), (1, ReloadFailure::CrashLoop)]
     );
+    assert!(report.replaced.is_empty() && !report.succeeded());
     for old in &before {
         assert!(sim.procs[old].alive, "{old} kept serving");
     }
@@ -61,11 +72,14 @@ fn a_reload_step_that_cannot_progress_times_out_and_keeps_the_old_worker() {
     );
     // The reload goes on with slot 1 and ends.
     sim.settle(1000);
-    assert!(
-        matches!(sim.replies.get(&reload), Some(Outcome::Done)),
-        "{:?}",
-        sim.replies.get(&reload)
-    );
+    let report = reload_report(&sim, reload);
+    assert_eq!(report.replaced, [1], "{report:?}");
+    assert_eq!(report.failed.len(), 1);
+    assert_eq!((report.failed[0].slot, report.failed[0].kept), (0, id(1)));
+    assert!(matches!(
+        report.failed[0].reason,
+        ReloadFailure::NotListening { .. }
+    ));
     assert!(sim.procs[&id(1)].alive, "slot 0 kept its old worker");
     assert!(!sim.procs[&id(2)].alive, "slot 1 was replaced");
     sim.stop_and_check();
@@ -85,20 +99,19 @@ fn a_reload_whose_new_workers_cannot_even_start_keeps_every_old_worker() {
         assert!(sim.fire_timer(), "a respawn or the reload timer");
     }
     sim.fail_next_fork = false;
-    assert!(
-        matches!(sim.replies.get(&reload), Some(Outcome::Done)),
-        "{:?}",
-        sim.replies.get(&reload)
-    );
+    let report = reload_report(&sim, reload);
+    let slots: Vec<usize> = report.failed.iter().map(|f| f.slot).collect();
+    assert_eq!(slots, [0, 1], "{report:?}");
+    assert!(report.replaced.is_empty());
     assert_eq!(sim.reload_failed, [0, 1], "each slot's failure is reported");
     sim.settle(1000);
     assert!(
         sim.procs[&id(1)].alive && sim.procs[&id(2)].alive,
         "the old workers serve on"
     );
-    assert!(sim.core.stats().ready);
+    assert!(sim.core.stats(sim.now).ready);
     assert!(
-        sim.core.stats().failed_slots.is_empty(),
+        sim.core.stats(sim.now).failed_slots.is_empty(),
         "no slot is given up"
     );
     sim.stop_and_check();
@@ -111,16 +124,8 @@ fn a_reload_asked_during_a_reload_runs_a_new_pass_over_every_slot() {
     sim.settle(1); // slot 0 replaced (worker 3), slot 1 in progress
     let second = sim.request(Request::Reload);
     sim.settle(1000);
-    assert!(
-        matches!(sim.replies.get(&first), Some(Outcome::Done)),
-        "{:?}",
-        sim.replies.get(&first)
-    );
-    assert!(
-        matches!(sim.replies.get(&second), Some(Outcome::Done)),
-        "{:?}",
-        sim.replies.get(&second)
-    );
+    assert!(reload_report(&sim, first).succeeded());
+    assert!(reload_report(&sim, second).succeeded());
     let alive: Vec<u64> = sim
         .procs
         .iter()
@@ -131,6 +136,66 @@ fn a_reload_asked_during_a_reload_runs_a_new_pass_over_every_slot() {
     assert!(
         alive.iter().all(|n| *n > 4),
         "both slots reloaded twice: {alive:?}"
+    );
+    sim.stop_and_check();
+}
+
+/// Whether `id` has been told to stop (read or not).
+fn told_to_stop(sim: &Sim, id: WorkerId) -> bool {
+    let p = &sim.procs[&id];
+    p.asked || p.inbox.iter().any(|(m, _)| *m == ToWorker::Disconnect)
+}
+
+#[test]
+fn a_worker_above_the_memory_limit_is_replaced_once_its_successor_listens() {
+    let limit = 100 << 20;
+    let config = Config {
+        sample_every: Some(std::time::Duration::from_secs(1)),
+        max_rss: Some(limit),
+        ..config(2, Policy::RoundRobin)
+    };
+    let mut sim = Sim::new(config);
+    sim.settle(100);
+    assert_eq!(sim.listening_current(), 2);
+    sim.procs.get_mut(&id(1)).expect("worker 1").rss = limit + 1;
+    // One sample above the limit is a peak; the second in a row replaces it.
+    for _ in 0..super::super::usage::OVER_LIMIT_SAMPLES * 2 {
+        if sim.memory_limited.contains(&id(1)) {
+            break;
+        }
+        assert!(sim.fire_timer(), "the sample timer is armed");
+    }
+    assert!(
+        sim.memory_limited.contains(&id(1)),
+        "worker 1 was found above the limit"
+    );
+    assert!(!sim.memory_limited.contains(&id(2)));
+    let new = *sim.procs.keys().last().expect("a successor");
+    assert_eq!(new, id(3));
+    assert!(
+        !told_to_stop(&sim, id(1)),
+        "the old worker serves until its successor listens"
+    );
+    assert!(sim.core.stats(sim.now).ready);
+    // Settled: the successor listens, then the old worker is asked and exits.
+    sim.settle(100);
+    assert!(sim.exits.contains_key(&id(1)));
+    assert_eq!(sim.causes.get(&id(1)), Some(&crate::ExitCause::MemoryLimit));
+    let stats = sim.core.stats(sim.now);
+    assert_eq!(stats.totals.exits.memory_limit, 1);
+    let slot = stats.slots.iter().find(|s| s.slot == 0).expect("slot 0");
+    assert_eq!(
+        slot.last_exit.map(|e| e.cause),
+        Some(crate::ExitCause::MemoryLimit)
+    );
+    assert_eq!(slot.worker, Some(id(3)));
+    assert!(
+        stats.last_reload.is_none(),
+        "a memory replacement is no reload"
+    );
+    assert!(
+        !told_to_stop(&sim, id(2)),
+        "one slot at a time, only the one above"
     );
     sim.stop_and_check();
 }

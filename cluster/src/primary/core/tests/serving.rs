@@ -79,7 +79,7 @@ fn a_full_round_robin_queue_pauses_accepting_until_a_worker_takes_them() {
     assert!(sim.paused.contains(&sim::key(0)), "paused at the bound");
     sim.settle(100); // the respawn comes, listens and takes them
     assert!(sim.paused.is_empty(), "accepting again");
-    assert_eq!(sim.core.stats().queued, 0);
+    assert_eq!(sim.core.stats(sim.now).queued, 0);
     sim.stop_and_check();
 }
 
@@ -91,7 +91,7 @@ fn held_connections_expire_and_a_stop_closes_the_rest() {
     assert!(!sim.core.timers.contains(&Timer::Respawn(0)));
     sim.connect(0);
     sim.connect(0);
-    assert_eq!(sim.core.stats().queued, 2);
+    assert_eq!(sim.core.stats(sim.now).queued, 2);
     sim.stop_and_check();
 }
 

@@ -35,6 +35,8 @@ pub(super) struct Proc {
     /// Whether it broke the protocol on purpose (garbage, lies, speaking before it was
     /// online): only such a worker, or a hung one, may be flagged as misbehaving.
     pub(super) hostile: bool,
+    /// Its resident set size, as a `Sample` reads it.
+    pub(super) rss: u64,
 }
 
 /// What a connection went through.
@@ -67,6 +69,10 @@ pub(super) struct Sim {
     pub(super) exits: BTreeMap<WorkerId, (ExitStatus, bool)>,
     pub(super) misbehaved: Vec<WorkerId>,
     pub(super) reload_failed: Vec<usize>,
+    /// Workers the core said were above the memory limit.
+    pub(super) memory_limited: HashSet<WorkerId>,
+    /// Exit causes, by worker.
+    pub(super) causes: BTreeMap<WorkerId, crate::ExitCause>,
     /// Round-robin handles the core told the driver to stop accepting on.
     pub(super) paused: HashSet<HandleKey>,
     pub(super) fail_next_fork: bool,
@@ -97,6 +103,9 @@ pub(super) fn config(workers: usize, policy: Policy) -> Config {
         handoff_timeout: Duration::from_secs(15),
         connect_timeout: Duration::from_secs(4),
         wait_ready: false,
+        sample_every: None,
+        max_rss: None,
+        stop_delay: Duration::ZERO,
     }
 }
 
@@ -123,6 +132,8 @@ impl Sim {
             exits: BTreeMap::new(),
             misbehaved: Vec::new(),
             reload_failed: Vec::new(),
+            memory_limited: HashSet::new(),
+            causes: BTreeMap::new(),
             paused: HashSet::new(),
             fail_next_fork: false,
             fork_failure_transient: false,
@@ -405,7 +416,7 @@ impl Sim {
     /// How many slots' current workers are listening and not stopping.
     pub(super) fn listening_current(&mut self) -> usize {
         self.core
-            .stats()
+            .stats(self.now)
             .workers
             .iter()
             .filter(|w| w.state == crate::WorkerState::Listening)

@@ -5,6 +5,7 @@ use std::time::Instant;
 
 use super::super::lifecycle::{Phase, StopCause};
 use super::super::{Core, Effect, Event, SlotFailure, Timer};
+use crate::primary::stats::LastExit;
 use crate::protocol::WorkerId;
 
 impl Core {
@@ -40,7 +41,7 @@ impl Core {
         // A process that closed its channel but lives on is ended at the deadline.
         let timer = Timer::DrainDeadline(id);
         if !self.timers.contains(&timer) {
-            self.start_timer(timer, now + self.config.drain_deadline);
+            self.start_timer(timer, now + self.drain_deadline);
         }
     }
 
@@ -97,11 +98,20 @@ impl Core {
         }
         tracing::debug!(%id, %status, "worker exited");
         let exited_after_disconnect = cause.is_some_and(StopCause::exited_after_disconnect);
+        let exit_cause = StopCause::exit_cause(cause, status);
         self.emit(Event::Exit {
             id,
             status,
             exited_after_disconnect,
+            cause: exit_cause,
         });
+        if let Some(s) = self.slots.get_mut(&worker.slot) {
+            s.last_exit = Some(LastExit {
+                id,
+                status,
+                cause: exit_cause,
+            });
+        }
         self.out.push(Effect::Forget(id));
         let slot = worker.slot;
         if self.running() && self.slot_current(slot) == Some(id) {

@@ -18,10 +18,41 @@ impl Sim {
                 id,
                 status,
                 exited_after_disconnect,
+                cause,
             } => {
                 self.exits.insert(*id, (*status, *exited_after_disconnect));
+                self.causes.insert(*id, *cause);
+                assert!(
+                    *cause != crate::ExitCause::MemoryLimit || self.memory_limited.contains(id),
+                    "{id} exited for its memory without being said to be above the limit"
+                );
+                use crate::ExitCause::{Asked, Disconnect, MemoryLimit};
+                let asked = matches!(cause, Asked | MemoryLimit);
+                assert!(
+                    !asked || *exited_after_disconnect,
+                    "{id}: asked to stop ({cause}) but not exitedAfterDisconnect"
+                );
+                assert!(
+                    !*exited_after_disconnect || asked || *cause == Disconnect,
+                    "{id}: exitedAfterDisconnect but the cause is {cause}"
+                );
                 (*id, "exit")
             }
+            Event::MemoryLimit { id, .. } => {
+                // Said again only after a replacement that failed (the old worker kept).
+                let again = !self.memory_limited.insert(*id);
+                assert!(
+                    !again || !self.reload_failed.is_empty(),
+                    "{id} said to be above the memory limit twice"
+                );
+                let worker = self.core.workers.get(id);
+                assert!(
+                    worker.is_some_and(|w| w.serves(0)),
+                    "{id} is replaced for its memory but does not serve"
+                );
+                (*id, "other")
+            }
+            Event::ReloadEnded { .. } => return,
             Event::Misbehaved { id, reason } => {
                 let hostile = self.procs.get(id).is_some_and(|p| p.hostile);
                 assert!(
@@ -108,7 +139,7 @@ impl Sim {
 
     /// Stops the primary and checks that it ends clean.
     pub(crate) fn stop_and_check(&mut self) {
-        let stop = self.request(Request::Stop);
+        let stop = self.request(Request::Stop { grace: None });
         self.settle(10_000);
         assert!(self.finished, "the stop did not finish: {:?}", self.core);
         assert!(

@@ -39,6 +39,21 @@ impl Sim {
                         Some(Input::Forked { id, pid })
                     }
                 }
+                Effect::Sample(pids) => {
+                    assert!(!self.finished, "a sample after the end");
+                    let samples = pids
+                        .into_iter()
+                        .map(|(id, _pid)| {
+                            let proc = self.procs.get(&id).filter(|p| p.alive);
+                            let sample = proc.map(|p| crate::primary::core::Sample {
+                                rss_bytes: p.rss,
+                                cpu_time: std::time::Duration::ZERO,
+                            });
+                            (id, sample)
+                        })
+                        .collect();
+                    Some(Input::Usage(samples))
+                }
                 Effect::Send { id, message, fd } => {
                     let events = self.events.get(&id).map(Vec::as_slice).unwrap_or(&[]);
                     assert!(
