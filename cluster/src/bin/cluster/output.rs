@@ -446,6 +446,107 @@ mod tests {
         );
     }
 
+    /// Waits until the writer has written everything queued so far.
+    fn written(sink: &Sink) {
+        let mut queue = sink.shared.lock();
+        while !queue.lines.is_empty() || queue.writing {
+            queue = sink.shared.changed.wait(queue).expect("not poisoned");
+        }
+    }
+
+    /// A reopen asked for while the log file stalls and the queue is full is not dropped:
+    /// the writer finishes the line it is in, reopens, and writes the rest (and every
+    /// later line) to the new file, which begins with the reopen's line. No line is lost
+    /// or cut: each was written whole to one file or dropped and counted.
+    #[test]
+    fn a_reopen_with_a_full_queue_happens_between_two_lines() {
+        let dir = super::super::logfile::tests::TempDir::new("full-queue");
+        // A FIFO stands for a log file on a disk that stalls: nobody reads it yet.
+        let path = dir.0.join("cluster.log");
+        nix::unistd::mkfifo(&path, nix::sys::stat::Mode::from_bits_truncate(0o600))
+            .expect("mkfifo");
+        let (go, wait) = std::sync::mpsc::channel::<()>();
+        let reader = std::thread::spawn({
+            let path = path.clone();
+            move || {
+                let mut fifo = std::fs::File::open(path).expect("open the FIFO");
+                wait.recv().expect("go");
+                let mut text = String::new();
+                fifo.read_to_string(&mut text).expect("read");
+                text
+            }
+        });
+        let terminal = Sink::new(std::io::sink(), "terminal");
+        let sink = Sink::log_file(&path, &terminal).expect("open the log file");
+        let count = 4 * QUEUE_BYTES / 1000;
+        let line = |n: usize| format!("{n:>6} {}", "x".repeat(992));
+        for n in 0..count {
+            sink.line(Kind::Worker, &line(n));
+        }
+        // The writer has written a line (the old file will not be empty) and may be
+        // stuck in the next; the queue is then filled up again.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let queue = sink.shared.lock();
+            let taken = count - queue.dropped_worker as usize - queue.lines.len();
+            if taken >= 2 {
+                break;
+            }
+            drop(queue);
+            assert!(Instant::now() < deadline, "the writer took no line");
+            std::thread::yield_now();
+        }
+        for n in count..2 * count {
+            sink.line(Kind::Worker, &line(n));
+        }
+        assert!(
+            sink.shared.lock().bytes + 1000 > QUEUE_BYTES,
+            "the queue is full"
+        );
+        let rotated = dir.0.join("cluster.log.1");
+        std::fs::rename(&path, &rotated).expect("rename");
+        assert!(sink.reopen(), "a log file reopens");
+        // The old file moves again; its writer closes it at the reopen (the reader's end).
+        go.send(()).expect("go");
+        let old = reader.join().expect("reader");
+        written(&sink);
+        sink.line(Kind::Log, "after the reopen");
+        sink.finish(Duration::from_secs(60));
+
+        let new = std::fs::read_to_string(&path).expect("the new file");
+        let mut new_lines = new.lines();
+        assert_eq!(new_lines.next(), Some(super::super::logfile::REOPENED));
+        assert_eq!(new_lines.next_back(), Some("after the reopen"));
+        assert!(
+            !old.contains("reopen"),
+            "nothing of the reopen in the old file"
+        );
+        assert!(old.ends_with('\n'), "the old file ends with a whole line");
+        let (mut numbers, mut dropped) = (Vec::new(), 0);
+        for line in old.lines().chain(new_lines) {
+            if let Some(rest) = line.strip_prefix("cluster: dropped ") {
+                let number = rest.split(' ').next().expect("a count");
+                dropped += number.parse::<usize>().expect("a count");
+                continue;
+            }
+            assert_eq!(line.len(), 999, "a whole line: {line:.20}");
+            numbers.push(line[..6].trim().parse::<usize>().expect("a number"));
+        }
+        assert!(
+            numbers.windows(2).all(|w| w[0] < w[1]),
+            "in order, once each"
+        );
+        assert!(
+            !old.is_empty() && numbers.len() > old.lines().count(),
+            "both files have lines"
+        );
+        assert_eq!(
+            numbers.len() + dropped,
+            2 * count,
+            "every line written or counted"
+        );
+    }
+
     /// Lines queued after a stall come after the notice of what the stall cost.
     #[test]
     fn the_notice_stands_where_the_lines_went_missing() {
