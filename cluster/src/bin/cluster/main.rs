@@ -15,9 +15,9 @@
 //! `listening on ADDRESS` is printed once per address, when its first worker listens.
 //! Output goes through bounded queues written by threads of their own (`output.rs`), so
 //! a stalled stdout or stderr never blocks the primary; with `--log-file` all of it goes
-//! to that file instead (`logfile.rs`), the error that ends the command also to stderr. Exits 1 with a message when
-//! PROGRAM cannot start, never connects, cannot listen, or its workers keep failing
-//! (`watch.rs`).
+//! to that file instead (`logfile.rs`), the error that ends the command also to stderr.
+//! Exits 1 with a message when PROGRAM cannot start, never connects, cannot listen, or
+//! its workers keep failing (`watch.rs`).
 
 mod invocation;
 mod limits;
@@ -53,7 +53,7 @@ Examples:
 Signals to the cluster process: TERM/INT stop gracefully (workers finish their
 requests within --grace), HUP reloads (each worker replaced by a new one that listens
 first), TTIN/TTOU add or remove a worker, USR1 reopens the --log-file (logrotate's
-postrotate: systemctl kill -s USR1 my-app.service).";
+postrotate: systemctl kill -s USR1 --kill-whom=main my-app.service).";
 
 /// Runs PROGRAM as N supervised workers: Node programs in Node's own cluster protocol,
 /// programs built on the cluster crate in this crate's.
