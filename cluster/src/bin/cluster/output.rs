@@ -446,11 +446,19 @@ mod tests {
         );
     }
 
-    /// Waits until the writer has written everything queued so far.
+    /// Waits until the writer has written everything queued so far (a minute at most).
     fn written(sink: &Sink) {
+        let deadline = Instant::now() + Duration::from_secs(60);
         let mut queue = sink.shared.lock();
         while !queue.lines.is_empty() || queue.writing {
-            queue = sink.shared.changed.wait(queue).expect("not poisoned");
+            let left = deadline.checked_duration_since(Instant::now());
+            let left = left.expect("the writer wrote the queue out within a minute");
+            queue = sink
+                .shared
+                .changed
+                .wait_timeout(queue, left)
+                .expect("lock")
+                .0;
         }
     }
 
