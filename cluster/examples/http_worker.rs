@@ -5,8 +5,9 @@
 //! target/debug/cluster --workers 3 -- target/debug/examples/http_worker [PORT]
 //! ```
 //!
-//! It answers `GET /` with `{"pid": <pid>}` (and an `x-pid` header) and `GET /slow` the
-//! same after 1.5 s, one request per connection. Just enough HTTP/1.1, written by hand so
+//! It answers `GET /` with `{"pid": <pid>}` (and an `x-pid` header), `GET /slow` the
+//! same after 1.5 s, and `GET /say/TEXT` the same once it has written TEXT as a line on
+//! its stdout (a test's marker), one request per connection. Just enough HTTP/1.1, written by hand so
 //! that the example needs nothing but `cluster` and tokio; real servers use hyper (see
 //! `httpd-demo`). Once the primary says stop, it finishes the requests it has and returns.
 
@@ -70,6 +71,9 @@ async fn serve(mut stream: TcpStream) {
         .nth(1)
         .map(|p| String::from_utf8_lossy(p).into_owned())
         .unwrap_or_default();
+    if let Some(text) = path.strip_prefix("/say/") {
+        say(text);
+    }
     if path.starts_with("/slow") {
         say("slow request started");
         tokio::time::sleep(Duration::from_millis(1500)).await;

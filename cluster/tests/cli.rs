@@ -13,6 +13,8 @@ mod command;
 mod first_day;
 #[path = "cli/http_workers.rs"]
 mod http_workers;
+#[path = "cli/log_file.rs"]
+mod log_file;
 #[path = "cli/messages.rs"]
 mod messages;
 #[path = "cli/node_apps.rs"]
@@ -25,6 +27,20 @@ fn node_script(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("tests/node")
         .join(name)
+}
+
+/// `examples/http_worker.rs`, the Rust worker, as `cargo test -p cluster` builds it.
+fn rust_worker() -> PathBuf {
+    // target/debug/deps/cli-<hash> -> target/debug/examples/http_worker
+    let exe = std::env::current_exe().expect("current exe");
+    let dir = exe.parent().and_then(|d| d.parent()).expect("target dir");
+    let path = dir.join("examples/http_worker");
+    assert!(
+        path.is_file(),
+        "{} is missing: `cargo test -p cluster` builds it (`--test cli` alone does not: `cargo build -p cluster --example http_worker`)",
+        path.display()
+    );
+    path
 }
 
 /// Whether Node is installed; prints why the test is skipped when not.

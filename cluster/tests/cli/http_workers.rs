@@ -42,18 +42,7 @@ impl Program {
     fn path(self) -> PathBuf {
         match self {
             Program::Node => node_script("http_server.js"),
-            // target/debug/deps/cli-<hash> -> target/debug/examples/http_worker
-            Program::Rust => {
-                let exe = std::env::current_exe().expect("current exe");
-                let dir = exe.parent().and_then(|d| d.parent()).expect("target dir");
-                let path = dir.join("examples/http_worker");
-                assert!(
-                    path.is_file(),
-                    "{} is missing: `cargo test -p cluster` builds it (`--test cli` alone does not: `cargo build -p cluster --example http_worker`)",
-                    path.display()
-                );
-                path
-            }
+            Program::Rust => crate::rust_worker(),
         }
     }
 

@@ -9,16 +9,19 @@
 //! cluster [OPTIONS] -- PROGRAM [ARGS...]
 //! ```
 //!
-//! Signals: TERM/INT graceful stop, HUP rolling reload, TTIN/TTOU one worker more/less.
+//! Signals: TERM/INT graceful stop, HUP rolling reload, TTIN/TTOU one worker more/less,
+//! USR1 reopens the `--log-file` (after logrotate renamed it; ignored without one).
 //! Each worker output line is printed as `NAME ID | line` (NAME defaults to `worker`);
 //! `listening on ADDRESS` is printed once per address, when its first worker listens.
 //! Output goes through bounded queues written by threads of their own (`output.rs`), so
-//! a stalled stdout or stderr never blocks the primary. Exits 1 with a message when
-//! PROGRAM cannot start, never connects, cannot listen, or its workers keep failing
-//! (`watch.rs`).
+//! a stalled stdout or stderr never blocks the primary; with `--log-file` all of it goes
+//! to that file instead (`logfile.rs`), the error that ends the command also to stderr.
+//! Exits 1 with a message when PROGRAM cannot start, never connects, cannot listen, or
+//! its workers keep failing (`watch.rs`).
 
 mod invocation;
 mod limits;
+mod logfile;
 mod output;
 mod watch;
 
@@ -49,7 +52,8 @@ Examples:
 
 Signals to the cluster process: TERM/INT stop gracefully (workers finish their
 requests within --grace), HUP reloads (each worker replaced by a new one that listens
-first), TTIN/TTOU add or remove a worker.";
+first), TTIN/TTOU add or remove a worker, USR1 reopens the --log-file (logrotate's
+postrotate: systemctl kill -s USR1 --kill-whom=main my-app.service).";
 
 /// Runs PROGRAM as N supervised workers: Node programs in Node's own cluster protocol,
 /// programs built on the cluster crate in this crate's.
@@ -87,6 +91,11 @@ struct Args {
     /// The prefix of worker output lines.
     #[arg(long, default_value = "worker")]
     name: String,
+    /// Write the workers' lines and the command's own messages to this file (appended,
+    /// created with mode 0640) instead of stdout and stderr; SIGUSR1 reopens it after a
+    /// rotation renamed it. The error that ends the command goes to stderr too.
+    #[arg(long, value_name = "PATH")]
+    log_file: Option<std::path::PathBuf>,
     /// The Node executable for .js/.mjs/.cjs programs.
     #[arg(long, default_value = "node")]
     node: std::ffi::OsString,
@@ -144,6 +153,7 @@ fn primary_signals() -> SigSet {
         Signal::SIGTTIN,
         Signal::SIGTTOU,
         Signal::SIGUSR2,
+        Signal::SIGUSR1,
     ] {
         set.add(signal);
     }
@@ -171,7 +181,7 @@ fn main() -> std::process::ExitCode {
     let code = match run(args, &stdout, &stderr) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            stderr.line(Kind::Log, &format!("cluster: {e:#}"));
+            stderr.line_and_terminal(Kind::Log, &format!("cluster: {e:#}"));
             std::process::ExitCode::FAILURE
         }
     };
@@ -182,6 +192,9 @@ fn main() -> std::process::ExitCode {
 }
 
 fn run(args: Args, stdout: &Sink, stderr: &Sink) -> anyhow::Result<()> {
+    if let Some(path) = &args.log_file {
+        logfile::redirect(path, stdout, stderr)?;
+    }
     let invocation = Invocation::parse(args.command, &args.node, args.node_args.as_deref())?;
     let workers = args.workers.unwrap_or_else(|| {
         std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
@@ -224,6 +237,15 @@ fn run(args: Args, stdout: &Sink, stderr: &Sink) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("starting the runtime")?;
+    // Installed now, acted on once `supervise` unblocks the primary's signals.
+    let usr1 = {
+        let _runtime = runtime.enter();
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1())
+    };
+    runtime.spawn(logfile::reopen_on_signal(
+        usr1.context("handling SIGUSR1")?,
+        stderr.clone(),
+    ));
     let watch = Watch::new(args.name, shown, workers, stdout.clone(), stderr.clone());
     runtime.block_on(supervise(settings, watch))
 }
