@@ -10,6 +10,7 @@ mod core;
 mod driver;
 mod events;
 mod handle;
+mod link;
 mod restart;
 mod sockets;
 mod stats;

@@ -10,6 +10,7 @@ use serde::Serialize;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::command::{Command, EXIT_GRACE, Reply};
+use super::link::Link;
 use super::core::{Outcome, Request};
 use super::events::{self, Event, Events};
 use super::stats::{ReloadReport, Stats};
@@ -98,17 +99,20 @@ impl Primary {
     }
 
     async fn ask<T>(&self, command: impl FnOnce(Reply<T>) -> Command) -> Result<T, Error> {
-        let (tx, rx) = oneshot::channel();
-        self.commands
-            .send(command(tx))
-            .await
-            .map_err(|_| Error::Stopped)?;
-        rx.await.map_err(|_| Error::Stopped)
+        self.link().ask(command).await
     }
 
     /// Asks the core, through the driver.
     async fn request(&self, request: Request) -> Result<Outcome, Error> {
-        self.ask(|reply| Command::Core(request, reply)).await
+        self.link().request(request).await
+    }
+
+    /// A way to the driver for the primary's own servers.
+    fn link(&self) -> Link {
+        Link {
+            commands: self.commands.clone(),
+            ready: self.ready.clone(),
+        }
     }
 
     /// The next event, or `None` once the primary has stopped (or the stream was taken).
