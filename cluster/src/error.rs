@@ -33,6 +33,15 @@ pub enum Error {
     /// Installing a signal handler failed.
     #[error("failed to install a signal handler")]
     Signal(#[source] io::Error),
+    /// The control socket could not be created
+    /// ([`Settings::control_socket`](crate::Settings::control_socket)).
+    #[error("control socket {}: {reason}", path.display())]
+    Control {
+        /// Where it was to be.
+        path: std::path::PathBuf,
+        /// Why it could not be.
+        reason: String,
+    },
 }
 
 /// Why a worker's [`listen`](crate::Worker::listen) failed: Node's `EADDRINUSE`,

@@ -161,6 +161,7 @@
 
 #![warn(missing_docs)]
 
+pub mod control;
 mod endpoint;
 mod env;
 mod error;

@@ -6,6 +6,7 @@
 //! and whose effects it performs.
 
 mod command;
+mod control_server;
 mod core;
 mod driver;
 mod events;

@@ -10,9 +10,10 @@ use serde::Serialize;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::command::{Command, EXIT_GRACE, Reply};
-use super::link::Link;
+use super::control_server::{ControlHandle, ControlSocket};
 use super::core::{Outcome, Request};
 use super::events::{self, Event, Events};
+use super::link::Link;
 use super::stats::{ReloadReport, Stats};
 use super::upgrade::{self, UpgradeError};
 use super::{driver, systemd};
@@ -65,6 +66,8 @@ pub struct Primary {
     /// The readiness socket of a primary started by an upgrade, taken (close-on-exec) at
     /// start and written by [`run_until_signal`](Primary::run_until_signal).
     upgraded_from: std::sync::Mutex<Option<systemd::UpgradeReadiness>>,
+    /// The control socket being served, if any.
+    control: Option<ControlHandle>,
 }
 
 impl Primary {
@@ -87,15 +90,26 @@ impl Primary {
             // As long as this primary's own stop may take: its workers' drain, then the exits.
             stop_timeout: settings.drain_deadline + EXIT_GRACE,
         };
+        // Before any worker starts: a socket that cannot be made fails the start.
+        let control = match &settings.control_socket {
+            Some(path) => Some(ControlSocket::bind(path)?),
+            None => None,
+        };
+        let listen_timeout = settings.reload_timeout;
         let (started, ready) = driver::Driver::start(settings, events_tx, commands_rx);
         done(started)?;
-        Ok(Primary {
+        let mut primary = Primary {
             commands,
             events: Some(events),
             ready,
             upgrade,
             upgraded_from: std::sync::Mutex::new(Some(upgraded_from)),
-        })
+            control: None,
+        };
+        if let Some(control) = control {
+            primary.control = Some(control.serve(primary.link(), listen_timeout)?);
+        }
+        Ok(primary)
     }
 
     async fn ask<T>(&self, command: impl FnOnce(Reply<T>) -> Command) -> Result<T, Error> {
@@ -291,9 +305,19 @@ impl Primary {
     /// [`stop`](Primary::stop), the workers given `grace` to drain instead of the drain
     /// deadline (`None`: the deadline).
     pub async fn stop_within(&self, grace: Option<Duration>) -> Result<(), Error> {
-        match self.request(Request::Stop { grace }).await {
+        let stopped = match self.request(Request::Stop { grace }).await {
             Ok(_) | Err(Error::Stopped) => Ok(()),
             Err(e) => Err(e),
+        };
+        self.settle_control().await;
+        stopped
+    }
+
+    /// Lets the control socket finish the answers it is writing (one to a `stop`
+    /// request, say), for a moment.
+    async fn settle_control(&self) {
+        if let Some(control) = &self.control {
+            control.settle().await;
         }
     }
 
@@ -413,7 +437,11 @@ impl Primary {
                     let removed = self.remove_worker().await?;
                     tracing::info!(?removed, "SIGTTOU: removed a worker");
                 }
-                () = self.commands.closed() => return Ok(()),
+                // Stopped through the control socket: its answer is written first.
+                () = self.commands.closed() => {
+                    self.settle_control().await;
+                    return Ok(());
+                }
             }
         }
         tracing::info!("stopping all workers");

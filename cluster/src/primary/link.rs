@@ -43,6 +43,7 @@ impl Link {
     }
 
     /// Whether the cluster is ready now (false once the primary has ended).
+    #[allow(dead_code)] // read by the metrics endpoint
     pub(crate) fn ready(&self) -> bool {
         *self.ready.borrow() && !self.commands.is_closed()
     }

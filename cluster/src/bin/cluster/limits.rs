@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 
 /// The most workers the command starts, whatever the machine allows.
-pub(crate) const MAX_WORKERS: usize = 1024;
+pub(crate) const MAX_WORKERS: usize = cluster::control::MAX_WORKERS;
 
 /// Why a worker count is refused.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]

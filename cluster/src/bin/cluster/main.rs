@@ -19,6 +19,7 @@
 //! Exits 1 with a message when PROGRAM cannot start, never connects, cannot listen, or
 //! its workers keep failing (`watch.rs`).
 
+mod control;
 mod invocation;
 mod limits;
 mod logfile;
@@ -32,6 +33,7 @@ use clap::Parser;
 use cluster::{Policy, Primary, RestartPolicy, Settings};
 use nix::sys::signal::{SigSet, Signal};
 
+use self::control::ControlCommand;
 use self::invocation::Invocation;
 use self::output::{Kind, Sink};
 use self::watch::Watch;
@@ -58,8 +60,17 @@ postrotate: systemctl kill -s USR1 --kill-whom=main my-app.service).";
 /// Runs PROGRAM as N supervised workers: Node programs in Node's own cluster protocol,
 /// programs built on the cluster crate in this crate's.
 #[derive(Debug, Parser)]
-#[command(name = "cluster", version, after_help = EXAMPLES)]
+#[command(
+    name = "cluster",
+    version,
+    after_help = EXAMPLES,
+    args_conflicts_with_subcommands = true,
+    subcommand_negates_reqs = true
+)]
 struct Args {
+    /// Talk to a running cluster instead of starting one.
+    #[command(subcommand)]
+    subcommand: Option<ControlCommand>,
     /// How many workers (default: one per CPU; at most 1024).
     #[arg(long, short = 'w')]
     workers: Option<usize>,
@@ -88,9 +99,23 @@ struct Args {
     /// wait_ready): a reload stops an old worker only after its replacement said so.
     #[arg(long)]
     wait_ready: bool,
-    /// The prefix of worker output lines.
-    #[arg(long, default_value = "worker")]
-    name: String,
+    /// The cluster's name: the prefix of worker output lines (default `worker`) and the
+    /// control socket's name (default: the program's file name without its extension,
+    /// `app` for app.js).
+    #[arg(long)]
+    name: Option<String>,
+    /// Where to create the control socket that `cluster status|reload|scale|stop` talk
+    /// to (default: /run/cluster/NAME.sock for root, $XDG_RUNTIME_DIR/cluster/NAME.sock
+    /// for others; mode 0600, the owner and root only).
+    #[arg(long, value_name = "PATH", conflicts_with = "no_control")]
+    control: Option<std::path::PathBuf>,
+    /// Create no control socket.
+    #[arg(long)]
+    no_control: bool,
+    /// Replace a worker (gracefully: its successor listens first) whose memory (RSS)
+    /// stays above SIZE: 64M, 1.5G, 512K (PM2's max_memory_restart).
+    #[arg(long, value_name = "SIZE", value_parser = control::parse_size)]
+    max_memory_restart: Option<u64>,
     /// Write the workers' lines and the command's own messages to this file (appended,
     /// created with mode 0640) instead of stdout and stderr; SIGUSR1 reopens it after a
     /// rotation renamed it. The error that ends the command goes to stderr too.
@@ -177,7 +202,18 @@ fn main() -> std::process::ExitCode {
         )
         .init();
     cluster::take_inherited_sockets();
-    let args = Args::parse();
+    let mut args = Args::parse();
+    if let Some(command) = args.subcommand.take() {
+        // A client of a running cluster: no sink, no runtime, plain output.
+        return match control::run(command) {
+            Ok(true) => std::process::ExitCode::SUCCESS,
+            Ok(false) => std::process::ExitCode::FAILURE,
+            Err(e) => {
+                eprintln!("cluster: {e:#}");
+                std::process::ExitCode::FAILURE
+            }
+        };
+    }
     let code = match run(args, &stdout, &stderr) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
@@ -212,6 +248,22 @@ fn run(args: Args, stdout: &Sink, stderr: &Sink) -> anyhow::Result<()> {
         .drain_deadline(args.grace)
         .reload_timeout(args.listen_timeout)
         .wait_ready(args.wait_ready);
+    let settings = match args.max_memory_restart {
+        Some(bytes) => settings.max_worker_rss(bytes),
+        None => settings,
+    };
+    let program = match &invocation {
+        Invocation::Node { script, .. } => std::path::PathBuf::from(script),
+        Invocation::Program { program, .. } => std::path::PathBuf::from(program),
+    };
+    let settings = match args.no_control {
+        true => settings,
+        false => settings.control_socket(control::socket_path(
+            args.control.as_deref(),
+            args.name.as_deref(),
+            &program,
+        )?),
+    };
     let (settings, shown) = match invocation {
         Invocation::Node {
             node,
@@ -246,7 +298,8 @@ fn run(args: Args, stdout: &Sink, stderr: &Sink) -> anyhow::Result<()> {
         usr1.context("handling SIGUSR1")?,
         stderr.clone(),
     ));
-    let watch = Watch::new(args.name, shown, workers, stdout.clone(), stderr.clone());
+    let prefix = args.name.unwrap_or_else(|| "worker".to_owned());
+    let watch = Watch::new(prefix, shown, workers, stdout.clone(), stderr.clone());
     runtime.block_on(supervise(settings, watch))
 }
 

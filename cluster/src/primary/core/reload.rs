@@ -23,6 +23,10 @@ use crate::primary::restart::RestartTracker;
 use crate::primary::stats::{ReloadProgress, ReloadReport, SlotReloadFailure};
 use crate::protocol::WorkerId;
 
+/// How many new workers of one reload step may crash before the step fails (the old
+/// worker keeps its slot).
+pub(crate) const RELOAD_CRASHES: u32 = 3;
+
 /// A reload in progress.
 #[derive(Debug)]
 pub(crate) struct Reload {
@@ -57,6 +61,8 @@ struct Step {
     target: usize,
     /// Why the old one is replaced.
     cause: StopCause,
+    /// How many of the step's new workers crashed so far.
+    crashes: u32,
 }
 
 /// Where a step stands.
@@ -148,6 +154,23 @@ impl Core {
             }
         }
         self.advance_reload(now);
+    }
+
+    /// A new worker of the step replacing `slot` crashed: whether the step has seen
+    /// [`RELOAD_CRASHES`] of them, so that the old worker keeps the slot now instead of
+    /// after a whole crash loop (new code that dies at start fails a reload in about a
+    /// second, not after the restart policy's backoff).
+    pub(super) fn reload_step_crashed(&mut self, slot: usize) -> bool {
+        let Some(step) = self
+            .reload
+            .as_mut()
+            .and_then(|r| r.step.as_mut())
+            .filter(|s| s.slot == slot)
+        else {
+            return false;
+        };
+        step.crashes += 1;
+        step.crashes >= RELOAD_CRASHES
     }
 
     /// Whether `slot` is being replaced, or queued to be for its memory.
@@ -284,6 +307,7 @@ impl Core {
                 new,
                 target: listening,
                 cause,
+                crashes: 0,
             });
             self.start_timer(Timer::Reload, now + self.config.reload_timeout);
         }

@@ -151,6 +151,12 @@ impl Core {
             .slots
             .get_mut(&slot)
             .map(|s| s.tracker.on_crash(now, uptime));
+        // A reload's new code that keeps dying fails its step early.
+        let decision = match self.reload_keeps_old(slot).is_some() && self.reload_step_crashed(slot)
+        {
+            true => decision.map(|_| Decision::Failed),
+            false => decision,
+        };
         self.restart(slot, id, decision, now);
     }
 
