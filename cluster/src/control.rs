@@ -321,7 +321,15 @@ impl Client {
         stream.set_read_timeout(self.timeout).map_err(io)?;
         let mut line = serde_json::to_vec(request).map_err(|e| io(e.into()))?;
         line.push(b'\n');
-        stream.write_all(&line).map_err(io)?;
+        match stream.write_all(&line) {
+            // Refused at once (another user), the answer already sent: read it.
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset
+                ) => {}
+            other => other.map_err(io)?,
+        }
         let mut reader = BufReader::new(std::io::Read::take(stream, MAX_RESPONSE as u64));
         let mut answer = String::new();
         reader.read_line(&mut answer).map_err(io)?;

@@ -33,6 +33,12 @@ pub enum Error {
     /// Installing a signal handler failed.
     #[error("failed to install a signal handler")]
     Signal(#[source] io::Error),
+    /// Another running primary answers on the control socket's path.
+    #[error("control socket {}: a running primary answers on it", path.display())]
+    ControlInUse {
+        /// The path.
+        path: std::path::PathBuf,
+    },
     /// The control socket could not be created
     /// ([`Settings::control_socket`](crate::Settings::control_socket)).
     #[error("control socket {}: {reason}", path.display())]

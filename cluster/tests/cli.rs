@@ -9,6 +9,8 @@
 
 #[path = "cli/command.rs"]
 mod command;
+#[path = "cli/control.rs"]
+mod control;
 #[path = "cli/first_day.rs"]
 mod first_day;
 #[path = "cli/http_workers.rs"]

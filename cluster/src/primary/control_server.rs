@@ -17,6 +17,7 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::Semaphore;
 
+use super::command::EXIT_GRACE;
 use super::core::{Outcome, Request as CoreRequest};
 use super::link::Link;
 use super::stats::{ReloadReport, Stats};
@@ -24,12 +25,13 @@ use crate::control::{
     self, MAX_CLIENTS, MAX_REQUEST, REQUEST_TIMEOUT, Request, Response, WorkerRow,
 };
 use crate::error::Error;
+use crate::protocol::WorkerId;
 
 /// How long a stopping primary waits for control connections to finish writing their
 /// answers (the answer to `stop` among them).
 const SETTLE: Duration = Duration::from_secs(1);
 
-/// How often a `scale` looks whether the count is reached.
+/// How often a `scale` or a `reload` looks whether the workers have come or gone.
 const SCALE_POLL: Duration = Duration::from_millis(50);
 
 /// A bound control socket, not yet served.
@@ -129,7 +131,9 @@ impl ControlSocket {
             Ok(existing) if existing.file_type().is_socket() => {
                 match std::os::unix::net::UnixStream::connect(path) {
                     Ok(_) => {
-                        return Err(refused(path, "a running primary answers on it"));
+                        return Err(Error::ControlInUse {
+                            path: path.to_owned(),
+                        });
                     }
                     // Left by a primary that was killed: nobody listens.
                     Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
@@ -168,6 +172,7 @@ impl ControlSocket {
         self,
         link: Link,
         listen_timeout: Duration,
+        drain_deadline: Duration,
     ) -> Result<ControlHandle, Error> {
         let path = self.file.path.clone();
         let listener =
@@ -177,6 +182,7 @@ impl ControlSocket {
             link,
             permits: Arc::clone(&permits),
             listen_timeout,
+            drain_deadline,
         };
         let task = tokio::spawn(server.run(listener));
         Ok(ControlHandle {
@@ -192,6 +198,7 @@ struct Server {
     link: Link,
     permits: Arc<Semaphore>,
     listen_timeout: Duration,
+    drain_deadline: Duration,
 }
 
 impl Server {
@@ -272,16 +279,7 @@ impl Server {
                 },
                 Err(e) => Response::failed(e.to_string()),
             },
-            Request::Reload => match self.link.request(CoreRequest::Reload).await {
-                Ok(Outcome::Reloaded(report)) => Response {
-                    ok: report.succeeded(),
-                    error: (!report.succeeded()).then(|| reload_failure_text(&report)),
-                    reload: Some(reload_view(&report)),
-                    ..Response::done()
-                },
-                Ok(other) => Response::failed(format!("unexpected answer {other:?}")),
-                Err(e) => Response::failed(e.to_string()),
-            },
+            Request::Reload => self.reload().await,
             Request::Scale { workers } => self.scale(workers).await,
             Request::Stop { grace_ms } => {
                 let grace = grace_ms.map(Duration::from_millis);
@@ -290,6 +288,41 @@ impl Server {
                     Err(e) => Response::failed(e.to_string()),
                 }
             }
+        }
+    }
+
+    /// Reloads, and answers once the replaced workers have also exited (so that a status
+    /// asked after the answer shows only the new ones), at most a drain later.
+    async fn reload(&self) -> Response {
+        let before: Vec<WorkerId> = match self.link.stats().await {
+            Ok(stats) => stats.workers.iter().map(|w| w.id).collect(),
+            Err(e) => return Response::failed(e.to_string()),
+        };
+        let report = match self.link.request(CoreRequest::Reload).await {
+            Ok(Outcome::Reloaded(report)) => report,
+            Ok(other) => return Response::failed(format!("unexpected answer {other:?}")),
+            Err(e) => return Response::failed(e.to_string()),
+        };
+        let kept: Vec<WorkerId> = report.failed.iter().map(|f| f.kept).collect();
+        let deadline = tokio::time::Instant::now() + self.drain_deadline + EXIT_GRACE;
+        while tokio::time::Instant::now() < deadline {
+            let Ok(stats) = self.link.stats().await else {
+                break;
+            };
+            let draining = stats
+                .workers
+                .iter()
+                .any(|w| before.contains(&w.id) && !kept.contains(&w.id));
+            if !draining {
+                break;
+            }
+            tokio::time::sleep(SCALE_POLL).await;
+        }
+        Response {
+            ok: report.succeeded(),
+            error: (!report.succeeded()).then(|| reload_failure_text(&report)),
+            reload: Some(reload_view(&report)),
+            ..Response::done()
         }
     }
 

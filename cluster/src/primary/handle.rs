@@ -95,7 +95,7 @@ impl Primary {
             Some(path) => Some(ControlSocket::bind(path)?),
             None => None,
         };
-        let listen_timeout = settings.reload_timeout;
+        let (listen_timeout, drain_deadline) = (settings.reload_timeout, settings.drain_deadline);
         let (started, ready) = driver::Driver::start(settings, events_tx, commands_rx);
         done(started)?;
         let mut primary = Primary {
@@ -107,7 +107,8 @@ impl Primary {
             control: None,
         };
         if let Some(control) = control {
-            primary.control = Some(control.serve(primary.link(), listen_timeout)?);
+            primary.control =
+                Some(control.serve(primary.link(), listen_timeout, drain_deadline)?);
         }
         Ok(primary)
     }

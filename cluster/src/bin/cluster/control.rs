@@ -222,30 +222,73 @@ pub(crate) fn default_name(program: &Path) -> String {
     }
 }
 
-/// Where the running command's control socket goes: `--control PATH`, or
-/// `DIR/NAME.sock`. With no `--name` and a cluster of the same default name already
-/// running, `DIR/NAME-PID.sock` (`cluster status` without `--name` lists both).
-pub(crate) fn socket_path(
-    explicit: Option<&Path>,
-    name: Option<&str>,
-    program: &Path,
-) -> anyhow::Result<PathBuf> {
-    if let Some(path) = explicit {
-        return Ok(path.to_owned());
-    }
-    if let Some(name) = name {
-        if !control::valid_name(name) {
-            bail!("--name {name:?}: a name is 1 to 64 of A-Z a-z 0-9 . _ -");
+/// Where the running command's control socket goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum SocketPath {
+    /// `--control PATH` or `--name NAME`: that path or none.
+    Chosen(PathBuf),
+    /// The program's name: `DIR/NAME.sock`, or `DIR/NAME-PID.sock` when a cluster of
+    /// that name already runs (`cluster status` without `--name` lists both).
+    Default { path: PathBuf, fallback: PathBuf },
+}
+
+impl SocketPath {
+    pub(crate) fn new(
+        explicit: Option<&Path>,
+        name: Option<&str>,
+        program: &Path,
+    ) -> anyhow::Result<Self> {
+        if let Some(path) = explicit {
+            return Ok(Self::Chosen(path.to_owned()));
         }
-        return Ok(control::default_path(name));
+        if let Some(name) = name {
+            if !control::valid_name(name) {
+                bail!("--name {name:?}: a name is 1 to 64 of A-Z a-z 0-9 . _ -");
+            }
+            return Ok(Self::Chosen(control::default_path(name)));
+        }
+        let name = default_name(program);
+        remove_stale(&control::default_dir());
+        Ok(Self::Default {
+            path: control::default_path(&name),
+            fallback: control::default_path(&format!("{name}-{}", std::process::id())),
+        })
     }
-    let name = default_name(program);
-    let path = control::default_path(&name);
-    let taken = std::os::unix::net::UnixStream::connect(&path).is_ok();
-    Ok(match taken {
-        true => control::default_path(&format!("{name}-{}", std::process::id())),
-        false => path,
-    })
+
+    /// The path to try first.
+    pub(crate) fn first(&self) -> &Path {
+        match self {
+            Self::Chosen(path) | Self::Default { path, .. } => path,
+        }
+    }
+
+    /// The path to try when a running cluster answers on the first one.
+    pub(crate) fn fallback(&self) -> Option<&Path> {
+        match self {
+            Self::Chosen(_) => None,
+            Self::Default { fallback, .. } => Some(fallback),
+        }
+    }
+}
+
+/// Removes the sockets in the default directory that nobody answers on: left by
+/// clusters that were killed (a running primary always answers).
+fn remove_stale(dir: &Path) {
+    use std::os::unix::fs::FileTypeExt;
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let stale = entry.file_type().is_ok_and(|t| t.is_socket())
+            && entry.file_name().to_string_lossy().ends_with(".sock")
+            && matches!(
+                std::os::unix::net::UnixStream::connect(entry.path()),
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused
+            );
+        if stale {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
 }
 
 /// The status table.

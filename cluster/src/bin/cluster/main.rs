@@ -83,6 +83,11 @@ struct Args {
     /// or with a unit: 500ms, 30s, 2m).
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     grace: Duration,
+    /// On SIGTERM, turn not ready at once (/readyz answers 503, `cluster status` says
+    /// stopping) and keep serving this long before the workers drain, so a balancer's
+    /// health check stops sending first (Kubernetes' preStop sleep).
+    #[arg(long, default_value = "0s", value_parser = parse_duration)]
+    stop_delay: Duration,
     /// Give a slot up after this many crashes within a minute (restarts back off from
     /// 100 ms, doubling up to 10 s); the command ends when every slot is given up.
     #[arg(long, default_value_t = 10)]
@@ -246,6 +251,7 @@ fn run(args: Args, stdout: &Sink, stderr: &Sink) -> anyhow::Result<()> {
         .restart(restart)
         .silent(true)
         .drain_deadline(args.grace)
+        .stop_delay(args.stop_delay)
         .reload_timeout(args.listen_timeout)
         .wait_ready(args.wait_ready);
     let settings = match args.max_memory_restart {
@@ -256,9 +262,9 @@ fn run(args: Args, stdout: &Sink, stderr: &Sink) -> anyhow::Result<()> {
         Invocation::Node { script, .. } => std::path::PathBuf::from(script),
         Invocation::Program { program, .. } => std::path::PathBuf::from(program),
     };
-    let settings = match args.no_control {
-        true => settings,
-        false => settings.control_socket(control::socket_path(
+    let control = match args.no_control {
+        true => None,
+        false => Some(control::SocketPath::new(
             args.control.as_deref(),
             args.name.as_deref(),
             &program,
@@ -300,12 +306,34 @@ fn run(args: Args, stdout: &Sink, stderr: &Sink) -> anyhow::Result<()> {
     ));
     let prefix = args.name.unwrap_or_else(|| "worker".to_owned());
     let watch = Watch::new(prefix, shown, workers, stdout.clone(), stderr.clone());
-    runtime.block_on(supervise(settings, watch))
+    runtime.block_on(supervise(settings, control, watch))
 }
 
-async fn supervise(settings: Settings, mut watch: Watch) -> anyhow::Result<()> {
+/// Starts the primary, with its control socket at `control`'s first path, or at its
+/// fallback when another cluster of the same default name answers there.
+async fn start(
+    settings: Settings,
+    control: Option<control::SocketPath>,
+) -> Result<Primary, cluster::Error> {
+    let Some(control) = control else {
+        return Primary::start(settings).await;
+    };
+    let first = Primary::start(settings.clone().control_socket(control.first())).await;
+    match (first, control.fallback()) {
+        (Err(cluster::Error::ControlInUse { .. }), Some(fallback)) => {
+            Primary::start(settings.control_socket(fallback)).await
+        }
+        (first, _) => first,
+    }
+}
+
+async fn supervise(
+    settings: Settings,
+    control: Option<control::SocketPath>,
+    mut watch: Watch,
+) -> anyhow::Result<()> {
     let shown = watch.program().to_owned();
-    let mut primary = Primary::start(settings)
+    let mut primary = start(settings, control)
         .await
         .with_context(|| format!("cannot start {shown}"))?;
     let mut events = primary.take_events().context("events already taken")?;
