@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! httpd-demo [--workers N] [--host ADDR] [--port PORT] [--policy rr|shared|reuseport]
-//!            [--grace SECONDS] [--reload-timeout SECONDS] [--allow-crash]
+//!            [--grace SECONDS] [--reload-timeout SECONDS] [--allow-crash] [--control PATH]
 //! ```
 //!
 //! Signals on the primary: SIGTERM/SIGINT graceful stop, SIGHUP rolling reload (workers
@@ -66,6 +66,10 @@ struct Args {
     /// Enable `GET /crash`, which makes the handling worker panic.
     #[arg(long)]
     allow_crash: bool,
+    /// Create a control socket here (mode 0600): `cluster status --control PATH`,
+    /// `cluster reload|scale|stop --control PATH` talk to it.
+    #[arg(long, value_name = "PATH")]
+    control: Option<std::path::PathBuf>,
 }
 
 /// `--workers`: a count of at least 1; a cluster with no worker would run with no
@@ -144,6 +148,10 @@ async fn primary(args: Args) -> anyhow::Result<()> {
         .reload_timeout(Duration::from_secs(args.reload_timeout))
         // A new primary (SIGUSR2) gets as long as a reload step to be ready.
         .upgrade_timeout(Duration::from_secs(args.reload_timeout));
+    let settings = match &args.control {
+        Some(path) => settings.control_socket(path),
+        None => settings,
+    };
     let mut primary = Primary::start(settings)
         .await
         .context("starting the cluster")?;

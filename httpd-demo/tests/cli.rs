@@ -318,3 +318,38 @@ fn sigkill_of_the_primary_leaves_no_worker() {
         thread::yield_now();
     }
 }
+
+#[test]
+fn the_control_socket_shows_the_workers_and_reloads_them() {
+    use cluster::control::{Client, Request};
+    let dir = std::env::temp_dir().join(format!("httpd-demo-ctl-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let socket = dir.join("demo.sock");
+    let socket_arg = socket.to_str().expect("a UTF-8 path").to_owned();
+    let mut server = Server::start(&["--control", &socket_arg]);
+    let client = Client::new(&socket).timeout(TIMEOUT);
+    let status = client.call(&Request::Status).expect("status");
+    let rows = status.status.expect("a status").workers;
+    let pids: BTreeSet<u32> = rows.iter().filter_map(|r| r.pid).collect();
+    let workers: BTreeSet<u32> = server.workers().iter().map(|w| w.pid).collect();
+    assert_eq!(pids, workers);
+    let reload = client.call(&Request::Reload).expect("reload");
+    assert!(reload.ok, "{reload:?}");
+    let after = client
+        .call(&Request::Status)
+        .expect("status")
+        .status
+        .expect("a status");
+    let now: BTreeSet<u32> = after.workers.iter().filter_map(|r| r.pid).collect();
+    assert!(
+        now.is_disjoint(&workers),
+        "every worker was replaced: {workers:?} -> {now:?}"
+    );
+    for worker in &after.workers {
+        server.adopt(worker.pid.expect("a pid"));
+    }
+    server.signal(Signal::SIGTERM);
+    assert!(server.wait().success());
+    assert!(!socket.exists(), "the socket file is removed at exit");
+    let _ = std::fs::remove_dir_all(&dir);
+}

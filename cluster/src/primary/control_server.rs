@@ -91,8 +91,10 @@ fn refused(path: &Path, reason: impl Into<String>) -> Error {
 impl ControlSocket {
     /// Creates the socket at `path`: its directory is created (0700) if missing and must
     /// be this user's and writable by nobody else; a stale socket file (nobody answers) is
-    /// replaced; one a running primary answers on is an error.
-    pub(crate) fn bind(path: &Path) -> Result<Self, Error> {
+    /// replaced; one a running primary answers on is an error, unless this primary
+    /// `takes_over` from it (an upgrade's new primary: the old one answers until then, and
+    /// leaves the new file in place when it ends).
+    pub(crate) fn bind(path: &Path, takes_over: bool) -> Result<Self, Error> {
         let dir = match path.parent() {
             Some(dir) if !dir.as_os_str().is_empty() => dir,
             _ => Path::new("."),
@@ -130,6 +132,12 @@ impl ControlSocket {
         match std::fs::symlink_metadata(path) {
             Ok(existing) if existing.file_type().is_socket() => {
                 match std::os::unix::net::UnixStream::connect(path) {
+                    Ok(_) if takes_over => {
+                        tracing::info!(path = %path.display(), "taking over the control socket of the primary being upgraded");
+                        std::fs::remove_file(path).map_err(|e| {
+                            refused(path, format!("cannot take the socket over: {e}"))
+                        })?;
+                    }
                     Ok(_) => {
                         return Err(Error::ControlInUse {
                             path: path.to_owned(),

@@ -92,7 +92,7 @@ impl Primary {
         };
         // Before any worker starts: a socket that cannot be made fails the start.
         let control = match &settings.control_socket {
-            Some(path) => Some(ControlSocket::bind(path)?),
+            Some(path) => Some(ControlSocket::bind(path, upgraded_from.is_upgrade())?),
             None => None,
         };
         let (listen_timeout, drain_deadline) = (settings.reload_timeout, settings.drain_deadline);

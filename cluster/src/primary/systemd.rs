@@ -60,6 +60,11 @@ static UPGRADE_FD_TAKEN: AtomicBool = AtomicBool::new(false);
 pub(crate) struct UpgradeReadiness(Option<UnixStream>);
 
 impl UpgradeReadiness {
+    /// Whether this primary was started by an upgrade.
+    pub(crate) fn is_upgrade(&self) -> bool {
+        self.0.is_some()
+    }
+
     /// Takes the descriptor [`UPGRADE_FD_ENV`] names, once per process.
     pub(crate) fn from_env() -> Self {
         let Some(fd) = std::env::var(UPGRADE_FD_ENV)
