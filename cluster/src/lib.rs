@@ -28,6 +28,18 @@
 //! - A worker: [`Worker::connect`], then [`Worker::listen`] and [`Listener::accept`],
 //!   whatever the [`Policy`]; [`Worker::stopping`] says when to drain.
 //!
+//! # Operating a running primary
+//!
+//! [`Settings::control_socket`] makes a primary answer `status`, `reload`, `scale` and
+//! `stop` on a Unix socket (the protocol and a [`control::Client`] are in [`control`]);
+//! the `cluster` command creates one by default and its subcommands (`cluster status`)
+//! talk to it. [`Primary::stats`] is the same status in process: workers with their
+//! state, uptime, memory and CPU, slots with their restarts and last exit's
+//! [`ExitCause`], the reload in progress and how the last one ended, and monotonic
+//! [`Totals`]. [`Settings::max_worker_rss`] replaces a worker that stays above a memory
+//! limit, gracefully; [`Settings::stop_delay`] keeps serving, not ready, for a while
+//! after a stop is asked.
+//!
 //! # Invariants
 //!
 //! - A round-robin connection is delivered to exactly one worker, or closed: a hand-off
