@@ -195,8 +195,9 @@ pub struct Scale {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[non_exhaustive]
 pub struct WorkerRow {
-    /// The slot.
-    pub slot: usize,
+    /// The slot (`None` for a warm spare, which has none yet).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slot: Option<usize>,
     /// The worker's id, if the slot has a worker (not while it waits to restart one, or
     /// once given up).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -204,8 +205,8 @@ pub struct WorkerRow {
     /// Its process id.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pid: Option<u32>,
-    /// `starting`, `online`, `listening`, `draining`; for a slot without a worker,
-    /// `restarting` or `failed`.
+    /// `starting`, `online`, `listening`, `draining`, `spare` (a warm spare, booted and
+    /// waiting to take a slot); for a slot without a worker, `restarting` or `failed`.
     pub state: String,
     /// How long the worker has run, in milliseconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -193,6 +193,8 @@ pub struct Settings {
     pub(crate) stop_delay: Duration,
     /// The resident set size past which a worker is replaced.
     pub(crate) max_worker_rss: Option<u64>,
+    /// How many warm spares to keep.
+    pub(crate) warm_spares: usize,
 }
 
 impl Default for Settings {
@@ -220,6 +222,7 @@ impl Default for Settings {
             metrics: None,
             stop_delay: Duration::ZERO,
             max_worker_rss: None,
+            warm_spares: 0,
         }
     }
 }
@@ -429,6 +432,24 @@ impl Settings {
     /// cause [`ExitCause::MemoryLimit`](crate::ExitCause::MemoryLimit).
     pub fn max_worker_rss(mut self, bytes: u64) -> Self {
         self.max_worker_rss = Some(bytes);
+        self
+    }
+
+    /// Keeps `count` extra workers booted (PM2 and Node have no such thing): a spare runs
+    /// the program up to its first `listen()`, whose query the primary holds unanswered
+    /// until a slot needs a worker (a crash, a scale-up, a reload step); then the spare
+    /// takes the slot and serves at once instead of after a boot, and a new spare is
+    /// started. A spare is never handed connections; a reload replaces the spares by
+    /// ones running the new code (old code is never promoted after a reload began); a
+    /// slot with an environment of its own ([`Primary::fork_with_env`]) is never given
+    /// a spare. Spares count in the events ([`Event::SparePromoted`]) and the stats
+    /// ([`WorkerStats::spare`]). Zero (the default): none.
+    ///
+    /// [`Primary::fork_with_env`]: crate::Primary::fork_with_env
+    /// [`Event::SparePromoted`]: crate::Event::SparePromoted
+    /// [`WorkerStats::spare`]: crate::WorkerStats::spare
+    pub fn warm_spares(mut self, count: usize) -> Self {
+        self.warm_spares = count;
         self
     }
 

@@ -485,7 +485,7 @@ pub(crate) fn status_view(stats: &Stats) -> control::Status {
         workers.sort_by_key(|w| w.id);
         if workers.is_empty() {
             rows.push(WorkerRow {
-                slot: slot.slot,
+                slot: Some(slot.slot),
                 worker: None,
                 pid: None,
                 state: if slot.failed { "failed" } else { "restarting" }.into(),
@@ -501,7 +501,7 @@ pub(crate) fn status_view(stats: &Stats) -> control::Status {
         }
         for worker in workers {
             rows.push(WorkerRow {
-                slot: slot.slot,
+                slot: Some(slot.slot),
                 worker: Some(worker.id.get()),
                 pid: Some(worker.pid),
                 state: worker.state.as_str().into(),
@@ -516,17 +516,20 @@ pub(crate) fn status_view(stats: &Stats) -> control::Status {
             });
         }
     }
-    // Workers whose slot is gone (removed by a scale-down, draining).
+    // Warm spares, and workers whose slot is gone (removed by a scale-down, draining).
     for worker in stats
         .workers
         .iter()
         .filter(|w| !stats.slots.iter().any(|s| s.slot == w.slot))
     {
         rows.push(WorkerRow {
-            slot: worker.slot,
+            slot: (!worker.spare).then_some(worker.slot),
             worker: Some(worker.id.get()),
             pid: Some(worker.pid),
-            state: worker.state.as_str().into(),
+            state: match worker.spare {
+                true => "spare".into(),
+                false => worker.state.as_str().into(),
+            },
             uptime_ms: Some(millis(worker.uptime)),
             restarts: worker.restarts,
             last_exit: None,
@@ -537,7 +540,8 @@ pub(crate) fn status_view(stats: &Stats) -> control::Status {
             build: worker.build.clone(),
         });
     }
-    rows.sort_by_key(|r| (r.slot, r.worker));
+    // Slots in order, then the spares.
+    rows.sort_by_key(|r| (r.slot.is_none(), r.slot, r.worker));
     control::Status {
         pid: std::process::id(),
         policy: stats.policy.as_str().into(),

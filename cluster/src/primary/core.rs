@@ -23,6 +23,7 @@ mod handles;
 mod lifecycle;
 mod reload;
 mod serving;
+mod spares;
 mod status;
 #[cfg(test)]
 mod tests;
@@ -93,6 +94,8 @@ pub(crate) struct Config {
     pub(crate) max_rss: Option<u64>,
     /// How long a stop keeps serving, not ready, before its workers are asked to drain.
     pub(crate) stop_delay: Duration,
+    /// How many warm spares to keep (`spares.rs`).
+    pub(crate) warm_spares: usize,
 }
 
 /// A request's tag; the driver keeps the reply channel until the core answers.
@@ -223,10 +226,11 @@ pub(crate) enum FdRef {
 /// What the driver must do.
 #[derive(Debug)]
 pub(crate) enum Effect {
-    /// Start a worker for `slot`; answer with `Forked` or `ForkFailed`.
+    /// Start a worker for `slot` (`None`: a warm spare); answer with `Forked` or
+    /// `ForkFailed`.
     Fork {
         id: WorkerId,
-        slot: usize,
+        slot: Option<usize>,
         env: Vec<(OsString, OsString)>,
     },
     /// Queue a control message for a worker.
@@ -318,6 +322,8 @@ pub(crate) struct Core {
     born: Instant,
     /// Counts since the start.
     totals: Totals,
+    /// Warm spares' bookkeeping.
+    spares: spares::Spares,
     /// When the input being handled happened (the core reads no clock).
     now: Instant,
     out: Vec<Effect>,
@@ -326,6 +332,7 @@ pub(crate) struct Core {
 impl Core {
     /// A core whose first input comes at or after `now`.
     pub(crate) fn new(config: Config, now: Instant) -> Self {
+        let spare_tracker = crate::primary::restart::RestartTracker::new(config.restart.clone());
         Self {
             drain_deadline: config.drain_deadline,
             config,
@@ -342,6 +349,11 @@ impl Core {
             run: Run::Running,
             born: now,
             totals: Totals::default(),
+            spares: spares::Spares {
+                generation: 0,
+                tracker: spare_tracker,
+                given_up: false,
+            },
             now,
             out: Vec::new(),
         }
@@ -364,6 +376,7 @@ impl Core {
         if let Some(every) = self.config.sample_every {
             self.start_timer(Timer::Sample, now + every);
         }
+        self.ensure_spares(now);
         std::mem::take(&mut self.out)
     }
 

@@ -141,6 +141,7 @@ impl Driver {
             sample_every: settings.samples_usage().then_some(SAMPLE_EVERY),
             max_rss: settings.max_worker_rss,
             stop_delay: settings.stop_delay,
+            warm_spares: settings.warm_spares,
         };
         let (internal, internal_rx) = mpsc::channel(INTERNAL_QUEUE);
         let inherited = match settings.inherit_listeners {
@@ -315,7 +316,7 @@ impl Driver {
     fn fork(
         &mut self,
         id: WorkerId,
-        slot: usize,
+        slot: Option<usize>,
         env: Vec<(std::ffi::OsString, std::ffi::OsString)>,
     ) -> Input {
         match self.spawner.spawn(id, slot, env) {
@@ -326,7 +327,7 @@ impl Driver {
                 Input::Forked { id, pid }
             }
             Err(error) => {
-                tracing::error!(%id, slot, %error, "could not fork a worker");
+                tracing::error!(%id, ?slot, %error, "could not fork a worker");
                 Input::ForkFailed { id, error }
             }
         }

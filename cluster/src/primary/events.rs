@@ -193,6 +193,15 @@ pub enum Event {
         /// The limit, in bytes.
         limit: u64,
     },
+    /// A warm spare ([`Settings::warm_spares`](crate::Settings::warm_spares)) took a slot
+    /// instead of a new worker: it already runs, and its servers are granted now. A new
+    /// spare is started in its place.
+    SparePromoted {
+        /// The spare, now the slot's worker.
+        id: WorkerId,
+        /// The slot.
+        slot: usize,
+    },
     /// A rolling reload asked for ([`Primary::reload`](crate::Primary::reload), `SIGHUP`,
     /// the control socket) has ended.
     ReloadEnded {
@@ -230,6 +239,7 @@ impl Event {
             Self::SlotFailed { .. } => "slot-failed",
             Self::ReloadFailed { .. } => "reload-failed",
             Self::MemoryLimit { .. } => "memory-limit",
+            Self::SparePromoted { .. } => "spare-promoted",
             Self::ReloadEnded { .. } => "reload-ended",
             Self::Output { .. } => "output",
         }

@@ -183,6 +183,8 @@ pub struct WorkerStats {
     pub listening: Vec<Endpoint>,
     /// Its last memory and CPU sample, if sampling is on.
     pub usage: Option<Usage>,
+    /// A warm spare, in no slot yet (its `slot` means nothing).
+    pub spare: bool,
     /// Which build of the program it runs: the program file's size and modification
     /// time when it was started, as a short hex id (workers with different ids run
     /// different code).

@@ -337,7 +337,7 @@ pub(crate) fn render(status: &Status) -> String {
         .iter()
         .map(|r| {
             [
-                r.slot.to_string(),
+                r.slot.map_or_else(|| "spare".to_owned(), |s| s.to_string()),
                 r.worker.map_or_else(dash, |w| w.to_string()),
                 r.pid.map_or_else(dash, |p| p.to_string()),
                 r.state.clone(),

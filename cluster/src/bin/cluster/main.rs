@@ -121,6 +121,10 @@ struct Args {
     /// stays above SIZE: 64M, 1.5G, 512K (PM2's max_memory_restart).
     #[arg(long, value_name = "SIZE", value_parser = control::parse_size)]
     max_memory_restart: Option<u64>,
+    /// Keep N extra workers booted up to their listen(): a crashed worker's slot, a
+    /// scale-up or a reload step gets one at once instead of waiting for a Node boot.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    warm_spares: usize,
     /// Write the workers' lines and the command's own messages to this file (appended,
     /// created with mode 0640) instead of stdout and stderr; SIGUSR1 reopens it after a
     /// rotation renamed it. The error that ends the command goes to stderr too.
@@ -252,6 +256,7 @@ fn run(args: Args, stdout: &Sink, stderr: &Sink) -> anyhow::Result<()> {
         .silent(true)
         .drain_deadline(args.grace)
         .stop_delay(args.stop_delay)
+        .warm_spares(args.warm_spares)
         .reload_timeout(args.listen_timeout)
         .wait_ready(args.wait_ready);
     let settings = match args.max_memory_restart {

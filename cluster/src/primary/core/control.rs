@@ -56,6 +56,7 @@ impl Core {
             Timer::Handoff(id) => self.handoff_timed_out(id),
             Timer::Connect(id) => self.connect_timed_out(id),
             Timer::Sample => self.sample(now),
+            Timer::Spare => self.ensure_spares(now),
             Timer::StopDelay => {
                 if let Run::Leaving { waiters } = &mut self.run {
                     let waiters = std::mem::take(waiters);
@@ -85,7 +86,11 @@ impl Core {
                 }
                 let slot = self.new_slot(env);
                 let id = self.fork_into(slot, now);
-                self.adding.insert(id, request);
+                match self.workers.get(&id).map(|w| w.phase) {
+                    // A promoted spare: it is already running.
+                    Some(phase) if phase != Phase::Starting => reply(self, Outcome::Added(id)),
+                    _ => drop(self.adding.insert(id, request)),
+                }
             }
             Request::RemoveWorker => {
                 let newest = self

@@ -189,9 +189,29 @@ pub(crate) struct WorkerEntry {
     pub(crate) sampled: Option<Instant>,
     /// How many samples in a row it has been above the memory limit.
     pub(crate) over_limit: u32,
+    /// Set while it is a warm spare (in no slot).
+    pub(crate) spare: Option<super::spares::Spare>,
 }
 
 impl WorkerEntry {
+    /// A worker of `slot` about to be forked at `now`.
+    pub(crate) fn new(slot: usize, now: Instant, restarts: u32, ready: bool) -> Self {
+        Self {
+            slot,
+            started: now,
+            phase: Phase::Starting,
+            servers: HashMap::new(),
+            handed: 0,
+            restarts,
+            listen_failed: None,
+            ready,
+            usage: None,
+            sampled: None,
+            over_limit: 0,
+            spare: None,
+        }
+    }
+
     /// How many of its servers are listening.
     pub(crate) fn listening(&self) -> usize {
         self.servers

@@ -104,6 +104,8 @@ impl Core {
             Some(reload) => reload.again.push(request),
             None => self.reload = Some(pass),
         }
+        // Spares run the code they were started with: never promote old code now.
+        self.renew_spares(now);
         self.advance_reload(now);
     }
 

@@ -43,6 +43,7 @@ impl Core {
                 restarts: worker.restarts,
                 listening,
                 usage: worker.usage,
+                spare: worker.spare.is_some(),
                 build: None,
             });
         }

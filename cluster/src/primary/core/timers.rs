@@ -29,6 +29,8 @@ pub(crate) enum Timer {
     Connect(WorkerId),
     /// Sample the workers' memory and CPU.
     Sample,
+    /// Start warm spares again after one crashed.
+    Spare,
     /// The stop's delay has passed: ask the workers to drain.
     StopDelay,
 }

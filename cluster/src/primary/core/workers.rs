@@ -33,7 +33,11 @@ impl Core {
     }
 
     /// Starts a worker as the current one of `slot`.
+    /// Gives `slot` a new worker: a warm spare if one can take it, else a fork.
     pub(super) fn fork_into(&mut self, slot: usize, now: Instant) -> WorkerId {
+        if let Some(id) = self.promote_spare(slot, now) {
+            return id;
+        }
         let id = WorkerId(self.next_id);
         self.next_id += 1;
         let (env, restarts) = match self.slots.get_mut(&slot) {
@@ -45,21 +49,13 @@ impl Core {
         };
         self.workers.insert(
             id,
-            WorkerEntry {
-                slot,
-                started: now,
-                phase: Phase::Starting,
-                servers: Default::default(),
-                handed: 0,
-                restarts,
-                listen_failed: None,
-                ready: !self.config.wait_ready,
-                usage: None,
-                sampled: None,
-                over_limit: 0,
-            },
+            WorkerEntry::new(slot, now, restarts, !self.config.wait_ready),
         );
-        self.out.push(Effect::Fork { id, slot, env });
+        self.out.push(Effect::Fork {
+            id,
+            slot: Some(slot),
+            env,
+        });
         id
     }
 
@@ -293,7 +289,9 @@ impl Core {
                 }
             }
             (_, ToPrimary::QueryServer { seq, key, backlog }) => {
-                self.query_server(id, seq, key, backlog)
+                if !self.hold_query(id, seq, key.clone(), backlog) {
+                    self.query_server(id, seq, key, backlog)
+                }
             }
             (
                 _,

@@ -76,12 +76,13 @@ impl Spawner {
         self.node.is_some()
     }
 
-    /// Starts the worker `id` of `slot` with `env` on top of the configured environment;
-    /// returns the process and its channel.
+    /// Starts the worker `id` of `slot` (`None`: a warm spare, with no slot in its
+    /// environment) with `env` on top of the configured environment; returns the
+    /// process and its channel.
     pub(super) fn spawn(
         &self,
         id: WorkerId,
-        slot: usize,
+        slot: Option<usize>,
         env: Vec<(OsString, OsString)>,
     ) -> Result<(child::Child, ipc::Channel), child::Error> {
         let silent = self.silent;
@@ -103,9 +104,11 @@ impl Spawner {
                 // What makes `require('cluster').isWorker` true in the script.
                 options = options.env(crate::env::NODE_UNIQUE_ID_ENV, crate::env::format_id(id));
             }
+            options = options.env(crate::env::WORKER_ID_ENV, crate::env::format_id(id));
+            if let Some(slot) = slot {
+                options = options.env(crate::env::WORKER_SLOT_ENV, slot.to_string());
+            }
             options = options
-                .env(crate::env::WORKER_ID_ENV, crate::env::format_id(id))
-                .env(crate::env::WORKER_SLOT_ENV, slot.to_string())
                 .kill_on_drop(true)
                 // Its own session and process group: a terminal's Ctrl-C or a signal
                 // sent to the primary's group reaches only the primary, which then

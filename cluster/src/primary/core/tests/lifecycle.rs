@@ -234,3 +234,77 @@ fn a_stop_with_a_delay_turns_unready_at_once_and_drains_only_after_the_delay() {
     sim.settle(1000);
     assert!(matches!(sim.replies.get(&stop), Some(Outcome::Done)));
 }
+
+#[test]
+fn a_warm_spare_takes_a_crashed_workers_slot_at_once_and_a_reload_replaces_the_spares() {
+    let config = Config {
+        warm_spares: 1,
+        ..config(2, Policy::RoundRobin)
+    };
+    let mut sim = Sim::new(config);
+    sim.settle(100);
+    // Two slot workers and a spare, which asked for its server and holds it.
+    let spare = id(3);
+    assert!(sim.core.workers[&spare].spare.is_some());
+    assert_eq!(
+        sim.core.workers[&spare]
+            .spare
+            .as_ref()
+            .map(|s| s.held.len()),
+        Some(1)
+    );
+    assert!(
+        sim.core.workers[&spare].servers.is_empty(),
+        "nothing granted to a spare"
+    );
+    for _ in 0..20 {
+        sim.connect(0);
+    }
+    sim.settle(100);
+    assert_eq!(
+        sim.core.workers[&spare].handed, 0,
+        "a spare is handed nothing"
+    );
+    // The first crash: no backoff, the spare takes the slot in the same step.
+    sim.exit(id(1), signaled(Signal::SIGKILL), Some(true));
+    let promoted = &sim.core.workers[&spare];
+    assert!(
+        promoted.spare.is_none() && promoted.slot == 0,
+        "{promoted:?}"
+    );
+    assert_eq!(sim.core.slots[&0].current(), Some(spare));
+    assert!(
+        sim.procs[&spare]
+            .inbox
+            .iter()
+            .any(|(m, _)| matches!(m, ToWorker::QueryReply { .. })),
+        "its held query is answered"
+    );
+    // A new spare is started in its place.
+    let new_spare = id(4);
+    assert!(sim.core.workers[&new_spare].spare.is_some());
+    sim.settle(100);
+    assert_eq!(sim.listening_current(), 2);
+    // A reload: the spare of the old code is stopped and a new one started.
+    let reload = sim.request(Request::Reload);
+    assert!(
+        sim.procs[&new_spare].asked
+            || sim.procs[&new_spare]
+                .inbox
+                .iter()
+                .any(|(m, _)| *m == ToWorker::Disconnect),
+        "the old code's spare is stopped"
+    );
+    sim.settle(1000);
+    assert!(matches!(sim.replies.get(&reload), Some(Outcome::Reloaded(r)) if r.succeeded()));
+    let spares: Vec<WorkerId> = sim
+        .core
+        .workers
+        .iter()
+        .filter(|(_, w)| w.spare.is_some())
+        .map(|(id, _)| *id)
+        .collect();
+    assert_eq!(spares.len(), 1);
+    assert!(spares[0] > new_spare, "a spare of the new code: {spares:?}");
+    sim.stop_and_check();
+}

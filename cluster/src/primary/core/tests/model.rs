@@ -194,10 +194,12 @@ proptest! {
         wait_ready in any::<bool>(),
         memory_limit in any::<bool>(),
         stop_delay in prop_oneof![Just(0u64), Just(2000)],
+        warm_spares in 0usize..3,
         ops in proptest::collection::vec(op(), 1..150),
     ) {
         let config = Config {
             wait_ready,
+            warm_spares,
             sample_every: memory_limit.then_some(Duration::from_secs(1)),
             max_rss: memory_limit.then_some(MEMORY_LIMIT),
             stop_delay: Duration::from_millis(stop_delay),

@@ -106,6 +106,7 @@ pub(super) fn config(workers: usize, policy: Policy) -> Config {
         sample_every: None,
         max_rss: None,
         stop_delay: Duration::ZERO,
+        warm_spares: 0,
     }
 }
 

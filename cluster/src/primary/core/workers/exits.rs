@@ -114,6 +114,11 @@ impl Core {
         }
         self.out.push(Effect::Forget(id));
         let slot = worker.slot;
+        if worker.spare.is_some() {
+            let asked = cause.is_some_and(StopCause::exited_after_disconnect);
+            let uptime = now.saturating_duration_since(worker.started);
+            self.spare_exited(asked, uptime, now);
+        }
         if self.running() && self.slot_current(slot) == Some(id) {
             match worker.listen_failed {
                 // Restarting would fail the same way: say so now, not after a crash loop.

@@ -45,10 +45,11 @@ impl Sim {
                     !again || !self.reload_failed.is_empty(),
                     "{id} said to be above the memory limit twice"
                 );
-                let worker = self.core.workers.get(id);
+                // (Its replacement may already have taken over by now: a worker that listens
+                // on nothing is replaced in the same step.)
                 assert!(
-                    worker.is_some_and(|w| w.serves(0)),
-                    "{id} is replaced for its memory but does not serve"
+                    self.core.workers.contains_key(id),
+                    "{id} is gone before its replacement"
                 );
                 (*id, "other")
             }
@@ -60,6 +61,11 @@ impl Sim {
                     "{id} kept the protocol but was flagged: {reason}"
                 );
                 self.misbehaved.push(*id);
+                (*id, "other")
+            }
+            Event::SparePromoted { id, .. } => {
+                let worker = self.core.workers.get(id).expect("a promoted spare is live");
+                assert!(worker.spare.is_none(), "{id} promoted but still a spare");
                 (*id, "other")
             }
             Event::GoingDown { id, .. }

@@ -63,6 +63,15 @@ impl Sim {
                     if let Some(FdRef::Conn(conn)) = &fd {
                         assert_eq!(self.conns.get(conn), Some(&ConnState::Held));
                     }
+                    let spare = self
+                        .core
+                        .workers
+                        .get(&id)
+                        .is_some_and(|w| w.spare.is_some());
+                    assert!(
+                        !spare || matches!(message, ToWorker::Disconnect),
+                        "a spare was sent {message:?}: its queries are held, it gets no connection"
+                    );
                     match (&fd, &message) {
                         (Some(FdRef::Listener { key, .. }), ToWorker::QueryReply { seq, .. })
                             if self.fail_next_copy.is_some() =>
