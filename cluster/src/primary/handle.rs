@@ -4,15 +4,18 @@
 //! comes back as the core's [`Outcome`], turned here into the method's result.
 
 use std::ffi::OsString;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::command::{Command, EXIT_GRACE, Reply};
-use super::link::Link;
 use super::core::{Outcome, Request};
 use super::events::{self, Event, Events};
+use super::link::Link;
 use super::stats::{ReloadReport, Stats};
 use super::upgrade::{self, UpgradeError};
 use super::{driver, systemd};
@@ -65,6 +68,21 @@ pub struct Primary {
     /// The readiness socket of a primary started by an upgrade, taken (close-on-exec) at
     /// start and written by [`run_until_signal`](Primary::run_until_signal).
     upgraded_from: std::sync::Mutex<Option<systemd::UpgradeReadiness>>,
+    /// The primary's own servers, ended when this handle is dropped.
+    servers: Servers,
+}
+
+/// The primary's own servers beside the driver (the metrics endpoint): each holds a
+/// [`Link`], so each must end when the handle does, or the driver would wait for them.
+#[derive(Debug, Default)]
+struct Servers {
+    /// The metrics endpoint's bound address.
+    metrics: Option<SocketAddr>,
+    /// Lines the application's output dropped, served as a counter.
+    dropped_output: Arc<AtomicU64>,
+    /// Dropped with the handle: the servers end.
+    #[cfg(feature = "metrics")]
+    _stop: Option<tokio_util::sync::DropGuard>,
 }
 
 impl Primary {
@@ -87,15 +105,47 @@ impl Primary {
             // As long as this primary's own stop may take: its workers' drain, then the exits.
             stop_timeout: settings.drain_deadline + EXIT_GRACE,
         };
+        // Bound before any worker starts: an address in use fails the start at once.
+        #[cfg(feature = "metrics")]
+        let metrics = match settings.metrics {
+            Some(address) => Some(super::metrics::MetricsListener::bind(address).await?),
+            None => None,
+        };
         let (started, ready) = driver::Driver::start(settings, events_tx, commands_rx);
         done(started)?;
-        Ok(Primary {
+        #[cfg_attr(not(feature = "metrics"), allow(unused_mut))]
+        let mut primary = Primary {
             commands,
             events: Some(events),
             ready,
             upgrade,
             upgraded_from: std::sync::Mutex::new(Some(upgraded_from)),
-        })
+            servers: Servers::default(),
+        };
+        #[cfg(feature = "metrics")]
+        if let Some(listener) = metrics {
+            let link = primary.link();
+            let servers = &mut primary.servers;
+            servers.metrics = Some(listener.local_addr());
+            let dropped = Arc::clone(&servers.dropped_output);
+            servers._stop = Some(listener.serve(link, dropped));
+        }
+        Ok(primary)
+    }
+
+    /// The address the metrics endpoint listens on
+    /// ([`Settings::metrics`](crate::Settings::metrics); the port chosen for port 0), if
+    /// it is on.
+    pub fn metrics_address(&self) -> Option<SocketAddr> {
+        self.servers.metrics
+    }
+
+    /// The count of output lines the application dropped (a program that writes its
+    /// workers' output through bounded queues, as the `cluster` command does, adds to it
+    /// when a queue is full). The metrics endpoint serves it as
+    /// `cluster_dropped_output_lines_total`; the primary itself never adds to it.
+    pub fn dropped_output_lines(&self) -> Arc<AtomicU64> {
+        Arc::clone(&self.servers.dropped_output)
     }
 
     async fn ask<T>(&self, command: impl FnOnce(Reply<T>) -> Command) -> Result<T, Error> {
