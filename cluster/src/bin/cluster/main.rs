@@ -108,6 +108,16 @@ struct Args {
     /// `Connection: close`.
     #[arg(long)]
     no_keepalive_drain: bool,
+    /// Serve /metrics (Prometheus, OpenMetrics text), /status (an HTML page) and
+    /// /readyz (a balancer's health check) over HTTP on this address: 127.0.0.1:9100
+    /// (port 0: any free port; the command prints `metrics on http://ADDRESS`).
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<std::net::SocketAddr>,
+    /// On TERM/INT, turn not ready at once (/readyz answers 503) and keep serving this
+    /// long before the workers drain, so that a balancer's health checks see it first
+    /// (same units as --grace).
+    #[arg(long, default_value = "0s", value_parser = parse_duration, value_name = "DURATION")]
+    stop_delay: Duration,
     /// The program and its arguments (after `--`).
     #[arg(
         required = true,
@@ -212,6 +222,12 @@ fn run(args: Args, stdout: &Sink, stderr: &Sink) -> anyhow::Result<()> {
         .drain_deadline(args.grace)
         .reload_timeout(args.listen_timeout)
         .wait_ready(args.wait_ready);
+    // The primary's HTTP endpoint and the stop delay in front of its balancer.
+    let settings = settings.stop_delay(args.stop_delay);
+    let settings = match args.metrics {
+        Some(address) => settings.metrics(address),
+        None => settings,
+    };
     let (settings, shown) = match invocation {
         Invocation::Node {
             node,
@@ -247,14 +263,21 @@ fn run(args: Args, stdout: &Sink, stderr: &Sink) -> anyhow::Result<()> {
         stderr.clone(),
     ));
     let watch = Watch::new(args.name, shown, workers, stdout.clone(), stderr.clone());
-    runtime.block_on(supervise(settings, watch))
+    runtime.block_on(supervise(settings, watch, [stdout, stderr]))
 }
 
-async fn supervise(settings: Settings, mut watch: Watch) -> anyhow::Result<()> {
+async fn supervise(settings: Settings, mut watch: Watch, sinks: [&Sink; 2]) -> anyhow::Result<()> {
     let shown = watch.program().to_owned();
     let mut primary = Primary::start(settings)
         .await
         .with_context(|| format!("cannot start {shown}"))?;
+    // The metrics endpoint: where it is, and the lines the sinks drop, which it serves.
+    if let Some(address) = primary.metrics_address() {
+        sinks[0].line(Kind::Log, &format!("metrics on http://{address}"));
+    }
+    for sink in sinks {
+        sink.count_drops(primary.dropped_output_lines());
+    }
     let mut events = primary.take_events().context("events already taken")?;
     let primary = primary;
     let (result, fatal) = {
