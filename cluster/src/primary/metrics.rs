@@ -362,3 +362,124 @@ pub(crate) fn sample_stats() -> Stats {
         totals,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::sync::{mpsc, watch};
+
+    use super::*;
+    use crate::primary::command::Command;
+
+    /// A driver that answers every `Stats` with the sample snapshot, and the readiness.
+    fn fake_driver() -> (Link, watch::Sender<bool>) {
+        let (commands, mut rx) = mpsc::channel(64);
+        let (ready_tx, ready) = watch::channel(false);
+        tokio::spawn(async move {
+            while let Some(command) = rx.recv().await {
+                if let Command::Stats(reply) = command {
+                    let _ = reply.send(sample_stats());
+                }
+            }
+        });
+        (Link { commands, ready }, ready_tx)
+    }
+
+    /// One request with `Connection: close`: the whole response as text.
+    async fn exchange(address: SocketAddr, request: &str) -> String {
+        let mut stream = TcpStream::connect(address).await.expect("connect");
+        let request = format!("{request}\r\nHost: test\r\nConnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.expect("write");
+        let mut response = String::new();
+        let read = stream.read_to_string(&mut response);
+        tokio::time::timeout(Duration::from_secs(10), read)
+            .await
+            .expect("a response in time")
+            .expect("read");
+        response
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn routes_methods_and_readiness() {
+        let (link, ready) = fake_driver();
+        let listener = MetricsListener::bind("127.0.0.1:0".parse().expect("address"))
+            .await
+            .expect("bind");
+        let address = listener.local_addr();
+        let _guard = listener.serve(link, Arc::new(AtomicU64::new(7)));
+
+        let metrics = exchange(address, "GET /metrics HTTP/1.1").await;
+        assert!(metrics.starts_with("HTTP/1.1 200"), "{metrics}");
+        assert!(metrics.contains(exposition::CONTENT_TYPE), "{metrics}");
+        assert!(metrics.contains("cluster_dropped_output_lines_total 7\n"));
+        assert!(metrics.ends_with("# EOF\n"), "{metrics}");
+        let head = exchange(address, "HEAD /metrics HTTP/1.1").await;
+        assert!(
+            head.starts_with("HTTP/1.1 200") && head.ends_with("\r\n\r\n"),
+            "{head}"
+        );
+        let status = exchange(address, "GET /status HTTP/1.1").await;
+        assert!(status.contains("<td class=\"pid\">4104</td>"), "{status}");
+
+        let post = exchange(address, "POST /metrics HTTP/1.1").await;
+        assert!(post.starts_with("HTTP/1.1 405"), "{post}");
+        assert!(post.contains("allow: GET, HEAD"), "{post}");
+        let missing = exchange(address, "GET /nowhere HTTP/1.1").await;
+        assert!(missing.starts_with("HTTP/1.1 404"), "{missing}");
+
+        let not_ready = exchange(address, "GET /readyz HTTP/1.1").await;
+        assert!(not_ready.starts_with("HTTP/1.1 503"), "{not_ready}");
+        assert!(not_ready.ends_with("\r\n\r\nnot ready\n"), "{not_ready}");
+        ready.send_replace(true);
+        let now_ready = exchange(address, "GET /readyz HTTP/1.1").await;
+        assert!(now_ready.ends_with("\r\n\r\nready\n"), "{now_ready}");
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn connections_past_the_bound_are_closed_and_a_drop_ends_the_server() {
+        let (link, _ready) = fake_driver();
+        let listener = MetricsListener::bind("127.0.0.1:0".parse().expect("address"))
+            .await
+            .expect("bind");
+        let address = listener.local_addr();
+        let guard = listener.serve(link.clone(), Arc::new(AtomicU64::new(0)));
+        // Idle connections hold every permit (until the head timeout, 5 s); the server
+        // accepts in order, so the next one finds none left.
+        let mut idle = Vec::new();
+        for _ in 0..MAX_CONNECTIONS {
+            idle.push(TcpStream::connect(address).await.expect("connect"));
+        }
+        let mut one_more = TcpStream::connect(address).await.expect("connect");
+        let _ = one_more.write_all(b"GET /healthz HTTP/1.1\r\n\r\n").await;
+        let mut response = Vec::new();
+        let read = one_more.read_to_end(&mut response);
+        let read = tokio::time::timeout(HEADER_READ_TIMEOUT / 2, read).await;
+        assert!(
+            matches!(read, Ok(Ok(0) | Err(_))),
+            "closed at once without an answer: {read:?} {response:?}"
+        );
+        // One of them is served once it asks.
+        let mut first = idle.remove(0);
+        first
+            .write_all(b"GET /healthz HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+            .await
+            .expect("write");
+        let mut answer = String::new();
+        first.read_to_string(&mut answer).await.expect("read");
+        assert!(answer.ends_with("ok\n"), "{answer}");
+        drop(idle);
+        // Dropping the guard ends the server and its Link: the driver's channel closes.
+        drop(guard);
+        let (commands, ready) = (link.commands.clone(), link.ready.clone());
+        drop(link);
+        let probe = Link { commands, ready };
+        let gone = async {
+            while probe.commands.strong_count() > 1 {
+                tokio::task::yield_now().await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), gone)
+            .await
+            .expect("the server's Links are dropped");
+    }
+}
