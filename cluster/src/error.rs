@@ -48,6 +48,16 @@ pub enum Error {
         /// Why it could not be.
         reason: String,
     },
+    /// The metrics endpoint's address ([`Settings::metrics`](crate::Settings::metrics))
+    /// could not be bound: in use, not local to this machine, or privileged.
+    #[error("cannot serve metrics on {address}")]
+    Metrics {
+        /// The address asked for.
+        address: SocketAddr,
+        /// Why `bind` or `listen` failed.
+        #[source]
+        source: io::Error,
+    },
 }
 
 /// Why a worker's [`listen`](crate::Worker::listen) failed: Node's `EADDRINUSE`,

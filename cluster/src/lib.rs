@@ -85,6 +85,17 @@
 //!   bound the primary stops accepting on it, and the kernel's listen backlog holds the
 //!   rest until a worker takes them.
 //!
+//! # Observing a running primary
+//!
+//! With [`Settings::metrics`] (the `metrics` feature), the primary serves over HTTP/1, on
+//! an address of its own: `/metrics` for Prometheus (the OpenMetrics text format, from
+//! [`Stats`] snapshots: workers by state, starts and exits by [`ExitCause`], reloads,
+//! hand-offs, per-slot memory and CPU), `/status` (a self-contained HTML page with a
+//! chart of the last minutes), `/readyz` ([`Stats::ready`]: 200 or 503, a balancer's
+//! health check, which [`Settings::stop_delay`] gives time to act) and `/healthz`. The
+//! endpoint reads the cluster as [`Primary::stats`] does and never blocks the primary;
+//! it ends with it.
+//!
 //! # Logging
 //!
 //! Through `tracing`, target `cluster::*`: `info` for workers restarted and reloads
@@ -163,9 +174,12 @@
 //!
 //! # Features
 //!
+//! - `metrics` (default): the metrics endpoint ([`Settings::metrics`]) and its
+//!   dependencies (hyper, hyper-util, http-body-util, prometheus-client).
 //! - `cli` (default): the `cluster` command (`src/bin/cluster/`) and its dependencies
-//!   (clap, anyhow, tracing-subscriber, shlex). The library needs none of them: depend on
-//!   it with `default-features = false`.
+//!   (clap, anyhow, tracing-subscriber, shlex); it turns `metrics` on. The library needs
+//!   none of them: depend on it with `default-features = false` (and `features =
+//!   ["metrics"]` for the endpoint).
 //!
 //! # Platform
 //!

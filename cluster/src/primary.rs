@@ -3,7 +3,8 @@
 //! A `Primary` (`handle.rs`) is a handle on one driver task. The driver (`driver.rs`)
 //! owns the worker processes, channels and sockets; every decision is made by the pure
 //! state machine in `core.rs`, which it feeds with what happens (time passing included)
-//! and whose effects it performs.
+//! and whose effects it performs. With the `metrics` feature, `metrics.rs` serves
+//! `/metrics`, `/status` and `/readyz`, reading the cluster through a `Link` like the handle.
 
 mod command;
 mod control_server;
@@ -12,6 +13,8 @@ mod driver;
 mod events;
 mod handle;
 mod link;
+#[cfg(feature = "metrics")]
+mod metrics;
 mod restart;
 mod sockets;
 mod stats;

@@ -408,9 +408,14 @@ impl Settings {
         self
     }
 
-    /// Serves `/metrics` (Prometheus' text format 0.0.4), `/status` (an HTML status
-    /// page) and `/readyz` (200 while the cluster is ready, else 503) over HTTP on
-    /// `address`. Off by default.
+    /// Serves `/metrics` (for Prometheus, in the OpenMetrics text format), `/status` (an
+    /// HTML status page), `/readyz` (200 while the cluster is ready, else 503) and
+    /// `/healthz` over HTTP/1 on `address` (port 0: any free port, see
+    /// [`Primary::metrics_address`](crate::Primary::metrics_address)). Off by default.
+    /// The address is bound by [`Primary::start`](crate::Primary::start), which fails
+    /// with [`Error::Metrics`](crate::Error::Metrics) when it cannot be. The `metrics`
+    /// feature (default).
+    #[cfg(feature = "metrics")]
     pub fn metrics(mut self, address: std::net::SocketAddr) -> Self {
         self.metrics = Some(address);
         self

@@ -19,6 +19,8 @@ mod http_workers;
 mod log_file;
 #[path = "cli/messages.rs"]
 mod messages;
+#[path = "cli/metrics.rs"]
+mod metrics;
 #[path = "cli/node_apps.rs"]
 mod node_apps;
 

@@ -4,6 +4,7 @@
 //! ```text
 //! httpd-demo [--workers N] [--host ADDR] [--port PORT] [--policy rr|shared|reuseport]
 //!            [--grace SECONDS] [--reload-timeout SECONDS] [--allow-crash] [--control PATH]
+//!            [--metrics ADDR] [--stop-delay SECONDS]
 //! ```
 //!
 //! Signals on the primary: SIGTERM/SIGINT graceful stop, SIGHUP rolling reload (workers
@@ -70,6 +71,14 @@ struct Args {
     /// `cluster reload|scale|stop --control PATH` talk to it.
     #[arg(long, value_name = "PATH")]
     control: Option<std::path::PathBuf>,
+    /// Serve the primary's /metrics (Prometheus), /status and /readyz on this address
+    /// (127.0.0.1:9100; port 0 picks a free one). Off by default.
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<SocketAddr>,
+    /// Seconds the primary keeps serving, not ready (/readyz 503), between a stop signal
+    /// and the drain, for a balancer's health checks to notice.
+    #[arg(long, default_value_t = 0)]
+    stop_delay: u64,
 }
 
 /// `--workers`: a count of at least 1; a cluster with no worker would run with no
@@ -147,7 +156,12 @@ async fn primary(args: Args) -> anyhow::Result<()> {
         .drain_deadline(grace + Duration::from_secs(1))
         .reload_timeout(Duration::from_secs(args.reload_timeout))
         // A new primary (SIGUSR2) gets as long as a reload step to be ready.
-        .upgrade_timeout(Duration::from_secs(args.reload_timeout));
+        .upgrade_timeout(Duration::from_secs(args.reload_timeout))
+        .stop_delay(Duration::from_secs(args.stop_delay));
+    let settings = match args.metrics {
+        Some(address) => settings.metrics(address),
+        None => settings,
+    };
     let settings = match &args.control {
         Some(path) => settings.control_socket(path),
         None => settings,
@@ -155,6 +169,9 @@ async fn primary(args: Args) -> anyhow::Result<()> {
     let mut primary = Primary::start(settings)
         .await
         .context("starting the cluster")?;
+    if let Some(address) = primary.metrics_address() {
+        tracing::info!("metrics on http://{address}");
+    }
     let mut events = primary.take_events().context("events already taken")?;
     let primary = primary;
     let (result, fatal) = {

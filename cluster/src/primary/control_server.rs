@@ -64,7 +64,9 @@ impl Drop for SocketFile {
 pub(crate) struct ControlHandle {
     permits: Arc<Semaphore>,
     _file: SocketFile,
-    task: tokio::task::JoinHandle<()>,
+    /// Cancelled when the handle is dropped: the server and every connection it serves
+    /// end, and with them their `Link`s, so the driver is not kept alive by them.
+    _stop: tokio_util::sync::DropGuard,
 }
 
 impl ControlHandle {
@@ -72,12 +74,6 @@ impl ControlHandle {
     pub(crate) async fn settle(&self) {
         let all = u32::try_from(MAX_CLIENTS).unwrap_or(u32::MAX);
         let _ = tokio::time::timeout(SETTLE, self.permits.acquire_many(all)).await;
-    }
-}
-
-impl Drop for ControlHandle {
-    fn drop(&mut self) {
-        self.task.abort();
     }
 }
 
@@ -186,17 +182,19 @@ impl ControlSocket {
         let listener =
             UnixListener::from_std(self.listener).map_err(|e| refused(&path, e.to_string()))?;
         let permits = Arc::new(Semaphore::new(MAX_CLIENTS));
+        let stop = tokio_util::sync::CancellationToken::new();
         let server = Server {
             link,
             permits: Arc::clone(&permits),
             listen_timeout,
             drain_deadline,
+            stop: stop.clone(),
         };
-        let task = tokio::spawn(server.run(listener));
+        tokio::spawn(server.run(listener));
         Ok(ControlHandle {
             permits,
             _file: self.file,
-            task,
+            _stop: stop.drop_guard(),
         })
     }
 }
@@ -207,6 +205,7 @@ struct Server {
     permits: Arc<Semaphore>,
     listen_timeout: Duration,
     drain_deadline: Duration,
+    stop: tokio_util::sync::CancellationToken,
 }
 
 impl Server {
@@ -215,6 +214,7 @@ impl Server {
             let accepted = tokio::select! {
                 accepted = listener.accept() => accepted,
                 () = self.link.closed() => return,
+                () = self.stop.cancelled() => return,
             };
             let stream = match accepted {
                 Ok((stream, _)) => stream,
@@ -229,7 +229,11 @@ impl Server {
                 Ok(permit) => {
                     let server = self.clone();
                     tokio::spawn(async move {
-                        server.answer(stream).await;
+                        let stop = server.stop.clone();
+                        tokio::select! {
+                            () = server.answer(stream) => {}
+                            () = stop.cancelled() => {}
+                        }
                         drop(permit);
                     });
                 }

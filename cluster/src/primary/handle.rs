@@ -4,6 +4,9 @@
 //! comes back as the core's [`Outcome`], turned here into the method's result.
 
 use std::ffi::OsString;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 use serde::Serialize;
@@ -68,6 +71,21 @@ pub struct Primary {
     upgraded_from: std::sync::Mutex<Option<systemd::UpgradeReadiness>>,
     /// The control socket being served, if any.
     control: Option<ControlHandle>,
+    /// The primary's own servers, ended when this handle is dropped.
+    servers: Servers,
+}
+
+/// The primary's own servers beside the driver (the metrics endpoint): each holds a
+/// [`Link`], so each must end when the handle does, or the driver would wait for them.
+#[derive(Debug, Default)]
+struct Servers {
+    /// The metrics endpoint's bound address.
+    metrics: Option<SocketAddr>,
+    /// Lines the application's output dropped, served as a counter.
+    dropped_output: Arc<AtomicU64>,
+    /// Dropped with the handle: the servers end.
+    #[cfg(feature = "metrics")]
+    _stop: Option<tokio_util::sync::DropGuard>,
 }
 
 impl Primary {
@@ -96,8 +114,26 @@ impl Primary {
             None => None,
         };
         let (listen_timeout, drain_deadline) = (settings.reload_timeout, settings.drain_deadline);
+        // Bound before any worker starts: an address in use fails the start at once.
+        // An upgrade's new primary finds the address held by the old one, which serves
+        // it until it stops: it binds it once the old one lets it go.
+        #[cfg(feature = "metrics")]
+        let metrics = match settings.metrics {
+            Some(address) => match super::metrics::MetricsListener::bind(address).await {
+                Ok(listener) => Some(Ok(listener)),
+                Err(Error::Metrics { source, .. })
+                    if upgraded_from.is_upgrade()
+                        && source.kind() == std::io::ErrorKind::AddrInUse =>
+                {
+                    Some(Err(address))
+                }
+                Err(e) => return Err(e),
+            },
+            None => None,
+        };
         let (started, ready) = driver::Driver::start(settings, events_tx, commands_rx);
         done(started)?;
+        #[cfg_attr(not(feature = "metrics"), allow(unused_mut))]
         let mut primary = Primary {
             commands,
             events: Some(events),
@@ -105,12 +141,44 @@ impl Primary {
             upgrade,
             upgraded_from: std::sync::Mutex::new(Some(upgraded_from)),
             control: None,
+            servers: Servers::default(),
         };
+        #[cfg(feature = "metrics")]
+        if let Some(listener) = metrics {
+            let link = primary.link();
+            let servers = &mut primary.servers;
+            let dropped = Arc::clone(&servers.dropped_output);
+            match listener {
+                Ok(listener) => {
+                    servers.metrics = Some(listener.local_addr());
+                    servers._stop = Some(listener.serve(link, dropped));
+                }
+                Err(address) => {
+                    servers.metrics = Some(address);
+                    servers._stop = Some(super::metrics::serve_once_free(address, link, dropped));
+                }
+            }
+        }
         if let Some(control) = control {
             primary.control =
                 Some(control.serve(primary.link(), listen_timeout, drain_deadline)?);
         }
         Ok(primary)
+    }
+
+    /// The address the metrics endpoint listens on
+    /// ([`Settings::metrics`](crate::Settings::metrics); the port chosen for port 0), if
+    /// it is on.
+    pub fn metrics_address(&self) -> Option<SocketAddr> {
+        self.servers.metrics
+    }
+
+    /// The count of output lines the application dropped (a program that writes its
+    /// workers' output through bounded queues, as the `cluster` command does, adds to it
+    /// when a queue is full). The metrics endpoint serves it as
+    /// `cluster_dropped_output_lines_total`; the primary itself never adds to it.
+    pub fn dropped_output_lines(&self) -> Arc<AtomicU64> {
+        Arc::clone(&self.servers.dropped_output)
     }
 
     async fn ask<T>(&self, command: impl FnOnce(Reply<T>) -> Command) -> Result<T, Error> {

@@ -12,11 +12,14 @@ use crate::error::Error;
 
 /// A way to the driver: its commands and the readiness it publishes.
 #[derive(Debug, Clone)]
+// Without the `metrics` feature only the handle uses it, and asks the driver directly.
+#[cfg_attr(not(feature = "metrics"), allow(dead_code))]
 pub(crate) struct Link {
     pub(crate) commands: mpsc::Sender<Command>,
     pub(crate) ready: watch::Receiver<bool>,
 }
 
+#[cfg_attr(not(feature = "metrics"), allow(dead_code))]
 impl Link {
     /// Sends the driver a command and waits for its answer; `Stopped` once the driver
     /// has ended.

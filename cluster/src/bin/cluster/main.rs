@@ -142,6 +142,11 @@ struct Args {
     /// `Connection: close`.
     #[arg(long)]
     no_keepalive_drain: bool,
+    /// Serve /metrics (Prometheus, OpenMetrics text), /status (an HTML page) and
+    /// /readyz (a balancer's health check) over HTTP on this address: 127.0.0.1:9100
+    /// (port 0: any free port; the command prints `metrics on http://ADDRESS`).
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<std::net::SocketAddr>,
     /// The program and its arguments (after `--`).
     #[arg(
         required = true,
@@ -275,6 +280,10 @@ fn run(args: Args, stdout: &Sink, stderr: &Sink) -> anyhow::Result<()> {
             &program,
         )?),
     };
+    let settings = match args.metrics {
+        Some(address) => settings.metrics(address),
+        None => settings,
+    };
     let (settings, shown) = match invocation {
         Invocation::Node {
             node,
@@ -311,7 +320,7 @@ fn run(args: Args, stdout: &Sink, stderr: &Sink) -> anyhow::Result<()> {
     ));
     let prefix = args.name.unwrap_or_else(|| "worker".to_owned());
     let watch = Watch::new(prefix, shown, workers, stdout.clone(), stderr.clone());
-    runtime.block_on(supervise(settings, control, watch))
+    runtime.block_on(supervise(settings, control, watch, [stdout, stderr]))
 }
 
 /// Starts the primary, with its control socket at `control`'s first path, or at its
@@ -336,11 +345,19 @@ async fn supervise(
     settings: Settings,
     control: Option<control::SocketPath>,
     mut watch: Watch,
+    sinks: [&Sink; 2],
 ) -> anyhow::Result<()> {
     let shown = watch.program().to_owned();
     let mut primary = start(settings, control)
         .await
         .with_context(|| format!("cannot start {shown}"))?;
+    // The metrics endpoint: where it is, and the lines the sinks drop, which it serves.
+    if let Some(address) = primary.metrics_address() {
+        sinks[0].line(Kind::Log, &format!("metrics on http://{address}"));
+    }
+    for sink in sinks {
+        sink.count_drops(primary.dropped_output_lines());
+    }
     let mut events = primary.take_events().context("events already taken")?;
     let primary = primary;
     let (result, fatal) = {

@@ -18,6 +18,7 @@
 use std::collections::VecDeque;
 use std::io::Write;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
@@ -108,6 +109,8 @@ struct Shared {
     file: bool,
     /// The sink this one's lines go to instead (the log file's), once redirected.
     redirect: OnceLock<Sink>,
+    /// Where dropped lines are counted too, once set (the primary's metrics).
+    dropped: OnceLock<Arc<AtomicU64>>,
 }
 
 impl Shared {
@@ -121,6 +124,8 @@ impl Shared {
     fn enqueue(&self, kind: Kind, line: Vec<u8>) {
         if self.lock().offer(kind, line) {
             self.changed.notify_all();
+        } else if let Some(dropped) = self.dropped.get() {
+            dropped.fetch_add(1, Ordering::Relaxed);
         }
     }
 }
@@ -219,6 +224,7 @@ impl Sink {
             changed: Condvar::new(),
             file: matches!(out, Out::File { .. }),
             redirect: OnceLock::new(),
+            dropped: OnceLock::new(),
         });
         let writer = Arc::clone(&shared);
         let spawned = std::thread::Builder::new()
@@ -264,6 +270,15 @@ impl Sink {
     /// already queued here are still written here. Once only: a later call is ignored.
     pub(crate) fn redirect(&self, to: &Sink) {
         let _ = self.shared.redirect.set(to.clone());
+    }
+
+    /// Counts every line this sink (and the sink it is redirected to) drops from now on
+    /// in `dropped` too, beside its notices. Once only: a later call is ignored.
+    pub(crate) fn count_drops(&self, dropped: Arc<AtomicU64>) {
+        if let Some(to) = self.shared.redirect.get() {
+            let _ = to.shared.dropped.set(Arc::clone(&dropped));
+        }
+        let _ = self.shared.dropped.set(dropped);
     }
 
     /// Asks the log file's writer to reopen it between two lines: every line queued after
@@ -391,12 +406,14 @@ mod tests {
     use std::io::Read;
 
     /// A sink on a pipe nobody reads takes every line at once (none blocks), keeps what
-    /// its bound holds, drops and counts the rest, and reports the count once the stream
-    /// moves again, after the lines that were kept.
+    /// its bound holds, drops and counts the rest (in the metrics' counter too), and
+    /// reports the count once the stream moves again, after the lines that were kept.
     #[test]
     fn a_stalled_stream_drops_and_counts_and_reports_once_it_moves() {
         let (mut read, write) = std::io::pipe().expect("pipe");
         let sink = Sink::new(write, "test");
+        let counted = Arc::new(AtomicU64::new(0));
+        sink.count_drops(Arc::clone(&counted));
         let line = "x".repeat(999);
         // Far more than the pipe (64 KiB) and the queue hold together.
         let count = 4 * QUEUE_BYTES / 1000;
@@ -440,6 +457,11 @@ mod tests {
             "{notices} notices, {dropped} dropped"
         );
         assert_eq!(kept + dropped, count, "every line kept or counted");
+        assert_eq!(
+            counted.load(Ordering::Relaxed),
+            dropped as u64,
+            "the metrics' count is the notices' count"
+        );
         assert!(
             kept >= QUEUE_BYTES / 1000,
             "the queue's bound was kept: {kept}"
