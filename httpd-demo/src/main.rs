@@ -4,6 +4,7 @@
 //! ```text
 //! httpd-demo [--workers N] [--host ADDR] [--port PORT] [--policy rr|shared|reuseport]
 //!            [--grace SECONDS] [--reload-timeout SECONDS] [--allow-crash]
+//!            [--log-format text|json]
 //! ```
 //!
 //! Signals on the primary: SIGTERM/SIGINT graceful stop, SIGHUP rolling reload (workers
@@ -17,6 +18,7 @@
 //! Workers answer `GET /healthz` and `GET /readyz` (503 once their stop begins).
 
 mod app;
+mod event_log;
 mod serve;
 
 use std::io::{IsTerminal, Write};
@@ -27,6 +29,7 @@ use anyhow::Context;
 use clap::{Parser, ValueEnum};
 use cluster::{Event, Policy, Primary, RestartPolicy, Settings, Worker};
 
+use crate::event_log::LogFormat;
 use crate::serve::{Accept, Drained};
 
 /// Each connection allocates and frees a task, hyper's connection state and two 8 KiB
@@ -66,6 +69,10 @@ struct Args {
     /// Enable `GET /crash`, which makes the handling worker panic.
     #[arg(long)]
     allow_crash: bool,
+    /// How the primary writes its events on standard error: `json` is one JSON object per
+    /// event (fork, exit, ...) for programs that check them.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
 }
 
 /// `--workers`: a count of at least 1; a cluster with no worker would run with no
@@ -128,6 +135,10 @@ async fn primary(args: Args) -> anyhow::Result<()> {
     });
     let build = app::build_id();
     tracing::info!(pid = std::process::id(), workers, policy = ?args.policy, build, "primary running");
+    let format = args.log_format;
+    if format == LogFormat::Json {
+        json_line(&event_log::primary_line("primary-start"));
+    }
     let grace = Duration::from_secs(args.grace);
     let settings = Settings::new()
         .args(std::env::args_os().skip(1))
@@ -150,7 +161,7 @@ async fn primary(args: Args) -> anyhow::Result<()> {
     let mut events = primary.take_events().context("events already taken")?;
     let primary = primary;
     let (result, fatal) = {
-        let logging = log_events(&primary, &mut events, workers);
+        let logging = log_events(&primary, &mut events, workers, format);
         let running = primary.run_until_signal();
         tokio::pin!(logging, running);
         tokio::select! {
@@ -169,7 +180,10 @@ async fn primary(args: Args) -> anyhow::Result<()> {
     drop(primary);
     // The last exits, after the stop.
     while let Some(event) = events.recv().await {
-        show(&event);
+        show(&event, format);
+    }
+    if format == LogFormat::Json {
+        json_line(&event_log::primary_line("primary-exit"));
     }
     result.context("running the cluster")?;
     if let Some(reason) = fatal {
@@ -187,11 +201,24 @@ fn print_worker_line(id: cluster::WorkerId, stream: cluster::OutputStream, line:
     };
 }
 
-/// A worker's output line is printed with its id, any other event logged.
-fn show(event: &Event) {
+/// One line of `--log-format json` on standard error.
+fn json_line(line: &str) {
+    let _ = writeln!(std::io::stderr().lock(), "{line}");
+}
+
+/// A worker's output line is printed with its id, any other event logged (as a JSON line
+/// with `--log-format json`).
+fn show(event: &Event, format: LogFormat) {
     match event {
         Event::Output { id, stream, line } => print_worker_line(*id, *stream, line),
-        event => log_event(event),
+        event => match format {
+            LogFormat::Text => log_event(event),
+            LogFormat::Json => {
+                if let Some(line) = event_log::event_line(event) {
+                    json_line(&line);
+                }
+            }
+        },
     }
 }
 
@@ -204,6 +231,7 @@ async fn log_events(
     primary: &Primary,
     events: &mut cluster::Events,
     workers: usize,
+    format: LogFormat,
 ) -> Option<String> {
     let mut announced = false;
     let mut ready = false;
@@ -217,7 +245,7 @@ async fn log_events(
             let _ = writeln!(stdout, "listening on http://{address}");
             let _ = stdout.flush();
         }
-        show(&event);
+        show(&event, format);
         if let Event::SlotFailed { cause, .. } = &event {
             failed_slots += 1;
             if matches!(cause, cluster::SlotFailure::Listen { .. }) {
