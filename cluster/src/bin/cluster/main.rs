@@ -99,6 +99,10 @@ struct Args {
     /// `Connection: close`.
     #[arg(long)]
     no_keepalive_drain: bool,
+    /// How the primary's events are written on stderr: text lines, or json (one object
+    /// per event, for programs that check them).
+    #[arg(long, value_enum, default_value = "text")]
+    log_format: watch::LogFormat,
     /// The program and its arguments (after `--`).
     #[arg(
         required = true,
@@ -224,7 +228,8 @@ fn run(args: Args, stdout: &Sink, stderr: &Sink) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("starting the runtime")?;
-    let watch = Watch::new(args.name, shown, workers, stdout.clone(), stderr.clone());
+    let watch = Watch::new(args.name, shown, workers, stdout.clone(), stderr.clone())
+        .log_format(args.log_format);
     runtime.block_on(supervise(settings, watch))
 }
 
