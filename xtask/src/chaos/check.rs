@@ -215,29 +215,43 @@ fn drift(run: &Run, v: &mut Verdict) {
     }
 }
 
+/// What the event log says of one worker.
+#[derive(Debug, Default)]
+struct Logged {
+    pid: Option<u32>,
+    forks: usize,
+    exits: usize,
+    /// When its exit was logged, on the load's clock.
+    exited: Option<Duration>,
+}
+
 fn event_log(run: &Run, v: &mut Verdict) {
-    // (primary, worker id) -> (pid, forks, exits, exit time on the load's clock)
-    let mut workers: BTreeMap<(u32, u64), (Option<u32>, usize, usize, Option<Duration>)> =
-        BTreeMap::new();
+    let mut workers: BTreeMap<(u32, u64), Logged> = BTreeMap::new();
     for e in &run.events {
         let Some(id) = e.id else { continue };
         let at = Duration::from_millis(e.ts_ms.saturating_sub(run.wall_start_ms));
         let entry = workers.entry((e.primary, id)).or_default();
         match e.event.as_str() {
             "fork" => {
-                entry.0 = e.pid;
-                entry.1 += 1;
+                entry.pid = e.pid;
+                entry.forks += 1;
             }
             "exit" => {
-                entry.2 += 1;
-                entry.3 = Some(at);
+                entry.exits += 1;
+                entry.exited = Some(at);
             }
             _ => {}
         }
     }
     let mut forked: BTreeSet<u32> = BTreeSet::new();
     let mut exited_at: BTreeMap<u32, Duration> = BTreeMap::new();
-    for (&(primary, id), &(pid, forks, exits, at)) in &workers {
+    for (&(primary, id), logged) in &workers {
+        let Logged {
+            pid,
+            forks,
+            exits,
+            exited,
+        } = *logged;
         if forks != 1 || exits != 1 {
             v.problems.push(format!(
                 "event log: worker {id} of primary {primary} forked {forks} times, exited {exits}"
@@ -245,7 +259,7 @@ fn event_log(run: &Run, v: &mut Verdict) {
         }
         if let Some(pid) = pid {
             forked.insert(pid);
-            if let Some(at) = at {
+            if let Some(at) = exited {
                 exited_at.insert(pid, at);
             }
         }
