@@ -11,12 +11,18 @@ use tokio::sync::watch;
 
 /// The longest `/sleep` honoured, so a request cannot pin a worker for ever.
 const MAX_SLEEP: Duration = Duration::from_secs(60);
+/// The longest `/burn` honoured: a worker busy for longer would be taken for hung.
+const MAX_BURN: Duration = Duration::from_secs(5);
+/// The response header that names the worker process that answered, on every response.
+pub(crate) const WORKER_PID: &str = "x-worker-pid";
 
 /// What every request handler of one worker shares.
 #[derive(Debug)]
 pub(crate) struct AppState {
     worker_id: u64,
     pid: u32,
+    /// [`WORKER_PID`]'s value, made once.
+    pid_header: HeaderValue,
     /// Which code this worker runs ([`build_id`]), computed once at its start.
     build: String,
     allow_crash: bool,
@@ -30,6 +36,7 @@ impl AppState {
         Arc::new(Self {
             worker_id,
             pid: std::process::id(),
+            pid_header: HeaderValue::from(std::process::id()),
             build: build_id(),
             allow_crash,
             draining: watch::Sender::new(false),
@@ -82,7 +89,10 @@ pub(crate) fn build_id() -> String {
 /// Answers one request.
 ///
 /// `GET /` says hello, `GET /worker` names the worker (id, pid and [`build_id`]), `GET /sleep?ms=N` answers after N
-/// milliseconds, `GET /crash` panics when crashing is allowed (404 otherwise).
+/// milliseconds, `GET /burn?ms=N` keeps the worker's only thread busy for N milliseconds
+/// (at most [`MAX_BURN`]: a CPU-bound handler, for `cargo xtask chaos`), `GET /crash`
+/// panics when crashing is allowed (404 otherwise). Every response names the process
+/// that answered in [`WORKER_PID`].
 ///
 /// `GET /healthz` is 200 while the process can serve (also while it drains: a liveness
 /// probe must not kill a worker that is finishing its requests). `GET /readyz` is 200
@@ -92,6 +102,9 @@ pub(crate) fn build_id() -> String {
 pub(crate) async fn handle<B>(req: Request<B>, state: Arc<AppState>) -> Response<Full<Bytes>> {
     let _counted = InFlight::enter(&state);
     let mut response = route(&req, &state).await;
+    response
+        .headers_mut()
+        .insert(WORKER_PID, state.pid_header.clone());
     if state.is_draining() {
         response
             .headers_mut()
@@ -129,7 +142,7 @@ async fn route<B>(req: &Request<B>, state: &AppState) -> Response<Full<Bytes>> {
     let path = req.uri().path();
     if !matches!(
         path,
-        "/" | "/worker" | "/sleep" | "/crash" | "/healthz" | "/readyz"
+        "/" | "/worker" | "/sleep" | "/burn" | "/crash" | "/healthz" | "/readyz"
     ) {
         return text(StatusCode::NOT_FOUND, "not found\n");
     }
@@ -159,10 +172,27 @@ async fn route<B>(req: &Request<B>, state: &AppState) -> Response<Full<Bytes>> {
             }
             None => text(StatusCode::BAD_REQUEST, "usage: /sleep?ms=N\n"),
         },
+        "/burn" => match sleep_millis(req.uri().query()) {
+            Some(ms) => {
+                let burn = Duration::from_millis(ms).min(MAX_BURN);
+                burn_cpu(burn);
+                text(StatusCode::OK, format!("burnt {} ms\n", burn.as_millis()))
+            }
+            None => text(StatusCode::BAD_REQUEST, "usage: /burn?ms=N\n"),
+        },
         _ if state.allow_crash => {
             panic!("crash requested by GET /crash")
         }
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
+    }
+}
+
+/// Spins on the calling thread for `burn`, as a CPU-bound handler would: nothing else of
+/// this single-threaded worker runs meanwhile.
+fn burn_cpu(burn: Duration) {
+    let start = std::time::Instant::now();
+    while start.elapsed() < burn {
+        std::hint::spin_loop();
     }
 }
 
@@ -260,6 +290,37 @@ mod tests {
             "slept 250 ms\n",
         );
         assert_eq!(start.elapsed(), Duration::from_millis(250));
+    }
+
+    #[tokio::test]
+    async fn burn_keeps_the_thread_busy_and_is_capped() {
+        let state = AppState::new(1, false);
+        let start = std::time::Instant::now();
+        check(
+            get("/burn?ms=30", &state).await,
+            StatusCode::OK,
+            "burnt 30 ms\n",
+        );
+        assert!(start.elapsed() >= Duration::from_millis(30));
+        check(
+            get("/burn", &state).await,
+            StatusCode::BAD_REQUEST,
+            "usage: /burn?ms=N\n",
+        );
+    }
+
+    #[tokio::test]
+    async fn every_response_names_the_process() {
+        let state = AppState::new(1, false);
+        for path in ["/", "/nope", "/readyz"] {
+            let req = Request::get(path).body(()).unwrap();
+            let response = handle(req, Arc::clone(&state)).await;
+            let pid = response
+                .headers()
+                .get(WORKER_PID)
+                .map(|v| v.to_str().unwrap().to_owned());
+            assert_eq!(pid, Some(std::process::id().to_string()), "{path}");
+        }
     }
 
     #[tokio::test]

@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod chaos;
 mod demo;
 mod fleet;
 mod http;
@@ -24,6 +25,8 @@ enum Command {
     Bench(bench::BenchOptions),
     /// Three hosts behind nginx: rolling deploy, graceful stop, a dead host, recovery.
     Fleet(fleet::FleetOptions),
+    /// Faults from a seeded schedule under load, and a checker: every failure explained.
+    Chaos(chaos::ChaosOptions),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -31,6 +34,7 @@ fn main() -> anyhow::Result<()> {
         Command::Demo => demo::run(),
         Command::Bench(options) => bench::run(options),
         Command::Fleet(options) => fleet::run(options),
+        Command::Chaos(options) => chaos::run(options),
     }
 }
 

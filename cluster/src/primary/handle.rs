@@ -33,6 +33,19 @@ pub const BROADCAST_WAIT: Duration = Duration::from_secs(1);
 const HANDOVER_WAIT: Duration = Duration::from_secs(1);
 /// How often it looks.
 const HANDOVER_POLL: Duration = Duration::from_millis(5);
+/// How long a SIGTTIN whose fork failed waits before it tries again.
+const ADD_RETRY: Duration = Duration::from_millis(500);
+/// How many times in a row it tries before giving up (10 s).
+const ADD_ATTEMPTS: u32 = 20;
+
+/// SIGTTINs whose fork failed and is retried.
+#[derive(Debug, Default)]
+struct PendingAdds {
+    /// Workers still to add.
+    waiting: u32,
+    /// Failed retries in a row.
+    attempts: u32,
+}
 
 /// The error a request's outcome stands for, when it is not what was asked.
 fn failure(outcome: Outcome) -> Error {
@@ -430,6 +443,12 @@ impl Primary {
         let mut watchdog = systemd::watchdog_interval().map(tokio::time::interval);
         let (reloaded_tx, mut reloaded) = mpsc::channel::<()>(4);
         let mut upgrading: Option<Upgrading<'_>> = None;
+        // A SIGTTIN whose fork failed (no descriptor or process left for a moment) is
+        // retried; a SIGTTOU first takes back a SIGTTIN still waiting, so TTIN then TTOU
+        // always leaves the count where it was.
+        let mut adds = PendingAdds::default();
+        let retry = tokio::time::sleep(Duration::ZERO);
+        tokio::pin!(retry);
         loop {
             tokio::select! {
                 _ = term.recv() => break,
@@ -499,12 +518,40 @@ impl Primary {
                 _ = ttin.recv() => {
                     match self.fork().await {
                         Ok(id) => tracing::info!(%id, "SIGTTIN: added a worker"),
-                        Err(e) => tracing::warn!(error = %e, "SIGTTIN: could not add a worker"),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "SIGTTIN: could not add a worker now; retrying");
+                            adds.waiting += 1;
+                            retry.as_mut().reset(tokio::time::Instant::now() + ADD_RETRY);
+                        }
+                    }
+                }
+                () = &mut retry, if adds.waiting > 0 => {
+                    match self.fork().await {
+                        Ok(id) => {
+                            tracing::info!(%id, "SIGTTIN: added a worker");
+                            adds.waiting -= 1;
+                            adds.attempts = 0;
+                        }
+                        Err(e) => {
+                            adds.attempts += 1;
+                            if adds.attempts >= ADD_ATTEMPTS {
+                                tracing::error!(error = %e, waiting = adds.waiting, "SIGTTIN: could not add a worker; giving up");
+                                adds = PendingAdds::default();
+                            }
+                        }
+                    }
+                    if adds.waiting > 0 {
+                        retry.as_mut().reset(tokio::time::Instant::now() + ADD_RETRY);
                     }
                 }
                 _ = ttou.recv() => {
-                    let removed = self.remove_worker().await?;
-                    tracing::info!(?removed, "SIGTTOU: removed a worker");
+                    if adds.waiting > 0 {
+                        adds.waiting -= 1;
+                        tracing::info!("SIGTTOU: took back a SIGTTIN still waiting to add a worker");
+                    } else {
+                        let removed = self.remove_worker().await?;
+                        tracing::info!(?removed, "SIGTTOU: removed a worker");
+                    }
                 }
                 // Stopped through the control socket: its answer is written first.
                 () = self.commands.closed() => {

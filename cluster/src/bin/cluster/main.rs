@@ -147,6 +147,10 @@ struct Args {
     /// (port 0: any free port; the command prints `metrics on http://ADDRESS`).
     #[arg(long, value_name = "ADDR")]
     metrics: Option<std::net::SocketAddr>,
+    /// How the primary's events are written on stderr: text lines, or json (one object
+    /// per event, for programs that check them).
+    #[arg(long, value_enum, default_value = "text")]
+    log_format: watch::LogFormat,
     /// The program and its arguments (after `--`).
     #[arg(
         required = true,
@@ -319,7 +323,8 @@ fn run(args: Args, stdout: &Sink, stderr: &Sink) -> anyhow::Result<()> {
         stderr.clone(),
     ));
     let prefix = args.name.unwrap_or_else(|| "worker".to_owned());
-    let watch = Watch::new(prefix, shown, workers, stdout.clone(), stderr.clone());
+    let watch = Watch::new(prefix, shown, workers, stdout.clone(), stderr.clone())
+        .log_format(args.log_format);
     runtime.block_on(supervise(settings, control, watch, [stdout, stderr]))
 }
 

@@ -10,8 +10,17 @@
 //! - no worker of the first generation connected to its channel within the connect
 //!   timeout (a program that speaks no cluster protocol);
 //! - every slot given up after a crash loop.
+//!
+//! With `--log-format json` the event lines are JSON objects instead, one per event, for
+//! programs that check what the primary did (`cargo xtask chaos`):
+//! `{"ts_ms":1718000000123,"primary":4242,"event":"fork","id":3,"pid":4250}` (`ts_ms` the
+//! wall clock in milliseconds, `primary` this process; `event` one of `fork`, `online`,
+//! `listening`, `ready`, `disconnect`, `exit` (with `status` and `asked`), `going-down`,
+//! `misbehaved`, `slot-failed`, `reload-failed`, `not-connected`, `listen-failed`,
+//! `other`). `listening on ADDRESS` on stdout and worker output lines stay as they are.
 
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::fmt::Write as _;
 
 use cluster::{Event, ExitCause, OutputStream, SlotFailure, WorkerId};
 
@@ -24,6 +33,15 @@ const TAIL_LINES: usize = 20;
 const TAIL_LINE_BYTES: usize = 500;
 /// How many workers' tails are kept at once (the oldest go first).
 const TAILS: usize = 16;
+
+/// How the command writes the primary's events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum LogFormat {
+    /// `cluster: worker 3 started (pid 4250)` lines.
+    Text,
+    /// One JSON object per event (see the module docs).
+    Json,
+}
 
 /// Why the command ends.
 #[derive(Debug, Clone)]
@@ -58,6 +76,7 @@ pub(crate) struct Watch {
     workers: usize,
     stdout: Sink,
     stderr: Sink,
+    format: LogFormat,
     announced: HashSet<String>,
     pids: HashMap<WorkerId, u32>,
     /// The workers forked first, one per slot, and how their start went.
@@ -81,12 +100,19 @@ impl Watch {
             workers,
             stdout,
             stderr,
+            format: LogFormat::Text,
             announced: HashSet::new(),
             pids: HashMap::new(),
             first: HashMap::new(),
             failed_slots: 0,
             tails: VecDeque::new(),
         }
+    }
+
+    /// Writes the events in `format`.
+    pub(crate) fn log_format(mut self, format: LogFormat) -> Self {
+        self.format = format;
+        self
     }
 
     /// PROGRAM as shown in messages.
@@ -105,13 +131,21 @@ impl Watch {
         None
     }
 
+    /// An event's text line (none with `--log-format json`, which writes its own).
     fn say(&self, line: &str) {
-        self.stderr.line(Kind::Log, line);
+        if self.format == LogFormat::Text {
+            self.stderr.line(Kind::Log, line);
+        }
     }
 
     /// Shows one event: output lines with their worker's prefix, the rest as `cluster:`
     /// lines on stderr.
     pub(crate) fn show(&mut self, event: &Event) {
+        if self.format == LogFormat::Json
+            && let Some(line) = json_line(event)
+        {
+            self.stderr.line(Kind::Log, &line);
+        }
         let name = &self.name;
         match event {
             Event::Output { id, stream, line } => {
@@ -334,5 +368,96 @@ impl Watch {
                 message
             }
         }
+    }
+}
+
+/// The `--log-format json` line of `event`; `None` for worker output, which stays text.
+fn json_line(event: &Event) -> Option<String> {
+    let ts = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis());
+    let mut line = format!("{{\"ts_ms\":{ts},\"primary\":{}", std::process::id());
+    let (name, id) = match event {
+        Event::Output { .. } => return None,
+        Event::Fork { id, .. } => ("fork", id),
+        Event::Online { id } => ("online", id),
+        Event::Listening { id, .. } => ("listening", id),
+        Event::Ready { id } => ("ready", id),
+        Event::Disconnect { id } => ("disconnect", id),
+        Event::Exit { id, .. } => ("exit", id),
+        Event::GoingDown { id, .. } => ("going-down", id),
+        Event::Misbehaved { id, .. } => ("misbehaved", id),
+        Event::SlotFailed { id, .. } => ("slot-failed", id),
+        Event::ReloadFailed { id, .. } => ("reload-failed", id),
+        Event::NotConnected { id, .. } => ("not-connected", id),
+        Event::ListenFailed { id, .. } => ("listen-failed", id),
+        other => {
+            push_json_str(&mut line, "event", "other");
+            push_json_str(&mut line, "detail", &format!("{other:?}"));
+            line.push('}');
+            return Some(line);
+        }
+    };
+    push_json_str(&mut line, "event", name);
+    let _ = write!(line, ",\"id\":{}", id.get());
+    match event {
+        Event::Fork { pid, .. } => {
+            let _ = write!(line, ",\"pid\":{pid}");
+        }
+        Event::Listening { address, .. } => {
+            push_json_str(&mut line, "address", &address.to_string())
+        }
+        Event::Exit {
+            status,
+            exited_after_disconnect,
+            ..
+        } => {
+            push_json_str(&mut line, "status", &status.to_string());
+            let _ = write!(line, ",\"asked\":{exited_after_disconnect}");
+        }
+        Event::GoingDown { reason, .. } | Event::Misbehaved { reason, .. } => {
+            push_json_str(&mut line, "reason", reason)
+        }
+        Event::SlotFailed { slot, cause, .. } => {
+            let _ = write!(line, ",\"slot\":{slot}");
+            push_json_str(&mut line, "reason", &cause.to_string());
+        }
+        Event::ReloadFailed { slot, kept, .. } => {
+            let _ = write!(line, ",\"slot\":{slot},\"kept\":{}", kept.get());
+        }
+        Event::ListenFailed { errno, .. } => {
+            let _ = write!(line, ",\"errno\":{errno}");
+        }
+        _ => {}
+    }
+    line.push('}');
+    Some(line)
+}
+
+/// Appends `,"key":"value"` with `value` escaped as JSON.
+fn push_json_str(line: &mut String, key: &str, value: &str) {
+    let _ = write!(line, ",\"{key}\":\"");
+    for c in value.chars() {
+        match c {
+            '"' => line.push_str("\\\""),
+            '\\' => line.push_str("\\\\"),
+            c if u32::from(c) < 0x20 => {
+                let _ = write!(line, "\\u{:04x}", u32::from(c));
+            }
+            c => line.push(c),
+        }
+    }
+    line.push('"');
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_strings_are_escaped() {
+        let mut line = String::new();
+        push_json_str(&mut line, "k", "a\"b\\c\n");
+        assert_eq!(line, ",\"k\":\"a\\\"b\\\\c\\u000a\"");
     }
 }
