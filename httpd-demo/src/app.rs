@@ -5,9 +5,13 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::Full;
-use hyper::header::{CONNECTION, CONTENT_TYPE, HeaderValue};
+use hyper::header::{CONNECTION, CONTENT_TYPE, HeaderName, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 use tokio::sync::watch;
+
+/// The header on every response that names the worker process that answered (its pid),
+/// so that a client or a bench can see how requests spread over the workers.
+pub(crate) const WORKER_PID: HeaderName = HeaderName::from_static("x-worker-pid");
 
 /// The longest `/sleep` honoured, so a request cannot pin a worker for ever.
 const MAX_SLEEP: Duration = Duration::from_secs(60);
@@ -17,6 +21,8 @@ const MAX_SLEEP: Duration = Duration::from_secs(60);
 pub(crate) struct AppState {
     worker_id: u64,
     pid: u32,
+    /// `pid` as the [`WORKER_PID`] header's value, made once (a clone shares its bytes).
+    pid_header: HeaderValue,
     /// Which code this worker runs ([`build_id`]), computed once at its start.
     build: String,
     allow_crash: bool,
@@ -30,6 +36,7 @@ impl AppState {
         Arc::new(Self {
             worker_id,
             pid: std::process::id(),
+            pid_header: HeaderValue::from(std::process::id()),
             build: build_id(),
             allow_crash,
             draining: watch::Sender::new(false),
@@ -81,6 +88,7 @@ pub(crate) fn build_id() -> String {
 
 /// Answers one request.
 ///
+/// Every response names the worker's pid in `x-worker-pid` ([`WORKER_PID`]).
 /// `GET /` says hello, `GET /worker` names the worker (id, pid and [`build_id`]), `GET /sleep?ms=N` answers after N
 /// milliseconds, `GET /crash` panics when crashing is allowed (404 otherwise).
 ///
@@ -92,6 +100,9 @@ pub(crate) fn build_id() -> String {
 pub(crate) async fn handle<B>(req: Request<B>, state: Arc<AppState>) -> Response<Full<Bytes>> {
     let _counted = InFlight::enter(&state);
     let mut response = route(&req, &state).await;
+    response
+        .headers_mut()
+        .insert(WORKER_PID, state.pid_header.clone());
     if state.is_draining() {
         response
             .headers_mut()
@@ -234,6 +245,19 @@ mod tests {
             StatusCode::OK,
             "hello world\n",
         );
+    }
+
+    #[tokio::test]
+    async fn every_response_names_the_worker_pid() {
+        let state = AppState::new(1, false);
+        for path in ["/", "/nope", "/healthz"] {
+            let response = handle(Request::get(path).body(()).unwrap(), Arc::clone(&state)).await;
+            let pid = response
+                .headers()
+                .get(WORKER_PID)
+                .map(|v| v.to_str().unwrap().to_owned());
+            assert_eq!(pid, Some(std::process::id().to_string()), "{path}");
+        }
     }
 
     #[tokio::test]
