@@ -10,7 +10,7 @@ use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 
 /// A listening TCP socket on `address`, with `SO_REUSEADDR` like Node's (libuv's), and
 /// `SO_REUSEPORT` when asked. Close-on-exec (socket2 opens with `SOCK_CLOEXEC`) and
-/// non-blocking.
+/// non-blocking. With `TCP_NODELAY` (see [`set_nodelay`]).
 pub(crate) fn bind_listener(
     address: SocketAddr,
     backlog: u32,
@@ -23,7 +23,16 @@ pub(crate) fn bind_listener(
     socket.bind(&address.into())?;
     socket.listen(i32::try_from(backlog).unwrap_or(i32::MAX))?;
     socket.set_nonblocking(true)?;
+    set_nodelay(&socket);
     Ok(socket.into())
+}
+
+/// Sets `TCP_NODELAY` on a listening socket. Linux copies it to every connection accepted
+/// from it, so a worker's connections have it without a `setsockopt` each (Node's HTTP
+/// server and nginx turn Nagle off on every connection anyway; a program that wants it
+/// back calls `set_nodelay(false)`). Best effort: a socket that refuses keeps Nagle.
+pub(crate) fn set_nodelay(socket: impl std::os::fd::AsFd) {
+    let _ = socket2::SockRef::from(&socket).set_tcp_nodelay(true);
 }
 
 /// Fails with `EADDRINUSE` if a socket already holds `address` (a listening
@@ -126,5 +135,16 @@ mod tests {
         let taken = first.local_addr().expect("addr");
         let second = bind_listener(taken, 16, true).expect("reuseport bind");
         assert_eq!(second.local_addr().expect("addr"), taken);
+    }
+
+    #[test]
+    fn accepted_connections_inherit_tcp_nodelay() {
+        let listener =
+            bind_listener("127.0.0.1:0".parse().expect("addr"), 16, false).expect("bind");
+        let _client =
+            std::net::TcpStream::connect(listener.local_addr().expect("addr")).expect("connect");
+        listener.set_nonblocking(false).expect("blocking");
+        let (accepted, _) = listener.accept().expect("accept");
+        assert!(accepted.nodelay().expect("getsockopt"));
     }
 }

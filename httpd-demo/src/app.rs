@@ -5,23 +5,25 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::Full;
-use hyper::header::{CONNECTION, CONTENT_TYPE, HeaderValue};
+use hyper::header::{CONNECTION, CONTENT_TYPE, HeaderName, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 use tokio::sync::watch;
+
+/// The header on every response that names the worker process that answered (its pid),
+/// so that a client or a bench can see how requests spread over the workers.
+pub(crate) const WORKER_PID: HeaderName = HeaderName::from_static("x-worker-pid");
 
 /// The longest `/sleep` honoured, so a request cannot pin a worker for ever.
 const MAX_SLEEP: Duration = Duration::from_secs(60);
 /// The longest `/burn` honoured: a worker busy for longer would be taken for hung.
 const MAX_BURN: Duration = Duration::from_secs(5);
-/// The response header that names the worker process that answered, on every response.
-pub(crate) const WORKER_PID: &str = "x-worker-pid";
 
 /// What every request handler of one worker shares.
 #[derive(Debug)]
 pub(crate) struct AppState {
     worker_id: u64,
     pid: u32,
-    /// [`WORKER_PID`]'s value, made once.
+    /// `pid` as the [`WORKER_PID`] header's value, made once (a clone shares its bytes).
     pid_header: HeaderValue,
     /// Which code this worker runs ([`build_id`]), computed once at its start.
     build: String,
@@ -88,11 +90,11 @@ pub(crate) fn build_id() -> String {
 
 /// Answers one request.
 ///
+/// Every response names the worker's pid in `x-worker-pid` ([`WORKER_PID`]).
 /// `GET /` says hello, `GET /worker` names the worker (id, pid and [`build_id`]), `GET /sleep?ms=N` answers after N
 /// milliseconds, `GET /burn?ms=N` keeps the worker's only thread busy for N milliseconds
 /// (at most [`MAX_BURN`]: a CPU-bound handler, for `cargo xtask chaos`), `GET /crash`
-/// panics when crashing is allowed (404 otherwise). Every response names the process
-/// that answered in [`WORKER_PID`].
+/// panics when crashing is allowed (404 otherwise).
 ///
 /// `GET /healthz` is 200 while the process can serve (also while it drains: a liveness
 /// probe must not kill a worker that is finishing its requests). `GET /readyz` is 200
@@ -267,6 +269,19 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn every_response_names_the_worker_pid() {
+        let state = AppState::new(1, false);
+        for path in ["/", "/nope", "/healthz"] {
+            let response = handle(Request::get(path).body(()).unwrap(), Arc::clone(&state)).await;
+            let pid = response
+                .headers()
+                .get(WORKER_PID)
+                .map(|v| v.to_str().unwrap().to_owned());
+            assert_eq!(pid, Some(std::process::id().to_string()), "{path}");
+        }
+    }
+
+    #[tokio::test]
     async fn worker_names_id_and_pid() {
         let expected = format!(
             "{{\"id\": 7, \"pid\": {}, \"build\": \"{}\"}}\n",
@@ -307,20 +322,6 @@ mod tests {
             StatusCode::BAD_REQUEST,
             "usage: /burn?ms=N\n",
         );
-    }
-
-    #[tokio::test]
-    async fn every_response_names_the_process() {
-        let state = AppState::new(1, false);
-        for path in ["/", "/nope", "/readyz"] {
-            let req = Request::get(path).body(()).unwrap();
-            let response = handle(req, Arc::clone(&state)).await;
-            let pid = response
-                .headers()
-                .get(WORKER_PID)
-                .map(|v| v.to_str().unwrap().to_owned());
-            assert_eq!(pid, Some(std::process::id().to_string()), "{path}");
-        }
     }
 
     #[tokio::test]

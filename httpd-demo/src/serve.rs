@@ -5,6 +5,7 @@ use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::task::Poll;
 use std::time::Duration;
 
 use hyper_util::server::graceful::GracefulConnection;
@@ -157,9 +158,18 @@ impl Drop for OpenGuard {
     }
 }
 
+/// How long a request head may take to arrive, and a connection may sit idle, while
+/// serving (hyper's default header read timeout, which this replaces).
+pub(crate) const HEAD_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Drives one connection; once draining starts, ends it without losing a request.
 ///
-/// The rule is [`activity::drain_step`]: a connection in use is left open, so that its
+/// While serving, [`activity::serving_step`] bounds a request head and an idle
+/// connection to [`HEAD_TIMEOUT`] with one timer per connection, armed only if the
+/// connection is still open after its first poll (a `Connection: close` request already
+/// in the socket is answered and closed without one) and re-armed only when it fires.
+///
+/// Draining, the rule is [`activity::drain_step`]: a connection in use is left open, so that its
 /// next request is answered with `Connection: close` (after which hyper stops reading and
 /// closes); one idle for [`IDLE_CLOSE`] is shut down (hyper closes an idle connection at
 /// once); one whose request head stopped arriving [`IDLE_CLOSE`] ago is dropped (hyper
@@ -173,9 +183,16 @@ async fn watch_connection<C>(
     C: GracefulConnection,
     C::Error: std::fmt::Display,
 {
+    let first = std::future::poll_fn(|cx| Poll::Ready(connection.as_mut().poll(cx))).await;
+    if let Poll::Ready(result) = first {
+        if let Err(err) = result {
+            tracing::debug!(error = %err, "connection ended with an error");
+        }
+        return;
+    }
     let mut seen = Phase::Serving;
     let mut shut_down = false;
-    let recheck = tokio::time::sleep(Duration::ZERO);
+    let recheck = tokio::time::sleep(HEAD_TIMEOUT);
     tokio::pin!(recheck);
     let result = loop {
         tokio::select! {
@@ -187,9 +204,14 @@ async fn watch_connection<C>(
                     _ => recheck.as_mut().reset(tokio::time::Instant::now()),
                 }
             }
-            () = recheck.as_mut(), if seen == Phase::Draining && !shut_down => {
+            () = recheck.as_mut(), if !shut_down => {
                 let now = tokio::time::Instant::now();
-                match activity::drain_step(activity.get(), now, IDLE_CLOSE) {
+                let step = if seen == Phase::Draining {
+                    activity::drain_step(activity.get(), now, IDLE_CLOSE)
+                } else {
+                    activity::serving_step(activity.get(), now, HEAD_TIMEOUT)
+                };
+                match step {
                     DrainStep::Close => {
                         connection.as_mut().graceful_shutdown();
                         shut_down = true;

@@ -2,7 +2,8 @@
 // Usage: NODE_CLUSTER_SCHED_POLICY=rr|none node node_cluster_http.js <port> <workers>
 // Like httpd-demo, the primary prints `listening on http://ADDR` once the first worker
 // listens, then one `worker listening pid=N` line per worker that listens (a dead worker
-// is replaced at once, so respawn time can be measured).
+// is replaced at once, so respawn time can be measured). Every response names the worker
+// in `X-Worker-Pid` (the bench's fairness figures), as httpd-demo's and nginx's do.
 'use strict';
 const cluster = require('node:cluster');
 const http = require('node:http');
@@ -29,7 +30,7 @@ if (cluster.isPrimary) {
 } else {
   http
     .createServer((req, res) => {
-      res.writeHead(200, { 'Content-Type': 'text/plain' });
+      res.writeHead(200, { 'Content-Type': 'text/plain', 'X-Worker-Pid': process.pid });
       res.end('hello world\n');
     })
     .listen(port, '127.0.0.1');

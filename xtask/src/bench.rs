@@ -5,9 +5,15 @@
 //! ```text
 //! workload               subject                       peers
 //! http_keepalive         httpd-demo rr|shared|reuseport Node cluster rr|none, nginx
-//!                        `cluster` command rr|shared
+//!                        `cluster` command rr|shared|
+//!                        reuseport
 //!                        (Node workers)
 //! http_new_connection    same, Connection: close        same
+//! http_cpu_*             workers' CPU per request (/proc) same
+//! latency_*, fairness_*  same, open-loop client at 50%  same
+//!                        and 80% of the slowest peer's
+//!                        peak: p50/p99/p99.9/max, share
+//!                        of requests per worker
 //! ipc_echo_16b|64k       ipc channel                   Node fork() IPC, raw socketpair
 //! spawn_true, exec_100mb child                         std, Node
 //! fork_to_listening      httpd-demo start              Node cluster start
@@ -21,9 +27,12 @@
 #![allow(clippy::print_stdout)]
 
 mod cluster;
+mod cpu;
 mod http;
 mod ipc_child;
+mod latency;
 mod machine;
+mod openloop;
 mod process;
 mod report;
 
@@ -39,7 +48,7 @@ pub(crate) struct BenchOptions {
     /// Fewer and shorter rounds (well under 5 minutes).
     #[arg(long)]
     pub(crate) quick: bool,
-    /// Run only these workload groups (http, ipc, child, cluster); all by default.
+    /// Run only these workload groups (http, latency, ipc, child, cluster); all by default.
     #[arg(long, value_delimiter = ',')]
     pub(crate) only: Vec<Group>,
 }
@@ -47,8 +56,10 @@ pub(crate) struct BenchOptions {
 /// A group of workloads that run together.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub(crate) enum Group {
-    /// http_keepalive, http_new_connection, worker_rss.
+    /// http_keepalive, http_new_connection, worker_rss, http_cpu_*.
     Http,
+    /// latency_* and fairness_*: the open-loop client at fixed rates.
+    Latency,
     /// ipc_echo_16b, ipc_echo_64k.
     Ipc,
     /// spawn_true, exec_100mb.
@@ -197,6 +208,7 @@ pub(crate) fn run(options: BenchOptions) -> Result<()> {
     let command = build_release(&ctx.root, "cluster")?;
 
     let mut workloads = Vec::new();
+    let latency_report = std::cell::RefCell::new(latency::LatencyReport::default());
     let mut group = |title: &str, run: &dyn Fn() -> Result<Vec<Workload>>| -> Result<()> {
         println!("== {title}");
         let done = run()?;
@@ -210,6 +222,16 @@ pub(crate) fn run(options: BenchOptions) -> Result<()> {
         group("http (wrk -t2 -c64, 2 workers each)", &|| {
             http::run(&ctx, &demo, &command)
         })?;
+    }
+    if wanted(Group::Latency) {
+        group(
+            "latency (open loop at 50% and 80% of the slowest peer's peak)",
+            &|| {
+                let (done, report) = latency::run(&ctx, &demo, &command)?;
+                *latency_report.borrow_mut() = report;
+                Ok(done)
+            },
+        )?;
     }
     if wanted(Group::Ipc) {
         group("ipc echo (cargo bench -p ipc --bench echo)", &|| {
@@ -228,7 +250,12 @@ pub(crate) fn run(options: BenchOptions) -> Result<()> {
         })?;
     }
     let machine = machine::Machine::probe(&ctx);
-    let written = report::write(&ctx.out_dir, &machine, &workloads)?;
+    let written = report::write(
+        &ctx.out_dir,
+        &machine,
+        &workloads,
+        &latency_report.into_inner(),
+    )?;
     println!("{}", report::summary(&workloads));
     for path in written {
         println!("wrote {}", path.display());

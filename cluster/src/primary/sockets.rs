@@ -250,6 +250,8 @@ impl Listeners {
                 )
             }
         };
+        // An inherited socket too: its connections then skip a setsockopt each.
+        crate::net::set_nodelay(&listener);
         let bound = listener.local_addr().map_err(errno)?;
         if let Some(index) = origin {
             tracing::debug!(%key, %bound, "listening on an inherited socket");

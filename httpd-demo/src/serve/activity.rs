@@ -46,6 +46,8 @@ pub(crate) enum Activity {
     },
     /// Part of a request head read, no complete head yet: no request to answer.
     Head {
+        /// When its first bytes arrived.
+        began: Instant,
         /// When the last bytes of it arrived.
         since: Instant,
     },
@@ -76,9 +78,17 @@ impl Activity {
         match (self, step) {
             // Bytes read while a request is handled or answered are a pipelined request,
             // or the rest of a request body: the response's end says what follows.
-            (Activity::Idle { .. } | Activity::Head { .. }, Step::Read) => {
-                Activity::Head { since: now() }
+            (Activity::Idle { .. }, Step::Read) => {
+                let now = now();
+                Activity::Head {
+                    began: now,
+                    since: now,
+                }
             }
+            (Activity::Head { began, .. }, Step::Read) => Activity::Head {
+                began,
+                since: now(),
+            },
             (_, Step::Request) => Activity::Busy,
             (Activity::Busy, Step::Response) => Activity::Responding,
             (Activity::Responding, Step::Flushed) => Activity::Idle { since: now() },
@@ -115,7 +125,27 @@ pub(crate) fn drain_step(activity: Activity, now: Instant, idle_close: Duration)
         // Its response closes it; look again in case it was written just before the drain.
         Activity::Busy | Activity::Responding => DrainStep::Recheck(now + idle_close),
         Activity::Idle { since } => after_quiet(since, DrainStep::Close),
-        Activity::Head { since } => after_quiet(since, DrainStep::Drop),
+        Activity::Head { since, .. } => after_quiet(since, DrainStep::Drop),
+    }
+}
+
+/// The rule while serving, in place of hyper's header read timeout (which arms, and
+/// boxes, a timer for every request): close a connection idle for `timeout`, drop one
+/// whose request head began `timeout` ago and is still not complete, otherwise wait. The
+/// caller keeps one timer per connection, re-armed only when it fires.
+pub(crate) fn serving_step(activity: Activity, now: Instant, timeout: Duration) -> DrainStep {
+    let after = |from: Instant, step| {
+        let at = from + timeout;
+        if now >= at {
+            step
+        } else {
+            DrainStep::Recheck(at)
+        }
+    };
+    match activity {
+        Activity::Busy | Activity::Responding => DrainStep::Recheck(now + timeout),
+        Activity::Idle { since } => after(since, DrainStep::Close),
+        Activity::Head { began, .. } => after(began, DrainStep::Drop),
     }
 }
 
@@ -185,22 +215,60 @@ mod tests {
         check(Activity::Responding, t0, DrainStep::Recheck(t0 + T));
     }
 
+    fn head(began: Instant, since: Instant) -> Activity {
+        Activity::Head { began, since }
+    }
+
     #[test]
     fn a_request_head_that_stopped_arriving_is_dropped_after_the_threshold() {
         let t0 = Instant::now();
         let ms = Duration::from_millis;
-        check(Activity::Head { since: t0 }, t0, DrainStep::Recheck(t0 + T));
+        check(head(t0, t0), t0, DrainStep::Recheck(t0 + T));
+        check(head(t0, t0), t0 + ms(300), DrainStep::Recheck(t0 + T));
+        check(head(t0, t0), t0 + T, DrainStep::Drop);
         check(
-            Activity::Head { since: t0 },
-            t0 + ms(300),
-            DrainStep::Recheck(t0 + T),
-        );
-        check(Activity::Head { since: t0 }, t0 + T, DrainStep::Drop);
-        check(
-            Activity::Head { since: t0 },
+            head(t0, t0),
             t0 + T + Duration::from_secs(5),
             DrainStep::Drop,
         );
+        // Draining looks at the last bytes, not at when the head began.
+        check(
+            head(t0, t0 + ms(500)),
+            t0 + T,
+            DrainStep::Recheck(t0 + ms(500) + T),
+        );
+    }
+
+    #[track_caller]
+    fn check_serving(activity: Activity, now: Instant, expected: DrainStep) {
+        let timeout = Duration::from_secs(30);
+        assert_eq!(
+            serving_step(activity, now, timeout),
+            expected,
+            "{activity:?}"
+        );
+    }
+
+    #[test]
+    fn serving_closes_idle_connections_and_drops_slow_heads_after_the_timeout() {
+        let t0 = Instant::now();
+        let s = Duration::from_secs;
+        check_serving(
+            Activity::Idle { since: t0 },
+            t0 + s(29),
+            DrainStep::Recheck(t0 + s(30)),
+        );
+        check_serving(Activity::Idle { since: t0 }, t0 + s(30), DrainStep::Close);
+        // A head that keeps trickling in is still dropped 30 s after it began, as hyper's
+        // header read timeout does.
+        check_serving(
+            head(t0, t0 + s(29)),
+            t0 + s(29),
+            DrainStep::Recheck(t0 + s(30)),
+        );
+        check_serving(head(t0, t0 + s(29)), t0 + s(30), DrainStep::Drop);
+        check_serving(Activity::Busy, t0, DrainStep::Recheck(t0 + s(30)));
+        check_serving(Activity::Responding, t0, DrainStep::Recheck(t0 + s(30)));
     }
 
     /// Runs `steps` from a connection idle since `t0`, one millisecond apart; returns
@@ -219,9 +287,9 @@ mod tests {
         let ms = |n| t0 + Duration::from_millis(n);
         use Step::{Flushed, Read, Request, Response};
         let cases: &[(&[Step], Activity)] = &[
-            (&[Read], Activity::Head { since: ms(1) }),
+            (&[Read], head(ms(1), ms(1))),
             // Each read of a head that is still arriving restarts its quiet period.
-            (&[Read, Read], Activity::Head { since: ms(2) }),
+            (&[Read, Read], head(ms(1), ms(2))),
             (&[Read, Request], Activity::Busy),
             // A flush before the response (hyper flushes on every turn) changes nothing.
             (&[Read, Request, Flushed], Activity::Busy),
@@ -236,7 +304,7 @@ mod tests {
             // The next request of a keep-alive connection.
             (
                 &[Read, Request, Response, Flushed, Read],
-                Activity::Head { since: ms(5) },
+                head(ms(5), ms(5)),
             ),
         ];
         for (steps, expected) in cases {
@@ -251,12 +319,8 @@ mod tests {
         assert_eq!(cell.get(), Activity::Idle { since: accepted });
         tokio::time::advance(Duration::from_millis(5)).await;
         cell.record(Step::Read);
-        assert_eq!(
-            cell.get(),
-            Activity::Head {
-                since: accepted + Duration::from_millis(5)
-            }
-        );
+        let read = accepted + Duration::from_millis(5);
+        assert_eq!(cell.get(), head(read, read));
         cell.record(Step::Request);
         cell.record(Step::Response);
         tokio::time::advance(Duration::from_millis(20)).await;

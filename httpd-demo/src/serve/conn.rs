@@ -12,7 +12,7 @@ use std::task::{Context, Poll};
 use hyper::rt::{Read, ReadBufCursor, Write};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
@@ -21,10 +21,13 @@ use super::activity::{ActivityCell, Step};
 use super::{OpenGuard, Phase, watch_connection};
 use crate::app::{self, AppState};
 
-/// How every connection of a worker is served: HTTP/1.1 with keep-alive.
+/// How every connection of a worker is served: HTTP/1.1 with keep-alive. hyper's own
+/// header read timeout is off: it boxes and arms a timer for every request head; the
+/// connection's watcher applies the same 30 s bound ([`super::HEAD_TIMEOUT`]) with one
+/// timer per connection.
 pub(super) fn builder() -> http1::Builder {
     let mut http = http1::Builder::new();
-    http.keep_alive(true).timer(TokioTimer::new());
+    http.keep_alive(true).header_read_timeout(None);
     http
 }
 
@@ -37,7 +40,8 @@ pub(super) fn serve_one(
     phases: watch::Receiver<Phase>,
     guard: OpenGuard,
 ) -> impl Future<Output = ()> + Send + 'static {
-    let _ = stream.set_nodelay(true);
+    // No `set_nodelay` here: the cluster sets `TCP_NODELAY` on its listening sockets and
+    // Linux copies it to every accepted one, which saves a system call per connection.
     let activity = ActivityCell::new();
     let service = service_fn({
         let activity = activity.clone();

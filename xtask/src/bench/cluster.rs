@@ -1,5 +1,5 @@
 //! Cluster start-up workloads, measured from outside: the time from starting httpd-demo,
-//! the `cluster` command with Node workers, or a Node 20 cluster (the last two run
+//! the `cluster` command with Node workers (rr and reuseport), or a Node 20 cluster (the last two run
 //! `xtask/peers/node_cluster_http.js`) to its `listening on` line with every worker
 //! listening, and from SIGKILL of one worker to the line saying its replacement listens.
 //! Every round starts a fresh server, so the restart backoff is always at its first
@@ -92,10 +92,10 @@ pub(super) fn run(ctx: &Ctx, demo: &Path, cluster_command: &Path) -> Result<Vec<
             .env("NODE_CLUSTER_SCHED_POLICY", "rr");
         command
     };
-    let with_node_workers = || {
+    let with_node_workers = |policy: &str| {
         let mut command = piped(cluster_command);
         command
-            .args(["--workers", &WORKERS.to_string(), "--policy", "rr"])
+            .args(["--workers", &WORKERS.to_string(), "--policy", policy])
             .args(["--grace", "1", "--"])
             .arg(ctx.peers_dir().join("node_cluster_http.js"))
             .arg("0");
@@ -103,13 +103,16 @@ pub(super) fn run(ctx: &Ctx, demo: &Path, cluster_command: &Path) -> Result<Vec<
     };
     let (demo_name, node_name) = ("httpd-demo rr", "Node cluster rr");
     let command_name = "cluster command rr (Node workers)";
+    let reuseport_name = "cluster command reuseport (Node workers)";
     let mut demo_rounds = Vec::new();
     let mut node_rounds = Vec::new();
     let mut command_rounds = Vec::new();
+    let mut reuseport_rounds = Vec::new();
     for round in 1..=rounds {
         demo_rounds.push(measure(demo_name, demo_command())?);
         if ctx.node.installed {
-            command_rounds.push(measure(command_name, with_node_workers())?);
+            command_rounds.push(measure(command_name, with_node_workers("rr"))?);
+            reuseport_rounds.push(measure(reuseport_name, with_node_workers("reuseport"))?);
             node_rounds.push(measure(node_name, node_command())?);
         }
         let last = |r: &[Round]| {
@@ -119,9 +122,10 @@ pub(super) fn run(ctx: &Ctx, demo: &Path, cluster_command: &Path) -> Result<Vec<
         };
         println!(
             "  round {round}/{rounds}: start/respawn {demo_name} {}, {command_name} {}, \
-             {node_name} {}",
+             {reuseport_name} {}, {node_name} {}",
             last(&demo_rounds),
             last(&command_rounds),
+            last(&reuseport_rounds),
             last(&node_rounds)
         );
     }
@@ -145,6 +149,7 @@ pub(super) fn run(ctx: &Ctx, demo: &Path, cluster_command: &Path) -> Result<Vec<
         let mut all = vec![series(demo_name, &demo_rounds, f)];
         if ctx.node.installed {
             all.push(series(command_name, &command_rounds, f));
+            all.push(series(reuseport_name, &reuseport_rounds, f));
         }
         all
     };

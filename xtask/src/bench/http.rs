@@ -1,7 +1,9 @@
 //! HTTP workloads: wrk (`-t2 -c64`, loopback) against httpd-demo with each policy, a Node
 //! 20 cluster (round-robin and `SCHED_NONE`), the same Node workers under this workspace's
-//! `cluster` command (rr and shared) and nginx (2 workers, `reuseport`), all with 2
-//! workers; keep-alive and `Connection: close`. Afterwards, the RSS of their workers.
+//! `cluster` command (rr, shared and reuseport) and nginx (2 workers, `reuseport`), all
+//! with 2 workers; keep-alive and `Connection: close`. Around every wrk run, the CPU time
+//! of the server's workers and of its primary is read from `/proc` and divided by the
+//! requests wrk completed (`http_cpu_*`). Afterwards, the RSS of their workers.
 
 use std::net::{TcpListener, TcpStream};
 use std::path::Path;
@@ -10,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
+use super::cpu::{self, Ticks};
 use super::process::{Lines, Proc, children_of, piped, rss_mb};
 use super::{Better, Ctx, Peer, Series, Workload};
 
@@ -18,7 +21,7 @@ const START_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The servers, in the order each round visits them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Kind {
+pub(super) enum Kind {
     Demo(&'static str),
     /// `node_cluster_http.js`'s worker half under the `cluster` command.
     Command(&'static str),
@@ -26,19 +29,20 @@ enum Kind {
     Nginx,
 }
 
-const KINDS: [Kind; 8] = [
+pub(super) const KINDS: [Kind; 9] = [
     Kind::Demo("rr"),
     Kind::Demo("shared"),
     Kind::Demo("reuseport"),
     Kind::Command("rr"),
     Kind::Command("shared"),
+    Kind::Command("reuseport"),
     Kind::Node("rr"),
     Kind::Node("none"),
     Kind::Nginx,
 ];
 
 impl Kind {
-    fn label(self) -> String {
+    pub(super) fn label(self) -> String {
         match self {
             Kind::Demo(policy) => format!("httpd-demo {policy}"),
             Kind::Command(policy) => format!("cluster command {policy} (Node workers)"),
@@ -47,21 +51,24 @@ impl Kind {
         }
     }
 
-    fn is_subject(self) -> bool {
+    pub(super) fn is_subject(self) -> bool {
         matches!(self, Kind::Demo(_) | Kind::Command(_))
     }
 }
 
+/// A server kind that was not started, and why.
+pub(super) type Missing = (Kind, String);
+
 /// A running server with 2 workers.
-struct Server {
-    kind: Kind,
-    addr: String,
-    proc: Proc,
+pub(super) struct Server {
+    pub(super) kind: Kind,
+    pub(super) addr: String,
+    pub(super) proc: Proc,
     _lines: Option<Lines>,
 }
 
 impl Server {
-    fn start(ctx: &Ctx, demo: &Path, command_path: &Path, kind: Kind) -> Result<Self> {
+    pub(super) fn start(ctx: &Ctx, demo: &Path, command_path: &Path, kind: Kind) -> Result<Self> {
         match kind {
             Kind::Demo(policy) => {
                 let mut command = piped(demo);
@@ -106,8 +113,33 @@ impl Server {
         })
     }
 
-    fn workers(&self) -> Vec<u32> {
+    pub(super) fn workers(&self) -> Vec<u32> {
         children_of(self.proc.pid())
+    }
+
+    /// Starts every kind whose tools are installed; the others with why not.
+    pub(super) fn start_all(
+        ctx: &Ctx,
+        demo: &Path,
+        command: &Path,
+    ) -> Result<(Vec<Server>, Vec<Missing>)> {
+        let mut servers = Vec::new();
+        let mut missing = Vec::new();
+        for kind in KINDS {
+            let absent = match kind {
+                Kind::Node(_) | Kind::Command(_) if !ctx.node.installed => Some(ctx.node.missing()),
+                Kind::Nginx if !ctx.nginx.installed => Some(ctx.nginx.missing()),
+                _ => None,
+            };
+            if let Some(reason) = absent {
+                missing.push((kind, reason));
+                continue;
+            }
+            let server = Server::start(ctx, demo, command, kind)?;
+            println!("  {} listening on {}", kind.label(), server.addr);
+            servers.push(server);
+        }
+        Ok((servers, missing))
     }
 }
 
@@ -184,12 +216,13 @@ fn start_nginx(ctx: &Ctx) -> Result<Server> {
 
 /// What one wrk run of `seconds` (whole seconds: wrk takes no fractions) gave.
 #[derive(Debug, Default, Clone, Copy)]
-struct WrkRun {
-    requests_per_sec: f64,
+pub(super) struct WrkRun {
+    pub(super) requests_per_sec: f64,
+    pub(super) requests: u64,
     errors: u64,
 }
 
-fn wrk(addr: &str, seconds: u64, close: bool) -> Result<WrkRun> {
+pub(super) fn wrk(addr: &str, seconds: u64, close: bool) -> Result<WrkRun> {
     let mut command = piped("wrk");
     command.args(["-t2", "-c64", &format!("-d{seconds}s")]);
     if close {
@@ -209,7 +242,9 @@ fn parse_wrk(out: &str) -> Result<WrkRun> {
     let number = |s: &str| s.trim().trim_end_matches(',').parse::<f64>().ok();
     let mut found = false;
     for line in out.lines().map(str::trim) {
-        if let Some(v) = line.strip_prefix("Requests/sec:").and_then(number) {
+        if let Some((count, _)) = line.split_once(" requests in ") {
+            run.requests = count.trim().parse().unwrap_or(0);
+        } else if let Some(v) = line.strip_prefix("Requests/sec:").and_then(number) {
             run.requests_per_sec = v;
             found = true;
         } else if let Some(v) = line
@@ -267,22 +302,7 @@ pub(super) fn run(ctx: &Ctx, demo: &Path, command: &Path) -> Result<Vec<Workload
     }
     let (rounds, seconds, warmup) = if ctx.quick { (3, 2, 1) } else { (5, 5, 2) };
 
-    let mut servers = Vec::new();
-    let mut missing = Vec::new();
-    for kind in KINDS {
-        let absent = match kind {
-            Kind::Node(_) | Kind::Command(_) if !ctx.node.installed => Some(ctx.node.missing()),
-            Kind::Nginx if !ctx.nginx.installed => Some(ctx.nginx.missing()),
-            _ => None,
-        };
-        if let Some(reason) = absent {
-            missing.push((kind, reason));
-            continue;
-        }
-        let server = Server::start(ctx, demo, command, kind)?;
-        println!("  {} listening on {}", kind.label(), server.addr);
-        servers.push(server);
-    }
+    let (servers, missing) = Server::start_all(ctx, demo, command)?;
     for server in &servers {
         for close in [false, true] {
             wrk(&server.addr, warmup, close)?;
@@ -293,13 +313,24 @@ pub(super) fn run(ctx: &Ctx, demo: &Path, command: &Path) -> Result<Vec<Workload
         .map(|s| Series::new(s.kind.label()))
         .collect();
     let mut nc = ka.clone();
+    // CPU per request: [keep-alive, close] x server, one value per round.
+    let mut cpu_rounds: Vec<[CpuRounds; 2]> = vec![Default::default(); servers.len()];
     let mut errors = vec![[0u64; 2]; servers.len()];
     for round in 1..=rounds {
         for (which, series) in [(false, &mut ka), (true, &mut nc)] {
             for (i, server) in servers.iter().enumerate() {
+                let workers = server.workers();
+                let primary = server.proc.pid();
+                let before = (cpu::read_all(&workers)?, cpu::read(primary)?);
                 let run = wrk(&server.addr, seconds, which)?;
+                let after = (cpu::read_all(&workers)?, cpu::read(primary)?);
                 series[i].values.push(run.requests_per_sec);
                 errors[i][usize::from(which)] += run.errors;
+                cpu_rounds[i][usize::from(which)].push(
+                    after.0 - before.0,
+                    after.1 - before.1,
+                    run.requests,
+                );
             }
         }
         println!(
@@ -338,10 +369,44 @@ pub(super) fn run(ctx: &Ctx, demo: &Path, command: &Path) -> Result<Vec<Workload
     for server in servers {
         server.proc.stop(Duration::from_secs(3));
     }
+    let mut cpu_ka = workload(
+        "http_cpu_keepalive",
+        "CPU time of the workers per keep-alive request (user + system, /proc, during the \
+         keep-alive rounds)",
+        "us/req",
+        Better::Lower,
+    );
+    let mut cpu_nc = workload(
+        "http_cpu_new_connection",
+        "CPU time of the workers per new-connection request (user + system, /proc, during \
+         the Connection: close rounds)",
+        "us/req",
+        Better::Lower,
+    );
+    let mut cpu_series = [Vec::new(), Vec::new()];
+    for (kind, rounds) in kinds.iter().zip(&cpu_rounds) {
+        for (which, w) in [(0, &mut cpu_ka), (1, &mut cpu_nc)] {
+            let r = &rounds[which];
+            cpu_series[which].push(Series {
+                name: kind.label(),
+                values: r.workers_total(),
+            });
+            w.notes.push(format!(
+                "{}: workers user {:.2} + system {:.2} us/req; primary {:.2} us/req",
+                kind.label(),
+                testkit::median(&r.user),
+                testkit::median(&r.system),
+                testkit::median(&r.primary),
+            ));
+        }
+    }
+    let [cpu_ka_series, cpu_nc_series] = cpu_series;
     for (w, series) in [
         (&mut keepalive, ka),
         (&mut close, nc),
         (&mut rss, rss_series),
+        (&mut cpu_ka, cpu_ka_series),
+        (&mut cpu_nc, cpu_nc_series),
     ] {
         for (kind, s) in kinds.iter().zip(series) {
             if kind.is_subject() {
@@ -361,7 +426,33 @@ pub(super) fn run(ctx: &Ctx, demo: &Path, command: &Path) -> Result<Vec<Workload
     rss.notes.push(format!(
         "measured after {rounds} rounds of keep-alive and new-connection load"
     ));
-    Ok(vec![keepalive, close, rss])
+    Ok(vec![keepalive, close, rss, cpu_ka, cpu_nc])
+}
+
+/// One server's CPU per request in one kind of run, one value per round (us/req).
+#[derive(Debug, Clone, Default)]
+struct CpuRounds {
+    user: Vec<f64>,
+    system: Vec<f64>,
+    primary: Vec<f64>,
+}
+
+impl CpuRounds {
+    fn push(&mut self, workers: Ticks, primary: Ticks, requests: u64) {
+        let (user, system) = cpu::per_request_us(workers, requests, cpu::TICKS_PER_SECOND);
+        let (pu, ps) = cpu::per_request_us(primary, requests, cpu::TICKS_PER_SECOND);
+        self.user.push(user);
+        self.system.push(system);
+        self.primary.push(pu + ps);
+    }
+
+    fn workers_total(&self) -> Vec<f64> {
+        self.user
+            .iter()
+            .zip(&self.system)
+            .map(|(u, s)| u + s)
+            .collect()
+    }
 }
 
 #[cfg(test)]
@@ -377,6 +468,7 @@ mod tests {
         let run = parse_wrk(out).unwrap();
         assert_eq!(run.requests_per_sec, 36012.5);
         assert_eq!(run.errors, 6);
+        assert_eq!(run.requests, 3000);
         assert!(parse_wrk("nothing").is_err());
     }
 }

@@ -14,47 +14,45 @@ use anyhow::{Context, Result};
 use plotters::prelude::*;
 use serde::Serialize;
 
+use super::latency::{LatencyReport, LatencyRow};
 use super::machine::Machine;
 use super::{Better, Peer, Series, Workload};
 
 /// A target from an issue: `subject / peer` at least (or at most, when lower is better)
-/// `threshold`. The peer may be another subject of the same workload.
+/// `threshold`. The peer may be another subject of the same workload; without a peer
+/// the goal is on the subject's own value (fairness: max/min).
 struct Goal {
     issue: u32,
     key: &'static str,
-    subject: &'static str,
-    peer: &'static str,
+    subject: String,
+    peer: Option<String>,
     better: Better,
     threshold: f64,
 }
 
-const fn at_least(
-    issue: u32,
-    key: &'static str,
-    subject: &'static str,
-    peer: &'static str,
-    t: f64,
-) -> Goal {
+fn at_least(issue: u32, key: &'static str, subject: &str, peer: &str, t: f64) -> Goal {
     Goal {
         issue,
         key,
-        subject,
-        peer,
+        subject: subject.to_owned(),
+        peer: Some(peer.to_owned()),
         better: Better::Higher,
         threshold: t,
     }
 }
 
-const fn at_most(
-    issue: u32,
-    key: &'static str,
-    subject: &'static str,
-    peer: &'static str,
-    t: f64,
-) -> Goal {
+fn at_most(issue: u32, key: &'static str, subject: &str, peer: &str, t: f64) -> Goal {
     Goal {
         better: Better::Lower,
         ..at_least(issue, key, subject, peer, t)
+    }
+}
+
+/// A goal on the subject's own value, at most `t`.
+fn value_at_most(issue: u32, key: &'static str, subject: &str, t: f64) -> Goal {
+    Goal {
+        peer: None,
+        ..at_most(issue, key, subject, "", t)
     }
 }
 
@@ -62,66 +60,77 @@ const KEEPALIVE: &str = "http_keepalive";
 const NEW_CONN: &str = "http_new_connection";
 const NODE_RR: &str = "Node cluster rr";
 const NGINX: &str = "nginx reuseport";
+const POLICIES: [&str; 3] = ["rr", "shared", "reuseport"];
+/// The p99 at 80% load, keep-alive and new connection.
+const P99_80: [&str; 2] = ["latency_keepalive_p99_80", "latency_new_connection_p99_80"];
+const FAIRNESS: [&str; 2] = ["fairness_keepalive", "fairness_new_connection"];
 
-/// The goals in force: issue 6's, as raised by issue 16 where it set new ones, and
-/// issue 13's for Node workers under the `cluster` command.
-const GOALS: &[Goal] = &[
-    at_least(6, KEEPALIVE, "httpd-demo rr", NODE_RR, 2.0),
-    at_least(16, KEEPALIVE, "httpd-demo rr", NGINX, 1.0),
-    at_least(16, KEEPALIVE, "httpd-demo shared", NGINX, 1.0),
-    at_least(16, KEEPALIVE, "httpd-demo reuseport", NGINX, 1.0),
-    at_least(16, NEW_CONN, "httpd-demo rr", NODE_RR, 2.5),
-    at_least(16, NEW_CONN, "httpd-demo rr", "httpd-demo shared", 0.8),
-    at_least(16, NEW_CONN, "httpd-demo reuseport", NGINX, 1.0),
-    at_least(
-        13,
-        KEEPALIVE,
-        "cluster command rr (Node workers)",
-        NODE_RR,
-        1.0,
-    ),
-    at_least(
-        13,
-        KEEPALIVE,
-        "cluster command shared (Node workers)",
-        NODE_RR,
-        1.0,
-    ),
-    at_least(
-        13,
-        NEW_CONN,
-        "cluster command rr (Node workers)",
-        NODE_RR,
-        1.5,
-    ),
-    at_least(
-        13,
-        NEW_CONN,
-        "cluster command shared (Node workers)",
-        NODE_RR,
-        1.5,
-    ),
-    at_least(6, "ipc_echo_16b", "ipc channel", "node fork() IPC", 5.0),
-    at_least(6, "ipc_echo_64k", "ipc channel", "node fork() IPC", 10.0),
-    at_least(6, "spawn_true", "child::spawn", "node spawn", 3.0),
-    at_least(
-        16,
-        "spawn_true",
-        "child::spawn",
-        "std::process::Command",
-        1.0,
-    ),
-    at_least(6, "exec_100mb", "child::exec_file", "std output()", 0.9),
-    at_most(6, "fork_to_listening", "httpd-demo rr", NODE_RR, 0.1),
-    at_most(6, "respawn_to_listening", "httpd-demo rr", NODE_RR, 0.1),
-    at_most(
-        6,
-        "worker_rss",
-        "httpd-demo rr worker",
-        "Node cluster rr worker",
-        0.2,
-    ),
-];
+fn demo(policy: &str) -> String {
+    format!("httpd-demo {policy}")
+}
+
+fn command(policy: &str) -> String {
+    format!("cluster command {policy} (Node workers)")
+}
+
+/// The goals in force: issue 6's, as raised by issues 16 and 25 where they set new ones,
+/// and issue 25's for Node workers under the `cluster` command (which replace 13's).
+fn goals() -> Vec<Goal> {
+    let mut goals = vec![
+        at_least(6, KEEPALIVE, "httpd-demo rr", NODE_RR, 2.0),
+        at_least(16, NEW_CONN, "httpd-demo rr", NODE_RR, 2.5),
+        at_least(16, NEW_CONN, "httpd-demo rr", "httpd-demo shared", 0.8),
+        at_least(16, NEW_CONN, "httpd-demo reuseport", NGINX, 1.0),
+    ];
+    for policy in POLICIES {
+        goals.push(at_least(16, KEEPALIVE, &demo(policy), NGINX, 1.0));
+    }
+    // Node apps under the `cluster` command.
+    goals.push(at_least(25, NEW_CONN, &command("rr"), NODE_RR, 1.5));
+    goals.push(at_least(25, NEW_CONN, &command("shared"), NODE_RR, 2.5));
+    goals.push(at_least(25, NEW_CONN, &command("reuseport"), NODE_RR, 2.5));
+    for policy in POLICIES {
+        goals.push(at_least(25, KEEPALIVE, &command(policy), NODE_RR, 1.2));
+    }
+    for key in P99_80 {
+        for policy in POLICIES {
+            goals.push(at_most(25, key, &command(policy), NODE_RR, 1.0));
+        }
+        for policy in POLICIES {
+            goals.push(at_most(25, key, &demo(policy), NGINX, 1.2));
+            goals.push(at_most(25, key, &demo(policy), NODE_RR, 0.5));
+        }
+    }
+    for key in FAIRNESS {
+        for policy in ["rr", "reuseport"] {
+            goals.push(value_at_most(25, key, &command(policy), 1.3));
+            goals.push(value_at_most(25, key, &demo(policy), 1.3));
+        }
+    }
+    goals.extend([
+        at_least(6, "ipc_echo_16b", "ipc channel", "node fork() IPC", 5.0),
+        at_least(6, "ipc_echo_64k", "ipc channel", "node fork() IPC", 10.0),
+        at_least(6, "spawn_true", "child::spawn", "node spawn", 3.0),
+        at_least(
+            25,
+            "spawn_true",
+            "child::spawn",
+            "std::process::Command",
+            1.0,
+        ),
+        at_least(6, "exec_100mb", "child::exec_file", "std output()", 0.9),
+        at_most(6, "fork_to_listening", "httpd-demo rr", NODE_RR, 0.1),
+        at_most(6, "respawn_to_listening", "httpd-demo rr", NODE_RR, 0.1),
+        at_most(
+            6,
+            "worker_rss",
+            "httpd-demo rr worker",
+            "Node cluster rr worker",
+            0.2,
+        ),
+    ]);
+    goals
+}
 
 /// One subject/peer pair, as `report.json` lists it.
 #[derive(Debug, Clone, Serialize)]
@@ -139,6 +148,8 @@ struct Pair {
 struct JsonReport<'a> {
     machine: &'a Machine,
     results: Vec<Pair>,
+    /// Every paced run of the latency group (empty when it did not run).
+    latency: &'a LatencyReport,
 }
 
 fn round(v: f64, places: i32) -> f64 {
@@ -175,13 +186,21 @@ fn pairs(workloads: &[Workload]) -> Vec<Pair> {
 fn evaluate(goal: &Goal, workloads: &[Workload]) -> Option<(f64, bool)> {
     let w = workloads.iter().find(|w| w.key == goal.key)?;
     let subject = w.subjects.iter().find(|s| s.name == goal.subject)?;
-    let peer = (w.peers.iter())
-        .find_map(|p| match p {
-            Peer::Measured(s) if s.name == goal.peer => Some(s),
-            _ => None,
-        })
-        .or_else(|| w.subjects.iter().find(|s| s.name == goal.peer))?;
-    let ratio = subject.median() / peer.median();
+    let ratio = match &goal.peer {
+        None => subject.median(),
+        Some(name) => {
+            let peer = (w.peers.iter())
+                .find_map(|p| match p {
+                    Peer::Measured(s) if s.name == *name => Some(s),
+                    _ => None,
+                })
+                .or_else(|| w.subjects.iter().find(|s| s.name == *name))?;
+            subject.median() / peer.median()
+        }
+    };
+    if ratio.is_nan() {
+        return None;
+    }
     let holds = match goal.better {
         Better::Higher => ratio >= goal.threshold,
         Better::Lower => ratio <= goal.threshold,
@@ -195,10 +214,16 @@ fn goal_text(goal: &Goal) -> String {
     } else {
         "<="
     };
-    format!(
-        "(#{}) {}: {} / {} {op} {}",
-        goal.issue, goal.key, goal.subject, goal.peer, goal.threshold
-    )
+    match &goal.peer {
+        Some(peer) => format!(
+            "(#{}) {}: {} / {peer} {op} {}",
+            goal.issue, goal.key, goal.subject, goal.threshold
+        ),
+        None => format!(
+            "(#{}) {}: {} {op} {}",
+            goal.issue, goal.key, goal.subject, goal.threshold
+        ),
+    }
 }
 
 fn num(v: f64) -> String {
@@ -237,9 +262,13 @@ fn markdown(machine: &Machine, workloads: &[Workload]) -> String {
          and spawn/s; lower is better for ms and MB (RSS), where a ratio below 1 means the \
          subject wins.\n\n## Goals\n\n| goal | measured | holds |\n| --- | --- | --- |\n",
     );
-    for goal in GOALS {
+    for goal in &goals() {
+        let shown = |r: f64| match goal.peer {
+            Some(_) => ratio_text(r, goal.better),
+            None => format!("{r:.2}"),
+        };
         let (measured, holds) = match evaluate(goal, workloads) {
-            Some((r, h)) => (ratio_text(r, goal.better), if h { "yes" } else { "**no**" }),
+            Some((r, h)) => (shown(r), if h { "yes" } else { "**no**" }),
             None => ("not measured".to_owned(), "-"),
         };
         let _ = writeln!(md, "| {} | {measured} | {holds} |", goal_text(goal));
@@ -317,8 +346,12 @@ fn markdown(machine: &Machine, workloads: &[Workload]) -> String {
 /// The chart: one bar per measured pair from 1x to the advantage of the subject (ratio,
 /// or 1/ratio when lower is better) on a log scale, and a tick at each goal.
 fn svg(path: &Path, workloads: &[Workload]) -> Result<()> {
+    let goals = goals();
+    let goals = &goals;
     let bars: Vec<(String, f64, Option<f64>)> = workloads
         .iter()
+        // Fairness is a value of its own, not a ratio to a peer.
+        .filter(|w| !w.key.starts_with("fairness_"))
         .flat_map(|w| {
             w.subjects.iter().flat_map(move |s| {
                 w.peers.iter().filter_map(move |p| {
@@ -331,9 +364,13 @@ fn svg(path: &Path, workloads: &[Workload]) -> Result<()> {
                             r
                         }
                     };
-                    let goal = GOALS
+                    let goal = goals
                         .iter()
-                        .find(|g| g.key == w.key && g.subject == s.name && g.peer == ps.name)
+                        .find(|g| {
+                            g.key == w.key
+                                && g.subject == s.name
+                                && g.peer.as_deref() == Some(ps.name.as_str())
+                        })
                         .map(|g| flip(g.threshold));
                     Some((
                         format!("{}: {} vs {}", w.key, s.name, ps.name),
@@ -409,32 +446,184 @@ fn svg(path: &Path, workloads: &[Workload]) -> Result<()> {
     Ok(())
 }
 
-/// Writes report.md, report.json and report.svg into `dir`; returns their paths.
-pub(super) fn write(dir: &Path, machine: &Machine, workloads: &[Workload]) -> Result<Vec<PathBuf>> {
+/// Milliseconds from microseconds, for the latency table.
+fn ms(us: u64) -> String {
+    let ms = us as f64 / 1e3;
+    if ms >= 100.0 {
+        format!("{ms:.0}")
+    } else if ms >= 10.0 {
+        format!("{ms:.1}")
+    } else {
+        format!("{ms:.3}")
+    }
+}
+
+/// The latency section of report.md: one row per paced run.
+fn latency_markdown(latency: &LatencyReport) -> String {
+    if latency.rows.is_empty() {
+        return String::new();
+    }
+    let mut md = String::from(
+        "\n## Latency at a fixed offered load (open loop)\n\nRequests sent on a fixed \
+         schedule whether or not earlier ones were answered; latency from each request's \
+         scheduled time (no coordinated omission). Fairness: max/min of the requests each \
+         worker answered (`x-worker-pid`); shares: requests per worker.\n\n",
+    );
+    for (workload, peer, peak) in &latency.peaks {
+        let _ = writeln!(
+            md,
+            "- {workload}: rates from {peer}'s peak, {peak:.0} req/s (wrk, this run)"
+        );
+    }
+    md.push_str(
+        "\n| workload | load | server | offered req/s | answered req/s | p50 ms | p99 ms | \
+         p99.9 ms | max ms | fairness | shares | errors / unsent |\n\
+         | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n",
+    );
+    for r in &latency.rows {
+        let name = if r.subject {
+            format!("**{}**", r.server)
+        } else {
+            r.server.clone()
+        };
+        let shares = r
+            .shares
+            .iter()
+            .map(u64::to_string)
+            .collect::<Vec<_>>()
+            .join("/");
+        let _ = writeln!(
+            md,
+            "| {} | {:.0}% | {name} | {:.0} | {:.0} | {} | {} | {} | {} | {} | {shares} | {} / {} |",
+            r.workload,
+            r.load * 100.0,
+            r.rate,
+            r.achieved,
+            ms(r.p50_us),
+            ms(r.p99_us),
+            ms(r.p999_us),
+            ms(r.max_us),
+            r.fairness.map_or("-".to_owned(), |f| format!("{f:.2}")),
+            r.errors,
+            r.unsent,
+        );
+    }
+    md
+}
+
+/// The latency chart: per workload at the highest load, one row per server, a bar to
+/// its p99 on a log scale with ticks at p50 and p99.9.
+fn latency_svg(path: &Path, latency: &LatencyReport) -> Result<()> {
+    let top_load = latency.rows.iter().map(|r| r.load).fold(0.0, f64::max);
+    let rows: Vec<&LatencyRow> = latency.rows.iter().filter(|r| r.load == top_load).collect();
+    let (label_w, bar_w, row_h, top) = (420i32, 600i32, 22i32, 60i32);
+    let height = top + row_h * rows.len().max(1) as i32 + 40;
+    let root =
+        SVGBackend::new(path, ((label_w + bar_w + 200) as u32, height as u32)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let lo = 10.0f64;
+    let hi = rows
+        .iter()
+        .map(|r| r.p999_us.max(r.p99_us) as f64)
+        .fold(1000.0, f64::max);
+    let x = |us: f64| label_w + ((us.max(lo) / lo).ln() / (hi / lo).ln() * f64::from(bar_w)) as i32;
+    let font = ("sans-serif", 13).into_font();
+    root.draw(&Text::new(
+        format!(
+            "cargo xtask bench: latency at {:.0}% of the slowest peer's peak, open loop, log \
+             scale; bar = p99, | = p50 and p99.9 (shorter is better)",
+            top_load * 100.0
+        ),
+        (10, 15),
+        ("sans-serif", 14).into_font(),
+    ))?;
+    for (i, r) in rows.iter().enumerate() {
+        let y = top + row_h * i as i32;
+        let colour = if r.subject {
+            RGBColor(46, 139, 87)
+        } else {
+            RGBColor(120, 120, 120)
+        };
+        root.draw(&Text::new(
+            format!("{}: {}", r.workload, r.server),
+            (10, y + 4),
+            font.clone(),
+        ))?;
+        let end = x(r.p99_us as f64);
+        root.draw(&Rectangle::new(
+            [(label_w, y + 2), (end.max(label_w + 1), y + row_h - 4)],
+            colour.filled(),
+        ))?;
+        for tick in [r.p50_us, r.p999_us] {
+            let at = x(tick as f64);
+            root.draw(&PathElement::new(
+                vec![(at, y), (at, y + row_h - 2)],
+                BLACK.stroke_width(2),
+            ))?;
+        }
+        root.draw(&Text::new(
+            format!("{} / {} / {} ms", ms(r.p50_us), ms(r.p99_us), ms(r.p999_us)),
+            (x(hi) + 6, y + 4),
+            font.clone(),
+        ))?;
+    }
+    let bottom = top + row_h * rows.len().max(1) as i32;
+    for tick in [10.0, 100.0, 1e3, 1e4, 1e5, 1e6] {
+        if (lo..=hi).contains(&tick) {
+            root.draw(&Text::new(
+                format!("{} ms", tick / 1e3),
+                (x(tick) - 10, bottom + 6),
+                font.clone(),
+            ))?;
+        }
+    }
+    root.present()?;
+    Ok(())
+}
+
+/// Writes report.md, report.json, report.svg (and report-latency.svg when the latency
+/// group ran) into `dir`; returns their paths.
+pub(super) fn write(
+    dir: &Path,
+    machine: &Machine,
+    workloads: &[Workload],
+    latency: &LatencyReport,
+) -> Result<Vec<PathBuf>> {
     let md_path = dir.join("report.md");
-    std::fs::write(&md_path, markdown(machine, workloads)).context("writing report.md")?;
+    let md = markdown(machine, workloads) + &latency_markdown(latency);
+    std::fs::write(&md_path, md).context("writing report.md")?;
     let json_path = dir.join("report.json");
     let json = JsonReport {
         machine,
         results: pairs(workloads),
+        latency,
     };
     std::fs::write(&json_path, serde_json::to_string_pretty(&json)? + "\n")
         .context("writing report.json")?;
     let svg_path = dir.join("report.svg");
     svg(&svg_path, workloads).context("writing report.svg")?;
-    Ok(vec![md_path, json_path, svg_path])
+    let mut written = vec![md_path, json_path, svg_path];
+    if !latency.rows.is_empty() {
+        let path = dir.join("report-latency.svg");
+        latency_svg(&path, latency).context("writing report-latency.svg")?;
+        written.push(path);
+    }
+    Ok(written)
 }
 
 /// The goals, for the terminal.
 pub(super) fn summary(workloads: &[Workload]) -> String {
     let mut out = String::from("\n== goals\n");
-    for goal in GOALS {
+    for goal in &goals() {
         let line = match evaluate(goal, workloads) {
             Some((r, holds)) => format!(
                 "  {:<4} {}  measured {}",
                 if holds { "ok" } else { "MISS" },
                 goal_text(goal),
-                ratio_text(r, goal.better)
+                match goal.peer {
+                    Some(_) => ratio_text(r, goal.better),
+                    None => format!("{r:.2}"),
+                }
             ),
             None => format!("  -    {} not measured", goal_text(goal)),
         };
@@ -484,7 +673,8 @@ mod tests {
 
     #[test]
     fn lower_is_better_goals_hold_below_the_threshold() {
-        let goal = GOALS
+        let goals = goals();
+        let goal = goals
             .iter()
             .find(|g| g.key == "fork_to_listening")
             .expect("a start-up goal");
