@@ -9,7 +9,9 @@
 //!   the back of the line again when a reply makes room. So two workers that stay
 //!   ready take turns, and a worker that falls behind gets nothing new while full.
 //! - A refused connection goes back to the front of the queue and is not offered again to
-//!   a worker that refused it; once every worker has refused it, it is closed.
+//!   a worker that refused it; once every worker has refused it, it is closed. One the
+//!   primary could not send ([`give_back`](RoundRobinHandle::give_back)) goes back to the
+//!   front refused by nobody.
 //! - A worker that goes away ([`remove_worker`](RoundRobinHandle::remove_worker)) gives
 //!   its in-flight connections back to the front of the queue, oldest first: Node loses
 //!   them.
@@ -135,6 +137,28 @@ impl<C, W: Copy + Eq + Hash> RoundRobinHandle<C, W> {
         flight.queued.refused_by.push(worker);
         self.queue.push_front(flight.queued);
         None
+    }
+
+    /// Takes back hand-off `seq` of `worker`, which could not be sent for a reason of the
+    /// primary's own (no descriptor to copy it with): the connection goes back to the
+    /// front of the queue, not refused by anyone. Returns whether it was in flight.
+    pub(crate) fn give_back(&mut self, worker: W, seq: u64) -> bool {
+        let Some(flights) = self.in_flight.get_mut(&worker) else {
+            return false;
+        };
+        let Some(pos) = flights.iter().position(|f| f.seq == seq) else {
+            return false;
+        };
+        let was_full = flights.len() >= self.window;
+        let flight = flights.remove(pos);
+        if flights.is_empty() {
+            self.in_flight.remove(&worker);
+        }
+        if was_full && self.workers.contains(&worker) {
+            self.ready.push_back(worker);
+        }
+        self.queue.push_front(flight.queued);
+        true
     }
 
     /// The next hand-off: the first ready worker that can take something gets the oldest

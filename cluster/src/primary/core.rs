@@ -399,7 +399,7 @@ impl Core {
                 seq,
                 errno,
             } => self.on_grant_failed(id, &key, seq, errno, now),
-            Input::HandoffFailed { id, key, seq } => self.on_accepted(id, &key, seq, false, now),
+            Input::HandoffFailed { id, key, seq } => self.on_handoff_failed(id, &key, seq, now),
             Input::ChannelClosed { id, broken } => self.on_channel_closed(id, broken, now),
             Input::Exited { id, status } => self.on_exited(id, status, now),
             Input::Bound {

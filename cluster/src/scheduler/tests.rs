@@ -182,6 +182,8 @@ enum Op {
     Push,
     /// `worker`'s reply to its `nth` oldest hand-off in flight (modulo how many it has).
     Reply(u8, usize, bool),
+    /// The primary could not send `worker`'s `nth` oldest hand-off in flight.
+    GiveBack(u8, usize),
     Advance(u64),
 }
 
@@ -194,6 +196,7 @@ fn op() -> impl Strategy<Value = Op> {
         6 => ((0u8..4), (0usize..8), proptest::bool::weighted(0.8))
             .prop_map(|(w, n, a)| Op::Reply(w, n, a)),
         1 => (0u64..3000).prop_map(Op::Advance),
+        1 => ((0u8..4), (0usize..8)).prop_map(|(w, n)| Op::GiveBack(w, n)),
     ]
 }
 
@@ -375,6 +378,27 @@ proptest! {
                         refused.push(w);
                         model.waiting.insert(conn, refused);
                     }
+                    if was_full && model.registered.contains(&w) {
+                        model.ready.push_back(w);
+                    }
+                }
+                Op::GiveBack(w, nth) => {
+                    let flights = model.in_flight.entry(w).or_default();
+                    if flights.is_empty() {
+                        model.in_flight.remove(&w);
+                        prop_assert!(!rr.give_back(w, 0));
+                        continue;
+                    }
+                    let was_full = flights.len() >= window;
+                    let (seq, conn) = flights.remove(nth % flights.len());
+                    if flights.is_empty() {
+                        model.in_flight.remove(&w);
+                    }
+                    prop_assert!(rr.give_back(w, seq));
+                    prop_assert!(!rr.give_back(w, seq), "given back once");
+                    // Waiting again, refused by no one new.
+                    let refused = model.refusals.remove(&conn).unwrap_or_default();
+                    model.waiting.insert(conn, refused);
                     if was_full && model.registered.contains(&w) {
                         model.ready.push_back(w);
                     }

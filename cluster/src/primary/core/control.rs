@@ -57,6 +57,7 @@ impl Core {
             Timer::Connect(id) => self.connect_timed_out(id),
             Timer::Sample => self.sample(now),
             Timer::Spare => self.ensure_spares(now),
+            Timer::Dispatch(key) => self.resume_dispatch(&key, now),
             Timer::StopDelay => {
                 if let Run::Leaving { waiters } = &mut self.run {
                     let waiters = std::mem::take(waiters);

@@ -43,6 +43,9 @@ pub(crate) struct Handle {
     /// Round-robin: whether the driver was told to stop accepting because
     /// [`Config::max_held`](super::Config::max_held) connections wait already.
     pub(crate) paused: bool,
+    /// Round-robin: hand-offs wait after one could not be sent for lack of a descriptor,
+    /// until the `Dispatch` timer.
+    pub(crate) stalled: bool,
 }
 
 impl Handle {
@@ -69,6 +72,7 @@ impl Handle {
             kind,
             binding: BTreeMap::new(),
             paused: false,
+            stalled: false,
         }
     }
 

@@ -230,6 +230,41 @@ impl Core {
         self.update_hold(key, now);
     }
 
+    /// A hand-off could not be sent for a reason of the primary's own (out of
+    /// descriptors for the copy a Node channel keeps): the connection is not the worker's
+    /// refusal. It goes back to the front of the queue, and hand-offs on this handle wait
+    /// [`RESOURCE_RETRY`](super::RESOURCE_RETRY) (the hold time still bounds the wait).
+    pub(super) fn on_handoff_failed(
+        &mut self,
+        id: WorkerId,
+        key: &HandleKey,
+        seq: u64,
+        now: Instant,
+    ) {
+        let Some(handle) = self.handles.get_mut(key) else {
+            return;
+        };
+        let Some(rr) = handle.round_robin() else {
+            return;
+        };
+        if !rr.give_back(id, seq) {
+            return;
+        }
+        handle.stalled = true;
+        self.start_timer(Timer::Dispatch(key.clone()), now + super::RESOURCE_RETRY);
+        self.refresh_handoff_deadline(id, false);
+        self.update_hold(key, now);
+    }
+
+    /// The `Dispatch` timer: hand-offs on `key` go on after a local failure.
+    pub(super) fn resume_dispatch(&mut self, key: &HandleKey, now: Instant) {
+        if let Some(handle) = self.handles.get_mut(key) {
+            handle.stalled = false;
+        }
+        self.dispatch(key);
+        self.update_hold(key, now);
+    }
+
     pub(super) fn on_close(&mut self, id: WorkerId, key: &HandleKey, now: Instant) {
         let Some(slot) = self.workers.get_mut(&id).map(|worker| {
             worker.servers.remove(key);
@@ -280,7 +315,12 @@ impl Core {
 
     /// Sends queued connections of a round-robin handle to workers with room in their window.
     pub(super) fn dispatch(&mut self, key: &HandleKey) {
-        let Some(rr) = self.handles.get_mut(key).and_then(Handle::round_robin) else {
+        let Some(rr) = self
+            .handles
+            .get_mut(key)
+            .filter(|h| !h.stalled)
+            .and_then(Handle::round_robin)
+        else {
             return;
         };
         while let Some(handoff) = rr.next_handoff() {

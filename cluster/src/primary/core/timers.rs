@@ -31,6 +31,8 @@ pub(crate) enum Timer {
     Sample,
     /// Start warm spares again after one crashed.
     Spare,
+    /// Hand-offs on a round-robin handle go on after one could not be sent.
+    Dispatch(HandleKey),
     /// The stop's delay has passed: ask the workers to drain.
     StopDelay,
 }

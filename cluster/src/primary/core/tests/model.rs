@@ -43,6 +43,8 @@ enum Op {
     Advance(u64),
     FailNextFork,
     FailNextCopy,
+    /// The primary runs out of descriptors for the next hand-offs.
+    FailHandoffs(u8),
     /// The worker's memory grows past the limit (`true`) or falls back under it.
     Memory(u8, bool),
 }
@@ -74,6 +76,7 @@ fn op() -> impl Strategy<Value = Op> {
         2 => (0u64..3000).prop_map(Op::Advance),
         1 => Just(Op::FailNextFork),
         1 => Just(Op::FailNextCopy),
+        1 => (1u8..6).prop_map(Op::FailHandoffs),
         2 => (w(), any::<bool>()).prop_map(|(w, high)| Op::Memory(w, high)),
     ]
 }
@@ -169,6 +172,7 @@ fn play(sim: &mut Sim, op: Op) {
         Op::Advance(ms) => sim.now += Duration::from_millis(ms),
         Op::FailNextFork => sim.fail_next_fork = true,
         Op::FailNextCopy => sim.fail_next_copy = Some(libc::EMFILE),
+        Op::FailHandoffs(n) => sim.fail_handoffs = usize::from(n),
         Op::Memory(w, high) => {
             if let Some(id) = pick(sim, w) {
                 sim.procs.get_mut(&id).expect("picked").rss = match high {

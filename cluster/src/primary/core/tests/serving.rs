@@ -120,3 +120,31 @@ fn a_grant_whose_socket_cannot_be_copied_is_withdrawn_and_the_worker_told() {
     assert!(sim.misbehaved.is_empty());
     sim.stop_and_check();
 }
+
+/// Found by `cargo xtask chaos --seed 7` (node/rr): with the primary out of descriptors,
+/// a Node hand-off (whose channel keeps a copy of the connection) could not be sent, the
+/// core took it for the worker's refusal, both workers "refused" it and it was closed: a
+/// reset. A local failure is nobody's refusal: the connection waits and goes out later.
+#[test]
+fn a_hand_off_the_primary_cannot_send_waits_and_goes_out_later_instead_of_closing() {
+    let mut sim = serving(2, Policy::RoundRobin);
+    sim.fail_handoffs = 4;
+    sim.connect(0);
+    assert_eq!(
+        sim.fail_handoffs, 3,
+        "one failed attempt, then hand-offs wait"
+    );
+    assert_eq!(sim.core.stats(sim.now).queued, 1, "still held, not closed");
+    assert!(
+        sim.core
+            .timers
+            .contains(&Timer::Dispatch(super::sim::key(0)))
+    );
+    // Each retry after the pause fails until descriptors are back; then it is served.
+    sim.settle(100);
+    assert_eq!(sim.fail_handoffs, 0);
+    assert_eq!(sim.core.stats(sim.now).queued, 0);
+    let served = sim.conns_served().filter(|(_, by)| by.is_some()).count();
+    assert_eq!(served, 1, "delivered once, to a worker");
+    sim.stop_and_check();
+}

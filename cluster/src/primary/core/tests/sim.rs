@@ -82,6 +82,8 @@ pub(super) struct Sim {
     pub(super) fail_next_bind: Option<i32>,
     /// The errno the next copy of a listening socket for a grant fails with.
     pub(super) fail_next_copy: Option<i32>,
+    /// How many of the next hand-offs cannot be sent (no descriptor for the copy).
+    pub(super) fail_handoffs: usize,
     pub(super) finished: bool,
     inputs: VecDeque<Input>,
 }
@@ -140,6 +142,7 @@ impl Sim {
             fork_failure_transient: false,
             fail_next_bind: None,
             fail_next_copy: None,
+            fail_handoffs: 0,
             finished: false,
             inputs: VecDeque::new(),
         };
@@ -422,6 +425,14 @@ impl Sim {
             .iter()
             .filter(|w| w.state == crate::WorkerState::Listening)
             .count()
+    }
+
+    /// Every connection so far, with the worker that took it (`None`: held or closed).
+    pub(super) fn conns_served(&self) -> impl Iterator<Item = (ConnId, Option<WorkerId>)> + '_ {
+        self.conns.iter().map(|(conn, state)| match state {
+            ConnState::Served(id) => (*conn, Some(*id)),
+            _ => (*conn, None),
+        })
     }
 
     pub(super) fn kill_signal() -> Signal {

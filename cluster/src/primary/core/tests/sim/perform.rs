@@ -73,6 +73,16 @@ impl Sim {
                         "a spare was sent {message:?}: its queries are held, it gets no connection"
                     );
                     match (&fd, &message) {
+                        (Some(FdRef::Conn(_)), ToWorker::NewConn { key, seq })
+                            if self.fail_handoffs > 0 =>
+                        {
+                            self.fail_handoffs -= 1;
+                            Some(Input::HandoffFailed {
+                                id,
+                                key: key.clone(),
+                                seq: *seq,
+                            })
+                        }
                         (Some(FdRef::Listener { key, .. }), ToWorker::QueryReply { seq, .. })
                             if self.fail_next_copy.is_some() =>
                         {
