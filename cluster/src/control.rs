@@ -175,8 +175,9 @@ pub struct Reload {
 pub struct ReloadFailure {
     /// The slot.
     pub slot: usize,
-    /// The new worker that failed.
-    pub worker: u64,
+    /// The new worker that failed (none when none could start).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub worker: Option<u64>,
     /// The old worker, still serving.
     pub kept: u64,
     /// Why, in words.

@@ -366,7 +366,7 @@ fn log_event(event: &Event) {
                 }
                 other => format!("{other:?}"),
             };
-            tracing::error!(slot, new = %id, %kept, reason, "reload failed for a slot; the old worker keeps serving")
+            tracing::error!(slot, new = ?id, %kept, reason, "reload failed for a slot; the old worker keeps serving")
         }
         other => tracing::debug!(?other, "cluster event"),
     }

@@ -87,7 +87,16 @@ const WHOLE_TIMEOUT: Duration = Duration::from_secs(20);
 #[derive(Debug, Default)]
 pub(crate) struct Registry {
     pids: Mutex<BTreeMap<u32, u64>>,
+    /// Descriptor limits lowered by faults still running: each process's limits before
+    /// the first of them, and how many hold it lowered. Overlapping faults on one process
+    /// put back what it had before the first, when the last ends (each restoring what it
+    /// found would leave the first one's low limit for good).
+    pub(crate) lowered: Mutex<BTreeMap<u32, Lowered>>,
 }
+
+/// A process's descriptor limits (soft, hard) before the first fault that lowered them,
+/// and how many faults hold them lowered.
+pub(crate) type Lowered = ((u64, u64), usize);
 
 impl Registry {
     fn pids_locked(&self) -> std::sync::MutexGuard<'_, BTreeMap<u32, u64>> {

@@ -439,7 +439,7 @@ fn reload_view(report: &ReloadReport) -> control::Reload {
             .iter()
             .map(|f| control::ReloadFailure {
                 slot: f.slot,
-                worker: f.id.get(),
+                worker: f.id.map(WorkerId::get),
                 kept: f.kept.get(),
                 reason: match f.reason {
                     crate::ReloadFailure::CrashLoop => "the new workers keep crashing".into(),

@@ -173,8 +173,9 @@ pub enum Event {
     ReloadFailed {
         /// The slot.
         slot: usize,
-        /// The last new worker (crashed, or stopped for not listening in time).
-        id: WorkerId,
+        /// The last new worker (crashed, or stopped for not listening in time); `None`
+        /// when none could even start (every fork failed).
+        id: Option<WorkerId>,
         /// The old worker, still serving.
         kept: WorkerId,
         /// Why.

@@ -91,8 +91,9 @@ impl std::fmt::Display for ExitCause {
 pub struct SlotReloadFailure {
     /// The slot.
     pub slot: usize,
-    /// The last new worker (crashed, or stopped for not listening in time).
-    pub id: WorkerId,
+    /// The last new worker (crashed, or stopped for not listening in time); `None` when
+    /// none could even start.
+    pub id: Option<WorkerId>,
     /// The old worker, still serving.
     pub kept: WorkerId,
     /// Why.

@@ -133,17 +133,52 @@ fn lower_fds(pid: u32, hold: Duration, registry: &Registry) -> String {
     let Some(open) = open_fds(pid) else {
         return "gone".into();
     };
-    let before = match sys::nofile(pid) {
-        Ok(limits) => limits,
-        Err(err) => return format!("prlimit: {err}"),
+    let lowered = || {
+        registry
+            .lowered
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    };
+    let before = {
+        let mut lowered = lowered();
+        match lowered.get_mut(&pid) {
+            // Another fault holds it lowered: its original limits are the ones to keep.
+            Some((original, holders)) => {
+                *holders += 1;
+                *original
+            }
+            None => match sys::nofile(pid) {
+                Ok(limits) => {
+                    lowered.insert(pid, (limits, 1));
+                    limits
+                }
+                Err(err) => return format!("prlimit: {err}"),
+            },
+        }
     };
     let few = (open + FEW_FDS).min(before.0);
-    if let Err(err) = sys::set_nofile(pid, (few, before.1)) {
-        return format!("prlimit: {err}");
+    let set = sys::set_nofile(pid, (few, before.1));
+    if set.is_ok() {
+        thread::sleep(hold);
     }
-    thread::sleep(hold);
-    if registry.is_ours_and_running(pid) {
-        let _ = sys::set_nofile(pid, before);
+    {
+        let mut lowered = lowered();
+        let last = match lowered.get_mut(&pid) {
+            Some((_, holders)) => {
+                *holders -= 1;
+                *holders == 0
+            }
+            None => true,
+        };
+        if last {
+            lowered.remove(&pid);
+            if registry.is_ours_and_running(pid) {
+                let _ = sys::set_nofile(pid, before);
+            }
+        }
+    }
+    if let Err(err) = set {
+        return format!("prlimit: {err}");
     }
     format!("{few} of {} fds for {} ms", before.0, hold.as_millis())
 }

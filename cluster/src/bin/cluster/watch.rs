@@ -379,18 +379,18 @@ fn json_line(event: &Event) -> Option<String> {
     let mut line = format!("{{\"ts_ms\":{ts},\"primary\":{}", std::process::id());
     let (name, id) = match event {
         Event::Output { .. } => return None,
-        Event::Fork { id, .. } => ("fork", id),
-        Event::Online { id } => ("online", id),
-        Event::Listening { id, .. } => ("listening", id),
-        Event::Ready { id } => ("ready", id),
-        Event::Disconnect { id } => ("disconnect", id),
-        Event::Exit { id, .. } => ("exit", id),
-        Event::GoingDown { id, .. } => ("going-down", id),
-        Event::Misbehaved { id, .. } => ("misbehaved", id),
-        Event::SlotFailed { id, .. } => ("slot-failed", id),
-        Event::ReloadFailed { id, .. } => ("reload-failed", id),
-        Event::NotConnected { id, .. } => ("not-connected", id),
-        Event::ListenFailed { id, .. } => ("listen-failed", id),
+        Event::Fork { id, .. } => ("fork", Some(id)),
+        Event::Online { id } => ("online", Some(id)),
+        Event::Listening { id, .. } => ("listening", Some(id)),
+        Event::Ready { id } => ("ready", Some(id)),
+        Event::Disconnect { id } => ("disconnect", Some(id)),
+        Event::Exit { id, .. } => ("exit", Some(id)),
+        Event::GoingDown { id, .. } => ("going-down", Some(id)),
+        Event::Misbehaved { id, .. } => ("misbehaved", Some(id)),
+        Event::SlotFailed { id, .. } => ("slot-failed", Some(id)),
+        Event::ReloadFailed { id, .. } => ("reload-failed", id.as_ref()),
+        Event::NotConnected { id, .. } => ("not-connected", Some(id)),
+        Event::ListenFailed { id, .. } => ("listen-failed", Some(id)),
         other => {
             push_json_str(&mut line, "event", "other");
             push_json_str(&mut line, "detail", &format!("{other:?}"));
@@ -399,7 +399,9 @@ fn json_line(event: &Event) -> Option<String> {
         }
     };
     push_json_str(&mut line, "event", name);
-    let _ = write!(line, ",\"id\":{}", id.get());
+    if let Some(id) = id {
+        let _ = write!(line, ",\"id\":{}", id.get());
+    }
     match event {
         Event::Fork { pid, .. } => {
             let _ = write!(line, ",\"pid\":{pid}");

@@ -55,14 +55,14 @@ struct Step {
     slot: usize,
     /// The worker being replaced.
     old: WorkerId,
-    /// The first new worker (a respawn of the slot gets a newer one).
-    new: WorkerId,
     /// How many servers the new one must be listening on.
     target: usize,
     /// Why the old one is replaced.
     cause: StopCause,
     /// How many of the step's new workers crashed so far.
     crashes: u32,
+    /// The step's last new worker that was forked (its forks may all fail).
+    forked: Option<WorkerId>,
 }
 
 /// Where a step stands.
@@ -175,6 +175,18 @@ impl Core {
         step.crashes >= RELOAD_CRASHES
     }
 
+    /// A worker of `slot` was forked: the reload step replacing it, if any, notes it.
+    pub(super) fn reload_step_forked(&mut self, slot: usize, id: WorkerId) {
+        if let Some(step) = self
+            .reload
+            .as_mut()
+            .and_then(|r| r.step.as_mut())
+            .filter(|s| s.slot == slot && s.old != id)
+        {
+            step.forked = Some(id);
+        }
+    }
+
     /// Whether `slot` is being replaced, or queued to be for its memory.
     pub(super) fn replacing_for_memory(&self, slot: usize) -> bool {
         self.reload.as_ref().is_some_and(|r| {
@@ -239,7 +251,7 @@ impl Core {
     pub(super) fn reload_failed(
         &mut self,
         slot: usize,
-        id: WorkerId,
+        id: Option<WorkerId>,
         kept: WorkerId,
         reason: ReloadFailure,
     ) {
@@ -306,10 +318,10 @@ impl Core {
             reload.step = Some(Step {
                 slot,
                 old,
-                new,
                 target: listening,
                 cause,
                 crashes: 0,
+                forked: None,
             });
             self.start_timer(Timer::Reload, now + self.config.reload_timeout);
         }
@@ -331,8 +343,9 @@ impl Core {
         let old_serving = self.workers.get(&old).is_some_and(|w| w.serves(0));
         if old_serving && (new.is_some() || respawning) {
             let waited = self.config.reload_timeout;
-            let last = new.unwrap_or(step.new);
-            tracing::error!(slot, new = %last, ?waited, "reload: the new worker is not listening; keeping the old one");
+            // The worker on the slot now, or the step's last one that started.
+            let last = new.or(step.forked);
+            tracing::error!(slot, new = ?last, ?waited, "reload: the new worker is not listening; keeping the old one");
             if let Some(s) = self.slots.get_mut(&slot) {
                 s.occupant = Occupant::Worker(old);
                 s.tracker = RestartTracker::new(self.config.restart.clone());

@@ -70,7 +70,9 @@ impl Core {
             pid,
             overdue: false,
         };
-        tracing::debug!(%id, pid, slot = worker.slot, "forked a worker");
+        let slot = worker.slot;
+        tracing::debug!(%id, pid, slot, "forked a worker");
+        self.reload_step_forked(slot, id);
         self.emit(Event::Fork { id, pid });
         let at = self.now + self.config.connect_timeout;
         self.start_timer(Timer::Connect(id), at);
@@ -194,7 +196,7 @@ impl Core {
                         s.occupant = Occupant::Worker(old);
                         s.tracker = RestartTracker::new(self.config.restart.clone());
                     }
-                    self.reload_failed(slot, id, old, ReloadFailure::CrashLoop);
+                    self.reload_failed(slot, Some(id), old, ReloadFailure::CrashLoop);
                 }
                 None => self.give_up(slot, id, SlotFailure::CrashLoop),
             },

@@ -102,6 +102,10 @@ fn a_reload_whose_new_workers_cannot_even_start_keeps_every_old_worker() {
     let report = reload_report(&sim, reload);
     let slots: Vec<usize> = report.failed.iter().map(|f| f.slot).collect();
     assert_eq!(slots, [0, 1], "{report:?}");
+    assert!(
+        report.failed.iter().all(|f| f.id.is_none()),
+        "no new worker started, none is named: {report:?}"
+    );
     assert!(report.replaced.is_empty());
     assert_eq!(sim.reload_failed, [0, 1], "each slot's failure is reported");
     sim.settle(1000);
