@@ -102,10 +102,13 @@ fn a_reload_whose_new_workers_cannot_even_start_keeps_every_old_worker() {
     let report = reload_report(&sim, reload);
     let slots: Vec<usize> = report.failed.iter().map(|f| f.slot).collect();
     assert_eq!(slots, [0, 1], "{report:?}");
-    assert!(
-        report.failed.iter().all(|f| f.id.is_none()),
-        "no new worker started, none is named: {report:?}"
-    );
+    // A failure names a new worker only if it was forked.
+    for id in report.failed.iter().filter_map(|f| f.id) {
+        assert!(
+            sim.events[&id].contains(&"fork"),
+            "{id} never started: {report:?}"
+        );
+    }
     assert!(report.replaced.is_empty());
     assert_eq!(sim.reload_failed, [0, 1], "each slot's failure is reported");
     sim.settle(1000);
@@ -201,5 +204,27 @@ fn a_worker_above_the_memory_limit_is_replaced_once_its_successor_listens() {
         !told_to_stop(&sim, id(2)),
         "one slot at a time, only the one above"
     );
+    sim.stop_and_check();
+}
+
+#[test]
+fn a_reload_step_whose_every_fork_fails_names_no_new_worker() {
+    let mut sim = serving(1, Policy::RoundRobin);
+    sim.fork_failure_transient = true;
+    sim.fail_next_fork = true;
+    let reload = sim.request(Request::Reload);
+    // Out of descriptors for the whole step: every retry's fork fails too.
+    for _ in 0..1000 {
+        if sim.replies.contains_key(&reload) {
+            break;
+        }
+        sim.fail_next_fork = true;
+        assert!(sim.fire_timer(), "a retry or the reload timer");
+    }
+    sim.fail_next_fork = false;
+    let report = reload_report(&sim, reload);
+    assert_eq!(report.failed.len(), 1, "{report:?}");
+    assert_eq!(report.failed[0].id, None, "no worker started: {report:?}");
+    assert_eq!(report.failed[0].kept, id(1));
     sim.stop_and_check();
 }
