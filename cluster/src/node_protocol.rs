@@ -168,6 +168,23 @@ impl NodeWorker {
         }
     }
 
+    /// A message that went to the worker with a descriptor which the worker could not
+    /// take (it refused it past Node's retries: out of descriptors, say), so it never
+    /// saw the message. A hand-off is its refusal: the connection goes to another worker.
+    /// `None` for anything else (logged by the caller; the channel goes on).
+    pub(crate) fn dropped(&mut self, message: &InternalMessage) -> Option<ToPrimary> {
+        if message.get("act").and_then(Value::as_str) != Some("newconn") {
+            return None;
+        }
+        let seq = message.get("seq").and_then(Value::as_u64)?;
+        let key = self.handoffs.remove(&seq)?;
+        Some(ToPrimary::Accepted {
+            key,
+            seq,
+            accepted: false,
+        })
+    }
+
     /// Translates a message of the core for the worker. `NewConn` and a shared
     /// `QueryReply` go with their descriptor (sent as a `NODE_HANDLE` of type
     /// `net.Native`, which the channel does for a control message with a descriptor).

@@ -138,6 +138,9 @@ pub enum Error {
     HandleDropped {
         /// How many times the handle was sent.
         attempts: u8,
+        /// The message that went with the handle, as the peer would have received it
+        /// (its descriptor is closed), so the sender knows which one it was.
+        message: Box<crate::Received>,
     },
     /// A Node peer keeps sending handles (`NODE_HANDLE` lines) but does not read the
     /// answers (`NODE_HANDLE_ACK`/`NACK`) the channel owes it: that many wait unwritten,

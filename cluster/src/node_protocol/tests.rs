@@ -277,3 +277,27 @@ fn second_listen_of_a_worker_gets_its_own_key() {
     });
     assert_eq!(reply.get("key"), Some(&json!("127.0.0.1:0:4:undefined:1")));
 }
+
+/// A hand-off whose descriptor the worker could not take (refused past Node's retries)
+/// is its refusal, once; other dropped messages are not hand-offs.
+#[test]
+fn a_dropped_hand_off_is_a_refusal() {
+    let mut w = NodeWorker::new();
+    let key = HandleKey::loopback(0);
+    let newconn = ToWorker::NewConn {
+        key: key.clone(),
+        seq: 5,
+    };
+    let sent = w.outgoing(&newconn);
+    assert_eq!(
+        w.dropped(&sent),
+        Some(ToPrimary::Accepted {
+            key,
+            seq: 5,
+            accepted: false
+        })
+    );
+    assert_eq!(w.dropped(&sent), None, "refused once");
+    let disconnect = w.outgoing(&ToWorker::Disconnect);
+    assert_eq!(w.dropped(&disconnect), None);
+}

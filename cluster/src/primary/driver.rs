@@ -55,6 +55,9 @@ enum Internal {
     Output(WorkerId, OutputStream, String),
     /// A silent worker's output stream reached its end.
     OutputEnd,
+    /// A Node worker could not take a descriptor sent with this message (refused past
+    /// Node's retries); the channel goes on.
+    HandleDropped(WorkerId, Box<ipc::Received>),
 }
 
 /// The replies of the requests the core has not answered yet, each sent once.
@@ -381,6 +384,7 @@ impl Driver {
                     .push(Event::Output { id, stream, line })
             }
             Internal::OutputEnd => self.processes.output_ended(),
+            Internal::HandleDropped(id, message) => self.handle_dropped(id, &message),
         }
     }
 }

@@ -271,3 +271,61 @@ fn a_node_worker_flooding_unread_nacks_is_replaced_round_robin() {
 fn a_node_worker_flooding_unread_nacks_is_replaced_shared() {
     a_worker_that_never_reads_its_acknowledgements_is_replaced("shared");
 }
+
+/// A Node worker out of descriptors cannot take the connections handed to it: Node
+/// refuses each `NODE_HANDLE` (NACK) until the sender gives up. That is the worker's
+/// refusal of that connection, which goes to another worker: no request fails and the
+/// worker is not killed (found by `cargo xtask chaos --seed 7`, node/rr).
+#[test]
+fn a_worker_out_of_descriptors_refuses_hand_offs_and_the_others_serve_them() {
+    if !node_or_skip() {
+        return;
+    }
+    let script = node_script("http_server.js");
+    let mut cluster = Cluster::start(
+        2,
+        &["--no-control".as_ref(), "--".as_ref(), script.as_os_str()],
+    );
+    let workers = cluster.started_from(0);
+    let starved = workers[0].pid;
+    let open = std::fs::read_dir(format!("/proc/{starved}/fd"))
+        .expect("its descriptors")
+        .count();
+    // No descriptor to spare: every handle it is sent is refused.
+    let limit = format!("--nofile={open}:{open}");
+    let status = std::process::Command::new("prlimit")
+        .args(["--pid", &starved.to_string(), &limit])
+        .status()
+        .expect("prlimit (util-linux)");
+    assert!(status.success());
+    let mark = cluster.log.mark();
+    let mut served = BTreeSet::new();
+    for _ in 0..40 {
+        let (status, body) = tcp_request(&cluster, "GET", "/", None);
+        assert_eq!(status, 200);
+        served.insert(pid(&body));
+    }
+    assert!(
+        !served.contains(&starved),
+        "the starved worker served: {served:?}"
+    );
+    assert!(
+        cluster
+            .log
+            .lines_from(mark)
+            .iter()
+            .any(|l| l.contains("could not take a connection")),
+        "the starved worker was handed connections and refused them:\n{}",
+        cluster.log.tail(30)
+    );
+    let lines = cluster.log.lines_from(mark);
+    assert!(
+        !lines
+            .iter()
+            .any(|l| l.contains("misbehaved") || l.contains(" exited ")),
+        "no worker was killed:\n{}",
+        lines.join("\n")
+    );
+    cluster.signal(Signal::SIGTERM);
+    assert!(cluster.wait_exit().success());
+}

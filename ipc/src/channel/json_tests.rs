@@ -149,6 +149,40 @@ fn a_refused_handle_is_sent_again_with_its_descriptor() {
 }
 
 #[test]
+fn a_handle_refused_past_the_retries_is_reported_with_its_message_and_the_channel_goes_on() {
+    runtime().block_on(async {
+        let (mut channel, raw) = with_raw_peer();
+        channel
+            .send_with_fds(&"conn 7", vec![pipe_end()])
+            .await
+            .unwrap();
+        // Refused every time: sent once and retransmitted up to Node's limit.
+        loop {
+            let (text, _) = raw_read(&raw);
+            assert!(text.starts_with("{\"cmd\":\"NODE_HANDLE\""), "{text}");
+            // A message after each NACK, so that `recv` returns once it is read.
+            (&raw)
+                .write_all(b"{\"cmd\":\"NODE_HANDLE_NACK\"}\n\"tick\"\n")
+                .unwrap();
+            match channel.recv().await {
+                Err(Error::HandleDropped { attempts, message }) => {
+                    assert_eq!(attempts, node_link::MAX_RETRANSMISSIONS + 1);
+                    assert_eq!(message.decode::<String>().unwrap(), "conn 7");
+                    let tick = channel.recv().await.unwrap().unwrap();
+                    assert_eq!(tick.decode::<String>().unwrap(), "tick");
+                    break;
+                }
+                Ok(Some(tick)) => assert_eq!(tick.decode::<String>().unwrap(), "tick"),
+                other => panic!("{other:?}"),
+            }
+        }
+        (&raw).write_all(b"\"still here\"\n").unwrap();
+        let next = channel.recv().await.unwrap().unwrap();
+        assert_eq!(next.decode::<String>().unwrap(), "still here");
+    });
+}
+
+#[test]
 fn a_handle_line_without_its_descriptor_is_answered_nack_and_dropped() {
     runtime().block_on(async {
         let (mut channel, raw) = with_raw_peer();

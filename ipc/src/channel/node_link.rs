@@ -36,7 +36,7 @@ use crate::json::{self, Incoming, LineCodec};
 use crate::{Error, sys};
 
 /// How many times Node sends a handle again after a `NODE_HANDLE_NACK`.
-const MAX_RETRANSMISSIONS: u8 = 3;
+pub(crate) const MAX_RETRANSMISSIONS: u8 = 3;
 
 /// The most answers (`NODE_HANDLE_ACK`/`NACK`) to the peer's handles that may wait unwritten
 /// because the peer does not read: one more ends the channel with
@@ -99,8 +99,9 @@ pub(crate) struct LinkState {
     /// The end of the stream was read, or reading failed: no answer will come, so a
     /// sender must not wait for one.
     pub(crate) closed: bool,
-    /// A handle the peer refused too often, to be reported once by the receiving half.
-    dropped: Option<u8>,
+    /// Handles the peer refused too often (with their lines), each to be reported once by
+    /// the receiving half.
+    dropped: std::collections::VecDeque<(u8, Bytes)>,
     /// Bytes and descriptors read and not decoded yet.
     pub(crate) inbound: Inbound,
     lines: LineCodec,
@@ -155,7 +156,7 @@ impl NodeLink {
                 held_bytes: 0,
                 limits,
                 closed: false,
-                dropped: None,
+                dropped: std::collections::VecDeque::new(),
                 inbound: Inbound::new(max_fds),
                 lines: LineCodec::new(max_line_len),
                 inbox: VecDeque::new(),
@@ -335,7 +336,8 @@ impl LinkState {
     pub(crate) fn refused(&mut self) -> bool {
         if let Some(in_flight) = self.in_flight.pop_front() {
             if in_flight.attempts > MAX_RETRANSMISSIONS {
-                self.dropped = Some(in_flight.attempts);
+                // At most the handles in flight: bounded by `handles_in_flight`.
+                self.dropped.push_back((in_flight.attempts, in_flight.line));
             } else {
                 self.held_bytes += in_flight.line.len();
                 self.held.push_front(Line {
@@ -348,9 +350,10 @@ impl LinkState {
         self.pump()
     }
 
-    /// A handle dropped after too many refusals, once.
-    pub(crate) fn take_dropped(&mut self) -> Option<u8> {
-        self.dropped.take()
+    /// A handle dropped after too many refusals, once: how often it was sent, and its
+    /// line.
+    pub(crate) fn take_dropped(&mut self) -> Option<(u8, Bytes)> {
+        self.dropped.pop_front()
     }
 
     /// Writes as much of the buffer as the socket takes without blocking. Returns
@@ -535,8 +538,12 @@ impl LinkState {
     /// no whole line is buffered.
     fn decode_next(&mut self, io: &UnixStream) -> Result<Option<Received>, Error> {
         loop {
-            if let Some(attempts) = self.take_dropped() {
-                return Err(Error::HandleDropped { attempts });
+            if let Some((attempts, line)) = self.take_dropped() {
+                let message = dropped_message(line);
+                return Err(Error::HandleDropped {
+                    attempts,
+                    message: Box::new(message),
+                });
             }
             let Some(line) = self.lines.decode(&mut self.inbound.buf)? else {
                 return Ok(None);
@@ -588,6 +595,25 @@ impl LinkState {
                 encoding: Encoding::Json { handle },
             }));
         }
+    }
+}
+
+/// The message a dropped handle carried, as it would have been received (without its
+/// descriptor), so that the sender's user learns which one it was.
+fn dropped_message(line: Bytes) -> Received {
+    let line = line
+        .strip_suffix(b"\n")
+        .map_or(line.clone(), |l| line.slice(..l.len()));
+    let (lane, payload, handle) = match json::sort(&line) {
+        Incoming::Handle(Ok(handle)) => (handle.lane(), handle.msg, Some(handle.handle_type)),
+        _ => (crate::codec::Lane::User, line, None),
+    };
+    Received {
+        lane,
+        payload,
+        fds: Vec::new(),
+        fds_lost: true,
+        encoding: Encoding::Json { handle },
     }
 }
 

@@ -56,6 +56,25 @@ impl Driver {
     }
 
     /// A Node worker's internal message, through its adapter.
+    /// A Node worker could not take the descriptor sent with `message`: a hand-off is its
+    /// refusal (the core gives the connection to another worker); anything else is logged.
+    pub(super) fn handle_dropped(&mut self, id: WorkerId, message: &ipc::Received) {
+        let Some(process) = self.processes.get_mut(id) else {
+            return;
+        };
+        let Protocol::Node(node) = &mut process.protocol else {
+            return;
+        };
+        let refusal = message.internal().ok().and_then(|m| node.dropped(&m));
+        match refusal {
+            Some(message) => {
+                tracing::warn!(%id, "a worker could not take a connection (out of descriptors?); it goes to another");
+                self.input(Input::Message { id, message });
+            }
+            None => tracing::warn!(%id, "a worker could not take a descriptor sent to it; dropped"),
+        }
+    }
+
     fn node_message(&mut self, id: WorkerId, mut message: ipc::Received) {
         let fds = message.take_fds();
         let Some(process) = self.processes.get_mut(id) else {

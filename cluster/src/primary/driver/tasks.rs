@@ -139,6 +139,17 @@ pub(super) async fn read_worker(
                 }
             }
             Ok(None) | Err(ipc::Error::Closed | ipc::Error::UnexpectedEof { .. }) => break None,
+            // A descriptor the worker could not take: which message it was goes to the
+            // driver; the channel goes on.
+            Err(ipc::Error::HandleDropped { message, .. }) => {
+                if internal
+                    .send(Internal::HandleDropped(id, message))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
             Err(e) => break Some(format!("broken channel: {e}")),
         }
     };

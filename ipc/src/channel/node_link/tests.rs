@@ -85,7 +85,9 @@ fn a_refused_handle_is_sent_again_then_dropped() {
     }
     assert_eq!(written(&mut state), "h;");
     state.refused();
-    assert_eq!(state.take_dropped(), Some(MAX_RETRANSMISSIONS + 1));
+    let (attempts, line) = state.take_dropped().expect("dropped");
+    assert_eq!((attempts, &line[..]), (MAX_RETRANSMISSIONS + 1, &b"h;"[..]));
+    assert_eq!(state.take_dropped(), None, "reported once");
     assert_eq!(written(&mut state), "after;");
 }
 
