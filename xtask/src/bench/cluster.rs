@@ -92,10 +92,11 @@ pub(super) fn run(ctx: &Ctx, demo: &Path, cluster_command: &Path) -> Result<Vec<
             .env("NODE_CLUSTER_SCHED_POLICY", "rr");
         command
     };
-    let with_node_workers = |policy: &str| {
+    let with_node_workers = |policy: &str, spares: usize| {
         let mut command = piped(cluster_command);
         command
             .args(["--workers", &WORKERS.to_string(), "--policy", policy])
+            .args(["--warm-spares", &spares.to_string(), "--no-control"])
             .args(["--grace", "1", "--"])
             .arg(ctx.peers_dir().join("node_cluster_http.js"))
             .arg("0");
@@ -104,15 +105,18 @@ pub(super) fn run(ctx: &Ctx, demo: &Path, cluster_command: &Path) -> Result<Vec<
     let (demo_name, node_name) = ("httpd-demo rr", "Node cluster rr");
     let command_name = "cluster command rr (Node workers)";
     let reuseport_name = "cluster command reuseport (Node workers)";
+    let spares_name = "cluster command rr --warm-spares 1 (Node workers)";
     let mut demo_rounds = Vec::new();
     let mut node_rounds = Vec::new();
     let mut command_rounds = Vec::new();
     let mut reuseport_rounds = Vec::new();
+    let mut spares_rounds = Vec::new();
     for round in 1..=rounds {
         demo_rounds.push(measure(demo_name, demo_command())?);
         if ctx.node.installed {
-            command_rounds.push(measure(command_name, with_node_workers("rr"))?);
-            reuseport_rounds.push(measure(reuseport_name, with_node_workers("reuseport"))?);
+            command_rounds.push(measure(command_name, with_node_workers("rr", 0))?);
+            reuseport_rounds.push(measure(reuseport_name, with_node_workers("reuseport", 0))?);
+            spares_rounds.push(measure(spares_name, with_node_workers("rr", 1))?);
             node_rounds.push(measure(node_name, node_command())?);
         }
         let last = |r: &[Round]| {
@@ -122,10 +126,11 @@ pub(super) fn run(ctx: &Ctx, demo: &Path, cluster_command: &Path) -> Result<Vec<
         };
         println!(
             "  round {round}/{rounds}: start/respawn {demo_name} {}, {command_name} {}, \
-             {reuseport_name} {}, {node_name} {}",
+             {reuseport_name} {}, {spares_name} {}, {node_name} {}",
             last(&demo_rounds),
             last(&command_rounds),
             last(&reuseport_rounds),
+            last(&spares_rounds),
             last(&node_rounds)
         );
     }
@@ -150,6 +155,7 @@ pub(super) fn run(ctx: &Ctx, demo: &Path, cluster_command: &Path) -> Result<Vec<
         if ctx.node.installed {
             all.push(series(command_name, &command_rounds, f));
             all.push(series(reuseport_name, &reuseport_rounds, f));
+            all.push(series(spares_name, &spares_rounds, f));
         }
         all
     };

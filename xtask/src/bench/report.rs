@@ -121,6 +121,14 @@ fn goals() -> Vec<Goal> {
         at_least(6, "exec_100mb", "child::exec_file", "std output()", 0.9),
         at_most(6, "fork_to_listening", "httpd-demo rr", NODE_RR, 0.1),
         at_most(6, "respawn_to_listening", "httpd-demo rr", NODE_RR, 0.1),
+        at_most(25, "respawn_to_listening", &command("rr"), NODE_RR, 1.0),
+        at_most(
+            25,
+            "respawn_to_listening",
+            "cluster command rr --warm-spares 1 (Node workers)",
+            NODE_RR,
+            0.2,
+        ),
         at_most(
             6,
             "worker_rss",
