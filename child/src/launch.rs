@@ -143,6 +143,7 @@ pub(crate) fn launch(
                 &closes,
                 min_fd,
                 options.detached,
+                options.own_group,
             )
         };
         match spawn(&path, &argv) {
@@ -283,6 +284,7 @@ fn spawn_fast(
     closes: &[RawFd],
     close_from: RawFd,
     setsid: bool,
+    setpgid: bool,
 ) -> io::Result<libc::pid_t> {
     let path = cstring(path.as_os_str())?;
     let cwd = cwd.map(|cwd| cstring(cwd.as_os_str())).transpose()?;
@@ -304,6 +306,7 @@ fn spawn_fast(
         close_from,
         closes,
         setsid,
+        setpgid,
     })
 }
 
@@ -346,6 +349,7 @@ fn spawn_slow(
         closes,
         close_from,
         options.detached,
+        options.own_group,
         parent_death,
     );
     // Dropping std's `Child` neither waits nor signals; our pidfd takes over.

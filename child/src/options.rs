@@ -70,6 +70,7 @@ pub struct SpawnOptions {
     pub(crate) argv0: Option<OsString>,
     pub(crate) stdio: Vec<Option<Stdio>>,
     pub(crate) detached: bool,
+    pub(crate) own_group: bool,
     pub(crate) uid: Option<u32>,
     pub(crate) gid: Option<u32>,
     pub(crate) shell: Option<PathBuf>,
@@ -93,6 +94,7 @@ impl Default for SpawnOptions {
             argv0: None,
             stdio: vec![Some(Stdio::Pipe), Some(Stdio::Pipe), Some(Stdio::Pipe)],
             detached: false,
+            own_group: false,
             uid: None,
             gid: None,
             shell: None,
@@ -190,6 +192,18 @@ impl SpawnOptions {
     /// with the parent's terminal or group and can outlive the parent. Node's `detached`.
     pub fn detached(mut self, detached: bool) -> Self {
         self.detached = detached;
+        self
+    }
+
+    /// Starts the child in a process group of its own, in this process's session (std's
+    /// `process_group(0)`): a signal to this process's group (a terminal's Ctrl-C) does
+    /// not reach it and [`Child::kill_group`](crate::Child::kill_group) works, while it
+    /// stays in this session, and so in this session's scheduling group (with Linux's
+    /// autogroup, each session shares the CPU as one: children that start sessions of
+    /// their own each get a share as large as everything else this session runs).
+    /// [`detached`](Self::detached) implies it.
+    pub fn process_group(mut self, own: bool) -> Self {
+        self.own_group = own;
         self
     }
 

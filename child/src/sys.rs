@@ -44,6 +44,8 @@ pub(crate) struct SpawnRequest<'a> {
     /// `(target)` slots between 3 and `close_from` that the child must not have open.
     pub(crate) closes: &'a [RawFd],
     pub(crate) setsid: bool,
+    /// A process group of its own (`setsid` makes one too).
+    pub(crate) setpgid: bool,
 }
 
 /// `posix_spawn_file_actions_t` with its destructor.
@@ -122,6 +124,9 @@ pub(crate) fn posix_spawn(req: &SpawnRequest<'_>) -> io::Result<libc::pid_t> {
     let mut flags = (libc::POSIX_SPAWN_SETSIGMASK | libc::POSIX_SPAWN_SETSIGDEF) as libc::c_short;
     if req.setsid {
         flags |= libc::POSIX_SPAWN_SETSID;
+    } else if req.setpgid {
+        // Group 0: the child's own pid.
+        flags |= libc::POSIX_SPAWN_SETPGROUP as libc::c_short;
     }
     // SAFETY: all-zero is a valid sigset_t to pass to sigemptyset.
     let mut empty: libc::sigset_t = unsafe { std::mem::zeroed() };
@@ -171,6 +176,7 @@ pub(crate) fn install_child_setup(
     closes: Vec<RawFd>,
     close_from: RawFd,
     setsid: bool,
+    setpgid: bool,
     parent_death: Option<(c_int, libc::pid_t)>,
 ) {
     let setup = move || -> io::Result<()> {
@@ -178,6 +184,8 @@ pub(crate) fn install_child_setup(
         unsafe {
             if setsid {
                 cvt(libc::setsid())?;
+            } else if setpgid {
+                cvt(libc::setpgid(0, 0))?;
             }
             if let Some((signal, parent)) = parent_death {
                 cvt(libc::prctl(

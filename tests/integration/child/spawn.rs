@@ -349,3 +349,35 @@ async fn an_executable_script_without_a_shebang_runs_with_bin_sh() {
     );
     assert_eq!(sync.unwrap().stdout, b"script ran with sync\n");
 }
+
+/// `process_group(true)`: the child leads a group of its own in our session (both spawn
+/// paths: posix_spawn, and the fork path a uid takes), and
+/// `kill_group` reaches it.
+#[tokio::test]
+async fn a_child_in_a_group_of_its_own_stays_in_our_session() {
+    let ours = nix::unistd::getsid(None).expect("our session");
+    for options in [
+        quiet_options().process_group(true),
+        quiet_options()
+            .process_group(true)
+            .uid(nix::unistd::getuid().as_raw()),
+    ] {
+        let child = child::spawn("/bin/sleep", ["30"], options).unwrap();
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(child.pid()).expect("a pid"));
+        assert_eq!(nix::unistd::getpgid(Some(pid)).expect("its group"), pid);
+        assert_eq!(nix::unistd::getsid(Some(pid)).expect("its session"), ours);
+        assert!(
+            child
+                .kill_group(Signal::SIGTERM)
+                .expect("a group to signal")
+        );
+        let status = child.wait().await.unwrap();
+        assert_eq!(
+            status,
+            ExitStatus::Signaled {
+                signal: Signal::SIGTERM as i32,
+                core_dumped: false
+            }
+        );
+    }
+}

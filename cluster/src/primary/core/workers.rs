@@ -256,7 +256,8 @@ impl Core {
                 self.emit(Event::Online { id });
                 self.advance_reload(now);
             }
-            // Told to stop while it was starting: it may still report online, once.
+            // Told to stop while it was starting: it may still report online, once, and
+            // is asked to disconnect now that it listens to its channel.
             (
                 Phase::Draining {
                     pid,
@@ -272,6 +273,7 @@ impl Core {
                 };
                 self.cancel_timer(Timer::Connect(id));
                 self.emit(Event::Online { id });
+                self.send(id, ToWorker::Disconnect, None);
             }
             (Phase::Exited { online: false, .. }, ToPrimary::Online) => {
                 if let Phase::Exited { online, .. } = &mut worker.phase {
@@ -352,9 +354,14 @@ impl Core {
         // One that never connected (it may not speak the protocol) cannot read the
         // disconnect: it is asked with SIGTERM too.
         let mut terminate = false;
+        // One not online yet is told when it comes online: a Node worker may not listen to
+        // its channel before then (its cluster code is not set up while `--require`d
+        // modules load), and a message read before would be lost.
+        let mut tell = true;
         match &mut worker.phase {
             Phase::Forked { pid, overdue } => {
                 terminate = *overdue;
+                tell = false;
                 worker.phase = Phase::Draining {
                     pid: *pid,
                     cause,
@@ -378,7 +385,9 @@ impl Core {
             }
             Phase::Starting => return,
         }
-        self.send(id, ToWorker::Disconnect, None);
+        if tell {
+            self.send(id, ToWorker::Disconnect, None);
+        }
         if terminate {
             self.terminate(id);
         }
