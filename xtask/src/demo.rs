@@ -174,11 +174,21 @@ pub(crate) fn run() -> Result<()> {
     // 6. Nothing left behind.
     out.step(6, "no process of the demo is left");
     seen_pids.insert(server.pid());
-    let alive: Vec<u32> = seen_pids
-        .iter()
-        .copied()
-        .filter(|p| is_running(*p))
-        .collect();
+    // A process that has closed its output may still be on its way out (its descriptors
+    // close before it becomes a zombie), and one whose parent exited is not ours to wait
+    // for: each gets until the step's deadline to be gone.
+    let deadline = std::time::Instant::now() + STEP_TIMEOUT;
+    let alive = loop {
+        let alive: Vec<u32> = seen_pids
+            .iter()
+            .copied()
+            .filter(|p| is_running(*p))
+            .collect();
+        if alive.is_empty() || std::time::Instant::now() >= deadline {
+            break alive;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    };
     ensure!(alive.is_empty(), "processes still alive: {alive:?}");
     out.ok(&format!(
         "all {} processes (primary and every worker seen) are gone",
