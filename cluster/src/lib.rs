@@ -143,10 +143,11 @@
 //!
 //! # Caveats
 //!
-//! - Workers inherit the primary's stdio but run in their own session and process group,
-//!   so a terminal's Ctrl-C (or a signal sent to the primary's group) reaches only the
-//!   primary, which stops them gracefully; to signal a worker, use [`Primary::kill`] or
-//!   its pid. They still die with the primary through the parent-death signal.
+//! - Workers inherit the primary's stdio and session but run in a process group of their
+//!   own, so a terminal's Ctrl-C (or a signal sent to the primary's group) reaches only
+//!   the primary, which stops them gracefully; to signal a worker, use [`Primary::kill`]
+//!   or its pid. They still die with the primary through the parent-death signal. (In the
+//!   primary's session, they share its CPU share under Linux's autogroup.)
 //! - The parent-death signal follows Linux `PR_SET_PDEATHSIG` semantics: it fires when
 //!   the *thread* that started the worker exits. Start and run the [`Primary`] on a
 //!   runtime whose threads live as long as the workers (any tokio runtime's worker

@@ -29,7 +29,7 @@
 //! stdout, stderr, the listening sockets and the readiness socket and nothing else. A
 //! failed or abandoned upgrade kills that whole group, before its leader is reaped, so
 //! that nothing the new program started (a background process of a script, say) keeps a
-//! listening socket. Its workers run in sessions of their own and die with it (their
+//! listening socket. Its workers run in process groups of their own and die with it (their
 //! parent-death signal).
 
 use std::ffi::OsString;
