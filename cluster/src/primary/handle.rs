@@ -47,6 +47,23 @@ struct PendingAdds {
     attempts: u32,
 }
 
+/// Raises this process's soft `RLIMIT_NOFILE` to its hard limit, as Node (and Go's
+/// runtime) do at start: a primary holds a descriptor per connection it hands over, and
+/// its workers inherit the limit. A primary started by an upgrade also gets back what the
+/// old one may have been lowered to while it ran (limits are inherited at exec).
+fn raise_fd_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => {
+            if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+                tracing::debug!(error = %e, soft, hard, "the descriptor limit stays as it was");
+            }
+        }
+        Ok(_) => {}
+        Err(e) => tracing::debug!(error = %e, "no descriptor limit to read"),
+    }
+}
+
 /// The error a request's outcome stands for, when it is not what was asked.
 fn failure(outcome: Outcome) -> Error {
     match outcome {
@@ -110,6 +127,7 @@ impl Primary {
         }
         // Before anything is started, so nothing this process starts inherits it.
         let upgraded_from = systemd::UpgradeReadiness::from_env();
+        raise_fd_limit();
         let (commands, commands_rx) = mpsc::channel(64);
         let (events_tx, events) = events::queue();
         // An upgrade runs this program (the file on disk now) with this process's arguments,

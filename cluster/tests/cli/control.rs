@@ -471,3 +471,29 @@ fn a_stop_delay_turns_the_cluster_unready_at_once_and_serves_until_it_has_passed
     assert_eq!(code, 200);
     assert!(cluster.wait_exit().success());
 }
+
+/// The primary raises its soft descriptor limit to the hard one at start, as Node does
+/// (and so an upgrade's new primary gets back what the old one may have been lowered to).
+#[test]
+fn the_primary_raises_its_soft_descriptor_limit_to_the_hard_one() {
+    let worker = crate::rust_worker();
+    let mut command = Command::new("prlimit");
+    command
+        .args(["--nofile=64:4096", "--"])
+        .arg(env!("CARGO_BIN_EXE_cluster"));
+    let mut cluster = crate::command::Cluster::start_as(
+        1,
+        command,
+        &["--no-control".as_ref(), "--".as_ref(), worker.as_os_str()],
+    );
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", cluster.guard.pid()))
+        .expect("the primary's limits");
+    let open_files = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .expect("a descriptor limit");
+    let numbers: Vec<&str> = open_files.split_whitespace().skip(3).take(2).collect();
+    assert_eq!(numbers, ["4096", "4096"], "{open_files}");
+    cluster.signal(Signal::SIGTERM);
+    assert!(cluster.wait_exit().success());
+}
