@@ -379,6 +379,11 @@ impl Accept for ClusterListener {
     async fn accept(&mut self) -> Option<std::io::Result<tokio::net::TcpStream>> {
         self.0.accept().await.transpose()
     }
+
+    /// Once the worker stops, `accept` yields the hand-offs it still holds, then `None`.
+    async fn leftover(&mut self) -> Option<std::io::Result<tokio::net::TcpStream>> {
+        self.0.accept().await.transpose()
+    }
 }
 
 async fn worker(args: Args) -> anyhow::Result<()> {

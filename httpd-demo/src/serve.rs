@@ -32,6 +32,12 @@ pub(crate) enum Drained {
 pub(crate) trait Accept {
     /// The next connection, or `None` once the source has closed.
     fn accept(&mut self) -> impl Future<Output = Option<io::Result<TcpStream>>>;
+
+    /// After the stop: the next connection handed to this worker before it (a cluster
+    /// worker's round-robin hand-offs are its to serve), or `None` when there is none.
+    fn leftover(&mut self) -> impl Future<Output = Option<io::Result<TcpStream>>> {
+        std::future::ready(None)
+    }
 }
 
 impl Accept for tokio::net::TcpListener {
@@ -86,6 +92,24 @@ pub(crate) async fn serve(
         ));
     }
     state.start_draining();
+    // Connections the primary handed over before the stop are this worker's to serve
+    // (under a stop or an upgrade there is no other worker to take them): `accept`
+    // returns them, then `None`. They get `Connection: close` like the rest.
+    while let Some(next) = listener.leftover().await {
+        match next {
+            Ok(stream) => {
+                let guard = Open::enter(&open);
+                tokio::spawn(conn::serve_one(
+                    &http,
+                    stream,
+                    Arc::clone(&state),
+                    phases.clone(),
+                    guard,
+                ));
+            }
+            Err(err) => tracing::warn!(error = %err, "accept failed"),
+        }
+    }
     drop(listener);
     let in_flight = *state.in_flight().borrow();
     tracing::info!(

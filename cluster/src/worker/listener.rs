@@ -74,7 +74,10 @@ impl Listener {
 
     /// The next connection, or `Ok(None)` once the worker is stopping (and forever after).
     /// Under round-robin, taking a connection is what tells the primary it was accepted;
-    /// connections not taken before the worker stops are handed to another worker.
+    /// once the worker stops, the connections already handed to it are still returned
+    /// (they are its to serve: under a stop or an upgrade's hand-over its primary has no
+    /// other worker to give them to), then `Ok(None)`; dropping the listener with some
+    /// left hands them back to the primary for another worker.
     ///
     /// Out of descriptors or memory (`EMFILE`, `ENFILE`, `ENOBUFS`, `ENOMEM`), it does not
     /// fail and does not spin: it pauses (10 ms doubling to 1 s, one log line each time the

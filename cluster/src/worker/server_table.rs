@@ -59,10 +59,9 @@ pub(crate) enum Popped {
     Closed,
 }
 
-/// What stopping leaves to do: hand-offs to refuse, listeners to wake.
+/// What stopping leaves to do: listeners to wake.
 #[derive(Debug, Default)]
 pub(crate) struct Stopped {
-    pub(crate) refused: Vec<(HandleKey, u64)>,
     pub(crate) woken: Vec<Arc<Notify>>,
 }
 
@@ -76,7 +75,7 @@ pub(crate) struct ServerTable {
     queries: HashMap<u64, PendingQuery>,
     /// Round-robin listeners' hand-off queues, by key.
     listeners: HashMap<HandleKey, HandoffQueue>,
-    /// Set once the worker stops: no new listen, every hand-off refused.
+    /// Set once the worker stops: no new listen, no new hand-off (those held are served).
     stopping: bool,
 }
 
@@ -189,10 +188,12 @@ impl ServerTable {
 
     /// The oldest hand-off for the listener of `key`.
     pub(crate) fn pop_handoff(&mut self, key: &HandleKey) -> Popped {
-        match self.listeners.get_mut(key) {
-            Some(queue) if !self.stopping => queue
-                .pop()
-                .map_or(Popped::Empty, |(seq, fd)| Popped::Connection(seq, fd)),
+        let stopping = self.stopping;
+        match self.listeners.get_mut(key).map(|queue| queue.pop()) {
+            Some(Some((seq, fd))) => Popped::Connection(seq, fd),
+            // Once stopping, the hand-offs received before the stop are still taken; then
+            // the listener is done.
+            Some(None) if !stopping => Popped::Empty,
             _ => Popped::Closed,
         }
     }
@@ -228,16 +229,14 @@ impl ServerTable {
         held
     }
 
-    /// The worker stops: no new listen, every hand-off held or to come refused, and every
-    /// round-robin listener woken to see it.
+    /// The worker stops: no new listen, no new hand-off, and every round-robin listener
+    /// woken to see it. The hand-offs it holds already are still its to serve (its primary
+    /// may have no other worker to give them to: a stop, an upgrade's hand-over); a
+    /// listener dropped with some refuses them then.
     pub(crate) fn stop(&mut self) -> Stopped {
         self.stopping = true;
         let mut stopped = Stopped::default();
-        for (key, queue) in &mut self.listeners {
-            let held = queue.take_all();
-            stopped
-                .refused
-                .extend(held.into_iter().map(|seq| (key.clone(), seq)));
+        for queue in self.listeners.values() {
             stopped.woken.push(Arc::clone(queue.arrived()));
         }
         stopped
@@ -390,15 +389,16 @@ mod tests {
     }
 
     #[test]
-    fn stopping_refuses_what_is_held_and_everything_after() {
+    fn stopping_keeps_what_is_held_to_serve_and_refuses_everything_after() {
         let mut table = ServerTable::default();
         let key = listening(&mut table);
         check_handoffs(&mut table, &key, &[1, 2], &[]);
         let stopped = table.stop();
-        assert_eq!(stopped.refused, [(key.clone(), 1), (key.clone(), 2)]);
         assert_eq!(stopped.woken.len(), 1);
         assert!(table.is_stopping());
         check_handoffs(&mut table, &key, &[3], &[3]);
+        assert!(matches!(table.pop_handoff(&key), Popped::Connection(1, _)));
+        assert!(matches!(table.pop_handoff(&key), Popped::Connection(2, _)));
         assert!(matches!(table.pop_handoff(&key), Popped::Closed));
         assert!(
             table
@@ -406,9 +406,10 @@ mod tests {
                 .is_none()
         );
         assert!(table.listen_exclusive(addr("127.0.0.1:0")).is_none());
-        assert!(
-            table.stop().refused.is_empty(),
-            "stopping twice refuses nothing twice"
+        assert_eq!(
+            table.stop().woken.len(),
+            1,
+            "stopping twice wakes again, harmlessly"
         );
     }
 }

@@ -70,15 +70,12 @@ impl Session {
         self.table.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Stops the worker for `reason` (the first reason stands) and refuses every
-    /// hand-off not yet accepted.
+    /// Stops the worker for `reason` (the first reason stands): no new hand-off is taken;
+    /// those held already are still accepted, or refused if their listener is dropped.
     pub(crate) fn stop(&self, reason: StopReason) {
         let _ = self.reason.set(reason);
         let stopped = self.table().stop();
         self.stop.cancel();
-        for (key, seq) in stopped.refused {
-            self.refuse(&key, [seq]);
-        }
         for arrived in stopped.woken {
             arrived.notify_waiters();
         }
