@@ -65,6 +65,17 @@ pub(crate) async fn serve(
     let open = Arc::new(Open::default());
     let http = conn::builder();
     tokio::pin!(stopping);
+    // Each connection is a task of its own, counted open until it ends.
+    let spawn_conn = |stream| {
+        let guard = Open::enter(&open);
+        tokio::spawn(conn::serve_one(
+            &http,
+            stream,
+            Arc::clone(&state),
+            phases.clone(),
+            guard,
+        ));
+    };
     loop {
         // Accepting first: under load the loop takes every ready connection before it
         // looks at `stopping` again.
@@ -82,14 +93,7 @@ pub(crate) async fn serve(
             },
             () = &mut stopping => break,
         };
-        let guard = Open::enter(&open);
-        tokio::spawn(conn::serve_one(
-            &http,
-            stream,
-            Arc::clone(&state),
-            phases.clone(),
-            guard,
-        ));
+        spawn_conn(stream);
     }
     state.start_draining();
     // Connections the primary handed over before the stop are this worker's to serve
@@ -97,16 +101,7 @@ pub(crate) async fn serve(
     // returns them, then `None`. They get `Connection: close` like the rest.
     while let Some(next) = listener.leftover().await {
         match next {
-            Ok(stream) => {
-                let guard = Open::enter(&open);
-                tokio::spawn(conn::serve_one(
-                    &http,
-                    stream,
-                    Arc::clone(&state),
-                    phases.clone(),
-                    guard,
-                ));
-            }
+            Ok(stream) => spawn_conn(stream),
             Err(err) => tracing::warn!(error = %err, "accept failed"),
         }
     }

@@ -189,8 +189,17 @@ pub(crate) struct WorkerEntry {
     pub(crate) sampled: Option<Instant>,
     /// How many samples in a row it has been above the memory limit.
     pub(crate) over_limit: u32,
-    /// Set while it is a warm spare (in no slot).
-    pub(crate) spare: Option<super::spares::Spare>,
+    /// Set while it is a warm spare (in no slot; `spares.rs`).
+    pub(crate) spare: Option<Spare>,
+}
+
+/// What makes a worker a warm spare.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct Spare {
+    /// Its `queryServer`s, held until it is promoted: seq, key, backlog.
+    pub(crate) held: Vec<(u64, HandleKey, u32)>,
+    /// The code generation it was started in (a reload begins a new one).
+    pub(crate) generation: u64,
 }
 
 impl WorkerEntry {

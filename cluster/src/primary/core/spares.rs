@@ -19,22 +19,13 @@
 
 use std::time::Instant;
 
-use super::lifecycle::{Occupant, Phase, StopCause, WorkerEntry};
+use super::lifecycle::{Occupant, Phase, Spare, StopCause, WorkerEntry};
 use super::{Core, Effect, Event, Run, Timer};
 use crate::primary::restart::{Decision, RestartTracker};
 use crate::protocol::{HandleKey, MAX_SERVERS_PER_WORKER, WorkerId};
 
 /// The slot number a spare's entry carries: no slot has it.
 pub(crate) const SPARE_SLOT: usize = usize::MAX;
-
-/// What makes a worker a spare.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub(crate) struct Spare {
-    /// Its `queryServer`s, held until it is promoted: seq, key, backlog.
-    pub(crate) held: Vec<(u64, HandleKey, u32)>,
-    /// The code generation it was started in (a reload begins a new one).
-    pub(crate) generation: u64,
-}
 
 /// The core's bookkeeping of spares.
 #[derive(Debug)]
