@@ -23,13 +23,11 @@ mod upgrade;
 
 pub use child::Signal;
 
-pub use self::events::{
-    EVENT_BYTES, EVENT_CAPACITY, Event, Events, OutputStream, ReloadFailure, SlotFailure,
-};
+pub use self::events::{EVENT_BYTES, EVENT_CAPACITY, Event, Events, OutputStream, SlotFailure};
 pub use self::handle::{BROADCAST_WAIT, Primary};
 pub use self::stats::{
-    ExitCause, ExitCounts, LastExit, ReloadProgress, ReloadReport, SlotReloadFailure, SlotStats,
-    Stats, Totals, Usage, WorkerState, WorkerStats,
+    ExitCause, ExitCounts, LastExit, ReloadFailure, ReloadProgress, ReloadReport,
+    SlotReloadFailure, SlotStats, Stats, Totals, Usage, WorkerState, WorkerStats,
 };
 pub use self::systemd::take_inherited_sockets;
 pub use self::upgrade::UpgradeError;

@@ -12,7 +12,7 @@ use tokio::sync::mpsc;
 use crate::Endpoint;
 use std::time::Duration;
 
-use super::stats::{ExitCause, ReloadReport};
+use super::stats::{ExitCause, ReloadFailure, ReloadReport};
 use crate::protocol::{HandleKey, WorkerId};
 
 /// Why a slot was given up.
@@ -42,20 +42,6 @@ impl std::fmt::Display for SlotFailure {
             }
         }
     }
-}
-
-/// Why a rolling reload could not replace a slot's worker.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum ReloadFailure {
-    /// The new workers crashed past the crash-loop limit.
-    CrashLoop,
-    /// The new worker was not listening on as many servers as the old one within
-    /// [`Settings::reload_timeout`](crate::Settings::reload_timeout).
-    NotListening {
-        /// How long it was given.
-        waited: Duration,
-    },
 }
 
 /// Which output stream of a worker a line came from.

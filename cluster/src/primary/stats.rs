@@ -9,8 +9,6 @@ use crate::Endpoint;
 use crate::protocol::WorkerId;
 use crate::settings::Policy;
 
-use super::events::ReloadFailure;
-
 /// Where a worker is in its life (Node's `worker.state`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
@@ -83,6 +81,20 @@ impl std::fmt::Display for ExitCause {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.as_str())
     }
+}
+
+/// Why a rolling reload could not replace a slot's worker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ReloadFailure {
+    /// The new workers crashed past the crash-loop limit.
+    CrashLoop,
+    /// The new worker was not listening on as many servers as the old one within
+    /// [`Settings::reload_timeout`](crate::Settings::reload_timeout).
+    NotListening {
+        /// How long it was given.
+        waited: Duration,
+    },
 }
 
 /// A slot the reload could not replace: its old worker kept serving it.
