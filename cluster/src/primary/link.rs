@@ -46,7 +46,7 @@ impl Link {
     }
 
     /// Whether the cluster is ready now (false once the primary has ended).
-    #[allow(dead_code)] // read by the metrics endpoint
+    #[cfg_attr(not(feature = "metrics"), allow(dead_code))]
     pub(crate) fn ready(&self) -> bool {
         *self.ready.borrow() && !self.commands.is_closed()
     }
