@@ -19,10 +19,6 @@ use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
-use anyhow::Context;
-
-use super::output::{Kind, Sink};
-
 /// The mode a new log file is created with (less the umask).
 const MODE: u32 = 0o640;
 
@@ -90,30 +86,6 @@ fn open(path: &Path) -> std::io::Result<File> {
         .create(true)
         .mode(MODE)
         .open(path)
-}
-
-/// Sends every line `stdout` and `stderr` queue from now on to the log file at `path`
-/// instead, through one sink of its own (so the file has them in the order they were
-/// queued).
-pub(crate) fn redirect(path: &Path, stdout: &Sink, stderr: &Sink) -> anyhow::Result<()> {
-    let file = Sink::log_file(path, stderr)
-        .with_context(|| format!("cannot open the log file {}", path.display()))?;
-    stdout.redirect(&file);
-    stderr.redirect(&file);
-    Ok(())
-}
-
-/// Reopens the log file on every SIGUSR1 (`signal`); without a log file, says the signal
-/// is ignored. Only asks the writer thread (see [`Sink::reopen`]): never blocks the loop.
-pub(crate) async fn reopen_on_signal(mut signal: tokio::signal::unix::Signal, sink: Sink) {
-    while signal.recv().await.is_some() {
-        if !sink.reopen() {
-            sink.line(
-                Kind::Log,
-                "cluster: SIGUSR1 ignored: there is no --log-file to reopen",
-            );
-        }
-    }
 }
 
 #[cfg(test)]

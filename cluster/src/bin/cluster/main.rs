@@ -247,7 +247,7 @@ fn main() -> std::process::ExitCode {
 
 fn run(args: Args, stdout: &Sink, stderr: &Sink) -> anyhow::Result<()> {
     if let Some(path) = &args.log_file {
-        logfile::redirect(path, stdout, stderr)?;
+        redirect_to_log_file(path, stdout, stderr)?;
     }
     let invocation = Invocation::parse(args.command, &args.node, args.node_args.as_deref())?;
     let workers = args.workers.unwrap_or_else(|| {
@@ -318,7 +318,7 @@ fn run(args: Args, stdout: &Sink, stderr: &Sink) -> anyhow::Result<()> {
         let _runtime = runtime.enter();
         tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1())
     };
-    runtime.spawn(logfile::reopen_on_signal(
+    runtime.spawn(reopen_on_signal(
         usr1.context("handling SIGUSR1")?,
         stderr.clone(),
     ));
@@ -401,6 +401,34 @@ async fn supervise(
     match fatal {
         Some(fatal) => Err(anyhow::anyhow!("{shown}: {}", watch.explain(fatal))),
         None => Ok(()),
+    }
+}
+
+/// Sends every line `stdout` and `stderr` queue from now on to the log file at `path`
+/// instead, through one sink of its own (so the file has them in the order they were
+/// queued).
+fn redirect_to_log_file(
+    path: &std::path::Path,
+    stdout: &Sink,
+    stderr: &Sink,
+) -> anyhow::Result<()> {
+    let file = Sink::log_file(path, stderr)
+        .with_context(|| format!("cannot open the log file {}", path.display()))?;
+    stdout.redirect(&file);
+    stderr.redirect(&file);
+    Ok(())
+}
+
+/// Reopens the log file on every SIGUSR1 (`signal`); without a log file, says the signal
+/// is ignored. Only asks the writer thread (see [`Sink::reopen`]): never blocks the loop.
+async fn reopen_on_signal(mut signal: tokio::signal::unix::Signal, sink: Sink) {
+    while signal.recv().await.is_some() {
+        if !sink.reopen() {
+            sink.line(
+                Kind::Log,
+                "cluster: SIGUSR1 ignored: there is no --log-file to reopen",
+            );
+        }
     }
 }
 
