@@ -209,6 +209,73 @@ pub enum Event {
 }
 
 impl Event {
+    /// The event as one JSON object on one line (no newline), for programs that check
+    /// what a primary did (`--log-format json` of the `cluster` command and httpd-demo):
+    /// `{"ts_ms":…,"primary":PID,"event":KIND,"id":N,…}` with the event's own fields
+    /// (`pid`, `address`, `status` and `asked`, `reason`, `slot`, `kept`, `errno`);
+    /// `ts_ms` is the wall clock in milliseconds since the Unix epoch and `primary` this
+    /// process. Events with nothing more to check are `other` with their `detail`.
+    /// `None` for a worker's output line, which stays text.
+    pub fn json_line(&self) -> Option<String> {
+        use serde_json::{Value, json};
+        let ts_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis());
+        let (kind, id) = match self {
+            Self::Output { .. } => return None,
+            Self::Fork { id, .. }
+            | Self::Online { id }
+            | Self::Listening { id, .. }
+            | Self::Ready { id }
+            | Self::Disconnect { id }
+            | Self::Exit { id, .. }
+            | Self::GoingDown { id, .. }
+            | Self::Misbehaved { id, .. }
+            | Self::SlotFailed { id, .. }
+            | Self::NotConnected { id, .. }
+            | Self::ListenFailed { id, .. }
+            | Self::Message { id, .. } => (self.kind(), Some(*id)),
+            Self::ReloadFailed { id, .. } => (self.kind(), *id),
+            _ => ("other", None),
+        };
+        let mut line = json!({"ts_ms": ts_ms, "primary": std::process::id(), "event": kind});
+        let fields = line.as_object_mut()?;
+        if let Some(id) = id {
+            fields.insert("id".into(), id.get().into());
+        }
+        let mut put = |key: &str, value: Value| drop(fields.insert(key.into(), value));
+        match self {
+            Self::Fork { pid, .. } => put("pid", (*pid).into()),
+            Self::Listening { address, .. } => put("address", address.to_string().into()),
+            Self::Exit {
+                status,
+                exited_after_disconnect,
+                ..
+            } => {
+                put("status", status.to_string().into());
+                put("asked", (*exited_after_disconnect).into());
+            }
+            Self::GoingDown { reason, .. } | Self::Misbehaved { reason, .. } => {
+                put("reason", reason.clone().into());
+            }
+            Self::SlotFailed { slot, cause, .. } => {
+                put("slot", (*slot).into());
+                put("reason", cause.to_string().into());
+            }
+            Self::ReloadFailed {
+                slot, kept, reason, ..
+            } => {
+                put("slot", (*slot).into());
+                put("kept", kept.get().into());
+                put("reason", format!("{reason:?}").into());
+            }
+            Self::ListenFailed { errno, .. } => put("errno", (*errno).into()),
+            _ if kind == "other" => put("detail", format!("{self:?}").into()),
+            _ => {}
+        }
+        Some(line.to_string())
+    }
+
     /// The event's name, for logs (`"exit"`, `"message"`, ...).
     pub fn kind(&self) -> &'static str {
         match self {
@@ -351,6 +418,43 @@ mod tests {
             admits(usize::MAX, 0),
             "exits and the like always fit the byte bound"
         );
+    }
+
+    #[test]
+    fn an_event_is_one_line_of_json_with_its_fields_escaped() {
+        let reason = "a \"quoted\" \\ reason\nover two lines\u{1}".to_owned();
+        let line = Event::GoingDown {
+            id: crate::WorkerId(3),
+            reason: reason.clone(),
+        }
+        .json_line()
+        .expect("a line");
+        assert!(!line.contains('\n'), "{line}");
+        let value: serde_json::Value = serde_json::from_str(&line).expect("JSON");
+        assert_eq!(value["event"], "going-down");
+        assert_eq!(value["id"], 3);
+        assert_eq!(value["reason"], reason.as_str());
+        assert_eq!(value["primary"], std::process::id());
+        assert!(value["ts_ms"].as_u64().is_some_and(|ts| ts > 0));
+        let exit = Event::Exit {
+            id: crate::WorkerId(4),
+            status: child::ExitStatus::Exited(0),
+            exited_after_disconnect: true,
+            cause: ExitCause::Asked,
+        }
+        .json_line()
+        .expect("a line");
+        let exit: serde_json::Value = serde_json::from_str(&exit).expect("JSON");
+        assert_eq!(
+            (&exit["status"], &exit["asked"]),
+            (&"exit code 0".into(), &true.into())
+        );
+        let output = Event::Output {
+            id: crate::WorkerId(4),
+            stream: OutputStream::Stdout,
+            line: "text".into(),
+        };
+        assert_eq!(output.json_line(), None, "worker output stays text");
     }
 
     #[tokio::test(flavor = "current_thread")]

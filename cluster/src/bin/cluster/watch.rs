@@ -13,14 +13,13 @@
 //!
 //! With `--log-format json` the event lines are JSON objects instead, one per event, for
 //! programs that check what the primary did (`cargo xtask chaos`):
-//! `{"ts_ms":1718000000123,"primary":4242,"event":"fork","id":3,"pid":4250}` (`ts_ms` the
+//! `{"event":"fork","id":3,"pid":4250,"primary":4242,"ts_ms":1718000000123}` (`ts_ms` the
 //! wall clock in milliseconds, `primary` this process; `event` one of `fork`, `online`,
 //! `listening`, `ready`, `disconnect`, `exit` (with `status` and `asked`), `going-down`,
 //! `misbehaved`, `slot-failed`, `reload-failed`, `not-connected`, `listen-failed`,
 //! `other`). `listening on ADDRESS` on stdout and worker output lines stay as they are.
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::fmt::Write as _;
 
 use cluster::{Event, ExitCause, OutputStream, SlotFailure, WorkerId};
 
@@ -142,7 +141,7 @@ impl Watch {
     /// lines on stderr.
     pub(crate) fn show(&mut self, event: &Event) {
         if self.format == LogFormat::Json
-            && let Some(line) = json_line(event)
+            && let Some(line) = event.json_line()
         {
             self.stderr.line(Kind::Log, &line);
         }
@@ -368,98 +367,5 @@ impl Watch {
                 message
             }
         }
-    }
-}
-
-/// The `--log-format json` line of `event`; `None` for worker output, which stays text.
-fn json_line(event: &Event) -> Option<String> {
-    let ts = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis());
-    let mut line = format!("{{\"ts_ms\":{ts},\"primary\":{}", std::process::id());
-    let (name, id) = match event {
-        Event::Output { .. } => return None,
-        Event::Fork { id, .. } => ("fork", Some(id)),
-        Event::Online { id } => ("online", Some(id)),
-        Event::Listening { id, .. } => ("listening", Some(id)),
-        Event::Ready { id } => ("ready", Some(id)),
-        Event::Disconnect { id } => ("disconnect", Some(id)),
-        Event::Exit { id, .. } => ("exit", Some(id)),
-        Event::GoingDown { id, .. } => ("going-down", Some(id)),
-        Event::Misbehaved { id, .. } => ("misbehaved", Some(id)),
-        Event::SlotFailed { id, .. } => ("slot-failed", Some(id)),
-        Event::ReloadFailed { id, .. } => ("reload-failed", id.as_ref()),
-        Event::NotConnected { id, .. } => ("not-connected", Some(id)),
-        Event::ListenFailed { id, .. } => ("listen-failed", Some(id)),
-        other => {
-            push_json_str(&mut line, "event", "other");
-            push_json_str(&mut line, "detail", &format!("{other:?}"));
-            line.push('}');
-            return Some(line);
-        }
-    };
-    push_json_str(&mut line, "event", name);
-    if let Some(id) = id {
-        let _ = write!(line, ",\"id\":{}", id.get());
-    }
-    match event {
-        Event::Fork { pid, .. } => {
-            let _ = write!(line, ",\"pid\":{pid}");
-        }
-        Event::Listening { address, .. } => {
-            push_json_str(&mut line, "address", &address.to_string())
-        }
-        Event::Exit {
-            status,
-            exited_after_disconnect,
-            ..
-        } => {
-            push_json_str(&mut line, "status", &status.to_string());
-            let _ = write!(line, ",\"asked\":{exited_after_disconnect}");
-        }
-        Event::GoingDown { reason, .. } | Event::Misbehaved { reason, .. } => {
-            push_json_str(&mut line, "reason", reason)
-        }
-        Event::SlotFailed { slot, cause, .. } => {
-            let _ = write!(line, ",\"slot\":{slot}");
-            push_json_str(&mut line, "reason", &cause.to_string());
-        }
-        Event::ReloadFailed { slot, kept, .. } => {
-            let _ = write!(line, ",\"slot\":{slot},\"kept\":{}", kept.get());
-        }
-        Event::ListenFailed { errno, .. } => {
-            let _ = write!(line, ",\"errno\":{errno}");
-        }
-        _ => {}
-    }
-    line.push('}');
-    Some(line)
-}
-
-/// Appends `,"key":"value"` with `value` escaped as JSON.
-fn push_json_str(line: &mut String, key: &str, value: &str) {
-    let _ = write!(line, ",\"{key}\":\"");
-    for c in value.chars() {
-        match c {
-            '"' => line.push_str("\\\""),
-            '\\' => line.push_str("\\\\"),
-            c if u32::from(c) < 0x20 => {
-                let _ = write!(line, "\\u{:04x}", u32::from(c));
-            }
-            c => line.push(c),
-        }
-    }
-    line.push('"');
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn json_strings_are_escaped() {
-        let mut line = String::new();
-        push_json_str(&mut line, "k", "a\"b\\c\n");
-        assert_eq!(line, ",\"k\":\"a\\\"b\\\\c\\u000a\"");
     }
 }
