@@ -194,6 +194,7 @@ impl Worker {
         };
         let listening = match (&mut pending.reply).await {
             Ok(answer) => self.granted(key.clone(), address, answer),
+            Err(_) if self.session.table().is_stopping() => Err(ListenError::Stopping { address }),
             Err(_) => Err(ListenError::NoReply { address }),
         };
         drop(pending);

@@ -235,6 +235,9 @@ impl ServerTable {
     /// listener dropped with some refuses them then.
     pub(crate) fn stop(&mut self) -> Stopped {
         self.stopping = true;
+        // The primary answers no listen of a stopping worker: the listens waiting end
+        // now (their answers dropped: `Worker::listen` says `Stopping`).
+        self.queries.clear();
         let mut stopped = Stopped::default();
         for queue in self.listeners.values() {
             stopped.woken.push(Arc::clone(queue.arrived()));
@@ -411,5 +414,24 @@ mod tests {
             1,
             "stopping twice wakes again, harmlessly"
         );
+    }
+
+    /// The primary answers no listen of a stopping worker: one waiting at the stop ends
+    /// then, and an answer that comes anyway is nobody's.
+    #[test]
+    fn a_listen_waiting_at_the_stop_ends_with_it() {
+        let mut table = ServerTable::default();
+        let (answer, mut reply) = oneshot::channel();
+        let (_, seq) = table.query(addr("127.0.0.1:0"), answer).expect("a query");
+        assert!(
+            matches!(reply.try_recv(), Err(oneshot::error::TryRecvError::Empty)),
+            "nothing yet"
+        );
+        table.stop();
+        assert!(
+            matches!(reply.try_recv(), Err(oneshot::error::TryRecvError::Closed)),
+            "ended by the stop"
+        );
+        assert_eq!(table.on_reply(seq, round_robin(), None), None);
     }
 }

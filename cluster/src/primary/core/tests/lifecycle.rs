@@ -127,6 +127,30 @@ fn a_worker_told_to_stop_before_it_came_online_is_stopped_not_flagged() {
     }
 }
 
+/// A worker told to stop while starting comes online and asks for a server before it
+/// reads its disconnect (a Node app's `listen()` in its first tick): the query goes
+/// unanswered, as under Node's primary. A grant would reach a worker that had closed its
+/// servers and its channel already, and it would serve on (found with `--require`).
+#[test]
+fn a_worker_asked_to_stop_gets_no_server() {
+    for policy in [Policy::RoundRobin, Policy::Shared, Policy::ReusePort] {
+        let mut sim = Sim::new(config(1, policy));
+        sim.request(Request::Stop { grace: None });
+        sim.online(id(1));
+        sim.listen(id(1));
+        let inbox: Vec<_> = sim.procs[&id(1)]
+            .inbox
+            .iter()
+            .map(|(m, _)| m.clone())
+            .collect();
+        assert_eq!(inbox, [ToWorker::Disconnect], "{policy:?}");
+        sim.settle(100);
+        assert!(sim.misbehaved.is_empty(), "{:?}", sim.misbehaved);
+        assert!(sim.finished);
+        assert!(sim.exits[&id(1)].1, "exited as asked");
+    }
+}
+
 /// A program that never connects (it does not speak the protocol) is reported once
 /// after the connect timeout and is sent SIGTERM at the stop, which it can act on.
 #[test]

@@ -252,6 +252,9 @@ impl Sim {
                 seq,
                 result: Ok((granted, address)),
             } => {
+                // Sent after the disconnect: a Node worker, its servers closed and its
+                // channel gone by then, would take it and serve on unstoppable.
+                assert!(!p.asked, "{id} granted a server after it was asked to stop");
                 let index = u32::try_from(seq - 1).expect("small");
                 let socket = matches!(granted, Granted::Socket);
                 assert_eq!(socket, fd.is_some(), "a socket grant carries the socket");
