@@ -386,7 +386,7 @@ impl Settings {
     /// worker, destroys idle keep-alive connections at once, so a client whose next
     /// request is already on its way sees its connection drop: a failed request on every
     /// rolling reload under keep-alive load. With this on, each Node worker starts with a
-    /// small module (`node --import data:...`, the program itself unchanged) by which a
+    /// small module (`node --require` of a file written once under the temporary directory, or `--import data:...` when it cannot be; the program itself unchanged) by which a
     /// server closed while its worker disconnects answers every later request with
     /// `Connection: close` and destroys only the connections still idle after 1 s
     /// (`CLUSTER_DRAIN_IDLE_MS` in the worker's environment). Any other `close()` keeps

@@ -24,9 +24,10 @@ pub(super) struct Spawner {
     silent: bool,
     /// `Some(node)`: workers are Node programs run by `node`.
     node: Option<OsString>,
-    /// Node's `execArgv` for Node workers: the user's options, then the keep-alive-safe
-    /// drain (`node_drain.rs`) if on.
+    /// Node's `execArgv` for Node workers: the user's options; then the keep-alive-safe
+    /// drain's preload (`node_drain.rs`) if on.
     node_args: Vec<OsString>,
+    drain: Option<[String; 2]>,
 }
 
 impl Spawner {
@@ -42,19 +43,9 @@ impl Spawner {
             env: settings.env.clone(),
             silent: settings.silent,
             node: settings.node.clone(),
-            node_args: settings
-                .node_args
-                .iter()
-                .cloned()
-                .chain(
-                    settings
-                        .node_keepalive_drain
-                        .then(crate::node_drain::import_args)
-                        .into_iter()
-                        .flatten()
-                        .map(OsString::from),
-                )
-                .collect(),
+            node_args: settings.node_args.clone(),
+            drain: (settings.node.is_some() && settings.node_keepalive_drain)
+                .then(crate::node_drain::preload_args),
         }
     }
 
@@ -81,19 +72,26 @@ impl Spawner {
     /// environment) with `env` on top of the configured environment; returns the
     /// process and its channel.
     pub(super) fn spawn(
-        &self,
+        &mut self,
         id: WorkerId,
         slot: Option<usize>,
         env: Vec<(OsString, OsString)>,
     ) -> Result<(child::Child, ipc::Channel), child::Error> {
         let silent = self.silent;
         let global = self.env.clone();
+        // A temporary-files cleaner may have taken the drain's file: written again.
+        if let Some(drain) = &mut self.drain
+            && !crate::node_drain::still_there(drain)
+        {
+            *drain = crate::node_drain::preload_args();
+        }
+        let drain = self.drain.iter().flatten().map(OsString::from);
         let mut options = ForkOptions::new().parent_death_signal(Signal::SIGKILL);
         if let Some(node) = &self.node {
             options = options
                 .serialization(ipc::Format::Json)
                 .exec_path(node)
-                .exec_argv(&self.node_args);
+                .exec_argv(self.node_args.iter().cloned().chain(drain));
         }
         let node = self.node.is_some();
         let options = options.map_spawn_options(|mut options| {
