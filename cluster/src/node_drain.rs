@@ -156,7 +156,7 @@ mod tests {
     fn the_commonjs_module_requires_what_the_es_module_imports() {
         let cjs = commonjs(DRAIN_MODULE);
         assert!(!cjs.lines().any(|l| l.starts_with("import ")), "{cjs}");
-        for module in ["cluster", "http", "https"] {
+        for module in ["cluster", "http"] {
             assert!(
                 cjs.contains(&format!("const {module} = require('node:{module}');")),
                 "{cjs}"
@@ -167,6 +167,45 @@ mod tests {
             DRAIN_MODULE.lines().count(),
             "only the import lines change"
         );
+    }
+
+    /// Both forms load in Node and patch the one `closeIdleConnections` that HTTP servers
+    /// have and HTTPS servers copy when `https` is loaded, without loading `https`
+    /// themselves. Skipped without `node`.
+    #[test]
+    fn node_loads_either_form_and_https_servers_get_the_drain_lazily() {
+        let probe = "const early = process.moduleLoadList.includes('NativeModule https'); \
+            const http = require('http'); const https = require('https'); \
+            const drain = http.Server.prototype.closeIdleConnections; \
+            console.log(JSON.stringify([early, https.Server.prototype.closeIdleConnections === drain, \
+            drain.toString().includes('exitedAfterDisconnect')]));";
+        let tmp = std::env::temp_dir().join(format!("cluster-drain-node-{}", std::process::id()));
+        std::fs::create_dir_all(&tmp).expect("a temporary directory");
+        let file = commonjs_file(&tmp).expect("written");
+        let forms = [
+            ["--require".to_owned(), file.to_string_lossy().into_owned()],
+            import_args(),
+        ];
+        for [flag, module] in forms {
+            let output = std::process::Command::new("node")
+                .args([&flag, &module, "-e", probe])
+                .output();
+            let output = match output {
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    eprintln!("node is not installed: skipped");
+                    break;
+                }
+                other => other.expect("node runs"),
+            };
+            let stdout = String::from_utf8_lossy(&output.stdout);
+            assert!(
+                output.status.success(),
+                "{flag}: {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+            assert_eq!(stdout.trim(), "[false,true,true]", "{flag}");
+        }
+        std::fs::remove_dir_all(&tmp).expect("clean up");
     }
 
     #[test]

@@ -1,4 +1,4 @@
-// Loaded into every Node worker of a Rust primary (`node --import`, see
+// Loaded into every Node worker of a Rust primary (`node --require` of its CommonJS form, see
 // `Settings::node_keepalive_drain`): a keep-alive-safe drain for unmodified Node servers.
 //
 // When the primary disconnects a worker (a stop or a rolling reload), Node's cluster code
@@ -11,34 +11,22 @@
 // Any other `close()` keeps Node's behaviour.
 import cluster from 'node:cluster';
 import http from 'node:http';
-import https from 'node:https';
 
 const idleMs = Number(process.env.CLUSTER_DRAIN_IDLE_MS ?? 1000);
 const draining = Symbol('cluster.keepAliveDrain');
 
-function patch(proto) {
-  const close = proto.close;
-  proto.close = function (...args) {
-    if (this[draining] || !(cluster.worker && cluster.worker.exitedAfterDisconnect)) {
-      return close.apply(this, args);
-    }
-    this[draining] = true;
-    // Node's close() begins with closeIdleConnections(): skip it for this call only.
-    this.closeIdleConnections = () => {};
-    try {
-      close.apply(this, args);
-    } finally {
-      delete this.closeIdleConnections;
-    }
-    this.prependListener('request', (req, res) => {
-      res.shouldKeepAlive = false;
-    });
-    setTimeout(() => this.closeIdleConnections(), idleMs).unref();
-    return this;
-  };
-}
-
-patch(http.Server.prototype);
-if (https.Server.prototype.close !== http.Server.prototype.close) {
-  patch(https.Server.prototype);
-}
+// Node's close() of an HTTP server begins with closeIdleConnections(), while the server
+// still listens: that call is where the drain begins instead. `https` copies this method
+// from `http.Server.prototype` when it is loaded, after this module: HTTPS servers drain
+// alike without this module loading `https` (and TLS) into every worker.
+const closeIdle = http.Server.prototype.closeIdleConnections;
+http.Server.prototype.closeIdleConnections = function (...args) {
+  if (this[draining] || !this.listening || !(cluster.worker && cluster.worker.exitedAfterDisconnect)) {
+    return closeIdle.apply(this, args);
+  }
+  this[draining] = true;
+  this.prependListener('request', (req, res) => {
+    res.shouldKeepAlive = false;
+  });
+  setTimeout(() => closeIdle.apply(this, args), idleMs).unref();
+};
