@@ -16,8 +16,6 @@ use std::path::PathBuf;
 use std::pin::pin;
 use std::time::Duration;
 
-use tokio::io::AsyncReadExt;
-
 use self::error::{ExecError, ExecErrorKind, StreamName};
 use crate::child::{Child, spawn_with};
 use crate::options::{SpawnOptions, Stdio};
@@ -283,6 +281,9 @@ pub(crate) fn check_exit(
     Err(err)
 }
 
+/// How much one stream reads before the capture loop looks at the others again.
+const TURN_BYTES: usize = 1024 * 1024;
+
 /// One stream being captured.
 struct Capture {
     pipe: Option<ChildStdout>,
@@ -291,15 +292,40 @@ struct Capture {
 }
 
 impl Capture {
-    /// Reads one chunk; `Ok(true)` when the stream went over `max`.
+    /// Reads what is available once the pipe is readable, up to [`TURN_BYTES`] (then the
+    /// other stream, the input and the timeout get their turn); `Ok(true)` when the
+    /// stream went over `max`. Cancel-safe: what was read is in the buffer.
+    ///
+    /// It reads on until the pipe is empty instead of waiting for readiness after each
+    /// short read (as `read_buf` does): waiting then sleeps until the writer refills the
+    /// pipe, and a fast writer and this reader take turns instead of running side by side
+    /// (100 MB from `head`: 5,400 context switches and 960 MB/s, against std's 1,180).
     async fn read_chunk(&mut self, max: usize) -> std::io::Result<bool> {
-        let Some(pipe) = &mut self.pipe else {
+        let Some(pipe) = &self.pipe else {
             return Ok(false);
         };
-        if self.buf.capacity() - self.buf.len() < 16 * 1024 {
-            self.buf.reserve(64 * 1024);
-        }
-        if pipe.read_buf(&mut self.buf).await? == 0 {
+        let start = self.buf.len();
+        let eof = loop {
+            if self.buf.capacity() - self.buf.len() < 16 * 1024 {
+                self.buf.reserve(64 * 1024);
+            }
+            match pipe.0.try_read_buf(&mut self.buf) {
+                Ok(0) => break true,
+                Ok(_) if self.buf.len() - start >= TURN_BYTES || self.buf.len() > max => {
+                    break false;
+                }
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    if self.buf.len() > start {
+                        break false;
+                    }
+                    pipe.0.readable().await?;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        };
+        if eof {
             self.pipe = None;
         }
         Ok(self.buf.len() > max)

@@ -80,6 +80,9 @@ impl Drop for ReapGuard<'_> {
     }
 }
 
+/// How much one stream reads before the capture loop looks at the others again.
+const TURN_BYTES: usize = 1024 * 1024;
+
 /// One captured stream.
 struct Stream {
     fd: Option<OwnedFd>,
@@ -88,15 +91,25 @@ struct Stream {
 }
 
 impl Stream {
-    /// Reads what is available; `Ok(true)` once over `max`.
+    /// Reads what is available (at most [`TURN_BYTES`] unless `until_empty`, so that the
+    /// other stream, the input and the timeout get their turn); `Ok(true)` once over `max`.
+    ///
+    /// Reading on until the pipe is empty, rather than once per `poll`, keeps a fast
+    /// writer and this reader running side by side: one read per wake-up empties the
+    /// pipe, and the next `poll` sleeps until the writer refills it, so the two take
+    /// turns (100 MB from `head`: 14,300 context switches and 750 MB/s, against 450 and
+    /// 1,180 MB/s for std's `output()`, which reads on too).
     fn read(&mut self, max: usize, until_empty: bool) -> io::Result<bool> {
+        let start = self.buf.len();
         while let Some(fd) = &self.fd {
+            if !until_empty && self.buf.len() - start >= TURN_BYTES {
+                break;
+            }
             if self.buf.capacity() - self.buf.len() < 16 * 1024 {
                 self.buf.reserve(64 * 1024);
             }
             match sys::read_into(fd.as_fd(), &mut self.buf, usize::MAX) {
                 Ok(0) => self.fd = None,
-                Ok(_) if !until_empty => break,
                 Ok(_) => {}
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
