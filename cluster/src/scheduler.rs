@@ -3,8 +3,9 @@
 //! [`RoundRobinHandle`] is Node's `RoundRobinHandle` with the holes closed:
 //!
 //! - Accepted connections wait in a FIFO; workers with room wait in a FIFO (*ready*).
-//!   A connection goes to the first ready worker, which then has it *in flight* until
-//!   it replies, and goes to the back of the line if it still has room.
+//!   A connection goes to the ready worker with the fewest hand-offs in flight (the
+//!   first in line among equals), which then has it *in flight* until it replies, and
+//!   goes to the back of the line if it still has room.
 //!   A worker has at most `window` hand-offs in flight (Node: one); a full worker joins
 //!   the back of the line again when a reply makes room. So two workers that stay
 //!   ready take turns, and a worker that falls behind gets nothing new while full.
@@ -161,15 +162,23 @@ impl<C, W: Copy + Eq + Hash> RoundRobinHandle<C, W> {
         true
     }
 
-    /// The next hand-off: the first ready worker that can take something gets the oldest
+    /// The next hand-off: of the ready workers that can take something, the one with the
+    /// fewest hand-offs in flight (the first in line among equals) gets the oldest
     /// connection it has not refused. Call until it returns `None` after every change.
+    ///
+    /// Fewest first, not merely next in line: a worker that stalls (a slow request, a
+    /// garbage collection) keeps its hand-offs unanswered, and new connections go to the
+    /// others instead of queueing behind it, up to the window, while it is in line.
     pub(crate) fn next_handoff(&mut self) -> Option<Handoff<'_, C, W>> {
-        let (worker_pos, conn_pos) = self.ready.iter().enumerate().find_map(|(wi, w)| {
-            self.queue
-                .iter()
-                .position(|q| !q.refused_by.contains(w))
-                .map(|ci| (wi, ci))
-        })?;
+        let (worker_pos, conn_pos, _) = self
+            .ready
+            .iter()
+            .enumerate()
+            .filter_map(|(wi, w)| {
+                let ci = self.queue.iter().position(|q| !q.refused_by.contains(w))?;
+                Some((wi, ci, self.in_flight(*w)))
+            })
+            .min_by_key(|&(wi, _, in_flight)| (in_flight, wi))?;
         let worker = self.ready.remove(worker_pos)?;
         let queued = self.queue.remove(conn_pos)?;
         let seq = self.next_seq;
