@@ -7,8 +7,9 @@
 //!   first in line among equals), which then has it *in flight* until it replies, and
 //!   goes to the back of the line if it still has room.
 //!   A worker has at most `window` hand-offs in flight (Node: one); a full worker joins
-//!   the back of the line again when a reply makes room. So two workers that stay
-//!   ready take turns, and a worker that falls behind gets nothing new while full.
+//!   the back of the line again when a reply makes room. So two workers that keep up
+//!   take turns, and a worker that falls behind gets nothing new while another has
+//!   fewer in flight.
 //! - A refused connection goes back to the front of the queue and is not offered again to
 //!   a worker that refused it; once every worker has refused it, it is closed. One the
 //!   primary could not send ([`give_back`](RoundRobinHandle::give_back)) goes back to the
