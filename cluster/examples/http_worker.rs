@@ -29,9 +29,15 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         None => 0,
     };
     let worker = cluster::Worker::connect().await?;
-    let mut listener = worker
+    let mut listener = match worker
         .listen(SocketAddr::from(([127, 0, 0, 1], port)))
-        .await?;
+        .await
+    {
+        Ok(listener) => listener,
+        // Told to stop before it listened: nothing to serve.
+        Err(cluster::ListenError::Stopping { .. }) => return Ok(()),
+        Err(e) => return Err(e.into()),
+    };
     say(&format!(
         "pid {} serving port {}",
         std::process::id(),

@@ -169,6 +169,10 @@ impl Worker {
     /// Port 0: the first `listen` on `127.0.0.1:0` of every worker shares one port; a
     /// second one in the same worker gets another (Node's handle index). A worker may hold
     /// at most [`MAX_SERVERS_PER_WORKER`](crate::MAX_SERVERS_PER_WORKER) servers.
+    ///
+    /// Once the worker stops (also when the stop comes while this waits for the primary:
+    /// the primary grants no server to a worker it asked to stop, as Node's does), it is
+    /// [`ListenError::Stopping`]: nothing to serve, a clean exit.
     pub async fn listen_with(
         &self,
         address: SocketAddr,

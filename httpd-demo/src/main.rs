@@ -393,10 +393,15 @@ async fn worker(args: Args) -> anyhow::Result<()> {
     let id = worker.id();
     tracing::info!(%id, pid = std::process::id(), "worker running");
     let address = SocketAddr::new(args.host, args.port);
-    let listener = worker
-        .listen(address)
-        .await
-        .with_context(|| format!("listening on {address}"))?;
+    let listener = match worker.listen(address).await {
+        Ok(listener) => listener,
+        Err(cluster::ListenError::Stopping { .. }) => {
+            // Told to stop before it listened: nothing to serve or drain.
+            tracing::info!(%id, "stopped before listening, exiting");
+            return Ok(());
+        }
+        Err(e) => return Err(e).with_context(|| format!("listening on {address}")),
+    };
     let state = app::AppState::new(id.get(), args.allow_crash);
     let grace = Duration::from_secs(args.grace);
     let stopping = async {

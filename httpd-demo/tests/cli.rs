@@ -191,6 +191,40 @@ fn sigterm_finishes_the_request_in_flight_then_exits() {
     assert!(left.is_empty(), "workers still running: {left:?}");
 }
 
+/// A stop right after a reload forked new workers reaches them before or while they
+/// listen: each exits 0 as asked (the primary grants no server to a worker it asked to
+/// stop; the worker's listen says `Stopping` and it exits cleanly), none is flagged.
+#[test]
+fn a_stop_racing_new_workers_listen_exits_every_worker_cleanly() {
+    for _ in 0..5 {
+        let mut server = Server::start(&[]);
+        let mark = server.log.mark();
+        server.signal(Signal::SIGHUP);
+        let (started, _) = server.log.wait_for(mark, "worker started");
+        server.signal(Signal::SIGTERM);
+        assert_eq!(server.wait().code(), Some(0));
+        let (last, _) = server.log.wait_for(started, "primary exiting");
+        let lines = server.log.lines_from(mark);
+        let exits: Vec<&String> = lines[..=last - mark]
+            .iter()
+            .filter(|l| l.contains("worker exited"))
+            .collect();
+        assert!(!exits.is_empty(), "{lines:#?}");
+        for line in exits {
+            assert!(
+                line.contains("exit code 0") && line.contains("asked_to_stop=true"),
+                "{lines:#?}"
+            );
+        }
+        assert!(
+            !lines
+                .iter()
+                .any(|l| l.contains("misbehaved") || l.contains("ERROR")),
+            "{lines:#?}"
+        );
+    }
+}
+
 #[test]
 fn ctrl_c_to_the_process_group_stops_gracefully() {
     let mut server = Server::start(&[]);
