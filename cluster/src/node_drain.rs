@@ -4,10 +4,10 @@
 //!
 //! How it is loaded: as CommonJS with `node --require FILE`, the file written once into
 //! a directory of this user's own under the temporary directory (`cluster-node-UID/`,
-//! mode 0755, which nobody else may write; the file named by its content's hash); or, when no such file can be made,
-//! as `node --import data:text/javascript,<the module>`. The file is the fast way: Node
-//! starts its ES module loader for an `--import`, about 10 ms more per worker start (a
-//! respawn: 68 ms to listening with `--import`, 58 ms with `--require`, 2 workers).
+//! mode 0755, which nobody else may write; the file named by its content's hash); or,
+//! when no such file can be made, as `node --import data:text/javascript,<the module>`.
+//! The file is the fast way: Node starts its ES module loader for an `--import`, about
+//! 8 ms more per worker start.
 
 use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
@@ -179,9 +179,8 @@ mod tests {
             const drain = http.Server.prototype.closeIdleConnections; \
             console.log(JSON.stringify([early, https.Server.prototype.closeIdleConnections === drain, \
             drain.toString().includes('exitedAfterDisconnect')]));";
-        let tmp = std::env::temp_dir().join(format!("cluster-drain-node-{}", std::process::id()));
-        std::fs::create_dir_all(&tmp).expect("a temporary directory");
-        let file = commonjs_file(&tmp).expect("written");
+        let tmp = testkit::TempDir::new("cluster-drain-node");
+        let file = commonjs_file(tmp.path()).expect("written");
         let forms = [
             ["--require".to_owned(), file.to_string_lossy().into_owned()],
             import_args(),
@@ -205,15 +204,12 @@ mod tests {
             );
             assert_eq!(stdout.trim(), "[false,true,true]", "{flag}");
         }
-        std::fs::remove_dir_all(&tmp).expect("clean up");
     }
 
     #[test]
     fn the_file_is_written_once_in_a_directory_of_ours_and_one_others_may_write_is_refused() {
-        let tmp = std::env::temp_dir().join(format!("cluster-drain-test-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&tmp);
-        std::fs::create_dir_all(&tmp).expect("a temporary directory");
-        let path = commonjs_file(&tmp).expect("written");
+        let tmp = testkit::TempDir::new("cluster-drain-test");
+        let path = commonjs_file(tmp.path()).expect("written");
         assert_eq!(
             std::fs::read_to_string(&path).expect("read"),
             commonjs(DRAIN_MODULE)
@@ -222,7 +218,7 @@ mod tests {
         let mode = std::fs::metadata(dir).expect("dir").permissions().mode();
         assert_eq!(mode & 0o777, 0o755);
         assert_eq!(
-            commonjs_file(&tmp).expect("found"),
+            commonjs_file(tmp.path()).expect("found"),
             path,
             "the same file again"
         );
@@ -232,8 +228,8 @@ mod tests {
         ]));
         // A directory others may write is not used.
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o777)).expect("chmod");
-        assert!(commonjs_file(&tmp).is_err());
-        std::fs::remove_dir_all(&tmp).expect("clean up");
+        assert!(commonjs_file(tmp.path()).is_err());
+        drop(tmp);
         assert!(!still_there(&[
             "--require".into(),
             path.to_string_lossy().into()

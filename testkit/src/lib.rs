@@ -10,6 +10,7 @@
 //! - [`ProcStat`], [`is_running`], [`children_of`]: what `/proc/PID/stat` says.
 //! - [`LineLog`]: lines of a child's output as they arrive; wait for one without sleeping.
 //! - [`median`]: of benchmark rounds.
+//! - [`TempDir`]: a fresh directory, removed on every path.
 //! - [`BenchLine`] and [`BenchArgs`]: a bench's `--json` output, written with serde_json
 //!   by the benches and read back by `cargo xtask bench`.
 //! - [`node_available`], [`node_timing`]: Node 20 as a peer.
@@ -44,6 +45,7 @@ mod log;
 mod node;
 mod proc_stat;
 mod stats;
+mod temp_dir;
 mod worker_info;
 
 pub use bench_line::{BenchArgs, BenchLine, Benchmark, Subject, Unit};
@@ -55,4 +57,5 @@ pub use log::{Line, LineLog, LogError, assert_listen_fds_log};
 pub use node::{NODE_INSTALL_HINT, NodeError, node_available, node_timing};
 pub use proc_stat::{ProcStat, children_of, is_running};
 pub use stats::median;
+pub use temp_dir::TempDir;
 pub use worker_info::WorkerInfo;

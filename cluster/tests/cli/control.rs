@@ -11,32 +11,21 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
 use nix::sys::signal::Signal;
-use testkit::{KeepAliveLoad, LoadConfig, http_get};
+use testkit::{KeepAliveLoad, LoadConfig, TempDir, http_get};
 
 use crate::command::{Cluster, TIMEOUT, exists, pids, run_to_end};
 use crate::{node_or_skip, node_script};
 
-/// A directory of its own for a test; removed, with what is left in it, on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(name: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!("cluster-ctl-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("a temporary directory");
-        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).expect("chmod");
-        Self(dir)
-    }
-
-    fn socket(&self) -> PathBuf {
-        self.0.join("ctl.sock")
-    }
+/// A directory only this user may enter (what the control socket's directory check asks
+/// for), removed at the end.
+fn private_dir(name: &str) -> TempDir {
+    let dir = TempDir::new(&format!("ctl-{name}"));
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).expect("chmod");
+    dir
 }
 
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
+fn socket_in(dir: &TempDir) -> PathBuf {
+    dir.path().join("ctl.sock")
 }
 
 /// Runs `cluster ARGS` as a client (a subcommand) to its end.
@@ -84,7 +73,7 @@ fn status_pids(status: &serde_json::Value) -> BTreeSet<u32> {
 }
 
 fn start_node(workers: usize, dir: &TempDir, script: &Path, extra: &[&OsStr]) -> Cluster {
-    let socket = dir.socket();
+    let socket = socket_in(dir);
     let mut args: Vec<&OsStr> = vec!["--control".as_ref(), socket.as_os_str()];
     args.extend_from_slice(extra);
     args.extend(["--".as_ref(), script.as_os_str()]);
@@ -96,11 +85,11 @@ fn status_shows_every_worker_and_a_killed_ones_replacement_with_its_cause() {
     if !node_or_skip() {
         return;
     }
-    let dir = TempDir::new("status");
+    let dir = private_dir("status");
     let script = node_script("http_server.js");
     let mut cluster = start_node(3, &dir, &script, &[]);
     let started = pids(&cluster.started_from(0));
-    let socket = dir.socket();
+    let socket = socket_in(&dir);
 
     let out = client(&["status".as_ref(), "--control".as_ref(), socket.as_os_str()]);
     assert!(
@@ -157,11 +146,11 @@ fn reload_exits_0_once_every_worker_changed_and_1_naming_the_slot_when_the_new_c
     if !node_or_skip() {
         return;
     }
-    let dir = TempDir::new("reload");
-    let script = dir.0.join("app.js");
+    let dir = private_dir("reload");
+    let script = dir.path().join("app.js");
     std::fs::copy(node_script("http_server.js"), &script).expect("copy the app");
     let cluster = start_node(2, &dir, &script, &[]);
-    let socket = dir.socket();
+    let socket = socket_in(&dir);
     let before = status_pids(&status(&socket));
 
     let out = client(&["reload".as_ref(), "--control".as_ref(), socket.as_os_str()]);
@@ -211,10 +200,10 @@ fn scale_and_stop_wait_for_their_result() {
     if !node_or_skip() {
         return;
     }
-    let dir = TempDir::new("scale");
+    let dir = private_dir("scale");
     let script = node_script("http_server.js");
     let mut cluster = start_node(3, &dir, &script, &[]);
-    let socket = dir.socket();
+    let socket = socket_in(&dir);
     let ctl = |args: &[&str]| {
         let mut all: Vec<&OsStr> = args.iter().map(OsStr::new).collect();
         all.extend(["--control".as_ref(), socket.as_os_str()]);
@@ -269,8 +258,8 @@ fn scale_and_stop_wait_for_their_result() {
 
 #[test]
 fn the_socket_is_owner_only_a_stale_one_is_replaced_and_a_live_one_is_an_error() {
-    let dir = TempDir::new("socket");
-    let socket = dir.socket();
+    let dir = private_dir("socket");
+    let socket = socket_in(&dir);
     let worker = crate::rust_worker();
     let args = |extra: &[&OsStr]| -> Vec<std::ffi::OsString> {
         let mut all: Vec<std::ffi::OsString> =
@@ -320,8 +309,8 @@ fn a_client_of_another_user_is_refused() {
         eprintln!("skipped: needs root to run a client as another user");
         return;
     }
-    let dir = TempDir::new("uid");
-    let socket = dir.socket();
+    let dir = private_dir("uid");
+    let socket = socket_in(&dir);
     let worker = crate::rust_worker();
     let _cluster = Cluster::start(
         1,
@@ -333,9 +322,9 @@ fn a_client_of_another_user_is_refused() {
         ],
     );
     // A copy of the client that `nobody` may run (the build directory may be closed).
-    let open = TempDir::new("uid-client");
-    std::fs::set_permissions(&open.0, std::fs::Permissions::from_mode(0o755)).expect("chmod");
-    let exe = open.0.join("cluster");
+    let open = private_dir("uid-client");
+    std::fs::set_permissions(open.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let exe = open.path().join("cluster");
     std::fs::copy(env!("CARGO_BIN_EXE_cluster"), &exe).expect("copy the client");
     std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755)).expect("chmod");
     let nobody = 65534;
@@ -354,7 +343,7 @@ fn a_client_of_another_user_is_refused() {
     let said = String::from_utf8_lossy(&out.stderr);
     assert!(said.contains("permission denied"), "{said}");
     // With the file system opened, the primary itself refuses the peer's uid.
-    std::fs::set_permissions(&dir.0, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
     std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o666)).expect("chmod");
     let out = as_nobody();
     assert_eq!(out.status.code(), Some(1));
@@ -372,7 +361,7 @@ fn a_worker_above_the_memory_limit_is_replaced_with_no_failed_request() {
     if !node_or_skip() {
         return;
     }
-    let dir = TempDir::new("memory");
+    let dir = private_dir("memory");
     let script = node_script("grows.js");
     let mut cluster = start_node(
         2,
@@ -411,7 +400,7 @@ fn a_worker_above_the_memory_limit_is_replaced_with_no_failed_request() {
     );
     let samples = load.stop();
     testkit::assert_none_failed(&samples);
-    let json = status(&dir.socket());
+    let json = status(&socket_in(&dir));
     let now = status_pids(&json);
     assert!(!now.contains(&grown), "{json}");
     let row = json["workers"]
@@ -435,10 +424,10 @@ fn a_stop_delay_turns_the_cluster_unready_at_once_and_serves_until_it_has_passed
     if !node_or_skip() {
         return;
     }
-    let dir = TempDir::new("delay");
+    let dir = private_dir("delay");
     let script = node_script("http_server.js");
     let mut cluster = start_node(2, &dir, &script, &["--stop-delay".as_ref(), "2s".as_ref()]);
-    let socket = dir.socket();
+    let socket = socket_in(&dir);
     assert_eq!(status(&socket)["ready"], true);
     cluster.signal(Signal::SIGTERM);
     // Not ready (a balancer's check sees it), still serving, then gone.

@@ -8,13 +8,13 @@
 use std::collections::BTreeMap;
 use std::ffi::OsStr;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
-use testkit::{KillOnDrop, LineLog, http_get};
+use testkit::{KillOnDrop, LineLog, TempDir, http_get};
 
 use crate::command::{Cluster, TIMEOUT, run_to_end};
 
@@ -23,27 +23,6 @@ const REOPENED: &str = "cluster: reopened the log file";
 
 /// How often a file is read again while a test waits for a line in it.
 const POLL: Duration = Duration::from_millis(10);
-
-/// A directory of its own under the target's temporary directory, removed when dropped.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(what: &str) -> Self {
-        static NEXT: AtomicUsize = AtomicUsize::new(0);
-        let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
-            .join(format!("log-file-{what}-{}-{n}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("creating a temporary directory");
-        Self(dir)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// The text of `path`, empty while it does not exist.
 fn read(path: &Path) -> String {
@@ -171,8 +150,8 @@ fn said(text: &str) -> BTreeMap<String, usize> {
 #[test]
 fn sigusr1_after_moving_the_log_file_sends_new_lines_to_the_new_file_and_loses_none() {
     let dir = TempDir::new("rotate");
-    let path = dir.0.join("cluster.log");
-    let rotated = dir.0.join("cluster.log.1");
+    let path = dir.path().join("cluster.log");
+    let rotated = dir.path().join("cluster.log.1");
     let cluster = Logged::start(&path);
     let (before, after) = (30, 30);
     for n in 0..before {
@@ -232,8 +211,8 @@ fn sigusr1_after_moving_the_log_file_sends_new_lines_to_the_new_file_and_loses_n
 #[test]
 fn a_reopen_under_steady_requests_loses_no_line() {
     let dir = TempDir::new("steady");
-    let path = dir.0.join("cluster.log");
-    let rotated = dir.0.join("cluster.log.1");
+    let path = dir.path().join("cluster.log");
+    let rotated = dir.path().join("cluster.log.1");
     let cluster = Logged::start(&path);
     let stop = StopOnDrop(Arc::new(AtomicBool::new(false)));
     // Each request's text and when it was sent.
@@ -320,11 +299,11 @@ fn sigusr1_without_a_log_file_is_ignored_with_a_line() {
 #[test]
 fn a_failed_reopen_keeps_the_old_file_and_says_so() {
     let dir = TempDir::new("gone");
-    std::fs::create_dir(dir.0.join("logs")).expect("mkdir");
-    let path = dir.0.join("logs/cluster.log");
+    std::fs::create_dir(dir.path().join("logs")).expect("mkdir");
+    let path = dir.path().join("logs/cluster.log");
     let cluster = Logged::start(&path);
-    let moved = dir.0.join("old");
-    std::fs::rename(dir.0.join("logs"), &moved).expect("mv the directory");
+    let moved = dir.path().join("old");
+    std::fs::rename(dir.path().join("logs"), &moved).expect("mv the directory");
     cluster.signal(Signal::SIGUSR1);
     let error = cluster
         .terminal
@@ -346,7 +325,7 @@ fn a_failed_reopen_keeps_the_old_file_and_says_so() {
 #[test]
 fn a_log_file_that_cannot_be_opened_ends_the_command_at_once() {
     let dir = TempDir::new("unopenable");
-    let path = dir.0.join("no such dir/cluster.log");
+    let path = dir.path().join("no such dir/cluster.log");
     let (status, output) = run_to_end(&[
         OsStr::new("--log-file"),
         path.as_os_str(),

@@ -13,10 +13,9 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
-use testkit::{KeepAliveLoad, KillOnDrop, LineLog, LoadConfig, assert_none_failed};
+use testkit::{KeepAliveLoad, KillOnDrop, LineLog, LoadConfig, TempDir, assert_none_failed};
 
 use crate::command::{Cluster, TIMEOUT, pids};
-use crate::node_apps::TempDir;
 use crate::{node_or_skip, node_script};
 
 /// Prometheus' scrape interval in these tests.
@@ -151,7 +150,7 @@ impl Prometheus {
     fn start(target: SocketAddr) -> Prometheus {
         let program = tool("prometheus", "prometheus");
         let dir = TempDir::new("prometheus");
-        let config = dir.0.join("prometheus.yml");
+        let config = dir.path().join("prometheus.yml");
         let interval = SCRAPE_INTERVAL.as_secs();
         std::fs::write(
             &config,
@@ -168,7 +167,7 @@ impl Prometheus {
             .arg(format!("--config.file={}", config.display()))
             .arg(format!(
                 "--storage.tsdb.path={}",
-                dir.0.join("data").display()
+                dir.path().join("data").display()
             ))
             .arg(format!("--web.listen-address={api}"))
             .stdin(Stdio::null())
@@ -294,11 +293,11 @@ fn headless_chromium_renders_the_status_page_with_every_worker() {
             ])
             .arg(format!(
                 "--user-data-dir={}",
-                dir.0.join("profile").display()
+                dir.path().join("profile").display()
             ))
             .args(["--window-size=1200,800", flag, &url])
-            .current_dir(&dir.0)
-            .env("HOME", &dir.0)
+            .current_dir(dir.path())
+            .env("HOME", dir.path())
             .stdin(Stdio::null())
             .stdout(std::fs::File::create(out).expect("an output file"))
             .stderr(Stdio::null());
@@ -311,11 +310,11 @@ fn headless_chromium_renders_the_status_page_with_every_worker() {
     };
     browse(
         &format!("--screenshot={}", screenshot.display()),
-        &dir.0.join("screenshot.out"),
+        &dir.path().join("screenshot.out"),
     );
     let png = std::fs::read(&screenshot).expect("the screenshot");
     assert!(png.starts_with(b"\x89PNG\r\n\x1a\n"), "a PNG");
-    let dom_file = dir.0.join("dom.html");
+    let dom_file = dir.path().join("dom.html");
     browse("--dump-dom", &dom_file);
     let dom = std::fs::read_to_string(&dom_file).expect("the DOM");
     for pid in &workers {
@@ -353,7 +352,7 @@ fn readyz_behind_haproxy_with_a_stop_delay_loses_no_request_when_a_host_stops() 
             metrics.port()
         )
     };
-    let config = dir.0.join("haproxy.cfg");
+    let config = dir.path().join("haproxy.cfg");
     std::fs::write(
         &config,
         format!(

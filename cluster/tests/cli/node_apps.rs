@@ -4,10 +4,10 @@
 
 use std::collections::BTreeSet;
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use nix::sys::signal::Signal;
-use testkit::{KeepAliveLoad, LoadConfig, http_exchange};
+use testkit::{KeepAliveLoad, LoadConfig, TempDir, http_exchange};
 
 use crate::command::{Cluster, TIMEOUT, pids};
 use crate::{node_or_skip, node_script};
@@ -41,30 +41,12 @@ fn pid(body: &serde_json::Value) -> u32 {
     u32::try_from(pid).expect("a pid")
 }
 
-/// A directory of its own for a test's socket; removed, with what is left in it, on drop.
-pub(crate) struct TempDir(pub(crate) PathBuf);
-
-impl TempDir {
-    pub(crate) fn new(name: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!("cluster-cli-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("a temporary directory");
-        Self(dir)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 fn serves_on_a_unix_path(policy: &str) {
     if !node_or_skip() {
         return;
     }
     let dir = TempDir::new(policy);
-    let socket = dir.0.join("app.sock");
+    let socket = dir.path().join("app.sock");
     let script = node_script("unix_server.js");
     let mut cluster = Cluster::start(
         2,

@@ -13,11 +13,11 @@ use std::net::TcpListener;
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
+
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
-use testkit::{KeepAliveLoad, LoadConfig};
+use testkit::{KeepAliveLoad, LoadConfig, TempDir};
 
 use crate::http;
 use crate::server::{Server, TIMEOUT, WORKERS, is_running};
@@ -26,25 +26,10 @@ use crate::server::{Server, TIMEOUT, WORKERS, is_running};
 const ACTIVATE: &str = r#"export LISTEN_PID=$$
 exec "$0" "$@" 3<&0 0</dev/null"#;
 
-/// A directory of its own under the target's temporary directory, removed when dropped.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(what: &str) -> Self {
-        static NEXT: AtomicUsize = AtomicUsize::new(0);
-        let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
-            .join(format!("{what}-{}-{n}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("creating a temporary directory");
-        Self(dir)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
+/// A fresh directory under Cargo's target tmp dir (copies of the binary run from it, and
+/// `/tmp` may be `noexec`), removed at the end.
+fn target_tmp(what: &str) -> TempDir {
+    TempDir::new_in(Path::new(env!("CARGO_TARGET_TMPDIR")), what)
 }
 
 /// Installs a copy of httpd-demo at `path`, replacing whatever is there the way a package
@@ -216,8 +201,8 @@ fn expect_state(socket: &UnixDatagram, needle: &str) -> String {
 
 #[test]
 fn notify_socket_gets_ready_reloading_ready_stopping_and_the_watchdog() {
-    let dir = TempDir::new("notify");
-    let path = dir.0.join("notify.sock");
+    let dir = target_tmp("notify");
+    let path = dir.path().join("notify.sock");
     let socket = UnixDatagram::bind(&path).expect("binding the notify socket");
     socket.set_read_timeout(Some(TIMEOUT)).expect("timeout");
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
@@ -242,7 +227,7 @@ fn notify_socket_gets_ready_reloading_ready_stopping_and_the_watchdog() {
 
 /// httpd-demo run from a copy at a path of the test's, so the test can replace the file.
 fn from_copy(dir: &TempDir, extra_args: &[&str]) -> (Server, PathBuf) {
-    let binary = dir.0.join("httpd-demo");
+    let binary = dir.path().join("httpd-demo");
     install_copy(&binary);
     let mut command = Command::new(&binary);
     command
@@ -254,7 +239,7 @@ fn from_copy(dir: &TempDir, extra_args: &[&str]) -> (Server, PathBuf) {
 
 #[test]
 fn a_reload_starts_workers_from_the_replaced_binary() {
-    let dir = TempDir::new("replaced");
+    let dir = target_tmp("replaced");
     let (server, binary) = from_copy(&dir, &[]);
     let before = serving(&server);
     assert_eq!(builds(&before).len(), 1, "{before:?}");
@@ -290,7 +275,7 @@ fn check_failed_reload(server: &Server, why: &str) {
 
 #[test]
 fn a_reload_with_a_missing_or_broken_binary_keeps_the_old_workers_serving() {
-    let dir = TempDir::new("broken");
+    let dir = target_tmp("broken");
     let (server, binary) = from_copy(&dir, &["--reload-timeout", "1"]);
     std::fs::remove_file(&binary).expect("deleting the binary");
     check_failed_reload(&server, "deleted binary");
@@ -303,7 +288,7 @@ fn a_reload_with_a_missing_or_broken_binary_keeps_the_old_workers_serving() {
 
 #[test]
 fn sigusr2_upgrades_the_primary_under_keep_alive_load_failing_no_request() {
-    let dir = TempDir::new("upgrade");
+    let dir = target_tmp("upgrade");
     let (mut server, binary) = from_copy(&dir, &[]);
     let old_primary = server.pid();
     let before = serving(&server);
@@ -401,12 +386,12 @@ enum Stop {
 /// no listener.
 #[track_caller]
 fn check_stop_during_upgrade(stop: Stop) {
-    let dir = TempDir::new("stop-upgrade");
+    let dir = target_tmp("stop-upgrade");
     let (mut server, binary) = from_copy(&dir, &[]);
     let workers = server.workers();
-    let real = dir.0.join("httpd-demo-real");
+    let real = dir.path().join("httpd-demo-real");
     install_copy(&real);
-    let gate = dir.0.join("gate");
+    let gate = dir.path().join("gate");
     nix::unistd::mkfifo(&gate, nix::sys::stat::Mode::S_IRWXU).expect("mkfifo");
     let script = format!(
         "#!/bin/sh\necho \"gate: waiting pid=$$\" >&2\nread _ < '{}'\nexec '{}' \"$@\"\n",
@@ -447,7 +432,7 @@ fn ctrl_c_during_an_upgrade_stops_the_new_primary_too() {
 #[test]
 fn an_upgrade_to_a_binary_that_exits_leaving_a_child_fails_at_once_and_leaves_nothing() {
     let upgrade_timeout = Duration::from_secs(10);
-    let dir = TempDir::new("upgrade-leak");
+    let dir = target_tmp("upgrade-leak");
     let timeout = upgrade_timeout.as_secs().to_string();
     let (mut server, binary) = from_copy(&dir, &["--reload-timeout", &timeout]);
     let before = serving(&server);

@@ -4,24 +4,15 @@
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, Result, ensure};
 use nix::sys::signal::Signal;
-use testkit::{KeepAliveLoad, KillOnDrop, LineLog, LoadConfig, WorkerInfo, http_get};
+use testkit::{KeepAliveLoad, KillOnDrop, LineLog, LoadConfig, TempDir, WorkerInfo, http_get};
 
 use super::{Printer, STEP_TIMEOUT, WORKERS};
-
-/// A directory of the demo's own, removed on every path.
-struct TempDir(PathBuf);
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// Installs a copy of `source` at `path` as a package manager does (a new file renamed
 /// over the old one), with a later mtime, so the build id changes.
@@ -60,11 +51,9 @@ fn field(line: &str, name: &str) -> Option<u32> {
 
 /// Runs the step; returns every pid it saw, for the final check that none is left.
 pub(super) fn run(out: &Printer, binary: &Path) -> Result<Vec<u32>> {
-    let dir =
-        TempDir(std::env::temp_dir().join(format!("httpd-demo-deploy-{}", std::process::id())));
-    let _ = std::fs::remove_dir_all(&dir.0);
-    std::fs::create_dir_all(&dir.0)?;
-    let installed = dir.0.join("httpd-demo");
+    // A directory of the demo's own, removed on every path.
+    let dir = TempDir::new("httpd-demo-deploy");
+    let installed = dir.path().join("httpd-demo");
     install(binary, &installed, 0)?;
     let mut process = KillOnDrop::spawn_group(
         Command::new(&installed)

@@ -89,30 +89,11 @@ fn open(path: &Path) -> std::io::Result<File> {
 }
 
 #[cfg(test)]
-pub(crate) mod tests {
+mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;
 
-    /// A directory of its own under the system's temporary directory, removed on drop.
-    pub(crate) struct TempDir(pub(crate) PathBuf);
-
-    impl TempDir {
-        pub(crate) fn new(what: &str) -> TempDir {
-            static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-            let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            let dir = std::env::temp_dir()
-                .join(format!("cluster-logfile-{what}-{}-{n}", std::process::id()));
-            let _ = std::fs::remove_dir_all(&dir);
-            std::fs::create_dir_all(&dir).expect("a temporary directory");
-            TempDir(dir)
-        }
-    }
-
-    impl Drop for TempDir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
+    use testkit::TempDir;
 
     fn read(path: &Path) -> String {
         std::fs::read_to_string(path).expect("read the log file")
@@ -121,12 +102,12 @@ pub(crate) mod tests {
     #[test]
     fn a_reopen_after_a_rename_writes_on_in_a_new_file_that_says_so() {
         let dir = TempDir::new("rename");
-        let path = dir.0.join("cluster.log");
+        let path = dir.path().join("cluster.log");
         let mut file = LogFile::open(&path).expect("open");
         let mode = std::fs::metadata(&path).expect("stat").permissions().mode();
         assert_eq!(mode & 0o077 & !MODE, 0, "not more than 0640: {mode:o}");
         file.write_line(b"before\n").expect("write");
-        let rotated = dir.0.join("cluster.log.1");
+        let rotated = dir.path().join("cluster.log.1");
         std::fs::rename(&path, &rotated).expect("rename");
         file.write_line(b"still the old file\n").expect("write");
         file.reopen().expect("reopen");
@@ -138,12 +119,13 @@ pub(crate) mod tests {
     #[test]
     fn a_failed_reopen_keeps_the_old_file() {
         let dir = TempDir::new("gone");
-        std::fs::create_dir(dir.0.join("logs")).expect("mkdir");
-        let mut file = LogFile::open(&dir.0.join("logs/cluster.log")).expect("open");
-        std::fs::rename(dir.0.join("logs"), dir.0.join("old")).expect("rename the directory");
+        std::fs::create_dir(dir.path().join("logs")).expect("mkdir");
+        let mut file = LogFile::open(&dir.path().join("logs/cluster.log")).expect("open");
+        std::fs::rename(dir.path().join("logs"), dir.path().join("old"))
+            .expect("rename the directory");
         let error = file.reopen().expect_err("the directory is gone");
         assert_eq!(error.kind(), std::io::ErrorKind::NotFound);
         file.write_line(b"kept\n").expect("write");
-        assert_eq!(read(&dir.0.join("old/cluster.log")), "kept\n");
+        assert_eq!(read(&dir.path().join("old/cluster.log")), "kept\n");
     }
 }

@@ -490,9 +490,9 @@ mod tests {
     /// or cut: each was written whole to one file or dropped and counted.
     #[test]
     fn a_reopen_with_a_full_queue_happens_between_two_lines() {
-        let dir = super::super::logfile::tests::TempDir::new("full-queue");
+        let dir = testkit::TempDir::new("full-queue");
         // A FIFO stands for a log file on a disk that stalls: nobody reads it yet.
-        let path = dir.0.join("cluster.log");
+        let path = dir.path().join("cluster.log");
         nix::unistd::mkfifo(&path, nix::sys::stat::Mode::from_bits_truncate(0o600))
             .expect("mkfifo");
         let (go, wait) = std::sync::mpsc::channel::<()>();
@@ -533,7 +533,7 @@ mod tests {
             sink.shared.lock().bytes + 1000 > QUEUE_BYTES,
             "the queue is full"
         );
-        let rotated = dir.0.join("cluster.log.1");
+        let rotated = dir.path().join("cluster.log.1");
         std::fs::rename(&path, &rotated).expect("rename");
         assert!(sink.reopen(), "a log file reopens");
         // The old file moves again; its writer closes it at the reopen (the reader's end).
