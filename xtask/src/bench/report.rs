@@ -477,10 +477,16 @@ fn latency_markdown(latency: &LatencyReport) -> String {
          scheduled time (no coordinated omission). Fairness: max/min of the requests each \
          worker answered (`x-worker-pid`); shares: requests per worker.\n\n",
     );
-    for (workload, peer, peak) in &latency.peaks {
+    for peak in &latency.peaks {
         let _ = writeln!(
             md,
-            "- {workload}: rates from {peer}'s peak, {peak:.0} req/s (wrk, this run)"
+            "- {}: rates from {}'s peak under the open-loop client, {:.0} req/s answered \
+             when offered {:.1}x its wrk peak of {:.0} req/s (this run)",
+            peak.workload,
+            peak.server,
+            peak.open_loop,
+            super::latency::OVERLOAD,
+            peak.wrk
         );
     }
     md.push_str(
