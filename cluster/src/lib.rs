@@ -47,8 +47,8 @@
 //!   (Node's `RoundRobinHandle` with the holes closed); with no worker alive, connections
 //!   are held for [`Settings::hold_connections`].
 //! - A worker has at most a small window (8) of round-robin hand-offs in flight per
-//!   server (Node: one); each hand-off goes to the worker with the fewest in flight,
-//!   and workers that keep up take turns.
+//!   server (Node: one); workers that keep up take turns, and one that stalls (half
+//!   its window or more in flight beyond the least busy) is passed over.
 //! - Every forked worker produces exactly one [`Event::Exit`], after its
 //!   [`Event::Disconnect`]; a worker's events come in Node's order: fork, online,
 //!   listening, disconnect, exit. The one exception is an application that does not read

@@ -28,9 +28,10 @@ pub const MAX_SERVERS_PER_WORKER: usize = 128;
 /// How many round-robin hand-offs one worker may have unanswered per server. Node has
 /// one; with 8, hand-offs queued together go out as one frame (`NewConns`) and the
 /// worker's replies as one write: httpd-demo rr took 25.4-28.2k new connections/s against
-/// 22.0-25.0k with 4 (alternated rounds), and 16 measured no better. Each hand-off goes
-/// to the ready worker with the fewest in flight (`scheduler.rs`), so a stalled worker
-/// holds at most this many connections that another worker could have taken.
+/// 22.0-25.0k with 4 (alternated rounds), and 16 measured no better. Workers take turns,
+/// and one with half this many or more in flight beyond the least busy is passed over
+/// (`scheduler.rs`): a stalled worker does not gather its whole window of connections
+/// that another worker could have taken.
 pub(crate) const HANDOFF_WINDOW: usize = 8;
 use std::net::SocketAddr;
 

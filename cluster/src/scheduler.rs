@@ -3,13 +3,12 @@
 //! [`RoundRobinHandle`] is Node's `RoundRobinHandle` with the holes closed:
 //!
 //! - Accepted connections wait in a FIFO; workers with room wait in a FIFO (*ready*).
-//!   A connection goes to the ready worker with the fewest hand-offs in flight (the
-//!   first in line among equals), which then has it *in flight* until it replies, and
-//!   goes to the back of the line if it still has room.
+//!   A connection goes to the first ready worker in line that is not stalled (half its
+//!   window or more in flight beyond the least busy one), which then has it *in flight*
+//!   until it replies, and goes to the back of the line if it still has room.
 //!   A worker has at most `window` hand-offs in flight (Node: one); a full worker joins
 //!   the back of the line again when a reply makes room. So two workers that keep up
-//!   take turns, and a worker that falls behind gets nothing new while another has
-//!   fewer in flight.
+//!   take turns, and a worker that falls behind is passed over until it catches up.
 //! - A refused connection goes back to the front of the queue and is not offered again to
 //!   a worker that refused it; once every worker has refused it, it is closed. One the
 //!   primary could not send ([`give_back`](RoundRobinHandle::give_back)) goes back to the
@@ -163,15 +162,18 @@ impl<C, W: Copy + Eq + Hash> RoundRobinHandle<C, W> {
         true
     }
 
-    /// The next hand-off: of the ready workers that can take something, the one with the
-    /// fewest hand-offs in flight (the first in line among equals) gets the oldest
-    /// connection it has not refused. Call until it returns `None` after every change.
+    /// The next hand-off: the first ready worker in line that can take something and is
+    /// not stalled gets the oldest connection it has not refused. Call until it returns
+    /// `None` after every change.
     ///
-    /// Fewest first, not merely next in line: a worker that stalls (a slow request, a
-    /// garbage collection) keeps its hand-offs unanswered, and new connections go to the
-    /// others instead of queueing behind it, up to the window, while it is in line.
+    /// Stalled: [`stall_margin`](Self::stall_margin) or more hand-offs in flight beyond
+    /// the fewest any such worker has. A worker that stalls (a slow request, a garbage
+    /// collection) keeps its hand-offs unanswered, and new connections go to the others
+    /// instead of queueing behind it, up to the window; replies that merely come back a
+    /// little later than another worker's change nothing, so a burst of long-lived
+    /// connections is still split by turns.
     pub(crate) fn next_handoff(&mut self) -> Option<Handoff<'_, C, W>> {
-        let (worker_pos, conn_pos, _) = self
+        let servable: Vec<(usize, usize, usize)> = self
             .ready
             .iter()
             .enumerate()
@@ -179,7 +181,12 @@ impl<C, W: Copy + Eq + Hash> RoundRobinHandle<C, W> {
                 let ci = self.queue.iter().position(|q| !q.refused_by.contains(w))?;
                 Some((wi, ci, self.in_flight(*w)))
             })
-            .min_by_key(|&(wi, _, in_flight)| (in_flight, wi))?;
+            .collect();
+        let fewest = servable.iter().map(|&(_, _, n)| n).min()?;
+        let margin = self.stall_margin();
+        let &(worker_pos, conn_pos, _) = servable
+            .iter()
+            .find(|&&(_, _, in_flight)| in_flight < fewest + margin)?;
         let worker = self.ready.remove(worker_pos)?;
         let queued = self.queue.remove(conn_pos)?;
         let seq = self.next_seq;
@@ -224,6 +231,13 @@ impl<C, W: Copy + Eq + Hash> RoundRobinHandle<C, W> {
     /// How many connections wait for a worker.
     pub(crate) fn queued(&self) -> usize {
         self.queue.len()
+    }
+
+    /// How many more hand-offs in flight than the least busy ready worker make a worker
+    /// stalled: half the window (at least 1, so with Node's window of one every ready
+    /// worker is idle and turns decide).
+    pub(crate) fn stall_margin(&self) -> usize {
+        (self.window / 2).max(1)
     }
 
     /// How many hand-offs `worker` has in flight (at most the window).
