@@ -173,20 +173,18 @@ impl<C, W: Copy + Eq + Hash> RoundRobinHandle<C, W> {
     /// little later than another worker's change nothing, so a burst of long-lived
     /// connections is still split by turns.
     pub(crate) fn next_handoff(&mut self) -> Option<Handoff<'_, C, W>> {
-        let servable: Vec<(usize, usize, usize)> = self
-            .ready
-            .iter()
-            .enumerate()
-            .filter_map(|(wi, w)| {
+        // `(line position, queue position, in flight)` of each ready worker that can take
+        // something; twice over the line (a handful of workers), no allocation per call.
+        let servable = || {
+            self.ready.iter().enumerate().filter_map(|(wi, w)| {
                 let ci = self.queue.iter().position(|q| !q.refused_by.contains(w))?;
                 Some((wi, ci, self.in_flight(*w)))
             })
-            .collect();
-        let fewest = servable.iter().map(|&(_, _, n)| n).min()?;
+        };
+        let fewest = servable().map(|(_, _, n)| n).min()?;
         let margin = self.stall_margin();
-        let &(worker_pos, conn_pos, _) = servable
-            .iter()
-            .find(|&&(_, _, in_flight)| in_flight < fewest + margin)?;
+        let (worker_pos, conn_pos, _) =
+            servable().find(|&(_, _, in_flight)| in_flight < fewest + margin)?;
         let worker = self.ready.remove(worker_pos)?;
         let queued = self.queue.remove(conn_pos)?;
         let seq = self.next_seq;
