@@ -11,6 +11,8 @@
 //! - [`LineLog`]: lines of a child's output as they arrive; wait for one without sleeping.
 //! - [`median`]: of benchmark rounds.
 //! - [`TempDir`]: a fresh directory, removed on every path.
+//! - [`free_port`]: a loopback port for a server on a fixed port, which no concurrent
+//!   connection can take meanwhile.
 //! - [`BenchLine`] and [`BenchArgs`]: a bench's `--json` output, written with serde_json
 //!   by the benches and read back by `cargo xtask bench`.
 //! - [`node_available`], [`node_timing`]: Node 20 as a peer.
@@ -43,6 +45,7 @@ mod guard;
 mod load;
 mod log;
 mod node;
+mod port;
 mod proc_stat;
 mod stats;
 mod temp_dir;
@@ -55,6 +58,7 @@ pub use load::{
 };
 pub use log::{Line, LineLog, LogError, assert_listen_fds_log};
 pub use node::{NODE_INSTALL_HINT, NodeError, node_available, node_timing};
+pub use port::free_port;
 pub use proc_stat::{ProcStat, children_of, is_running};
 pub use stats::median;
 pub use temp_dir::TempDir;

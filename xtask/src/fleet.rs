@@ -113,7 +113,7 @@ pub(crate) fn run(options: FleetOptions) -> Result<()> {
     let network = Network::create(HOSTS, options.loopback);
     let port = match network.mode {
         net::Mode::Namespaces => NAMESPACE_PORT,
-        net::Mode::Loopback => host::free_port()?,
+        net::Mode::Loopback => testkit::free_port(),
     };
     println!("== starting {HOSTS} hosts ({} workers each)", host::WORKERS);
     let mut hosts = Vec::new();

@@ -30,12 +30,6 @@ fn pid_at(addr: SocketAddr) -> u32 {
     u32::try_from(body["pid"].as_u64().expect("a pid")).expect("a pid")
 }
 
-/// A free loopback port (bound, then released).
-fn free_port() -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
-    listener.local_addr().expect("address").port()
-}
-
 /// Waits until `pid` is gone (or a zombie); false at the deadline.
 fn gone_within(pid: u32, timeout: Duration) -> bool {
     let deadline = Instant::now() + timeout;
@@ -88,7 +82,7 @@ fn a_stdout_nobody_reads_never_blocks_the_primary() {
     if !node_or_skip() {
         return;
     }
-    let port = free_port();
+    let port = testkit::free_port();
     let script = node_script("chatty.js");
     // stdout is a pipe this test does not read (yet); stderr is read.
     let (stdout_read, stdout_write) = std::io::pipe().expect("pipe");

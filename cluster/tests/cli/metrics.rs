@@ -7,7 +7,7 @@
 
 use std::ffi::OsString;
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -47,13 +47,6 @@ fn tool(name: &str, package: &str) -> PathBuf {
                  .ci/run installs it when missing)"
             )
         })
-}
-
-/// A loopback port free now (bound and released), for a tool that cannot report the port
-/// it chose.
-fn free_port() -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind a free port");
-    listener.local_addr().expect("address").port()
 }
 
 /// `target/`, where the screenshot goes.
@@ -161,7 +154,7 @@ impl Prometheus {
             ),
         )
         .expect("write the configuration");
-        let api = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let api = SocketAddr::from(([127, 0, 0, 1], testkit::free_port()));
         let mut command = Command::new(program);
         command
             .arg(format!("--config.file={}", config.display()))
@@ -343,7 +336,7 @@ fn readyz_behind_haproxy_with_a_stop_delay_loses_no_request_when_a_host_stops() 
     let (mut stopped, stopped_metrics) = node_cluster(2, &flags);
     let (mut kept, kept_metrics) = node_cluster(2, &flags);
     let dir = TempDir::new("haproxy");
-    let frontend = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let frontend = SocketAddr::from(([127, 0, 0, 1], testkit::free_port()));
     let inter = CHECK_INTER.as_millis();
     let server = |name: &str, host: &Cluster, metrics: SocketAddr| {
         format!(

@@ -56,10 +56,7 @@ fn check_close_then_listen_again(policy: Policy) {
     runtime().block_on(async {
         // A fixed port, as a server has: a second bind of it while the first socket is
         // open is EADDRINUSE.
-        let port = {
-            let probe = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-            probe.local_addr().expect("address").port()
-        };
+        let port = testkit::free_port();
         let settings = settings(2)
             .policy(policy)
             .env("CLUSTER_APP_MODE", "relisten")

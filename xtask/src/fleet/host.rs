@@ -134,7 +134,7 @@ impl Balancer {
     /// Writes the configuration under `prefix` and starts nginx; returns once a request
     /// through it reaches a host.
     pub(crate) fn start(template: &str, prefix: &Path, upstreams: &[SocketAddr]) -> Result<Self> {
-        let port = free_port()?;
+        let port = testkit::free_port();
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
         std::fs::create_dir_all(prefix.join("temp"))
             .with_context(|| format!("creating {}", prefix.display()))?;
@@ -184,10 +184,4 @@ impl Balancer {
     pub(crate) fn error_log(&self) -> String {
         std::fs::read_to_string(self.prefix.join("error.log")).unwrap_or_default()
     }
-}
-
-/// A port that is free on 127.0.0.1 now.
-pub(crate) fn free_port() -> Result<u16> {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").context("finding a free port")?;
-    Ok(listener.local_addr()?.port())
 }
