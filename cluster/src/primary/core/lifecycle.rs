@@ -137,6 +137,14 @@ impl Phase {
         }
     }
 
+    /// Whether it may be given a server: not asked to stop. Node's primary drops the
+    /// `queryServer` of a disconnecting worker, and must: a Node worker whose `listen()`
+    /// crossed its `disconnect` closes its servers (none yet) and its channel, and would
+    /// then take a grant and serve on with nothing left to stop it.
+    pub(crate) fn takes_servers(&self) -> bool {
+        matches!(self, Self::Forked { .. } | Self::Online { .. })
+    }
+
     /// Whether its control messages are still read: it is running, talking and has not
     /// been condemned for breaking the protocol.
     pub(crate) fn talks(&self) -> bool {

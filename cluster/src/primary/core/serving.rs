@@ -14,6 +14,9 @@ impl Core {
         let Some(worker) = self.workers.get(&id) else {
             return;
         };
+        if !worker.phase.takes_servers() {
+            return; // asked to stop: the query goes unanswered (`Phase::takes_servers`)
+        }
         let slot = worker.slot;
         let held = worker.servers.len()
             + self
@@ -67,6 +70,10 @@ impl Core {
         let Some(address) = handle.address.clone() else {
             return;
         };
+        // Asked to stop while its socket was being bound: no grant after the disconnect.
+        if !worker.phase.takes_servers() {
+            return;
+        }
         worker.servers.insert(key.clone(), Server::Granted);
         handle.workers.insert(id);
         let accepting = matches!(worker.phase, Phase::Forked { .. } | Phase::Online { .. });

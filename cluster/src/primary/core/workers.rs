@@ -292,11 +292,6 @@ impl Core {
                     self.advance_reload(now);
                 }
             }
-            // Asked to stop: no new server. Node's primary drops such a query too, and
-            // must: a Node worker that sent `listen()` just before its `disconnect`
-            // arrived closes its servers (none yet) and its channel, and would then take
-            // the grant and serve on with nothing left to stop it.
-            (Phase::Draining { .. } | Phase::Exited { .. }, ToPrimary::QueryServer { .. }) => {}
             (_, ToPrimary::QueryServer { seq, key, backlog }) => {
                 if !self.hold_query(id, seq, key.clone(), backlog) {
                     self.query_server(id, seq, key, backlog)
