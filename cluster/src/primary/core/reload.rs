@@ -40,6 +40,9 @@ pub(crate) struct Reload {
     pub(crate) again: Vec<RequestId>,
     /// Whether a reload was asked for (not only memory-limit replacements).
     asked: bool,
+    /// The worker found above the memory limit, by slot: a `MemoryLimit` replacement is
+    /// for that worker only (a crash or a spare may have put another in its slot since).
+    memory: Vec<(usize, WorkerId)>,
     /// When it was asked for.
     began: Instant,
     /// Slots in the pass, and how many are done.
@@ -124,6 +127,7 @@ impl Core {
             waiters,
             again: Vec::new(),
             asked: true,
+            memory: Vec::new(),
             began: now,
             done: 0,
             report: ReloadReport::default(),
@@ -133,13 +137,14 @@ impl Core {
     /// Queues `slot`'s worker for replacement because it stays above the memory limit:
     /// in the reload in progress (which may have replaced it already), or in a pass of
     /// its own.
-    pub(super) fn replace_for_memory(&mut self, slot: usize, now: Instant) {
+    pub(super) fn replace_for_memory(&mut self, slot: usize, id: WorkerId, now: Instant) {
         let reload = self.reload.get_or_insert_with(|| Reload {
             pending: VecDeque::new(),
             step: None,
             waiters: Vec::new(),
             again: Vec::new(),
             asked: false,
+            memory: Vec::new(),
             began: now,
             total: 0,
             done: 0,
@@ -148,6 +153,8 @@ impl Core {
         if reload.step.is_some_and(|s| s.slot == slot) {
             return; // being replaced now
         }
+        reload.memory.retain(|(s, _)| *s != slot);
+        reload.memory.push((slot, id));
         match reload.pending.iter_mut().find(|(s, _)| *s == slot) {
             Some((_, cause)) => *cause = StopCause::MemoryLimit,
             None => {
@@ -303,6 +310,19 @@ impl Core {
             };
             let Some(old) = self.slot_current(slot) else {
                 continue;
+            };
+            let cause = match cause {
+                // The worker found above the limit is gone (it crashed, a spare took its
+                // slot): its successor was never said to be above it. Replaced only if a
+                // reload was asked for, as that.
+                StopCause::MemoryLimit if !reload.memory.contains(&(slot, old)) => {
+                    if !reload.asked {
+                        reload.done += 1;
+                        continue;
+                    }
+                    StopCause::Asked
+                }
+                other => other,
             };
             let Some(listening) = self
                 .workers

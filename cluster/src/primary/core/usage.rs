@@ -95,7 +95,7 @@ impl Core {
                 rss_bytes,
                 limit,
             });
-            self.replace_for_memory(slot, now);
+            self.replace_for_memory(slot, id, now);
         }
     }
 }
