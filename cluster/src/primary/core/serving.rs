@@ -4,7 +4,7 @@
 use std::time::Instant;
 
 use super::handles::{ConnId, Handle, HandleKind};
-use super::lifecycle::{Phase, Server};
+use super::lifecycle::Server;
 use super::{Core, Effect, Event, FdRef, MAX_SERVERS_PER_WORKER, Timer};
 use crate::Endpoint;
 use crate::protocol::{Granted, HandleKey, ToWorker, WorkerId};
@@ -76,12 +76,9 @@ impl Core {
         }
         worker.servers.insert(key.clone(), Server::Granted);
         handle.workers.insert(id);
-        let accepting = matches!(worker.phase, Phase::Forked { .. } | Phase::Online { .. });
         let (granted, fd) = match &mut handle.kind {
             HandleKind::RoundRobin(rr) => {
-                if accepting {
-                    rr.add_worker(id);
-                }
+                rr.add_worker(id);
                 (Granted::RoundRobin, None)
             }
             HandleKind::Shared => (
