@@ -281,8 +281,9 @@ pub(crate) fn check_exit(
     Err(err)
 }
 
-/// How much one stream reads before the capture loop looks at the others again.
-const TURN_BYTES: usize = 1024 * 1024;
+/// How much one stream reads before the capture loop looks at the others again (the
+/// blocking capture in `sync.rs` too).
+pub(crate) const TURN_BYTES: usize = 1024 * 1024;
 
 /// One stream being captured.
 struct Capture {

@@ -11,7 +11,7 @@ use nix::errno::Errno;
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 
 use crate::exec::error::{ExecError, ExecErrorKind, StreamName};
-use crate::exec::{ExecOptions, Limits, check_exit, invocation};
+use crate::exec::{ExecOptions, Limits, TURN_BYTES, check_exit, invocation};
 use crate::launch::launch;
 use crate::process::{ProcessHandle, Target};
 use crate::status::{ExitStatus, Output};
@@ -79,9 +79,6 @@ impl Drop for ReapGuard<'_> {
         }
     }
 }
-
-/// How much one stream reads before the capture loop looks at the others again.
-const TURN_BYTES: usize = 1024 * 1024;
 
 /// One captured stream.
 struct Stream {
